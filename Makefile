@@ -1,0 +1,30 @@
+# Set-up and entry points. `make run` and `make test` each do all the set-up on a fresh machine.
+VENV       ?= .venv
+PYTHON     ?= python3
+# This workplace keeps these two releases on disk; elsewhere any torch>=2.4 works.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN        := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup run test browser clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[all,dev]'
+	touch $@
+
+# The main job: analyze a real bundled X-ray with the bundled model, with a Grad-CAM overlay.
+run: setup
+	$(BIN)/chestxray info tests/data/nih-mini
+
+# Headless Chromium for the browser test (Debian packages; skipped if already there).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""Subcommands of the `chestxray` CLI, one module each."""

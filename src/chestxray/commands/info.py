@@ -1,0 +1,61 @@
+"""`chestxray info ROOT`: what a user checks first about a dataset root."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that opens an NIH root."""
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of train_val patients held out for validation (default 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation carve (default 0)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="use the images that are present when some listed ones are missing")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summarise an NIH ChestX-ray14 root: images, patients, splits, prevalence")
+    p.add_argument("root", help="dataset root (labels CSV, split lists, images anywhere below)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_dataset_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from chestxray.data.index import load_nih
+
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
+                     allow_missing=args.allow_missing, require_images=False)
+    summary = index.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"root           {s['root']}",
+        f"labels file    {s['labels_file']} ({s['label_rows']:,} rows)",
+        f"images         {s['images_found']:,} found, {s['images_missing']:,} missing"
+        + (f" (e.g. {', '.join(s['missing_examples'][:3])})" if s["images_missing"] else ""),
+        f"patients       {s['patients']:,}",
+        f"official split train_val {s['official']['train_val']:,} / test {s['official']['test']:,} images",
+        f"validation     {s['validation']['fraction']:.0%} of train_val patients, seed {s['validation']['seed']}",
+        "",
+        f"{'split':<8}{'images':>9}{'patients':>10}{'no finding':>12}",
+    ]
+    for name, sp in s["splits"].items():
+        lines.append(f"{name:<8}{sp['images']:>9,}{sp['patients']:>10,}{sp['no_finding']:>12.1%}")
+    lines += ["", "prevalence     " + "".join(f"{n:>9}" for n in s["splits"])]
+    findings = next(iter(s["splits"].values()))["prevalence"].keys()
+    for f in findings:
+        lines.append(f"  {f:<19}" + "".join(f"{sp['prevalence'][f]:>9.2%}" for sp in s["splits"].values()))
+    overlap = s["patient_overlap"]
+    ok = all(v == 0 for v in overlap.values())
+    lines += ["", "patient overlap " + ", ".join(f"{k}: {v}" for k, v in overlap.items())
+              + ("  OK" if ok else "  LEAK: patients on two sides")]
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""`chestxray prepare ROOT`: decode every image once into a uint8 cache for training."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chestxray.commands.info import add_dataset_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from chestxray.data.cache import DEFAULT_CACHE_SIZE
+
+    p = sub.add_parser("prepare", help="decode and resize every image once into a uint8 cache")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--cache", default=None,
+                   help="cache folder (default: $CHESTXRAY_CACHE, else ROOT/.chestxray-cache if writable, "
+                        "else ~/.cache/chestxray/...)")
+    p.add_argument("--size", type=int, default=DEFAULT_CACHE_SIZE,
+                   help=f"side in pixels; training reads the cache whose size equals its --image-size "
+                        f"(default {DEFAULT_CACHE_SIZE})")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    add_dataset_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from chestxray.data.cache import default_cache_dir, prepare_cache
+    from chestxray.data.index import load_nih
+
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
+                     allow_missing=args.allow_missing)
+    cache = args.cache or default_cache_dir(args.root)
+    report = prepare_cache(list(index.iter_paths()), cache, size=args.size, workers=args.workers,
+                           progress=sys.stderr.isatty())
+    print(f"cache {report.cache_dir}: {report.total - len(report.failed):,} of {report.total:,} images ready "
+          f"({report.decoded:,} decoded now, {report.skipped:,} already done)")
+    if report.failed:
+        print(f"{len(report.failed)} files could not be read:", file=sys.stderr)
+        for name, reason in report.failed.items():
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return 1
+    return 0

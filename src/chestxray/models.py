@@ -1,0 +1,251 @@
+"""Models by name (a small registry, as timm does), weights policy and freezing policy.
+
+Every network built here takes the eval preset's output, gray (N, 1, S, S) in [0, 1], and
+carries its own input normalisation (`InputNormalize`), so training, prediction, the server
+and ONNX export share one definition of preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chestxray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from chestxray.errors import ChestXrayError, WeightsUnavailableError
+from chestxray.labels import FINDINGS
+
+log = logging.getLogger(__name__)
+
+FREEZE_POLICIES = ("seed", "all", "head")
+
+
+class InputNormalize(nn.Module):
+    """gray [0, 1] (N, 1, H, W) -> 3 channels normalised with the backbone's mean/std."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.expand(-1, 3, -1, -1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class ChestClassifier(nn.Module):
+    """InputNormalize + a backbone whose final layer gives one logit per finding."""
+
+    def __init__(self, backbone: nn.Module, preprocessing: Preprocessing, architecture: str) -> None:
+        super().__init__()
+        self.normalize = InputNormalize(preprocessing.mean, preprocessing.std)
+        self.backbone = backbone
+        self.preprocessing = preprocessing
+        self.architecture = architecture
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[int, object], nn.Module]  # (num_classes, torchvision weights enum or None)
+    imagenet_weights: Callable[[], object]  # the torchvision weights enum to download
+    head: str  # attribute path of the final layer
+    seed_trainable: tuple[str, ...]  # what the seed recipe trains besides the head
+    cam_layer: str  # the last convolutional block, for Grad-CAM
+    preprocessing: Preprocessing = Preprocessing()
+
+
+def _resnet50(num_classes: int, weights: object) -> nn.Module:
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=weights)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def _densenet121(num_classes: int, weights: object) -> nn.Module:
+    from torchvision.models import densenet121
+
+    net = densenet121(weights=weights)
+    net.classifier = nn.Linear(net.classifier.in_features, num_classes)
+    return net
+
+
+def _resnet18(num_classes: int, weights: object) -> nn.Module:
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=weights)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def _tv_weights(enum_name: str, member: str) -> Callable[[], object]:
+    def get() -> object:
+        import torchvision.models as tvm
+
+        return getattr(getattr(tvm, enum_name), member)
+
+    return get
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "resnet50": ModelSpec(
+        "resnet50", _resnet50, _tv_weights("ResNet50_Weights", "IMAGENET1K_V2"), "fc",
+        ("layer2", "layer3", "layer4"), "layer4",
+    ),
+    "densenet121": ModelSpec(
+        "densenet121", _densenet121, _tv_weights("DenseNet121_Weights", "IMAGENET1K_V1"), "classifier",
+        ("features.denseblock3", "features.transition3", "features.denseblock4", "features.norm5"),
+        "features.norm5",
+    ),
+    # Small and fast: for tests, CPUs and quick experiments.
+    "resnet18": ModelSpec(
+        "resnet18", _resnet18, _tv_weights("ResNet18_Weights", "IMAGENET1K_V1"), "fc",
+        ("layer2", "layer3", "layer4"), "layer4",
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ChestXrayError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}") from None
+
+
+def list_models() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def create_model(
+    name: str = "resnet50",
+    *,
+    num_classes: int = len(FINDINGS),
+    weights: str = "imagenet",
+    freeze: str = "seed",
+    image_size: int | None = None,
+) -> ChestClassifier:
+    """Build a classifier.
+
+    weights: "imagenet" (torchvision download, cached in TORCH_HOME), "none" (random init),
+    or a path to a .safetensors / .pth state dict of the backbone. Never falls back silently.
+    freeze: "seed" (train layer2-layer4 + head), "all" (train everything), "head" (head only).
+    """
+    spec = get_spec(name)
+    pre = spec.preprocessing
+    if image_size is not None:
+        pre = Preprocessing(size=image_size, mean=pre.mean, std=pre.std)
+    if weights == "imagenet":
+        backbone = _with_imagenet(spec, num_classes)
+    elif weights == "none":
+        backbone = spec.build(num_classes, None)
+    else:
+        backbone = spec.build(num_classes, None)
+        _load_backbone_file(backbone, Path(weights), spec)
+    model = ChestClassifier(backbone, pre, spec.name)
+    apply_freeze(model, freeze)
+    return model
+
+
+def _with_imagenet(spec: ModelSpec, num_classes: int) -> nn.Module:
+    enum = spec.imagenet_weights()
+    try:
+        # torchvision builds the 1000-class net with the weights, then we swap the head.
+        backbone = spec.build(1000, enum)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; offline hub raises these
+        url = getattr(enum, "url", "?")
+        raise WeightsUnavailableError(
+            f"cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {exc}). "
+            f"They download from {url} into $TORCH_HOME. Offline, pass --weights none "
+            "(random initialisation) or --weights FILE (a local .pth or .safetensors state dict)."
+        ) from None
+    head = _get_module(backbone, spec.head)
+    _set_module(backbone, spec.head, nn.Linear(head.in_features, num_classes))
+    return backbone
+
+
+def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> None:
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"--weights {path}: no such file; use 'imagenet', 'none' or a path to a state dict"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        # weights_only: a state dict of tensors, never arbitrary pickled objects.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    head_prefix = spec.head + "."
+    head_shape = _get_module(backbone, spec.head).weight.shape
+    state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and v.shape[0] != head_shape[0])}
+    result = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
+    if missing or result.unexpected_keys:
+        raise WeightsUnavailableError(
+            f"--weights {path}: not a {spec.name} state dict (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+def _get_module(root: nn.Module, dotted: str) -> nn.Module:
+    mod = root
+    for part in dotted.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def _set_module(root: nn.Module, dotted: str, value: nn.Module) -> None:
+    *parents, last = dotted.split(".")
+    setattr(_get_module(root, ".".join(parents)) if parents else root, last, value)
+
+
+def apply_freeze(model: ChestClassifier, policy: str) -> None:
+    """Set requires_grad by policy; frozen BatchNorm layers are kept in eval mode by
+    `train_mode` so their running statistics stay put too."""
+    if policy not in FREEZE_POLICIES:
+        raise ChestXrayError(f"unknown freezing policy {policy!r}; choose one of {', '.join(FREEZE_POLICIES)}")
+    spec = get_spec(model.architecture)
+    if policy == "all":
+        trainable: tuple[str, ...] = ("",)
+    elif policy == "head":
+        trainable = (spec.head,)
+    else:
+        trainable = (*spec.seed_trainable, spec.head)
+    for pname, param in model.backbone.named_parameters():
+        param.requires_grad = any(pname == t or pname.startswith(t + ".") or t == "" for t in trainable)
+    model.freeze_policy = policy  # type: ignore[assignment]
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), but BatchNorm layers with frozen parameters stay in eval mode."""
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            params = list(mod.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                mod.eval()
+
+
+def cam_target_layer(model: ChestClassifier) -> nn.Module:
+    """The layer Grad-CAM hooks (last convolutional block of the backbone)."""
+    return _get_module(model.backbone, get_spec(model.architecture).cam_layer)
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def describe_weights(weights: str) -> str:
+    return weights if weights in ("imagenet", "none") else f"file:{os.path.basename(weights)}"

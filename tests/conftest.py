@@ -1,0 +1,67 @@
+"""Shared fixtures. Tests use the repository's real NIH subset and never the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+MINI_ROOT = DATA / "nih-mini"
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any attempt to download (torch.hub, torchvision weights) fails loudly."""
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "chestxray-test-torch-home"))
+
+
+@pytest.fixture(scope="session")
+def mini_root() -> Path:
+    return MINI_ROOT
+
+
+@pytest.fixture(scope="session")
+def original_png() -> Path:
+    """A real untouched 1024 x 1024 NIH original (gray)."""
+    return MINI_ROOT / "originals" / "00000001_000.png"
+
+
+@pytest.fixture(scope="session")
+def rgba_png() -> Path:
+    """A real NIH original that ships as RGBA."""
+    return MINI_ROOT / "originals" / "00001369_000.png"
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    return sorted((MINI_ROOT / "images").glob("*.png"))[:6]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A small real bundle (resnet18 at 64 px, random weights, seeded) for fast tests of
+    prediction, serving and export. Thresholds vary per class so tests can see them."""
+    import torch
+
+    from chestxray.bundle import BundleMeta, save_bundle
+    from chestxray.labels import FINDINGS
+    from chestxray.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", weights="none", freeze="all", image_size=64).eval()
+    thresholds = list(np.linspace(0.3, 0.7, len(FINDINGS)))
+    meta = BundleMeta(
+        architecture="resnet18", labels=list(FINDINGS), preprocessing=model.preprocessing,
+        thresholds=thresholds, name="tiny-test-model",
+        training={"data": "none (random weights, for tests)"},
+    )
+    return save_bundle(model, meta, tmp_path_factory.mktemp("bundle") / "tiny.safetensors")
