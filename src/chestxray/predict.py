@@ -132,6 +132,11 @@ class Analyzer:
     @classmethod
     def load(cls, bundle: str | os.PathLike | None = None, *, backend: str = "torch",
              device: str = "cpu", batch_size: int = 16) -> "Analyzer":
+        if backend == "onnx":
+            from chestxray.onnx_backend import load_onnx_analyzer
+
+            # None: the packaged default.onnx, or an error telling how to export one.
+            return load_onnx_analyzer(cls, bundle, batch_size=batch_size)
         path = Path(bundle) if bundle is not None else default_bundle_path()
         if backend == "torch":
             from chestxray.bundle import load_bundle
@@ -139,10 +144,6 @@ class Analyzer:
             model, meta = load_bundle(path, device=device)
             return cls(TorchBackend(model, device), meta.labels, meta.thresholds, meta.preprocessing,
                        meta.name, meta, batch_size)
-        if backend == "onnx":
-            from chestxray.onnx_backend import load_onnx_analyzer
-
-            return load_onnx_analyzer(cls, path, batch_size=batch_size)
         raise ChestXrayError(f"unknown backend {backend!r}; choose torch or onnx")
 
     @property

@@ -1,0 +1,179 @@
+"""Torch-free inference on an ONNX file written by `chestxray export`.
+
+Needs only numpy, pillow and onnxruntime (`pip install chestxray[infer]`). The file
+carries everything the Analyzer needs in its metadata (labels, thresholds,
+preprocessing, name: the bundle's JSON under the key "chestxray"), and its graph takes
+the eval preset's output, gray float32 (N, 1, S, S) in [0, 1], and returns
+probabilities (the sigmoid is part of the graph). Grad-CAM needs gradients, so it stays
+a feature of the torch backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chestxray.bundle import META_KEY, BundleMeta
+from chestxray.errors import BundleError, ChestXrayError
+
+ONNX_FORMAT = "chestxray-onnx"
+ONNX_FORMAT_VERSION = 1
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+DEFAULT_ONNX_NAME = "default.onnx"
+INSTALL_HINT = "pip install 'chestxray[infer]' (onnxruntime, no torch needed)"
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What `chestxray export` wrote into an ONNX file's metadata."""
+
+    meta: BundleMeta
+    props: dict[str, str]
+
+    @property
+    def quantization(self) -> str:
+        return self.props.get("quantization", "none")
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.props.get("parity", "{}"))
+        except json.JSONDecodeError:
+            return {}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ChestXrayError(f"the onnx backend needs onnxruntime: {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+def default_onnx_path() -> Path:
+    """The ONNX model shipped inside the package, if this install has one."""
+    from importlib.resources import files
+
+    path = Path(str(files("chestxray.weights").joinpath(DEFAULT_ONNX_NAME)))
+    if not path.is_file():
+        raise BundleError(
+            "this install ships no ONNX model; pass --model MODEL.onnx. Make one from a bundle with "
+            "`chestxray export --model BUNDLE.safetensors --onnx MODEL.onnx` (needs chestxray[torch,export])"
+        )
+    return path
+
+
+def resolve_onnx_path(path: str | os.PathLike | None) -> Path:
+    """An existing .onnx file, or a BundleError that says what was given instead."""
+    if path is None:
+        return default_onnx_path()
+    p = Path(path)
+    if p.is_dir():
+        candidates = sorted(p.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise BundleError(
+                f"{p}: the onnx backend needs an .onnx file; this folder holds {len(candidates)} of them"
+            )
+        p = candidates[0]
+    if not p.is_file():
+        raise BundleError(f"{p}: no such ONNX file")
+    if p.suffix == ".safetensors":
+        raise BundleError(
+            f"{p}: this is a PyTorch bundle, the onnx backend needs an ONNX file; convert it with "
+            f"`chestxray export --model {p} --onnx {p.with_suffix('.onnx')}` or use --backend torch"
+        )
+    return p
+
+
+def _session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise BundleError(f"{path}: onnxruntime cannot load this file ({type(exc).__name__}: {exc})") from None
+
+
+def info_from_props(props: dict[str, str], source: str) -> OnnxInfo:
+    if META_KEY not in props:
+        raise BundleError(
+            f"{source}: ONNX file without chestxray metadata (not written by `chestxray export`); "
+            "the labels, thresholds and preprocessing are unknown"
+        )
+    fmt = props.get("format", ONNX_FORMAT)
+    if fmt != ONNX_FORMAT:
+        raise BundleError(f"{source}: metadata 'format' is {fmt!r}, expected {ONNX_FORMAT!r}")
+    version = props.get("format_version", str(ONNX_FORMAT_VERSION))
+    if not version.isdigit() or int(version) > ONNX_FORMAT_VERSION:
+        raise BundleError(f"{source}: chestxray ONNX format {version} is newer than this package reads")
+    if props.get("output", OUTPUT_NAME + ":").split(":")[0] != OUTPUT_NAME:
+        raise BundleError(f"{source}: the graph does not output probabilities ({props.get('output')!r})")
+    return OnnxInfo(BundleMeta.from_json(props[META_KEY], source), dict(props))
+
+
+def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
+    """The chestxray metadata of an ONNX file (read with onnxruntime; no onnx package needed)."""
+    p = resolve_onnx_path(path)
+    session = _session(p, threads=1)
+    return info_from_props(dict(session.get_modelmeta().custom_metadata_map), str(p))
+
+
+class OnnxBackend:
+    """(N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities, on onnxruntime."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
+        self.path = resolve_onnx_path(path)
+        self.session = _session(self.path, threads=threads, providers=providers)
+        self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BundleError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+        self.input_name = inputs[0].name
+        size = self.info.meta.preprocessing.size
+        shape = list(inputs[0].shape)
+        if len(shape) != 4 or shape[1:] != [1, size, size]:
+            raise BundleError(f"{self.path}: graph input has shape {shape}, the metadata says (N, 1, {size}, {size})")
+        n_out = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(n_out, int) and n_out != len(self.info.meta.labels):
+            raise BundleError(f"{self.path}: graph gives {n_out} outputs for {len(self.info.meta.labels)} labels")
+        self.input_shape = (1, size, size)
+
+    @property
+    def quantization(self) -> str:
+        return self.info.quantization
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
+            raise ChestXrayError(
+                f"onnx backend: expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"got {batch.shape}"
+            )
+        if batch.shape[0] == 0:
+            return np.zeros((0, len(self.info.meta.labels)), np.float32)
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def load_onnx_analyzer(cls: type, path: str | os.PathLike | None, *, batch_size: int = 16,
+                       threads: int | None = None):
+    """`Analyzer.load(path, backend="onnx")`: an Analyzer of class `cls` on onnxruntime.
+
+    `path` None means the ONNX model shipped with the package (an error naming the fix
+    when there is none)."""
+    backend = OnnxBackend(path, threads=threads)
+    meta = backend.info.meta
+    return cls(backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
