@@ -1,0 +1,68 @@
+"""`chestxray evaluate [--model BUNDLE] ROOT`: honest metrics of a bundle on a split."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from chestxray.commands.info import add_dataset_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="per-class AUROC/AUPRC/F1 with patient-bootstrap CIs, curves, report")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--model", default=None, help="bundle (.safetensors or run folder); default: the bundled model")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--boxes", nargs="?", const="", default=None, metavar="CSV",
+                   help="also score Grad-CAM localization against radiologist boxes "
+                        "(default CSV: ROOT/BBox_List_2017.csv)")
+    add_dataset_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from chestxray import NOT_FOR_CLINICAL_USE
+    from chestxray.data.index import load_nih
+    from chestxray.errors import DatasetError
+    from chestxray.evaluation import run_evaluation
+    from chestxray.io import atomic_write_text
+    from chestxray.predict import Analyzer
+
+    analyzer = Analyzer.load(args.model, device=args.device, batch_size=args.batch_size)
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
+                     allow_missing=args.allow_missing)
+    out = Path(args.out or f"eval-{args.split}")
+    result = run_evaluation(analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed,
+                            progress=sys.stderr.isatty())
+    m = result["macro"]
+    ci = m.get("auroc_ci") or [None, None]
+    print(f"{analyzer.name} on {args.split} ({result['n_images']} images, {result['n_patients']} patients)")
+    print(f"macro AUROC {m['auroc']:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else "")
+          + f"  element-wise accuracy {result['elementwise_accuracy']:.4f} "
+          f"(all-negative {result['all_negative_accuracy']:.4f})")
+    for name, e in result["per_class"].items():
+        auc = "undefined" if e["auroc"] is None else f"{e['auroc']:.3f}"
+        print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}")
+    if args.boxes is not None:
+        from chestxray.localization import localization_markdown, score_localization
+
+        csv = Path(args.boxes) if args.boxes else Path(args.root) / "BBox_List_2017.csv"
+        if not csv.is_file():
+            raise DatasetError(f"--boxes: {csv} not found")
+        loc = score_localization(analyzer, index, csv, split=None, seed=args.seed)
+        result["localization"] = loc
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)
+        atomic_write_text(out / "report.md", md)
+        print(localization_markdown(loc))
+    print(f"wrote {out}/metrics.json, report.md, roc_curves.png, pr_curves.png")
+    print(NOT_FOR_CLINICAL_USE)
+    return 0

@@ -1,0 +1,19 @@
+"""`chestxray models`: the architectures the registry knows."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model architectures")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from chestxray.models import REGISTRY
+
+    for name, spec in sorted(REGISTRY.items()):
+        pre = spec.preprocessing
+        print(f"{name:<14} input {pre.size}px  seed-trainable {', '.join(spec.seed_trainable)} + {spec.head}")
+    return 0

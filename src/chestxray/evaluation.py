@@ -1,0 +1,125 @@
+"""Evaluate a bundle on a split: probabilities, metrics with patient bootstrap CIs, curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.io import atomic_write, atomic_write_text
+from chestxray.metrics import evaluate_predictions
+
+
+def split_probabilities(analyzer: Any, index: Any, split: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(probabilities, targets, patient ids, image names) of one split, read from the images
+    through the analyzer's own preprocessing (exactly what `predict` does)."""
+    from chestxray.errors import ChestXrayError
+
+    pos = index.split_positions(split)
+    if len(pos) == 0:
+        raise ChestXrayError(f"the {split} split of {index.root} has no images")
+    paths = index.frame["path"].iloc[pos].tolist()
+    names = index.frame["image"].iloc[pos].tolist()
+    preds = analyzer.predict(paths, names=names, progress=progress)
+    bad = [p for p in preds if not p.ok]
+    if bad:
+        raise ChestXrayError(f"{len(bad)} images of the {split} split could not be read, e.g. "
+                             f"{bad[0].file}: {bad[0].error}")
+    probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
+    return probs, index.labels[pos], index.frame["patient_id"].iloc[pos].to_numpy(), names
+
+
+def write_curves(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> list[Path]:
+    """ROC and precision-recall curves, one panel per finding (classes without positives skipped)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    written = []
+    for kind in ("roc", "pr"):
+        fig = Figure(figsize=(16, 9), dpi=80)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(3, 5).ravel()
+        for c, name in enumerate(labels):
+            ax = axes[c]
+            y = targets[:, c] > 0.5
+            ax.set_title(name, fontsize=9)
+            if not y.any() or y.all():
+                ax.text(0.5, 0.5, "undefined\n(no positives)" if not y.any() else "undefined", ha="center", va="center")
+                continue
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(y, probs[:, c])
+                ax.plot(fpr, tpr)
+                ax.plot([0, 1], [0, 1], ls=":", c="grey")
+                ax.set_xlabel("1 - specificity", fontsize=7)
+                ax.set_ylabel("sensitivity", fontsize=7)
+            else:
+                prec, rec, _ = precision_recall_curve(y, probs[:, c])
+                ax.plot(rec, prec)
+                ax.axhline(y.mean(), ls=":", c="grey")
+                ax.set_xlabel("recall", fontsize=7)
+                ax.set_ylabel("precision", fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+        axes[-1].axis("off")
+        fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
+        fig.tight_layout()
+        path = out / f"{kind}_curves.png"
+        atomic_write(path, lambda p: fig.savefig(p, format="png"))
+        written.append(path)
+    return written
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "undefined" if v is None else format(v, spec)
+
+
+def _ci(v: list | None) -> str:
+    return "" if not v or v[0] is None else f" ({v[0]:.3f}-{v[1]:.3f})"
+
+
+def report_markdown(result: dict[str, Any], model_name: str, split: str, root: str) -> str:
+    m = result["macro"]
+    lines = [
+        f"# Evaluation of `{model_name}` on the {split} split of `{root}`",
+        "",
+        f"> {NOT_FOR_CLINICAL_USE}",
+        "",
+        f"{result['n_images']} images, {result['n_patients']} patients. Confidence intervals: 95% bootstrap, "
+        f"{result.get('bootstrap', {}).get('replicates', 0)} replicates resampling patients.",
+        "",
+        f"- **Macro AUROC**: {_fmt(m['auroc'])}{_ci(m.get('auroc_ci'))} over {result['defined_auroc_classes']} "
+        "findings with positives",
+        f"- Macro AUPRC: {_fmt(m['auprc'])}{_ci(m.get('auprc_ci'))}; macro F1 at the tuned thresholds: {_fmt(m['f1'])}",
+        f"- Element-wise accuracy: {result['elementwise_accuracy']:.4f}, while predicting \"all negative\" scores "
+        f"{result['all_negative_accuracy']:.4f} on the same data. Accuracy over 14 rare findings says little; "
+        "read AUROC and AUPRC.",
+        "",
+        "| finding | support | prevalence | AUROC (95% CI) | AUPRC (95% CI) | threshold | F1 | precision | recall | specificity |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in result["per_class"].items():
+        lines.append(
+            f"| {name} | {e['support']} | {_fmt(e['prevalence'])} | {_fmt(e['auroc'])}{_ci(e.get('auroc_ci'))} | "
+            f"{_fmt(e['auprc'])}{_ci(e.get('auprc_ci'))} | {e['threshold']:.3f} | {_fmt(e['f1'])} | "
+            f"{_fmt(e['precision'])} | {_fmt(e['recall'])} | {_fmt(e['specificity'])} |"
+        )
+    lines += ["", "Curves: `roc_curves.png`, `pr_curves.png`.", ""]
+    return "\n".join(lines)
+
+
+def run_evaluation(analyzer: Any, index: Any, split: str, out: Path, n_boot: int = 1000, seed: int = 0,
+                   progress: bool = False) -> dict[str, Any]:
+    probs, targets, groups, names = split_probabilities(analyzer, index, split, progress=progress)
+    result = evaluate_predictions(targets, probs, analyzer.thresholds, analyzer.labels, groups=groups,
+                                  n_boot=n_boot, seed=seed)
+    result = {"model": analyzer.name, "split": split, "dataset_root": str(index.root),
+              "note": NOT_FOR_CLINICAL_USE, **result}
+    out.mkdir(parents=True, exist_ok=True)
+    write_curves(targets, probs, analyzer.labels, out, f"{analyzer.name}, {split} split")
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "report.md", report_markdown(result, analyzer.name, split, str(index.root)))
+    return result

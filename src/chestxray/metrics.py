@@ -1,0 +1,157 @@
+"""Evaluation metrics for multi-label predictions, with patient-level bootstrap CIs.
+
+AUROC and AUPRC come from scikit-learn. A class whose evaluation set has no positive
+(or no negative) has an undefined AUROC: it is reported as None, never as 0 or 1.
+Confidence intervals resample patients (not images), since images of one patient
+are correlated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _auroc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    pos = y > 0.5
+    if w is not None:
+        if w[pos].sum() == 0 or w[~pos].sum() == 0:
+            return float("nan")
+    elif pos.all() or not pos.any():
+        return float("nan")
+    return float(roc_auc_score(pos, p, sample_weight=w))
+
+
+def _auprc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    from sklearn.metrics import average_precision_score
+
+    pos = y > 0.5
+    if (w[pos].sum() if w is not None else pos.sum()) == 0:
+        return float("nan")
+    return float(average_precision_score(pos, p, sample_weight=w))
+
+
+def per_class_auroc(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return np.array([_auroc(targets[:, c], probs[:, c]) for c in range(targets.shape[1])])
+
+
+def mean_auroc(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Macro mean over the classes where AUROC is defined (NaN if none)."""
+    vals = per_class_auroc(targets, probs)
+    return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+
+
+def elementwise_accuracy(targets: np.ndarray, predicted: np.ndarray) -> float:
+    """Share of (image, finding) cells predicted right: the seed's 94.7% metric."""
+    return float(((predicted > 0.5) == (targets > 0.5)).mean()) if targets.size else float("nan")
+
+
+def _confusion(y: np.ndarray, yhat: np.ndarray) -> dict[str, float | None]:
+    y, yhat = y > 0.5, yhat > 0.5
+    tp, fp = int((y & yhat).sum()), int((~y & yhat).sum())
+    fn, tn = int((y & ~yhat).sum()), int((~y & ~yhat).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn) if (tp + fn) else None
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision, "recall": recall,
+            "specificity": ratio(tn, tn + fp), "f1": f1}
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def bootstrap_ci(
+    targets: np.ndarray, probs: np.ndarray, groups: np.ndarray, n_boot: int = 1000,
+    seed: int = 0, level: float = 0.95,
+) -> dict[str, np.ndarray]:
+    """Percentile CIs of per-class AUROC and AUPRC and their macro means, resampling groups
+    (patients) with replacement. Each replicate weights images by how often their patient
+    was drawn, which equals duplicating them, without copying arrays."""
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    n_classes = targets.shape[1]
+    auroc = np.full((n_boot, n_classes), np.nan)
+    auprc = np.full((n_boot, n_classes), np.nan)
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
+        w = counts[inverse].astype(np.float64)
+        keep = w > 0
+        for c in range(n_classes):
+            auroc[b, c] = _auroc(targets[keep, c], probs[keep, c], w[keep])
+            auprc[b, c] = _auprc(targets[keep, c], probs[keep, c], w[keep])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+
+    def pct(a: np.ndarray) -> np.ndarray:
+        out = np.full((2,) + a.shape[1:], np.nan)
+        for idx in np.ndindex(a.shape[1:]):
+            col = a[(slice(None),) + idx]
+            col = col[np.isfinite(col)]
+            # Too few defined replicates give no meaningful interval.
+            if len(col) >= max(10, n_boot // 2):
+                out[(slice(None),) + idx] = np.percentile(col, [lo, hi])
+        return out
+
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            macro_auroc = np.nanmean(auroc, axis=1)
+            macro_auprc = np.nanmean(auprc, axis=1)
+    return {"auroc": pct(auroc), "auprc": pct(auprc), "macro_auroc": pct(macro_auroc[:, None])[:, 0],
+            "macro_auprc": pct(macro_auprc[:, None])[:, 0]}
+
+
+def evaluate_predictions(
+    targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, labels: Sequence[str],
+    groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+) -> dict[str, Any]:
+    """Everything `chestxray evaluate` reports, as a JSON-able dict."""
+    targets, probs = np.asarray(targets, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    predicted = probs >= thresholds[None, :]
+    ci = bootstrap_ci(targets, probs, groups, n_boot=n_boot, seed=seed) if groups is not None and n_boot > 0 else None
+    per_class: dict[str, Any] = {}
+    for c, name in enumerate(labels):
+        y = targets[:, c]
+        entry: dict[str, Any] = {
+            "support": int(y.sum()),
+            "prevalence": float(y.mean()) if len(y) else None,
+            "threshold": float(thresholds[c]),
+            "auroc": _nan_to_none(_auroc(y, probs[:, c])),
+            "auprc": _nan_to_none(_auprc(y, probs[:, c])),
+            **_confusion(y, predicted[:, c]),
+        }
+        if ci is not None:
+            entry["auroc_ci"] = [_nan_to_none(v) for v in ci["auroc"][:, c]]
+            entry["auprc_ci"] = [_nan_to_none(v) for v in ci["auprc"][:, c]]
+            if entry["auroc"] is None:
+                entry["auroc_ci"] = [None, None]
+        per_class[name] = entry
+
+    def macro(key: str) -> float | None:
+        vals = [v[key] for v in per_class.values() if v[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    out: dict[str, Any] = {
+        "n_images": int(len(targets)),
+        "n_patients": int(len(np.unique(groups))) if groups is not None else None,
+        "per_class": per_class,
+        "macro": {k: macro(k) for k in ("auroc", "auprc", "f1", "precision", "recall", "specificity")},
+        "defined_auroc_classes": int(sum(v["auroc"] is not None for v in per_class.values())),
+        "elementwise_accuracy": elementwise_accuracy(targets, predicted),
+        "all_negative_accuracy": elementwise_accuracy(targets, np.zeros_like(targets)),
+    }
+    if ci is not None:
+        out["macro"]["auroc_ci"] = [_nan_to_none(v) for v in ci["macro_auroc"]]
+        out["macro"]["auprc_ci"] = [_nan_to_none(v) for v in ci["macro_auprc"]]
+        out["bootstrap"] = {"replicates": n_boot, "resampled_by": "patient", "level": 0.95, "seed": seed}
+    return out

@@ -1,0 +1,411 @@
+"""The training loop: cache -> device batches -> augment on device -> model, with
+checkpoints each epoch (atomic), exact resume, best-by-validation-loss selection,
+threshold tuning and a bundle at the end. Runs on CPU, one GPU, or under torchrun (DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from chestxray.bundle import BundleMeta, save_bundle
+from chestxray.data.loader import CacheBatches, to_model_input
+from chestxray.data.transforms import AugmentConfig, BatchAugment
+from chestxray.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
+from chestxray.errors import ChestXrayError
+from chestxray.io import atomic_write, atomic_write_text
+from chestxray.metrics import elementwise_accuracy, per_class_auroc
+from chestxray.models import create_model, train_mode
+from chestxray.thresholds import tune_thresholds
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+BEST_WEIGHTS = "best.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the seed recipe: ResNet-50, layer2-4 + head, Adam 1e-5, plateau, 5 epochs."""
+
+    root: str
+    out: str
+    model: str = "resnet50"
+    weights: str = "imagenet"
+    freeze: str = "seed"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw | sgd
+    schedule: str = "plateau"  # plateau | onecycle | cosine | none
+    plateau_factor: float = 0.1
+    plateau_patience: int = 1
+    image_size: int = 224
+    augment: str = "none"  # none | seed | strong
+    pos_weight: str = "none"  # none | balanced
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    cache: str | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    allow_missing: bool = False
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    compile: bool = False
+    channels_last: bool = True  # on GPU
+    max_steps: int | None = None  # per epoch, for smoke tests
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_mean_auroc: float | None
+    val_elementwise_accuracy: float
+    lr: float
+    seconds: float
+    images_per_second: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ChestXrayError(f"--device {name}: CUDA is not available on this machine")
+        return torch.device("cuda", info.local_rank) if info.enabled else torch.device(name)
+    return torch.device(name)
+
+
+def _loader_data(cfg: TrainConfig):
+    from chestxray.data.cache import PreparedCache, default_cache_dir, prepare_cache
+    from chestxray.data.index import load_nih
+
+    index = load_nih(cfg.root, val_fraction=cfg.val_fraction, seed=cfg.split_seed, allow_missing=cfg.allow_missing)
+    cache_dir = Path(cfg.cache) if cfg.cache else default_cache_dir(cfg.root)
+    try:
+        cache = PreparedCache.open(cache_dir, cfg.image_size)
+        if cache.names != index.frame["image"].tolist():
+            raise ChestXrayError("stale")
+    except ChestXrayError:
+        log.info("preparing a %dpx cache in %s", cfg.image_size, cache_dir)
+        prepare_cache(list(index.iter_paths()), cache_dir, cfg.image_size, workers=cfg.workers,
+                      progress=sys.stderr.isatty())
+        cache = PreparedCache.open(cache_dir, cfg.image_size)
+    return index, cache
+
+
+def _split_arrays(index, cache, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos = index.split_positions(split)
+    if len(pos) == 0:
+        raise ChestXrayError(f"the {split} split of {index.root} is empty")
+    names = index.frame["image"].iloc[pos].tolist()
+    rows = cache.positions(names)
+    images = np.asarray(cache.images[np.sort(rows)])[np.argsort(np.argsort(rows))]
+    return images, index.labels[pos], index.frame["patient_id"].iloc[pos].to_numpy()
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    raise ChestXrayError(f"unknown optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.plateau_factor,
+                                                          patience=cfg.plateau_patience)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                   steps_per_epoch=max(1, steps_per_epoch))
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    if cfg.schedule == "none":
+        return None
+    raise ChestXrayError(f"unknown schedule {cfg.schedule!r}; choose plateau, onecycle, cosine or none")
+
+
+def _pos_weight(cfg: TrainConfig, labels: np.ndarray) -> torch.Tensor | None:
+    if cfg.pos_weight == "none":
+        return None
+    if cfg.pos_weight != "balanced":
+        raise ChestXrayError(f"unknown --pos-weight {cfg.pos_weight!r}; choose none or balanced")
+    pos = labels.sum(0)
+    # negatives / positives per class, capped so a class with 1-2 positives cannot dominate.
+    return torch.tensor(np.clip((len(labels) - pos) / np.maximum(pos, 1), 1.0, 50.0), dtype=torch.float32)
+
+
+def sanity_check_batch(x: torch.Tensor, y: torch.Tensor, size: int, n_classes: int) -> None:
+    """Cheap check of the first batch: shape, value range, label values."""
+    if x.ndim != 4 or x.shape[1:] != (1, size, size):
+        raise ChestXrayError(f"first batch has shape {tuple(x.shape)}, expected (B, 1, {size}, {size})")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0 or hi - lo < 1e-3:
+        raise ChestXrayError(f"first batch pixel range [{lo:.3f}, {hi:.3f}] is not a [0, 1] image range")
+    if y.shape[1] != n_classes or not torch.all((y == 0) | (y == 1)):
+        raise ChestXrayError(f"first batch labels are not 0/1 with {n_classes} columns")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.info = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device, self.info)
+        self.on_gpu = self.device.type == "cuda"
+
+    # ---- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.index, cache = _loader_data(cfg)
+        self.labels_names = list(self.index.pathologies)
+        tr_x, tr_y, _ = _split_arrays(self.index, cache, "train")
+        va_x, va_y, self.val_groups = _split_arrays(self.index, cache, "val")
+        self.val_targets = va_y
+        common = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
+        self.train_batches = CacheBatches(tr_x, tr_y, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                          drop_last=len(tr_x) > cfg.batch_size * self.info.world_size, **common)
+        self.val_batches = CacheBatches(va_x, va_y, cfg.batch_size * 2, shuffle=False, **common)
+        # Random init must not depend on, or change, the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = create_model(cfg.model, weights=cfg.weights, freeze=cfg.freeze, image_size=cfg.image_size)
+        self.model.to(self.device)
+        if self.on_gpu and cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, params)
+        steps = len(self.train_batches) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_batches))
+        self.steps_per_epoch = steps
+        self.scheduler = make_scheduler(cfg, self.optimizer, steps)
+        pw = _pos_weight(cfg, tr_y)
+        self.criterion = nn.BCEWithLogitsLoss(pos_weight=pw.to(self.device) if pw is not None else None)
+        aug = AugmentConfig.preset(cfg.augment)
+        self.augment = BatchAugment(aug, seed=cfg.seed, device=self.device) if aug else None
+        self.net: nn.Module = self.model
+        if self.info.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.on_gpu else None)
+        self.forward = torch.compile(self.net) if cfg.compile else self.net
+        self.start_epoch, self.best_loss, self.best_epoch = 0, math.inf, -1
+        self.history: list[dict[str, Any]] = []
+        self.n_train, self.n_val = len(tr_x), len(va_x)
+
+    def _autocast(self):
+        if self.on_gpu and self.cfg.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _prep(self, x_u8: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(x_u8)
+        if self.on_gpu and self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int) -> None:
+        if not self.info.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": epoch,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "history": json.dumps(self.history),
+            "args": json.dumps(self.cfg.to_dict()),
+        }
+        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+
+    def load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise ChestXrayError(f"--resume: no checkpoint at {path}")
+        # weights_only: tensors, numbers and strings only; no arbitrary pickled objects.
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = json.loads(state["args"])
+        for key in ("model", "image_size", "freeze", "epochs", "batch_size", "seed", "augment", "schedule"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise ChestXrayError(f"--resume: checkpoint {path} was made with {key}={saved.get(key)!r}, "
+                                     f"this run has {key}={getattr(self.cfg, key)!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_loss, self.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+        self.history = json.loads(state["history"])
+        log.info("resumed from %s at epoch %d", path, self.start_epoch + 1)
+
+    # ---- loop --------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        from tqdm.auto import tqdm
+
+        train_mode(self.model)
+        self.train_batches.set_epoch(epoch)
+        if self.augment is not None:
+            self.augment.reseed(self.cfg.seed * 100_003 + epoch)
+        total, count, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
+                   disable=not (self.info.is_main and sys.stderr.isatty()), leave=False)
+        for step, (_, xb, yb) in enumerate(self.train_batches):
+            if step >= self.steps_per_epoch:
+                break
+            x = self._prep(xb)
+            if self.augment is not None:
+                x = self.augment(x)
+            if epoch == self.start_epoch and step == 0:
+                sanity_check_batch(x, yb, self.cfg.image_size, len(self.labels_names))
+            with self._autocast():
+                logits = self.forward(x)
+            loss = self.criterion(logits.float(), yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None and self.cfg.schedule != "plateau":
+                self.scheduler.step()
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        loss_mean = all_mean(total / max(count, 1), self.info)
+        return loss_mean, count * self.info.world_size / max(seconds, 1e-9)
+
+    @torch.no_grad()
+    def predict_val(self) -> tuple[np.ndarray, float]:
+        """Validation probabilities (all ranks' rows, in split order) and mean BCE loss."""
+        self.model.eval()
+        rows_all, probs_all, loss_sum = [], [], 0.0
+        for rows, xb, yb in self.val_batches:
+            with self._autocast():
+                logits = self.model(self._prep(xb)).float()
+            loss_sum += float(nn.functional.binary_cross_entropy_with_logits(logits, yb, reduction="sum"))
+            rows_all.append(rows.numpy())
+            probs_all.append(torch.sigmoid(logits).cpu().numpy())
+        rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
+        probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(self.labels_names)), np.float32)
+        full = gather_rows(rows, probs, self.n_val, self.info)
+        # Unweighted BCE per element, summed over ranks: comparable across runs and weights.
+        loss = all_mean(loss_sum, self.info) * self.info.world_size / (self.n_val * len(self.labels_names))
+        return full, loss
+
+    def run(self, resume: bool = False) -> Path | None:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.setup()
+        if resume:
+            self.load_checkpoint()
+        elif self.info.is_main:
+            (self.out / LOG_FILE).unlink(missing_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        if self.info.is_main:
+            log.info("training %s on %d images, validating on %d (%s, %d process(es))",
+                     cfg.model, self.n_train, self.n_val, self.device, self.info.world_size)
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            train_loss, ips = self.train_epoch(epoch)
+            probs, val_loss = self.predict_val()
+            auroc = per_class_auroc(self.val_targets, probs)
+            mean_auroc = float(np.nanmean(auroc)) if np.isfinite(auroc).any() else None
+            acc = elementwise_accuracy(self.val_targets, probs >= 0.5)
+            if self.scheduler is not None and cfg.schedule == "plateau":
+                self.scheduler.step(val_loss)
+            rec = EpochRecord(epoch + 1, train_loss, val_loss, mean_auroc, acc,
+                              self.optimizer.param_groups[0]["lr"], time.perf_counter() - t0, ips)
+            improved = val_loss < self.best_loss
+            if improved:
+                self.best_loss, self.best_epoch = val_loss, epoch
+                if self.info.is_main:
+                    from safetensors.torch import save_file
+
+                    state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+                    atomic_write(self.out / BEST_WEIGHTS, lambda p: save_file(state, str(p)))
+            row = dataclasses.asdict(rec)
+            row["best"] = improved
+            self.history.append(row)
+            if self.info.is_main:
+                with open(self.out / LOG_FILE, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                      f"val_auroc {mean_auroc if mean_auroc is not None else float('nan'):.4f}  "
+                      f"val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s" + ("  *best" if improved else ""),
+                      flush=True)
+            self.save_checkpoint(epoch)
+            barrier(self.info)
+        bundle = self.finish()
+        shutdown(self.info)
+        return bundle
+
+    def finish(self) -> Path | None:
+        """Best weights -> validation probabilities -> thresholds -> bundle (rank 0 writes)."""
+        from safetensors.torch import load_file
+
+        barrier(self.info)
+        best = load_file(str(self.out / BEST_WEIGHTS), device=str(self.device))
+        self.model.load_state_dict(best)
+        probs, val_loss = self.predict_val()
+        if not self.info.is_main:
+            return None
+        tuned = tune_thresholds(probs, self.val_targets, self.labels_names)
+        from chestxray.metrics import evaluate_predictions
+
+        val_metrics = evaluate_predictions(self.val_targets, probs, tuned.thresholds, self.labels_names,
+                                           groups=None, n_boot=0)
+        val_metrics["loss"] = val_loss
+        val_metrics["threshold_fallback"] = tuned.fallback
+        summary = self.index.summary()
+        meta = BundleMeta(
+            architecture=self.cfg.model,
+            labels=self.labels_names,
+            preprocessing=self.model.preprocessing,
+            thresholds=[float(t) for t in tuned.thresholds],
+            name=self.cfg.name or f"{self.cfg.model}-{Path(self.cfg.root).resolve().name}",
+            threshold_method=("per-class F1-optimal on the validation split (exact search over distinct "
+                              f"scores); fallback {tuned.fallback} -> 0.5 (no validation positive)"),
+            training={
+                "dataset_root": Path(self.cfg.root).resolve().name,
+                "labels_file": summary["labels_file"],
+                "split": {"train": "official train_val minus validation patients",
+                          "validation": summary["validation"], "test": "official test_list.txt (not used)"},
+                "images": {s: summary["splits"][s]["images"] for s in ("train", "val")},
+                "patients": {s: summary["splits"][s]["patients"] for s in ("train", "val")},
+                "best_epoch": self.best_epoch + 1,
+                "epochs_run": len(self.history),
+                "recipe": {k: v for k, v in self.cfg.to_dict().items() if k not in ("root", "out", "cache")},
+                "history": self.history,
+            },
+            metrics={"validation": val_metrics},
+        )
+        return save_bundle(self.model, meta, self.out / "model.safetensors")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
+    return Trainer(cfg).run(resume=resume)
