@@ -1,0 +1,91 @@
+"""`chestxray serve`: the web viewer and REST API on uvicorn (loopback by default)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+from chestxray.errors import ChestXrayError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="web viewer and REST API: upload an X-ray, see findings and Grad-CAM overlays",
+        description="Serve a model over HTTP: a one-page viewer at / and a REST API under /api/v1 "
+                    "(schema at /openapi.json). Uploads stay in memory and are never logged.",
+    )
+    p.add_argument("--model", default=None, metavar="BUNDLE",
+                   help="model bundle (.safetensors, run folder or, with --backend onnx, .onnx); "
+                        "default: the packaged model")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="inference backend (default torch; onnx has no Grad-CAM)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; the server has no "
+                        "authentication, so think twice before 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MiB (default 20)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request (path only: query strings and analysis ids are cut)")
+    p.set_defaults(run=run)
+
+
+class RedactAccessLog(logging.Filter):
+    """uvicorn's access log prints the full request target; keep the path only, and hide the
+    analysis ids (they grant access to an uploaded image for a few minutes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_path(args[2]), *args[3:])
+        return True
+
+
+def redact_path(target: str) -> str:
+    path = target.split("?", 1)[0]
+    parts = path.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part == "analyses" and parts[i + 1]:
+            parts[i + 1] = "<id>"
+    return "/".join(parts)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from chestxray.serve.app import create_app
+    except ImportError as exc:
+        raise ChestXrayError(f"serving needs the serve extra: pip install 'chestxray[serve]' ({exc.name} missing)") from None
+    from chestxray.predict import Analyzer
+
+    if not 0 < args.port < 65536:
+        raise ChestXrayError(f"--port must lie in 1..65535, got {args.port}")
+    if args.max_upload_mb <= 0:
+        raise ChestXrayError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    analyzer = Analyzer.load(args.model, backend=args.backend, device=args.device)
+    app = create_app(analyzer, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    if not is_loopback(args.host):
+        log.warning("listening on %s: anyone who can reach this address can upload images; "
+                    "the server has no authentication", args.host)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"chestxray serve: model {analyzer.name} ({args.backend}) at http://{shown}:{args.port}/ "
+          f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info",
+                            server_header=False)
+    logging.getLogger("uvicorn.access").addFilter(RedactAccessLog())  # after Config set up logging
+    uvicorn.Server(config).run()
+    return 0
