@@ -1,0 +1,333 @@
+"""Export a bundle to ONNX and check that onnxruntime agrees with PyTorch.
+
+The graph takes what the eval preset makes, gray float32 (N, 1, S, S) in [0, 1] with a
+dynamic batch N, and returns probabilities (the sigmoid is in the graph, so a user of the
+bare file gets the same numbers as `chestxray predict`). Gray-to-3-channel and the
+mean/std normalisation are inside the model already (`InputNormalize`), so nothing but
+the eval preset (resize, /255) is left to the caller. The bundle's JSON is stored in the
+ONNX metadata under "chestxray", with a few readable keys beside it.
+
+After export, the file is run on real radiographs (the packaged samples, or images the
+caller names) with onnxruntime and with PyTorch; the export fails, and nothing is written,
+when the probabilities differ by more than the tolerance (1e-4 by default).
+
+Needs torch, onnx, onnxscript and onnxruntime (`pip install chestxray[torch,export]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chestxray.bundle import META_KEY, BundleMeta
+from chestxray.data.images import read_image
+from chestxray.data.transforms import EvalPreset, Preprocessing
+from chestxray.errors import ChestXrayError
+from chestxray.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(ChestXrayError):
+    """Export failed or its check did not pass; nothing was written."""
+
+
+@dataclass
+class ParityReport:
+    """onnxruntime vs PyTorch on real images."""
+
+    max_abs_diff: float
+    images: list[str]
+    batch_sizes: list[int]
+    agree: int  # (image, finding) pairs with the same positive/negative call
+    pairs: int
+    reference: str = "PyTorch float32 (eager, CPU)"
+    tolerance: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.tolerance is None or self.max_abs_diff <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        tol = f" (tolerance {self.tolerance:.0e})" if self.tolerance is not None else ""
+        return (
+            f"max |p_onnx - p_torch| = {self.max_abs_diff:.2e}{tol} on {len(self.images)} real images "
+            f"(batches of {', '.join(map(str, self.batch_sizes))}); same positive/negative call on "
+            f"{self.agree}/{self.pairs} image-finding pairs"
+        )
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int
+    opset: int
+    quantization: str
+    parity: ParityReport
+    float_parity: ParityReport | None = None  # the float32 graph's check, when int8 was written
+    seconds: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _torch_modules():
+    try:
+        import torch
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(
+            f"export needs torch, onnx, onnxscript and onnxruntime ({exc.name} is missing): "
+            "pip install 'chestxray[torch,export]'"
+        ) from None
+    return torch
+
+
+def load_check_images(paths: Sequence[str | os.PathLike] | None, preprocessing: Preprocessing,
+                      limit: int = 8) -> tuple[list[str], np.ndarray]:
+    """Names and eval-preset batch of the check images (default: the packaged samples)."""
+    if not paths:
+        from chestxray.samples import sample_images
+
+        files = sample_images()
+    else:
+        from chestxray.predict import collect_inputs
+
+        files = collect_inputs(paths)
+    files = files[:limit]
+    if not files:
+        raise ExportError(f"no images to check the export on in {', '.join(map(str, paths or []))}")
+    preset = EvalPreset(preprocessing)
+    return [str(p) for p in files], preset.batch([read_image(p) for p in files])
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """The exporter's optimiser logs every pass at INFO; keep warnings and errors only."""
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT_OPSET):
+    """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis."""
+    torch = _torch_modules()
+
+    class WithSigmoid(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.net(image))
+
+    wrapped = WithSigmoid(model).eval().cpu()
+    size = preprocessing.size
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        with _quiet_exporter_logs():
+            program = torch.onnx.export(
+                wrapped, (example,), dynamo=True, verbose=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes={"image": {0: batch}}, external_data=False,
+            )
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: {exc}") from None
+    proto = program.model_proto
+    # The exporter names the symbolic axis after the Dim; make it read "batch" for any tool.
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        dim0.ClearField("dim_value")
+        dim0.dim_param = "batch"
+    return proto
+
+
+def session_for(model_bytes: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: Any, session: Any, names: list[str], batch: np.ndarray, thresholds: Sequence[float],
+                 tolerance: float | None = DEFAULT_TOLERANCE) -> ParityReport:
+    """Run the check images through onnxruntime (as one batch, then the first alone, which
+    exercises the dynamic batch axis) and through the PyTorch model; compare probabilities."""
+    from chestxray.predict import TorchBackend
+
+    ref = TorchBackend(model).probabilities(batch)
+    inp = session.get_inputs()[0].name
+    full = session.run(None, {inp: batch})[0]
+    single = session.run(None, {inp: batch[:1]})[0]
+    diff = max(float(np.max(np.abs(full - ref))), float(np.max(np.abs(single - ref[:1]))))
+    if not np.isfinite(diff):
+        diff = float("inf")
+    thr = np.asarray(thresholds)[None, :]
+    agree = int(np.sum((full >= thr) == (ref >= thr)))
+    sizes = sorted({len(batch), 1}, reverse=True)
+    return ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def metadata_props(meta: BundleMeta, *, opset: int, quantization: str, parity: ParityReport,
+                   source: Path | None) -> dict[str, str]:
+    """The metadata_props written into the ONNX file: the whole bundle JSON plus readable keys."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    from chestxray import NOT_FOR_CLINICAL_USE, __version__
+
+    size = meta.preprocessing.size
+    props = {
+        META_KEY: meta.to_json(),
+        "format": ONNX_FORMAT,
+        "format_version": str(ONNX_FORMAT_VERSION),
+        "name": meta.name,
+        "architecture": meta.architecture,
+        "labels": json.dumps(list(meta.labels)),
+        "thresholds": json.dumps({lab: float(t) for lab, t in zip(meta.labels, meta.thresholds)}),
+        "preprocessing": json.dumps(meta.preprocessing.to_dict()),
+        "metrics": json.dumps(meta.metrics),
+        "input": f"{INPUT_NAME}: float32 (N, 1, {size}, {size}), gray in [0, 1]: antialiased bilinear "
+                 f"resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)",
+        "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'",
+        "quantization": quantization,
+        "parity": json.dumps(parity.to_dict()),
+        "exported": json.dumps({
+            "chestxray": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": opset,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }),
+        "notes": NOT_FOR_CLINICAL_USE,
+    }
+    if source is not None:
+        props["source_bundle"] = json.dumps({"file": source.name, "sha256": file_sha256(source)})
+    return props
+
+
+def set_metadata(proto: Any, props: dict[str, str]) -> None:
+    from chestxray import NOT_FOR_CLINICAL_USE
+
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for key, value in [*keep, *props.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "chestxray"
+    proto.doc_string = (f"{props.get('name', '')}: multi-label chest X-ray classifier (NIH ChestX-ray14 "
+                        f"findings). {NOT_FOR_CLINICAL_USE}")
+
+
+def _serialize(proto: Any) -> bytes:
+    data = proto.SerializeToString()
+    if len(data) >= 2**31 - 1:  # pragma: no cover - no model in the registry comes near
+        raise ExportError("model is over 2 GB; ONNX external data is not supported by this exporter")
+    return data
+
+
+def export_bundle(
+    bundle: str | os.PathLike | None,
+    out: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = DEFAULT_TOLERANCE,
+    check_images: Sequence[str | os.PathLike] | None = None,
+    int8: bool = False,
+    calibration: str | os.PathLike | None = None,
+    calibration_count: int = 64,
+    calibration_method: str = "minmax",
+    seed: int = 0,
+    say: Callable[[str], None] = lambda s: None,
+) -> ExportResult:
+    """Bundle (None: the packaged default) -> ONNX file at `out`, checked, written atomically.
+
+    int8: quantize (onnxruntime static, QDQ, calibrated on `calibration` images through the
+    eval preset) after the float32 graph passed its check; the int8 file's own difference
+    to PyTorch is reported, not bounded (its acceptance test is the AUROC comparison in
+    benchmarks/inference.py --compare-auroc).
+    """
+    start = time.perf_counter()
+    _torch_modules()
+    from chestxray.bundle import load_bundle, resolve_bundle_path
+    from chestxray.io import atomic_write_bytes
+    from chestxray.predict import default_bundle_path
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"{out}: the output file should end in .onnx")
+    if int8 and calibration is None:
+        raise ExportError("--int8 needs --calibration DIR: real radiographs (e.g. training images) "
+                          "to calibrate the activation ranges on")
+    source = resolve_bundle_path(bundle) if bundle is not None else default_bundle_path()
+    model, meta = load_bundle(source)
+    names, batch = load_check_images(check_images, meta.preprocessing)
+    say(f"exporting {meta.name} ({meta.architecture}, {meta.preprocessing.size} px, {len(meta.labels)} labels) "
+        f"from {source} at opset {opset}")
+    proto = to_onnx_model(model, meta.preprocessing, opset)
+    data = _serialize(proto)
+    parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance)
+    say(f"float32 check: {parity.describe()}")
+    if not parity.ok:
+        raise ExportError(
+            f"onnxruntime and PyTorch disagree: max difference {parity.max_abs_diff:.2e} > tolerance "
+            f"{tolerance:.0e} on {', '.join(parity.images)}; {out} was not written"
+        )
+    quantization, float_parity = "none (float32)", None
+    if int8:
+        from chestxray.quantize import calibration_images, quantize_int8
+
+        float_parity = parity
+        cal = calibration_images(calibration, calibration_count, seed=seed)
+        say(f"calibrating int8 on {len(cal)} images from {calibration} ({calibration_method})")
+        with tempfile.TemporaryDirectory(prefix="chestxray-int8-") as tmp:
+            fp = Path(tmp) / "float32.onnx"
+            fp.write_bytes(data)
+            q = Path(tmp) / "int8.onnx"
+            quantize_int8(fp, q, cal, meta.preprocessing, method=calibration_method)
+            import onnx
+
+            proto = onnx.load(str(q))
+        data = _serialize(proto)
+        parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance=None)
+        say(f"int8 check: {parity.describe()}")
+        quantization = (f"int8 static (onnxruntime QDQ, per-channel int8 weights, uint8 activations), "
+                        f"calibrated ({calibration_method}) on {len(cal)} images")
+    props = metadata_props(meta, opset=opset, quantization=quantization, parity=parity, source=source)
+    set_metadata(proto, props)
+    data = _serialize(proto)
+    atomic_write_bytes(out, data)
+    return ExportResult(out, len(data), opset, quantization, parity, float_parity,
+                        time.perf_counter() - start, props)

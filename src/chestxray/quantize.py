@@ -1,0 +1,176 @@
+"""int8 static quantization of an exported float32 ONNX file (onnxruntime), calibrated on
+real radiographs read and preprocessed exactly as at prediction time (`read_image` +
+`EvalPreset`), and the AUROC comparison that decides whether an int8 file is kept.
+
+Torch-free: needs onnx and onnxruntime (`pip install chestxray[export]`). An int8 model
+is kept only if it loses at most 0.005 mean AUROC against float32 on held-out labelled
+images (`compare_auroc`, run by `benchmarks/inference.py --compare-auroc ROOT`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chestxray.data.images import read_image
+from chestxray.data.transforms import EvalPreset, Preprocessing
+from chestxray.errors import ChestXrayError
+from chestxray.onnx_backend import INPUT_NAME
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+AUROC_BUDGET = 0.005
+
+
+def calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64,
+                       seed: int = 0) -> list[Path]:
+    """A seeded sample of `count` images from a folder (recursive) or a list of files."""
+    from chestxray.predict import collect_inputs
+
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    for item in items:
+        if not Path(item).exists():
+            raise ChestXrayError(f"{item}: calibration folder or image not found")
+    files = collect_inputs(items)
+    if not files:
+        raise ChestXrayError(f"{', '.join(map(str, items))}: no PNG, JPEG or DICOM images to calibrate on")
+    if count <= 0:
+        raise ChestXrayError(f"calibration count must be positive, got {count}")
+    if len(files) > count:
+        pick = np.random.default_rng(seed).choice(len(files), size=count, replace=False)
+        files = [files[i] for i in sorted(pick)]
+    return files
+
+
+def _reader(files: Sequence[Path], preprocessing: Preprocessing, batch_size: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    preset = EvalPreset(preprocessing)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.start = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.start >= len(files):
+                return None
+            chunk = files[self.start:self.start + batch_size]
+            self.start += batch_size
+            return {INPUT_NAME: preset.batch([read_image(p) for p in chunk])}
+
+        def rewind(self) -> None:
+            self.start = 0
+
+    return Reader()
+
+
+def quantize_int8(float_model: str | os.PathLike, out: str | os.PathLike, images: Sequence[Path],
+                  preprocessing: Preprocessing, *, method: str = "minmax", per_channel: bool = True,
+                  reduce_range: bool = False, batch_size: int = 8) -> Path:
+    """float32 ONNX file -> int8 QDQ ONNX file (uint8 activations, int8 weights).
+
+    `reduce_range` (7-bit weights) avoids accumulator saturation on x86 CPUs without VNNI
+    at a small accuracy cost; without it the file is most accurate on VNNI CPUs and ARM.
+    """
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ChestXrayError(f"int8 quantization needs onnx and onnxruntime ({exc}): "
+                             "pip install 'chestxray[export]'") from None
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise ChestXrayError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
+    float_model, out = Path(float_model), Path(out)
+    prepared = out.with_name(out.stem + ".prepared.onnx")
+    try:
+        # Shape inference + graph optimisation (BatchNorm folding etc.) first, as onnxruntime advises.
+        quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+        # MinMax calibration keeps only per-tensor minima and maxima, so memory stays small.
+        extra: dict[str, Any] = {}
+        if method == "percentile":
+            extra["CalibPercentile"] = 99.999
+        quantize_static(
+            str(prepared), str(out), _reader(list(images), preprocessing, batch_size),
+            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=methods[method], extra_options=extra,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+        for aux in out.parent.glob("augmented_model*.onnx"):  # left by some onnxruntime versions
+            aux.unlink(missing_ok=True)
+    return out
+
+
+@dataclass
+class AurocComparison:
+    """Per-class and mean AUROC of several models on one labelled image set."""
+
+    images: int
+    labels: list[str]
+    per_class: dict[str, list[float | None]]  # model name -> AUROC per label (None: one class only)
+    mean: dict[str, float]
+    reference: str
+    budget: float = AUROC_BUDGET
+
+    def loss(self, name: str) -> float:
+        """Mean AUROC lost by `name` against the reference (positive = worse)."""
+        return self.mean[self.reference] - self.mean[name]
+
+    def keep(self, name: str) -> bool:
+        return self.loss(name) <= self.budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images, "reference": self.reference, "budget": self.budget,
+            "mean_auroc": self.mean, "per_class_auroc": self.per_class, "labels": self.labels,
+            "loss_vs_reference": {n: self.loss(n) for n in self.mean if n != self.reference},
+            "keep": {n: self.keep(n) for n in self.mean if n != self.reference},
+        }
+
+
+def compare_auroc(analyzers: dict[str, Any], root: str | os.PathLike, *, split: str = "test",
+                  reference: str | None = None, allow_missing: bool = True,
+                  progress: bool = False) -> AurocComparison:
+    """Mean AUROC of each Analyzer on one split of an NIH root (labels from its CSV).
+
+    Every analyzer sees the same images read the same way; classes with only one
+    outcome on the split are left out of the mean (AUROC is undefined there).
+    """
+    from chestxray.data.index import load_nih
+    from chestxray.metrics import per_class_auroc
+
+    if not analyzers:
+        raise ChestXrayError("compare_auroc: no models to compare")
+    reference = reference or next(iter(analyzers))
+    index = load_nih(root, allow_missing=allow_missing)
+    pos = index.split_positions(split)
+    if len(pos) == 0:
+        raise ChestXrayError(f"{root}: the {split} split has no images")
+    paths = [Path(p) for p in index.frame["path"].iloc[pos]]
+    targets = index.labels[pos]
+    per_class: dict[str, list[float | None]] = {}
+    mean: dict[str, float] = {}
+    for name, analyzer in analyzers.items():
+        if list(analyzer.labels) != list(index.pathologies):
+            raise ChestXrayError(f"{name}: label order {analyzer.labels} differs from the dataset's")
+        preds = analyzer.predict(paths, progress=progress)
+        bad = [p.file for p in preds if not p.ok]
+        if bad:
+            raise ChestXrayError(f"{name}: {len(bad)} images could not be read, e.g. {bad[0]}")
+        probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
+        auc = np.asarray(per_class_auroc(targets, probs), dtype=np.float64)
+        per_class[name] = [None if not np.isfinite(a) else float(a) for a in auc]
+        if not np.isfinite(auc).any():
+            raise ChestXrayError(f"{root}: no finding has both positive and negative images in the {split} split")
+        mean[name] = float(np.nanmean(auc))
+    return AurocComparison(len(paths), list(index.pathologies), per_class, mean, reference)
