@@ -141,12 +141,14 @@
       tick.style.left = pct(f.threshold);
       tick.title = `threshold ${pct(f.threshold)}`;
       bar.append(fill, tick);
+      const thr = document.createElement("span");
+      thr.className = "threshold";
+      thr.textContent = `threshold ${pct(f.threshold)}`;
+      const meter = document.createElement("div");
+      meter.className = "meter";
+      meter.append(bar, thr);
 
-      const detail = document.createElement("span");
-      detail.className = "threshold";
-      detail.textContent = `threshold ${pct(f.threshold)}`;
-
-      li.append(head, bar, detail);
+      li.append(head, meter);
       if (camAvailable) {
         const button = document.createElement("button");
         button.type = "button";
