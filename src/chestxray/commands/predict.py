@@ -1,0 +1,222 @@
+"""`chestxray predict PATH...`: findings for image files and folders (PNG, JPEG, DICOM).
+
+Imports nothing heavy at module level, so the command also works in a torch-less
+install with `--backend onnx`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.errors import ChestXrayError
+
+if TYPE_CHECKING:
+    from chestxray.predict import Analyzer, Prediction
+
+FORMATS = ("table", "json", "csv")
+CSV_COLUMNS = ("file", "model", "finding", "probability", "threshold", "positive", "error")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
+    """--model/--device (and --backend): shared by predict and report."""
+    p.add_argument("--model", metavar="BUNDLE", default=None,
+                   help="model bundle (.safetensors, or a training run folder); default: the bundled model")
+    if backends:
+        p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                       help="torch (default) or onnx (needs onnxruntime; BUNDLE is then an exported .onnx)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (default cpu)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="findings for image files or folders (PNG, JPEG, DICOM), optionally with Grad-CAM overlays",
+        description="Every finding with its probability, the model's threshold and whether it is positive "
+                    "(positives first), per image. Folders are searched recursively. Exit status 1 when "
+                    "some files could not be read (they are reported; the others finish). "
+                    + NOT_FOR_CLINICAL_USE,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    add_model_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument("--out", metavar="FILE", help="write the output to FILE (atomically) instead of stdout")
+    p.add_argument("--cam", metavar="DIR",
+                   help="also write Grad-CAM overlays (original size) to DIR, one PNG per image and finding: "
+                        "STEM_FINDING_PROB.png; needs the torch backend")
+    p.add_argument("--findings", metavar="A,B",
+                   help="with --cam: the findings to explain (default: the positive ones, or the most "
+                        "probable one when none is positive)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from chestxray.predict import Analyzer, collect_inputs
+
+    findings = parse_findings(args.findings)
+    if findings is not None and not args.cam:
+        raise ChestXrayError("--findings only applies with --cam DIR")
+    if args.cam and args.backend != "torch":
+        raise ChestXrayError("--cam needs the torch backend (Grad-CAM takes gradients of the network)")
+    files = collect_inputs(args.paths)
+    if not files:
+        raise ChestXrayError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {', '.join(args.paths)}")
+    analyzer = Analyzer.load(args.model, backend=args.backend, device=args.device, batch_size=args.batch_size)
+    progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
+    with quiet_skip_warnings():  # failures are listed once, at the end
+        if args.cam:
+            predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
+        else:
+            predictions = analyzer.predict(files, progress=progress)
+    text = render(predictions, args.format, analyzer.name)
+    if args.out:
+        from chestxray.io import atomic_write_text
+
+        atomic_write_text(args.out, text)
+        print(f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name}. "
+              f"{NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+        if args.format != "table":
+            print(f"model {analyzer.name}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+    failed = [p for p in predictions if not p.ok]
+    if failed:
+        print(f"chestxray predict: {len(failed)} of {len(predictions)} files could not be read:", file=sys.stderr)
+        for p in failed:
+            print(f"  {p.file}: {p.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_findings(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ChestXrayError("--findings needs at least one finding name, e.g. --findings Cardiomegaly,Effusion")
+    return names
+
+
+@contextmanager
+def quiet_skip_warnings() -> Iterator[None]:
+    """The Analyzer logs each unreadable file; the command lists them itself at the end."""
+    logger = logging.getLogger("chestxray.predict")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def predict_with_cams(analyzer: "Analyzer", files: Sequence[Path], cam_dir: Path,
+                      findings: Sequence[str] | None, progress: bool) -> list["Prediction"]:
+    """Predict each file with one Grad-CAM pass and write its overlays; the predictions
+    come from the same forward pass as the maps."""
+    from tqdm.auto import tqdm
+
+    from chestxray.errors import ImageReadError
+    from chestxray.explain import explain_image, resolve_findings
+    from chestxray.predict import Prediction
+
+    resolve_findings(analyzer.labels, findings)  # unknown names fail before any work
+    _ = analyzer.model  # a backend without a torch model fails before any work
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, str] = {}
+    out: list[Prediction] = []
+    for path in tqdm(files, desc="predict+cam", unit="img", disable=not progress):
+        name = str(path)
+        try:
+            gray, prediction, cams = explain_image(analyzer, path, findings, name)
+        except ImageReadError as exc:
+            out.append(Prediction(name, analyzer.name, [], exc.reason))
+            continue
+        stem = unique_stem(path, stems)
+        for cam in cams:
+            write_overlay(cam_dir / f"{stem}_{cam.finding}_{cam.probability:.2f}.png", gray, cam, analyzer)
+        out.append(prediction)
+    return out
+
+
+def unique_stem(path: Path, used: dict[str, str]) -> str:
+    """The file's stem, made unique when two inputs share one (a/x.png, b/x.png)."""
+    stem, k = path.stem, 1
+    while used.get(stem, str(path)) != str(path):
+        k += 1
+        stem = f"{path.stem}-{k}"
+    used[stem] = str(path)
+    return stem
+
+
+def write_overlay(target: Path, gray: Any, cam: Any, analyzer: "Analyzer") -> Path:
+    from PIL import Image
+
+    from chestxray.explain import cam_caption, draw_caption, overlay
+    from chestxray.io import atomic_write
+
+    threshold = float(analyzer.thresholds[analyzer.labels.index(cam.finding)])
+    rgb = draw_caption(overlay(gray, cam.heatmap), cam_caption(cam, analyzer.name, threshold))
+    return atomic_write(target, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
+
+
+# ---- output formats -----------------------------------------------------------------
+
+def render(predictions: Sequence["Prediction"], fmt: str, model_name: str) -> str:
+    if fmt == "json":
+        return json.dumps([p.to_dict() for p in predictions], indent=2) + "\n"
+    if fmt == "csv":
+        return to_csv(predictions)
+    if fmt == "table":
+        return to_table(predictions, model_name)
+    raise ChestXrayError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def to_csv(predictions: Sequence["Prediction"]) -> str:
+    """Long format: one row per image and finding; a failed image has one row with its error."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for p in predictions:
+        if not p.ok:
+            writer.writerow([p.file, p.model, "", "", "", "", p.error])
+        for f in p.findings:
+            writer.writerow([p.file, p.model, f.finding, f"{f.probability:.6f}", f"{f.threshold:.6f}",
+                             "true" if f.positive else "false", ""])
+    return buf.getvalue()
+
+
+def to_table(predictions: Sequence["Prediction"], model_name: str) -> str:
+    ok = sum(p.ok for p in predictions)
+    lines = [f"model {model_name}: {ok} of {len(predictions)} images analysed", NOT_FOR_CLINICAL_USE]
+    for p in predictions:
+        lines += ["", p.file]
+        if not p.ok:
+            lines.append(f"  error: {p.error}")
+            continue
+        positives = [f.finding for f in p.positives]
+        lines.append(f"  positive: {', '.join(positives) if positives else 'none'}")
+        lines.append(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  positive")
+        for f in p.findings:
+            lines.append(f"  {f.finding:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'YES' if f.positive else '-'}")
+    return "\n".join(lines) + "\n"

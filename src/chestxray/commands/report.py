@@ -1,0 +1,49 @@
+"""`chestxray report ROOT --out DIR`: example predictions vs ground truth, with Grad-CAM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.commands.info import add_dataset_args
+from chestxray.commands.predict import add_model_args, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="a grid of random example predictions vs ground truth with Grad-CAM (grid.png, index.html)",
+        description="Pick N seeded random images of a split, predict them, and show per image the "
+                    "radiograph, the true and predicted labels and the Grad-CAM of the most probable "
+                    "finding. Writes DIR/grid.png, DIR/index.html (self-contained) and "
+                    "DIR/predictions.json. " + NOT_FOR_CLINICAL_USE,
+    )
+    p.add_argument("root", help="dataset root (labels CSV, split lists, images)")
+    add_model_args(p, backends=False)
+    p.add_argument("--split", choices=("train", "val", "test", "all"), default="test",
+                   help="split to draw from (default test)")
+    p.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_dataset_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from chestxray.data.index import load_nih
+    from chestxray.predict import Analyzer
+    from chestxray.report import write_report
+
+    analyzer = Analyzer.load(args.model, device=args.device)
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
+                     allow_missing=args.allow_missing)
+    summary = write_report(analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed,
+                           progress=sys.stderr.isatty())
+    print(f"report of {summary['images']} {args.split} images by model {analyzer.name}: "
+          f"{summary['html']} and {summary['grid']}\n{NOT_FOR_CLINICAL_USE}")
+    if summary["unreadable"]:
+        print(f"chestxray report: {summary['unreadable']} images could not be read (marked in the report)",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,280 @@
+"""Grad-CAM (Selvaraju et al., 2017) for the findings of one image, and overlays.
+
+`explain(analyzer, image)` runs the bundle's network once, with gradients, and gives
+the Prediction plus one heat map per finding asked for, each at the size and aspect of
+the ORIGINAL image and scaled to [0, 1].
+
+Why an own implementation and not pytorch-grad-cam: the whole method is ~30 lines
+here, and owning it lets us (a) take the CAMs of several findings from ONE forward
+pass (one `torch.autograd.grad` per finding on the retained graph, gradients of the
+activations only, no parameter `.grad` touched), (b) hook only the thread that asked,
+so a web server sharing one model between threads cannot mix up two requests, and
+(c) guarantee the hook is removed on every exit path (a context manager), without a
+further dependency.
+
+Geometry: the eval preset resizes the whole image (no crop, no padding, no flip) to
+S x S, so the target layer's h x w grid covers the whole image; bilinear upsampling
+with `align_corners=False` maps cell centres onto the centres of their footprints in
+the original, in its own aspect. A map is ReLU'd and divided by its maximum (0 stays
+"no positive evidence"); a map with no positive evidence is all zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from chestxray.errors import ChestXrayError
+from chestxray.labels import ALIASES
+
+if TYPE_CHECKING:  # torch is optional for the light inference install
+    import torch
+
+    from chestxray.predict import Analyzer, Input, Prediction
+
+DEFAULT_ALPHA = 0.45
+COLORMAP = "jet"
+
+
+@dataclass
+class FindingTarget:
+    """CAM target: the logit of one finding (pytorch-grad-cam's ClassifierOutputTarget)."""
+
+    index: int
+
+    def __call__(self, logits: "torch.Tensor") -> "torch.Tensor":
+        # (C,) -> scalar; (N, C) -> (N,)
+        return logits[..., self.index]
+
+
+@dataclass
+class CamResult:
+    finding: str
+    probability: float
+    heatmap: np.ndarray  # float32, H x W of the original image, values in [0, 1]
+
+
+@dataclass
+class CamRun:
+    """What one Grad-CAM pass gives: probabilities of every label, the chosen label
+    indices, their maps (original size) and the target layer's grid (h, w)."""
+
+    probabilities: np.ndarray
+    indices: list[int]
+    maps: list[np.ndarray]
+    grid: tuple[int, int]
+
+
+@contextmanager
+def capture_activations(layer: Any) -> Iterator[dict[str, Any]]:
+    """Record `layer`'s output during forward passes run by this thread; the hook is
+    removed when the block exits, also on error."""
+    store: dict[str, Any] = {}
+    owner = threading.get_ident()
+
+    def hook(module: Any, inputs: Any, output: Any) -> None:
+        if threading.get_ident() == owner:
+            store["activations"] = output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def _device_of(model: Any) -> "torch.device":
+    import torch
+
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def gradcam(model: Any, model_input: np.ndarray,
+            select: Sequence[int] | Callable[[np.ndarray], Sequence[int]],
+            size: tuple[int, int]) -> CamRun:
+    """Grad-CAM maps of several labels of one image from one forward pass.
+
+    model_input: the eval preset's (1, S, S) or (1, 1, S, S) float32 array.
+    select: label indices, or a function of the probabilities that returns them.
+    size: (H, W) of the original image; every map is upsampled to it.
+    """
+    import torch
+
+    from chestxray.models import cam_target_layer
+
+    layer = cam_target_layer(model)
+    arr = np.array(model_input, dtype=np.float32, copy=True)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] != 1:
+        raise ChestXrayError(f"Grad-CAM takes one image, shape (1, S, S); got {tuple(np.shape(model_input))}")
+    # inference_mode(False) + enable_grad: works even when called inside no_grad or
+    # inference_mode; the model stays in eval mode (BatchNorm uses running statistics).
+    with torch.inference_mode(False), torch.enable_grad(), capture_activations(layer) as store:
+        # The input requires grad so the activations do even if every weight is frozen.
+        x = torch.from_numpy(arr).to(_device_of(model)).requires_grad_(True)
+        logits = model(x)
+        acts = store.get("activations")
+        if not isinstance(acts, torch.Tensor):
+            raise ChestXrayError("Grad-CAM: the target layer gave no tensor output in the forward pass")
+        probs = torch.sigmoid(logits.detach().float())[0].cpu().numpy().astype(np.float64)
+        indices = [int(i) for i in (select(probs) if callable(select) else select)]
+        maps = []
+        for k, idx in enumerate(indices):
+            target = FindingTarget(idx)(logits)[0]
+            (grads,) = torch.autograd.grad(target, acts, retain_graph=k < len(indices) - 1)
+            weights = grads.float().mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
+            cam = torch.relu((weights * acts.detach().float()).sum(dim=1))[0]  # (h, w)
+            maps.append(upsample_map(cam.cpu().numpy(), size))
+        grid = (int(acts.shape[-2]), int(acts.shape[-1]))
+    return CamRun(probs, indices, maps, grid)
+
+
+def upsample_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """h x w map -> (H, W) float32 in [0, 1]: bilinear (cell centres to footprint
+    centres), negative values cut, divided by the maximum."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    up = F.interpolate(t, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    return normalize_map(up[0, 0].numpy())
+
+
+def normalize_map(heatmap: np.ndarray) -> np.ndarray:
+    """ReLU, then divide by the maximum; all zeros when nothing is positive."""
+    m = np.maximum(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0)
+    top = float(m.max()) if m.size else 0.0
+    if top <= 0.0:
+        return np.zeros(m.shape, dtype=np.float32)
+    return np.clip(m / top, 0.0, 1.0).astype(np.float32)
+
+
+def resolve_findings(labels: Sequence[str], findings: Sequence[str] | None) -> list[int] | None:
+    """Label indices of `findings` (exact, case-insensitive, or NIH side-file spelling
+    such as "Infiltrate"); None stays None. Unknown names: ChestXrayError listing the valid ones."""
+    if findings is None:
+        return None
+    by_name = {lab.lower(): i for i, lab in enumerate(labels)}
+    out: list[int] = []
+    unknown: list[str] = []
+    for raw in findings:
+        name = raw.strip()
+        name = ALIASES.get(name, name)
+        i = by_name.get(name.lower())
+        if i is None:
+            unknown.append(raw)
+        elif i not in out:
+            out.append(i)
+    if unknown:
+        raise ChestXrayError(
+            f"unknown finding{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid findings: {', '.join(labels)}"
+        )
+    return out
+
+
+def default_selection(thresholds: Sequence[float]) -> Callable[[np.ndarray], list[int]]:
+    """The positive findings (most probable first), or the single most probable one."""
+    thr = np.asarray(thresholds, dtype=np.float64)
+
+    def select(probs: np.ndarray) -> list[int]:
+        positive = np.flatnonzero(probs >= thr)
+        if positive.size:
+            return [int(i) for i in positive[np.argsort(-probs[positive], kind="stable")]]
+        return [int(np.argmax(probs))]
+
+    return select
+
+
+def input_name(image: Any, name: str | None) -> str:
+    if name is not None:
+        return name
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return "<input>"
+
+
+def explain_image(analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None,
+                  name: str | None = None) -> tuple[np.ndarray, "Prediction", list[CamResult]]:
+    """As `explain`, plus the decoded gray image (H x W uint8) the maps belong to."""
+    from chestxray.predict import Prediction
+
+    model = analyzer.model  # ChestXrayError for a backend without a torch model
+    wanted = resolve_findings(analyzer.labels, findings)
+    label = input_name(image, name)
+    gray, x = analyzer.preprocess(image, label)
+    select = wanted if wanted is not None else default_selection(analyzer.thresholds)
+    run = gradcam(model, x, select, gray.shape[:2])
+    prediction = Prediction(label, analyzer.name, analyzer.findings_from(run.probabilities))
+    cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
+    return gray, prediction, cams
+
+
+def explain(analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None,
+            name: str | None = None) -> tuple["Prediction", list[CamResult]]:
+    """Prediction and Grad-CAM maps for one image (path, bytes or gray array).
+
+    findings None -> the positive findings (most probable first), or the single most
+    probable finding when none is positive. An unknown name raises ChestXrayError
+    listing the valid names; an unreadable image raises ImageReadError.
+    """
+    _, prediction, cams = explain_image(analyzer, image, findings, name)
+    return prediction, cams
+
+
+def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """The heat map in a colormap (jet: blue = 0, red = 1) blended over the radiograph:
+    H x W x 3 uint8, same size as `gray`."""
+    gray = np.asarray(gray)
+    if gray.ndim == 3 and gray.shape[-1] in (3, 4):
+        gray = gray[..., :3].mean(axis=-1)
+    if gray.shape != heatmap.shape:
+        raise ChestXrayError(f"overlay: image {gray.shape} and heat map {heatmap.shape} differ in size")
+    if not 0.0 <= alpha <= 1.0:
+        raise ChestXrayError(f"overlay: alpha must lie in [0, 1], got {alpha}")
+    codes = np.rint(np.clip(np.nan_to_num(heatmap), 0.0, 1.0) * 255.0).astype(np.uint8)
+    heat = _colormap_lut()[codes]
+    base = gray.astype(np.float32)[..., None]
+    out = (1.0 - alpha) * base + alpha * heat
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def draw_caption(rgb: np.ndarray, text: str) -> np.ndarray:
+    """A copy of `rgb` (H x W x 3 uint8) with `text` in white on a dark band at the top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).convert("RGB")
+    h = img.height
+    size = max(10, min(48, h // 40))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has a single bitmap size
+        font = ImageFont.load_default()
+    pad = max(2, size // 4)
+    band = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
+    draw.rectangle((0, 0, img.width, bottom + pad), fill=(0, 0, 0, 170))
+    draw.text((pad, pad), text, fill=(255, 255, 255, 255), font=font)
+    return np.asarray(Image.alpha_composite(img.convert("RGBA"), band).convert("RGB"))
+
+
+def cam_caption(cam: CamResult, model_name: str, threshold: float | None = None) -> str:
+    thr = f" (threshold {threshold:.2f})" if threshold is not None else ""
+    return f"{cam.finding} {cam.probability:.2f}{thr} | Grad-CAM | {model_name} | not for clinical use"
