@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
           f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info",
                             server_header=False)
-    logging.getLogger("uvicorn.access").addFilter(RedactAccessLog())  # after Config set up logging
+    access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
+    if not any(isinstance(f, RedactAccessLog) for f in access.filters):
+        access.addFilter(RedactAccessLog())
     uvicorn.Server(config).run()
     return 0
