@@ -1,0 +1,140 @@
+"""End to end in real headless Chromium: the viewer uploads a real radiograph, shows the
+ranked findings, and lays a Grad-CAM over the image, driven by the keyboard.
+
+Set CHESTXRAY_VIEWER_SCREENSHOT=docs/screenshot-viewer.png to save the page as it ends up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chestxray import NOT_FOR_CLINICAL_USE
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "00013125_000.png"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(`make browser` installs it; `make test` does that first)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_bundle) -> Iterator[str]:
+    """The real app on uvicorn, in a thread, on a free loopback port."""
+    import uvicorn
+
+    from chestxray.predict import Analyzer
+    from chestxray.serve.app import create_app
+
+    app = create_app(Analyzer.load(tiny_bundle))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            problems: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(server_url + "/")
+
+            expect(page.locator("#model-name")).to_have_text("tiny-test-model")
+            expect(page.get_by_role("note")).to_contain_text(NOT_FOR_CLINICAL_USE)
+
+            # A broken file: an alert with the server's reason, and the page stays usable.
+            bad = tmp_path / "notes.png"
+            bad.write_bytes(b"not an image at all")
+            page.set_input_files("#file", str(bad))
+            expect(page.get_by_role("alert")).to_contain_text("not a PNG, JPEG or DICOM image")
+            assert [m for m in problems if "415" not in m] == []  # Chromium logs the 415 itself
+            problems.clear()
+
+            page.set_input_files("#file", str(EXAMPLE))
+            rows = page.locator("#findings li")
+            expect(rows).to_have_count(14, timeout=30_000)
+            expect(page.get_by_role("alert")).to_be_hidden()
+            expect(page.get_by_role("status")).to_contain_text("above threshold")
+            # The server-decoded radiograph is shown.
+            page.wait_for_function("document.getElementById('xray').naturalWidth === 1024")
+            # Ranked: positives first, then by probability; each row has a threshold tick.
+            probs = [float(t.rstrip("%")) for t in rows.locator(".prob").all_inner_texts()]
+            positive = [("positive" in (c or "")) for c in
+                        [rows.nth(i).get_attribute("class") for i in range(14)]]
+            assert positive == sorted(positive, reverse=True)
+            n_pos = sum(positive)
+            assert probs[:n_pos] == sorted(probs[:n_pos], reverse=True)
+            assert probs[n_pos:] == sorted(probs[n_pos:], reverse=True)
+            assert rows.locator(".bar .tick").count() == 14
+
+            # Keyboard only: Tab onto the first Grad-CAM toggle and press Space.
+            first = rows.nth(0)
+            name = first.locator(".name").inner_text()
+            toggle = first.get_by_role("button", name=f"Grad-CAM overlay for {name}")
+            page.locator("#forget").focus()
+            page.keyboard.press("Tab")
+            expect(toggle).to_be_focused()
+            page.keyboard.press("Space")
+            expect(toggle).to_have_attribute("aria-pressed", "true")
+            overlay = page.locator("#overlay")
+            expect(overlay).to_be_visible(timeout=30_000)
+            page.wait_for_function("(() => { const o = document.getElementById('overlay');"
+                                   " return o.complete && o.naturalWidth === 1024; })()")
+            expect(overlay).to_have_attribute("alt", f"Grad-CAM for {name} laid over the radiograph")
+            expect(page.locator("#legend")).to_be_visible()
+            expect(page.get_by_role("status")).to_contain_text(f"Grad-CAM for {name} shown")
+
+            # Another finding's toggle replaces the overlay; pressing it again hides it.
+            second = rows.nth(1).locator(".cam-toggle")
+            second.click()
+            expect(second).to_have_attribute("aria-pressed", "true")
+            expect(toggle).to_have_attribute("aria-pressed", "false")
+            second.press("Enter")
+            expect(second).to_have_attribute("aria-pressed", "false")
+            expect(overlay).to_be_hidden()
+
+            shot = os.environ.get("CHESTXRAY_VIEWER_SCREENSHOT")
+            if shot:
+                toggle.click()
+                page.wait_for_function("(() => { const o = document.getElementById('overlay');"
+                                       " return !o.hidden && o.complete && o.naturalWidth > 0; })()")
+                page.mouse.move(0, 0)  # no hover styles in the picture
+                page.screenshot(path=shot, full_page=True)
+
+            assert problems == []
+            assert all(u.startswith(server_url) or u.startswith(("blob:", "data:")) for u in requests), requests
+        finally:
+            browser.close()
