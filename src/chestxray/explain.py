@@ -165,11 +165,12 @@ def resolve_findings(labels: Sequence[str], findings: Sequence[str] | None) -> l
     if findings is None:
         return None
     by_name = {lab.lower(): i for i, lab in enumerate(labels)}
+    aliases = {k.lower(): v for k, v in ALIASES.items()}
     out: list[int] = []
     unknown: list[str] = []
     for raw in findings:
         name = raw.strip()
-        name = ALIASES.get(name, name)
+        name = aliases.get(name.lower(), name)
         i = by_name.get(name.lower())
         if i is None:
             unknown.append(raw)

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"report of {summary['images']} {args.split} images by model {analyzer.name}: "
           f"{summary['html']} and {summary['grid']}\n{NOT_FOR_CLINICAL_USE}")
     if summary["unreadable"]:
-        print(f"chestxray report: {summary['unreadable']} images could not be read (marked in the report)",
+        print(f"chestxray report: {summary['unreadable']} of {summary['images']} images could not be read "
+              "(marked in the report)",
               file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,171 @@
+"""Grad-CAM: maps at the original size and aspect, in [0, 1], geometry right, hooks
+removed, one forward pass for several findings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cam_helpers import all_hooks, brightness_analyzer, single_torch_thread  # noqa: F401
+from chestxray.data.images import read_image
+from chestxray.errors import ChestXrayError
+from chestxray.explain import (
+    CamResult,
+    FindingTarget,
+    explain,
+    explain_image,
+    gradcam,
+    overlay,
+    resolve_findings,
+)
+from chestxray.labels import FINDINGS
+from chestxray.localization import peak_pixel
+from chestxray.predict import Analyzer
+
+
+@pytest.fixture(scope="module")
+def analyzer(tiny_bundle):
+    return Analyzer.load(tiny_bundle)
+
+
+def test_maps_have_the_original_size_and_lie_in_0_1(analyzer, original_png, mini_root):
+    small = mini_root / "originals" / "00027426_000.png"  # 512 px original
+    for path, shape in ((original_png, (1024, 1024)), (small, (512, 512))):
+        pred, cams = explain(analyzer, path, ["Cardiomegaly", "Effusion"])
+        assert pred.ok and pred.model == "tiny-test-model" and pred.file == str(path)
+        assert [c.finding for c in cams] == ["Cardiomegaly", "Effusion"]
+        for cam in cams:
+            assert isinstance(cam, CamResult)
+            assert cam.heatmap.shape == shape and cam.heatmap.dtype == np.float32
+            assert cam.heatmap.min() >= 0.0 and cam.heatmap.max() <= 1.0
+            assert cam.heatmap.max() in (0.0, 1.0)  # divided by its maximum (or nothing positive)
+            assert cam.probability == pytest.approx(pred.probability(cam.finding))
+
+
+def test_non_square_array_keeps_its_aspect(analyzer, sample_images):
+    gray = read_image(sample_images[0])[:180, :]  # 180 x 256
+    _, cams = explain(analyzer, gray, ["Mass"], name="crop")
+    assert cams[0].heatmap.shape == (180, 256)
+
+
+def test_default_findings_are_the_positives_or_the_top_one(analyzer, sample_images):
+    seen_positive = seen_none = False
+    for path in sample_images:
+        pred, cams = explain(analyzer, path)
+        if pred.positives:
+            seen_positive = True
+            assert [c.finding for c in cams] == [f.finding for f in pred.positives]
+        else:
+            seen_none = True
+            assert [c.finding for c in cams] == [pred.findings[0].finding]
+    # A strict-threshold copy has no positives: then the single most probable finding.
+    strict = Analyzer(analyzer.backend, analyzer.labels, [1.0] * 14, analyzer.preprocessing, analyzer.name)
+    pred, cams = explain(strict, sample_images[0])
+    assert not pred.positives and len(cams) == 1
+    assert cams[0].finding == max(pred.findings, key=lambda f: f.probability).finding
+    assert seen_positive or seen_none
+
+
+def test_probabilities_match_the_analyzer(analyzer, sample_images):
+    pred_cam, _ = explain(analyzer, sample_images[1], ["Hernia"])
+    pred = analyzer.predict(sample_images[1])
+    assert [f.finding for f in pred_cam.findings] == [f.finding for f in pred.findings]
+    for a, b in zip(pred_cam.findings, pred.findings):
+        assert a.probability == pytest.approx(b.probability, abs=1e-5)
+        assert a.threshold == b.threshold and a.positive == b.positive
+
+
+def test_finding_names_are_checked_and_aliases_accepted(analyzer, sample_images):
+    assert resolve_findings(FINDINGS, ["infiltrate", "Mass", "mass"]) == [3, 4]
+    assert resolve_findings(FINDINGS, None) is None
+    _, cams = explain(analyzer, sample_images[0], ["Infiltrate"])
+    assert [c.finding for c in cams] == ["Infiltration"]
+    with pytest.raises(ChestXrayError) as err:
+        explain(analyzer, sample_images[0], ["Cardiomegaly", "Broken Heart"])
+    assert "Broken Heart" in str(err.value) and "Pleural_Thickening" in str(err.value)
+    assert not all_hooks(analyzer.model)
+
+
+def test_no_hooks_left_after_success_or_error(analyzer, sample_images):
+    model = analyzer.model
+    assert not all_hooks(model)
+    explain(analyzer, sample_images[0], ["Atelectasis", "Edema"])
+    assert not all_hooks(model)
+
+    def failing_select(probs):
+        raise RuntimeError("boom")
+
+    _, x = analyzer.preprocess(sample_images[0])
+    with pytest.raises(RuntimeError, match="boom"):
+        gradcam(model, x, failing_select, (256, 256))
+    assert not all_hooks(model)
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad touches no .grad
+
+
+def test_one_forward_pass_for_several_findings(analyzer, sample_images):
+    model = analyzer.model
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    try:
+        _, cams = explain(analyzer, sample_images[2], ["Atelectasis", "Mass", "Nodule", "Hernia"])
+    finally:
+        handle.remove()
+    assert len(cams) == 4 and len(calls) == 1
+    assert len({c.heatmap.tobytes() for c in cams}) == 4  # four different maps, not one copied
+
+
+def test_works_inside_no_grad_and_inference_mode_and_keeps_eval_mode(analyzer, sample_images):
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            _, cams = explain(analyzer, sample_images[0], ["Effusion"])
+        assert cams[0].heatmap.shape == (256, 256)
+    assert not analyzer.model.training
+
+
+def test_finding_target_picks_one_logit():
+    logits = torch.arange(28.0).view(2, 14)
+    assert FindingTarget(3)(logits).tolist() == [3.0, 17.0]
+    assert FindingTarget(5)(logits[1]).item() == 19.0
+
+
+@pytest.mark.parametrize("where", ["bottom-left", "top-right"])
+def test_a_bright_square_drives_the_map_in_place(where):
+    """Known answer: in the brightness model the CAM is the cell brightness. On a
+    non-square image the map must light the square where it is (no shift, flip or
+    transposition) and stay 0 on the dark background."""
+    analyzer = brightness_analyzer()
+    h, w = 160, 240
+    image = np.zeros((h, w), np.uint8)
+    rows, cols = (slice(100, 140), slice(30, 70)) if where == "bottom-left" else (slice(10, 50), slice(170, 210))
+    image[rows, cols] = 255
+    gray, pred, cams = explain_image(analyzer, image, None, name="square")
+    assert gray.shape == (h, w) and pred.model == "brightness-test-model"
+    heat = cams[0].heatmap
+    assert heat.shape == (h, w)
+    r, c = peak_pixel(heat)
+    assert rows.start <= r < rows.stop and cols.start <= c < cols.stop
+    mask = np.zeros((h, w), bool)
+    mask[rows, cols] = True
+    assert heat[mask].mean() > 4 * heat[~mask].mean()
+    far = heat[0, w - 1] if where == "bottom-left" else heat[h - 1, 0]  # the opposite corner
+    assert far == 0.0
+    # Its mirror image lights the mirrored place.
+    _, mirrored = explain(analyzer, image[:, ::-1].copy(), [cams[0].finding])
+    assert np.allclose(mirrored[0].heatmap, heat[:, ::-1], atol=1e-3)
+
+
+def test_overlay_blends_a_colormap_over_the_radiograph():
+    gray = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
+    heat = np.zeros((48, 64), np.float32)
+    heat[:, 32:] = 1.0
+    out = overlay(gray, heat)
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    hot, cold = out[:, 40].astype(int), out[:, 8].astype(int)
+    assert (hot[:, 0] > hot[:, 2]).all()  # red where the map is 1 (jet)
+    assert (cold[:, 2] > cold[:, 0]).all()  # blue where it is 0
+    assert np.array_equal(overlay(gray, heat, alpha=0.0), np.repeat(gray[..., None], 3, axis=2))
+    with pytest.raises(ChestXrayError, match="differ in size"):
+        overlay(gray, heat[:, :10])
+    with pytest.raises(ChestXrayError, match="alpha"):
+        overlay(gray, heat, alpha=1.5)

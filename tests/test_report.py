@@ -1,0 +1,78 @@
+"""`chestxray report`: grid.png, index.html and predictions.json of seeded examples."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam_helpers import make_root, single_torch_thread  # noqa: F401
+from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.cli import main
+from chestxray.data.index import load_nih
+from chestxray.errors import DatasetError
+from chestxray.predict import Analyzer
+from chestxray.report import choose_examples, write_report
+
+
+def test_choice_is_seeded_and_within_the_split(mini_root):
+    index = load_nih(mini_root)
+    test = set(index.split_positions("test").tolist())
+    a, b, c = (choose_examples(index, "test", 5, s) for s in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert set(a.tolist()) <= test and len(set(a.tolist())) == 5
+    assert len(choose_examples(index, "test", 1000, 0)) == len(test)  # clamped to the split
+    with pytest.raises(DatasetError, match="at least 1"):
+        choose_examples(index, "test", 0, 0)
+
+
+def test_report_files(tiny_bundle, mini_root, tmp_path):
+    analyzer = Analyzer.load(tiny_bundle)
+    index = load_nih(mini_root)
+    summary = write_report(analyzer, index, tmp_path / "rep", split="test", n=3, seed=0)
+    assert summary["images"] == 3 and summary["unreadable"] == 0
+    chosen = [str(index.frame["image"].iloc[p]) for p in choose_examples(index, "test", 3, 0)]
+
+    doc = json.loads((tmp_path / "rep" / "predictions.json").read_text())
+    assert doc["model"] == "tiny-test-model" and doc["note"] == NOT_FOR_CLINICAL_USE
+    assert [d["image"] for d in doc["images"]] == chosen
+    for d in doc["images"]:
+        row = index.frame.index[index.frame["image"] == d["image"]][0]
+        text = index.frame["labels_text"].iloc[row]
+        assert d["true"] == ([] if text == "No Finding" else [t for t in index.pathologies if t in text.split("|")])
+        probs = {f["finding"]: f["probability"] for f in d["prediction"]["findings"]}
+        assert d["cam_finding"] == max(probs, key=probs.get)  # the top finding's Grad-CAM
+        assert d["predicted"] == [f["finding"] for f in d["prediction"]["findings"] if f["positive"]]
+        assert d["missed"] == [t for t in d["true"] if t not in d["predicted"]]
+
+    with Image.open(tmp_path / "rep" / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.width > 800 and grid.height > 300
+
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "tiny-test-model" in page and NOT_FOR_CLINICAL_USE in page
+    assert 'src="grid.png"' in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6  # radiograph + CAM per image
+    assert all(name in page for name in chosen)
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_cli_and_an_unreadable_image(capsys, tiny_bundle, mini_root, tmp_path):
+    images = sorted((mini_root / "images").glob("*.png"))[:2]
+    root = make_root(tmp_path / "root", {p.name: p for p in images} | {"broken.png": images[0]},
+                     {images[0].name: "Cardiomegaly", images[1].name: "No Finding", "broken.png": "Mass"},
+                     test=[images[0].name, images[1].name, "broken.png"])
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code = main(["report", str(root), "--model", str(tiny_bundle), "--n", "5", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "1 of 3 images could not be read" in err
+    assert "tiny-test-model" in out and NOT_FOR_CLINICAL_USE in out
+    doc = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(doc["images"]) == 3
+    broken = [d for d in doc["images"] if d["image"] == "broken.png"][0]
+    assert broken["prediction"]["error"] and broken["cam_finding"] is None
+    assert "unreadable" in (tmp_path / "out" / "index.html").read_text()
+    code = main(["report", str(root), "--model", str(tiny_bundle), "--split", "val", "--out", str(tmp_path / "o2")])
+    assert code == 2 and "no images" in capsys.readouterr().err
