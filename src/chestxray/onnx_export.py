@@ -266,7 +266,7 @@ def export_bundle(
     tolerance: float = DEFAULT_TOLERANCE,
     check_images: Sequence[str | os.PathLike] | None = None,
     int8: bool = False,
-    calibration: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     calibration_count: int = 64,
     calibration_method: str = "minmax",
     seed: int = 0,
@@ -311,7 +311,8 @@ def export_bundle(
 
         float_parity = parity
         cal = calibration_images(calibration, calibration_count, seed=seed)
-        say(f"calibrating int8 on {len(cal)} images from {calibration} ({calibration_method})")
+        where = calibration if isinstance(calibration, (str, os.PathLike)) else "the given files"
+        say(f"calibrating int8 on {len(cal)} images from {where} ({calibration_method})")
         with tempfile.TemporaryDirectory(prefix="chestxray-int8-") as tmp:
             fp = Path(tmp) / "float32.onnx"
             fp.write_bytes(data)
