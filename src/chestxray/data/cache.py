@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -73,25 +74,32 @@ def prepare_cache(
     progress: bool = True,
 ) -> PrepareReport:
     """Decode and resize `items` ((name, path) pairs) into `cache_dir/<size>/`."""
-    if size < 8 or size > 2048:
-        raise DatasetError(f"cache size must be between 8 and 2048 pixels, got {size}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 2048:
+        raise DatasetError(f"cache size must be between 8 and 2048 pixels, got {size!r}")
+    size = int(size)
+    if workers is not None and workers < 1:
+        raise DatasetError(f"workers must be at least 1, got {workers}")
     folder = Path(cache_dir) / str(size)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot create the cache folder ({exc.strerror or exc})") from None
     names = [n for n, _ in items]
     paths = [str(p) for _, p in items]
+    for name in names:
+        if not name or "\n" in name:
+            raise DatasetError(f"cache: invalid image name {name!r}")
+    if len(set(names)) != len(names):
+        dupes = sorted(n for n, k in Counter(names).items() if k > 1)
+        raise DatasetError(f"cache: image names must be unique; repeated: {', '.join(dupes[:5])}")
     names_file, images_file, done_file = folder / "names.txt", folder / "images.npy", folder / "done.npy"
-    fresh = True
-    if names_file.exists() and images_file.exists() and done_file.exists():
-        if names_file.read_text().splitlines() == names:
-            fresh = False
-        else:
-            log.warning("%s: image list changed; rebuilding the cache", folder)
+    fresh = not _resumable(folder, names, size)
     if fresh:
         for f in (images_file, done_file, folder / "failed.json"):
             f.unlink(missing_ok=True)
         images = np.lib.format.open_memmap(images_file, mode="w+", dtype=np.uint8, shape=(len(names), size, size))
         done = np.zeros(len(names), dtype=bool)
-        np.save(done_file, done)
+        _save_done(done_file, done)
         atomic_write_text(names_file, "\n".join(names) + ("\n" if names else ""))
     else:
         images = np.load(images_file, mmap_mode="r+")
@@ -99,12 +107,13 @@ def prepare_cache(
     todo = np.flatnonzero(~done)
     failed: dict[str, str] = {}
     jobs = [(int(i), paths[i], size) for i in todo]
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    workers = min(workers if workers is not None else (os.cpu_count() or 1), max(1, len(jobs)))
     decoded = 0
     results: Iterable
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
-        results = pool.map(_decode_one, jobs, chunksize=16) if pool else map(_decode_one, jobs)
+        # Small chunks keep the bar moving and the tail short; results come back in order.
+        results = pool.map(_decode_one, jobs, chunksize=8) if pool else map(_decode_one, jobs)
         from tqdm.auto import tqdm
 
         bar = tqdm(results, total=len(jobs), desc=f"prepare {size}px", unit="img", disable=not progress)
@@ -120,12 +129,33 @@ def prepare_cache(
                 _save_done(done_file, done)
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, drop the queued work
         images.flush()
         _save_done(done_file, done)
         del images
     atomic_write_text(folder / "failed.json", json.dumps(failed, indent=1))
     return PrepareReport(folder, len(names), decoded, len(names) - len(todo), failed)
+
+
+def _resumable(folder: Path, names: list[str], size: int) -> bool:
+    """True when `folder` holds a cache of exactly these names at this size."""
+    names_file, images_file, done_file = folder / "names.txt", folder / "images.npy", folder / "done.npy"
+    if not (names_file.exists() and images_file.exists() and done_file.exists()):
+        return False
+    try:
+        same = names_file.read_text().splitlines() == names
+        shape = np.load(images_file, mmap_mode="r").shape
+        done = np.load(done_file)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable cache (%s); rebuilding it", folder, exc)
+        return False
+    if not same:
+        log.warning("%s: image list changed; rebuilding the cache", folder)
+        return False
+    if shape != (len(names), size, size) or done.shape != (len(names),) or done.dtype != bool:
+        log.warning("%s: cache files do not match the image list; rebuilding the cache", folder)
+        return False
+    return True
 
 
 def _save_done(path: Path, done: np.ndarray) -> None:
@@ -153,7 +183,17 @@ class PreparedCache:
             done = np.load(folder / "done.npy")
         except FileNotFoundError:
             raise DatasetError(f"{folder}: no prepared cache of {size}px; run `chestxray prepare`") from None
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{folder}: unreadable cache ({exc}); run `chestxray prepare` again") from None
+        if images.shape != (len(names), size, size) or done.shape != (len(names),):
+            raise DatasetError(
+                f"{folder}: cache files disagree (images {images.shape}, {len(names)} names, "
+                f"done {done.shape}); run `chestxray prepare` again"
+            )
         return cls(folder, size, names, images, done)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
     def positions(self, names: Sequence[str]) -> np.ndarray:
         """Cache rows of `names`; an error names the first that is absent or failed."""

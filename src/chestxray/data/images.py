@@ -2,25 +2,31 @@
 
 Every entry point (prepare, predict, the server, export checks) goes through
 `read_image`, so a file reads the same everywhere. DICOM headers are used for pixel
-handling only; no tag is logged or kept.
+handling only; no tag value is logged, kept or put into an error message.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from chestxray.errors import ImageReadError
 
 MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Only these decoders run on untrusted bytes (PIL knows many more formats).
+RASTER_FORMATS = ["PNG", "JPEG"]
+NOT_AN_IMAGE = "not a PNG, JPEG or DICOM image"
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -39,23 +45,28 @@ def _source_name(source: ImageSource, name: str | None) -> str:
 def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     """Decode `source` (a path, raw bytes or a binary file object) to a HxW uint8 array.
 
-    `name` is what errors call the input (defaults to the path). Raises ImageReadError
-    naming the input and the reason for empty, truncated, oversized or non-image data,
-    and for DICOM without pixel data.
+    PNG and JPEG in any bit depth and mode (L, RGB, RGBA, palette, 16-bit) and DICOM
+    (modality rescale, VOI LUT or window, MONOCHROME1 inverted, any bit depth) all end
+    as 8-bit grayscale. `name` is what errors call the input (defaults to the path).
+    Raises ImageReadError naming the input and the reason for empty, truncated,
+    oversized (> MAX_PIXELS) or non-image data, and for DICOM without pixel data.
     """
     label = _source_name(source, name)
     data = _read_bytes(source, label)
     if not data:
         raise ImageReadError(label, "empty file")
-    suffix = Path(label).suffix.lower()
-    if is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom"):
+    if is_dicom_bytes(data[:132]):
         return _read_dicom(data, label)
+    if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
+        return _read_raster(data, label)
+    if Path(label).suffix.lower() in (".dcm", ".dicom"):
+        return _read_dicom(data, label)  # DICOM without the Part-10 preamble
     return _read_raster(data, label)
 
 
 def _read_bytes(source: ImageSource, label: str) -> bytes:
-    if isinstance(source, bytes):
-        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
     if isinstance(source, (str, os.PathLike)):
         try:
             return Path(source).read_bytes()
@@ -65,43 +76,59 @@ def _read_bytes(source: ImageSource, label: str) -> bytes:
             raise ImageReadError(label, "is a directory, not an image file") from None
         except OSError as exc:
             raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
-    return source.read()
+    try:
+        data = source.read()
+    except OSError as exc:
+        raise ImageReadError(label, f"cannot read stream ({exc})") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise ImageReadError(label, "stream is not opened in binary mode")
+    return bytes(data)
+
+
+def _check_pixels(label: str, w: int, h: int, what: str = "image") -> None:
+    if w * h > MAX_PIXELS:
+        raise ImageReadError(
+            label, f"{what} of {w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the "
+            f"{MAX_PIXELS / 1e6:.0f} megapixel limit"
+        )
 
 
 def _read_raster(data: bytes, label: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
-            # PIL's own bomb check warns at ~89 MP; we enforce our lower limit below.
+            # PIL's own bomb check warns at ~89 MP; we enforce our lower limit below,
+            # from the header, before any pixel is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageReadError(
-                    label, f"image of {w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the "
-                    f"{MAX_PIXELS / 1e6:.0f} megapixel limit"
-                )
+            img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+            _check_pixels(label, *img.size)
             img.load()
+            if img.format == "JPEG":  # phone photos of films carry an EXIF rotation
+                img = ImageOps.exif_transpose(img)
     except ImageReadError:
         raise
-    except UnidentifiedImageError:
-        raise ImageReadError(label, "not a PNG, JPEG or DICOM image") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(label, f"image too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(label, NOT_AN_IMAGE) from None
+    except MemoryError:
+        raise ImageReadError(label, "not enough memory to decode the image") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
         raise ImageReadError(label, f"truncated or corrupt image data ({exc})") from None
     return pil_to_gray8(img, label)
 
 
 def pil_to_gray8(img: Image.Image, label: str = "<image>") -> np.ndarray:
-    """Any PIL mode (L, LA, RGB, RGBA, P, I;16, I, F, 1) to HxW uint8 grayscale."""
+    """Any PIL mode (L, LA, RGB, RGBA, P, I;16, I, F, 1, CMYK) to HxW uint8 grayscale.
+
+    High bit depth (16-bit PNG) is stretched from its min..max to 0..255, as a DICOM
+    without a window is; alpha is dropped (NIH ships RGBA files with an opaque alpha).
+    """
     mode = img.mode
     if mode == "L":
         return np.asarray(img, dtype=np.uint8).copy()
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit depth: stretch the used range to 8 bit (as DICOM below).
-        return _to_uint8(np.asarray(img).astype(np.float64))
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        # NIH ships some RGBA files with an opaque alpha; drop alpha, keep the gray.
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return stretch_to_uint8(np.asarray(img))
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA").convert("RGB")
     try:
         return np.asarray(img.convert("L"), dtype=np.uint8).copy()
@@ -109,48 +136,134 @@ def pil_to_gray8(img: Image.Image, label: str = "<image>") -> np.ndarray:
         raise ImageReadError(label, f"unsupported image mode {mode!r} ({exc})") from None
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    out = (arr - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Linearly map the finite min..max of `arr` to 0..255 (a flat image gives zeros)."""
+    values = np.asarray(arr, dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = np.where(finite, values, np.nan)
+    lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if finite.any() else (0.0, 0.0)
+    if not hi > lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    out = (values - lo) * (255.0 / (hi - lo))
+    return np.nan_to_num(np.clip(np.rint(out), 0, 255), nan=0.0).astype(np.uint8)
 
 
 def _read_dicom(data: bytes, label: str) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    # pydicom warns about odd header values by quoting them: keep them out of any log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ImageReadError(label, f"not a readable DICOM file ({type(exc).__name__})") from None
+        if len(ds) == 0:
+            raise ImageReadError(label, NOT_AN_IMAGE)
+        if "PixelData" not in ds:
+            raise ImageReadError(label, "DICOM file has no pixel data")
+        rows, cols = _int_tag(ds, "Rows", 0), _int_tag(ds, "Columns", 0)
+        frames = max(1, _int_tag(ds, "NumberOfFrames", 1))
+        if rows <= 0 or cols <= 0:
+            raise ImageReadError(label, "DICOM file has no valid Rows/Columns")
+        _check_pixels(label, cols, rows * frames, "DICOM pixel data")
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:  # pydicom raises many types for bad pixel data
+            raise ImageReadError(label, _pixel_error(ds, exc)) from None
+        if frames > 1 and arr.ndim >= 3:
+            arr = arr[0]  # first frame of a multi-frame object
+        if _int_tag(ds, "SamplesPerPixel", 1) > 1 or arr.ndim == 3:
+            return _color_dicom_to_gray(arr)
+        try:
+            return _dicom_gray_to_uint8(arr, ds)
+        except ImageReadError:
+            raise
+        except Exception as exc:
+            raise ImageReadError(label, f"cannot apply the DICOM value transforms ({type(exc).__name__})") from None
+
+
+def _int_tag(ds: Any, keyword: str, default: int) -> int:
     try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError as exc:  # pragma: no cover - pydicom is a core dependency
-        raise ImageReadError(label, f"DICOM support needs pydicom ({exc})") from None
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
+def _pixel_error(ds: Any, exc: Exception) -> str:
+    # Only the exception type and the transfer syntax: exception texts can quote header values.
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return (f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
+                "installing pylibjpeg or python-gdcm adds decoders")
+    return f"cannot decode DICOM pixel data ({type(exc).__name__})"
+
+
+def _color_dicom_to_gray(arr: np.ndarray) -> np.ndarray:
+    # pydicom returns RGB (it converts YBR); bring any depth to 8 bit, then luminance.
+    rgb = arr if arr.dtype == np.uint8 else stretch_to_uint8(arr)
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip(np.rint(rgb[..., :3].astype(np.float32) @ weights), 0, 255).astype(np.uint8)
+
+
+def _dicom_gray_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values -> modality values (rescale / LUT) -> VOI (LUT or window) -> 8 bit,
+    inverted for MONOCHROME1 (and an INVERSE presentation LUT)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
+    has_modality = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
+    values = apply_modality_lut(arr, ds) if has_modality else arr
+    if ds.get("VOILUTSequence"):
+        out = apply_voi(values, ds)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        gray = np.clip(np.rint(out.astype(np.float32) * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    elif (window := _window(ds)) is not None:
+        gray = _apply_window(values, *window)
+    elif not has_modality and arr.dtype == np.uint8:
+        gray = np.asarray(arr, dtype=np.uint8)  # 8-bit data with no transform: as stored
+    else:
+        gray = stretch_to_uint8(values)
+    inverse = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE":
+        inverse = not inverse
+    return (255 - gray) if inverse else np.ascontiguousarray(gray)
+
+
+def _window(ds: Any) -> tuple[float, float, str] | None:
+    """(center, width, function) of the first window, or None when absent or invalid."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError) as exc:
-        raise ImageReadError(label, f"not a readable DICOM file ({type(exc).__name__})") from None
-    if "PixelData" not in ds:
-        raise ImageReadError(label, "DICOM file has no pixel data")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows * cols > MAX_PIXELS:
-        raise ImageReadError(label, f"DICOM image of {cols}x{rows} exceeds the pixel limit")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for bad pixel data
-        # Only the exception type: its text can quote header values.
-        raise ImageReadError(label, f"cannot decode DICOM pixel data ({type(exc).__name__})") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]  # first frame of a multi-frame object
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples > 1 or arr.ndim == 3:
-        gray = np.asarray(Image.fromarray(np.asarray(arr, dtype=np.uint8)).convert("L"))
-        return gray.copy()
-    try:
-        values = apply_modality_lut(arr, ds)
-        values = apply_voi_lut(values, ds, prefer_lut=True)
-    except Exception as exc:
-        raise ImageReadError(label, f"cannot apply DICOM LUTs ({type(exc).__name__})") from None
-    out = _to_uint8(np.asarray(values, dtype=np.float64))
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        out = 255 - out  # MONOCHROME1: low values are bright
-    return out
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        c, w = _first_float(center), _first_float(width)
+        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    except (TypeError, ValueError, IndexError, StopIteration):
+        return None
+    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0 or (func == "LINEAR" and w < 1):
+        return None
+    return c, w, func
+
+
+def _first_float(value: Any) -> float:
+    # A window tag holds one value (DSfloat) or several alternatives (MultiValue).
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (str, bytes)):
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        return float(text.split("\\")[0])
+    return float(next(iter(value)))
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, func: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 window, straight to 0..255."""
+    x = np.asarray(values, dtype=np.float32)
+    if func == "SIGMOID":
+        with np.errstate(over="ignore"):  # far below the window: exp -> inf, y -> 0
+            y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    elif func == "LINEAR_EXACT":
+        y = (x - center) / width + 0.5
+    else:  # LINEAR (the default; unknown functions fall back to it)
+        y = (x - (center - 0.5)) / (width - 1.0) + 0.5 if width > 1 else (x > center - 0.5).astype(np.float32)
+    return np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)

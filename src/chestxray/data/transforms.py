@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -61,6 +61,10 @@ def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
         raise ChestXrayError(
             f"resize_gray: expected a 2-D uint8 image, got shape {image.shape} dtype {image.dtype}"
         )
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ChestXrayError(f"resize_gray: size must be a positive integer, got {size!r}")
+    if min(image.shape) < 1:
+        raise ChestXrayError(f"resize_gray: empty image of shape {image.shape}")
     if image.shape == (size, size):
         return image
     # PIL widens the filter support when shrinking, i.e. it antialiases.
@@ -93,6 +97,20 @@ class AugmentConfig:
     hflip: float = 0.0  # probability
     brightness: float = 0.1  # additive, in [-b, b]
     contrast: float = 0.1  # factor in [1 - c, 1 + c]
+
+    # Upper bounds that keep each part a plausible radiograph (and the maths defined).
+    _LIMITS: ClassVar[dict[str, float]] = {"rotation": 180.0, "scale": 0.9, "translate": 1.0, "hflip": 1.0, "brightness": 1.0, "contrast": 1.0}
+
+    def __post_init__(self) -> None:
+        for name, top in self._LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
+                raise ChestXrayError(f"AugmentConfig.{name}: expected a number in [0, {top:g}], got {value!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every part is switched off (the augmenter returns its input)."""
+        return all(getattr(self, name) == 0 for name in self._LIMITS)
 
     @classmethod
     def preset(cls, name: str) -> "AugmentConfig | None":
@@ -139,6 +157,8 @@ class BatchAugment:
             raise ChestXrayError(
                 f"BatchAugment: expected a float (N, 1, H, W) batch, got {tuple(x.shape)} {x.dtype}"
             )
+        if x.device != self.device and not (x.device.type == self.device.type == "cuda" and self.device.index is None):
+            raise ChestXrayError(f"BatchAugment: batch is on {x.device} but the augmenter on {self.device}")
         c, n = self.config, x.shape[0]
         angle = self._uniform(n, -c.rotation, c.rotation) * (math.pi / 180.0)
         zoom = self._uniform(n, 1.0 - c.scale, 1.0 + c.scale)
