@@ -291,7 +291,8 @@ def localization_markdown(result: dict[str, Any]) -> str:
         "## Localization (Grad-CAM vs radiologist boxes)",
         "",
         f"Model `{result['model']}`, {result['boxes']} boxes on {result['images']} images "
-        f"({result['split']} split) from `{result['boxes_file']}`.",
+        f"({'all splits' if result['split'] == 'all' else result['split'] + ' split'}) "
+        f"from `{result['boxes_file']}`.",
         "",
     ]
     if not result["boxes"]:
