@@ -50,7 +50,7 @@ def random_bundle(folder: Path, arch: str = "resnet18", size: int = 64) -> Path:
 
     torch.manual_seed(0)
     model = create_model(arch, weights="none", freeze="all", image_size=size).eval()
-    meta = BundleMeta(architecture="resnet18", labels=list(FINDINGS), preprocessing=model.preprocessing,
+    meta = BundleMeta(architecture=arch, labels=list(FINDINGS), preprocessing=model.preprocessing,
                       thresholds=list(np.linspace(0.3, 0.7, len(FINDINGS))), name=f"random-{arch}-{size}px",
                       training={"data": "none (random weights, for load tests)"})
     return save_bundle(model, meta, folder / "random.safetensors")
