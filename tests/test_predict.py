@@ -238,6 +238,11 @@ def test_argument_errors_exit_2_with_a_message(capsys, tiny_bundle, sample_image
     assert code == 2 and "no images" in err
     code, _, err = run_cli(capsys, "predict", "--model", str(tmp_path / "nope.safetensors"), img)
     assert code == 2 and "nope.safetensors" in err
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--device", "cuda", img)
+        assert code == 2 and "no CUDA device" in err
     with pytest.raises(SystemExit):
         main(["predict", "--batch-size", "0", img])
     assert "at least 1" in capsys.readouterr().err

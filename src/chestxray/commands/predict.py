@@ -47,6 +47,15 @@ def add_model_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (default cpu)")
 
 
+def check_device(device: str, backend: str = "torch") -> None:
+    """A clean error instead of torch's traceback when CUDA is asked for but absent."""
+    if device == "cuda" and backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ChestXrayError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -82,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     files = collect_inputs(args.paths)
     if not files:
         raise ChestXrayError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {', '.join(args.paths)}")
+    check_device(args.device, args.backend)
     analyzer = Analyzer.load(args.model, backend=args.backend, device=args.device, batch_size=args.batch_size)
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
     with quiet_skip_warnings():  # failures are listed once, at the end

@@ -7,7 +7,7 @@ import sys
 
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.commands.info import add_dataset_args
-from chestxray.commands.predict import add_model_args, positive_int
+from chestxray.commands.predict import add_model_args, check_device, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.predict import Analyzer
     from chestxray.report import write_report
 
+    check_device(args.device)
     analyzer = Analyzer.load(args.model, device=args.device)
     index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
                      allow_missing=args.allow_missing)
