@@ -211,14 +211,12 @@ def _color_dicom_to_gray(arr: np.ndarray) -> np.ndarray:
 def _dicom_gray_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Stored values -> modality values (rescale / LUT) -> VOI (LUT or window) -> 8 bit,
     inverted for MONOCHROME1 (and an INVERSE presentation LUT)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.pixels import apply_modality_lut
 
     has_modality = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
     values = apply_modality_lut(arr, ds) if has_modality else arr
     if ds.get("VOILUTSequence"):
-        out = apply_voi(values, ds)
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        gray = np.clip(np.rint(out.astype(np.float32) * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+        gray = _apply_voi_lut(values, ds)
     elif (window := _window(ds)) is not None:
         gray = _apply_window(values, *window)
     elif not has_modality and arr.dtype == np.uint8:
@@ -229,6 +227,30 @@ def _dicom_gray_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     if str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE":
         inverse = not inverse
     return (255 - gray) if inverse else np.ascontiguousarray(gray)
+
+
+def _apply_voi_lut(values: np.ndarray, ds: Any) -> np.ndarray:
+    """The first VOI LUT of the dataset, to 0..255 (PS3.3 C.11.2.1.1).
+
+    Done here rather than by pydicom 3.0's apply_voi, which indexes an 8-bit LUT with
+    8-bit indices and so wraps stored values above 255.
+    """
+    import struct
+
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    element = item["LUTData"]
+    if element.VR == "OW" and isinstance(element.value, (bytes, bytearray)):
+        little = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        endian = ">" if little is not None and not little.is_little_endian else "<"
+        table = np.array(struct.unpack_from(f"{endian}{entries}H", element.value), dtype=np.float32)
+    else:
+        table = np.asarray(list(element.value), dtype=np.float32)
+    if table.size == 0 or not 8 <= bits <= 16:
+        raise ValueError("VOI LUT without entries or with an unsupported depth")
+    index = np.clip(np.rint(np.asarray(values, dtype=np.float64)) - first, 0, table.size - 1).astype(np.int64)
+    return np.clip(np.rint(table[index] * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
 
 
 def _window(ds: Any) -> tuple[float, float, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,9 @@ def read_labels_table(path: Path) -> "pd.DataFrame":
     try:
         # index_col=False: the first release ends every line with a comma; without it a
         # header shorter than the rows would silently turn "Image Index" into the index.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        with warnings.catch_warnings():  # "header shorter than data": that trailing empty field
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except Exception as exc:  # pandas raises many parser error types
         raise DatasetError(f"{path}: cannot parse labels file ({exc})") from None
     # The first release's trailing comma makes an unnamed empty column; drop such columns.

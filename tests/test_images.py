@@ -1,0 +1,290 @@
+"""read_image: every format, mode and bit depth to one 8-bit gray array, and every bad
+input to one ImageReadError naming the file and the reason. Inputs are real NIH images
+or are written here from them."""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chestxray.data.images import MAX_PIXELS, read_image, stretch_to_uint8
+from chestxray.errors import ChestXrayError, ImageReadError
+
+
+@pytest.fixture(scope="module")
+def gray(sample_images) -> np.ndarray:
+    """A real 256 px NIH radiograph whose values run 0..248 (not the full 8-bit range)."""
+    g = np.asarray(Image.open(sample_images[0]))
+    assert g.dtype == np.uint8 and g.min() == 0 and g.max() == 248
+    return g
+
+
+def save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+# -- PNG and JPEG ------------------------------------------------------------------------------
+
+
+def test_real_originals_read_as_gray(original_png, rgba_png):
+    for path in (original_png, rgba_png):
+        out = read_image(path)
+        assert out.dtype == np.uint8 and out.shape == (1024, 1024)
+    assert Image.open(rgba_png).mode == "RGBA"
+    want = np.asarray(Image.open(rgba_png).convert("RGB").convert("L"))
+    np.testing.assert_array_equal(read_image(rgba_png), want)
+    np.testing.assert_array_equal(read_image(original_png), np.asarray(Image.open(original_png)))
+
+
+def test_paths_bytes_and_streams_read_the_same(sample_images):
+    path = sample_images[1]
+    want = read_image(path)
+    np.testing.assert_array_equal(read_image(str(path)), want)
+    np.testing.assert_array_equal(read_image(path.read_bytes()), want)
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(read_image(f), want)
+
+
+def test_rgb_palette_and_alpha_modes(tmp_path, gray):
+    rgb = Image.fromarray(np.stack([gray] * 3, -1))
+    np.testing.assert_array_equal(read_image(save(rgb, tmp_path / "rgb.png")), gray)
+    rgba = Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)]))
+    np.testing.assert_array_equal(read_image(save(rgba, tmp_path / "rgba.png")), gray)
+    la = Image.fromarray(np.dstack([gray, np.full_like(gray, 200)]), mode="LA")
+    np.testing.assert_array_equal(read_image(save(la, tmp_path / "la.png")), gray)
+    pal = Image.fromarray(gray, mode="L").convert("P")  # no dithering from L
+    pal.putpalette([v for i in range(256) for v in (i, i, i)])
+    pal.putdata(list(gray.ravel()))
+    path = save(pal, tmp_path / "palette.png")
+    assert Image.open(path).mode == "P"
+    np.testing.assert_array_equal(read_image(path), gray)
+    path = save(pal, tmp_path / "palette-t.png", transparency=0)
+    assert "transparency" in Image.open(path).info
+    np.testing.assert_array_equal(read_image(path), gray)
+
+
+@pytest.mark.parametrize("scale", [257, 16])  # full 16-bit range, and 12-bit data in 16 bits
+def test_16_bit_png_is_stretched_to_8_bit(tmp_path, gray, scale):
+    path = save(Image.fromarray(gray.astype(np.uint16) * scale), tmp_path / "g16.png")
+    assert Image.open(path).mode.startswith("I")
+    out = read_image(path)
+    # Min..max to 0..255: the image's 0..248 becomes 0..255, whatever the bit depth.
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    assert np.abs(out - gray.astype(float) * 255 / 248).max() <= 0.51
+
+
+def test_jpeg_reads_close_to_the_png(tmp_path, gray):
+    out = read_image(save(Image.fromarray(gray), tmp_path / "x.jpg", quality=95))
+    assert out.shape == gray.shape and np.abs(out.astype(int) - gray).mean() < 1.5
+    rgb = read_image(save(Image.fromarray(np.stack([gray] * 3, -1)), tmp_path / "c.jpeg", quality=95))
+    assert np.abs(rgb.astype(int) - gray).mean() < 1.5
+
+
+def test_jpeg_exif_rotation_is_applied(tmp_path, gray):
+    wide = gray[:100]  # 100 x 256
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    path = save(Image.fromarray(wide), tmp_path / "phone.jpg", quality=95, exif=exif.tobytes())
+    out = read_image(path)
+    assert out.shape == (256, 100)
+    assert np.abs(out.astype(int) - np.rot90(wide, -1)).mean() < 2
+
+
+def test_stretch_edge_cases():
+    assert not stretch_to_uint8(np.full((4, 4), 7.0)).any()
+    out = stretch_to_uint8(np.array([[0.0, np.nan], [np.inf, 2.0]]))
+    assert out.tolist() == [[0, 0], [0, 255]]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height 8-bit gray pixels, with no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b""))
+            + png_chunk(b"IEND", b""))
+
+
+def bad_file(kind: str, tmp_path: Path, original_png: Path) -> Path:
+    data = original_png.read_bytes()
+    if kind == "empty":
+        return _write(tmp_path / "empty.png", b"")
+    if kind == "truncated-png":
+        return _write(tmp_path / "cut.png", data[: len(data) // 3])
+    if kind == "truncated-jpeg":
+        buf = io.BytesIO()
+        Image.open(original_png).save(buf, "JPEG", quality=90)
+        return _write(tmp_path / "cut.jpg", buf.getvalue()[: len(buf.getvalue()) // 2])
+    if kind == "text":
+        return _write(tmp_path / "notes.png", b"Patient notes, not an image\n" * 10)
+    if kind == "gif":
+        return save(Image.open(original_png).convert("L"), tmp_path / "x.gif")
+    if kind == "huge-png":
+        return _write(tmp_path / "huge.png", huge_png(10_000, 6_000))  # 60 MP
+    if kind == "bomb-png":
+        return _write(tmp_path / "bomb.png", huge_png(20_000, 20_000))  # 400 MP: PIL's own limit
+    if kind == "garbage-dcm":
+        return _write(tmp_path / "x.dcm", b"\x00\x01garbage" * 40)
+    if kind == "not-found":
+        return tmp_path / "nowhere.png"
+    if kind == "directory":
+        return tmp_path
+    raise AssertionError(kind)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("empty", "empty file"),
+        ("truncated-png", "truncated or corrupt"),
+        ("truncated-jpeg", "truncated or corrupt"),
+        ("text", "not a PNG, JPEG or DICOM image"),
+        ("gif", "not a PNG, JPEG or DICOM image"),
+        ("huge-png", "10000x6000 = 60 megapixels exceeds the 50 megapixel limit"),
+        ("bomb-png", "too large|exceeds"),
+        ("garbage-dcm", "DICOM|not a PNG"),
+        ("not-found", "file not found"),
+        ("directory", "is a directory"),
+    ],
+)
+def test_bad_input_names_file_and_reason(tmp_path, original_png, kind, reason):
+    path = bad_file(kind, tmp_path, original_png)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(path)
+    err = info.value
+    assert isinstance(err, ChestXrayError)
+    assert err.source == str(path) and str(err).startswith(f"{path}: ")
+    # Bytes name the upload as the caller says.
+    if path.is_file():
+        with pytest.raises(ImageReadError, match=r"^scan\.x: "):
+            read_image(path.read_bytes(), name="scan.x")
+
+
+def test_limit_is_megapixels_not_side(tmp_path):
+    assert MAX_PIXELS == 50_000_000
+    with pytest.raises(ImageReadError, match="megapixel limit"):
+        read_image(huge_png(50_001, 1000))
+    # Just under the limit is not refused for its size (it fails on the missing pixels).
+    with pytest.raises(ImageReadError, match="truncated or corrupt"):
+        read_image(huge_png(10_000, 5_000))
+
+
+# -- DICOM -------------------------------------------------------------------------------------
+
+
+def dicom_bytes(stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits: int = 12,
+                slope: float | None = None, intercept: float | None = None,
+                window: tuple[float, float] | None = None, lut: np.ndarray | None = None,
+                pixels: bool = True, preamble: bool = True) -> bytes:
+    """A DX DICOM of `stored` values with the given value transforms and a patient name."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128 if preamble else None)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "ID-4711-SECRET", "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    alloc = 8 if bits <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = alloc, bits, bits - 1, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if lut is not None:
+        item = Dataset()
+        lut_bits = 8 if lut.max() < 256 else 16
+        item.LUTDescriptor = [len(lut), 0, lut_bits]
+        if lut_bits == 8:  # LUT Data as a list of US values, or as OW bytes
+            item.add_new(0x00283006, "US", [int(v) for v in lut])
+        else:
+            item.add_new(0x00283006, "OW", lut.astype("<u2").tobytes())
+        ds.VOILUTSequence = Sequence([item])
+    if pixels:
+        ds.PixelData = np.ascontiguousarray(stored.astype(np.uint8 if alloc == 8 else np.uint16)).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=preamble)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_with_rescale_and_window_reads_back_the_png(gray, photometric):
+    # Stored 12-bit s = 16 v + 10, modality m = 0.5 s - 1024 = 8 v - 1019, and the window
+    # (center 1.5, width 2041) maps m linearly back onto v (PS3.3 C.11.2.1.2). MONOCHROME1
+    # stores the inverted image (v = 255 - g), which the reader inverts back.
+    v = gray.astype(np.uint16) if photometric == "MONOCHROME2" else 255 - gray.astype(np.uint16)
+    data = dicom_bytes(v * 16 + 10, photometric=photometric, slope=0.5, intercept=-1024, window=(1.5, 2041))
+    out = read_image(data, name="x.dcm")
+    assert out.dtype == np.uint8 and out.shape == gray.shape
+    assert np.abs(out.astype(int) - gray).max() <= 1  # 0..248 stays 0..248: the window rules
+
+
+def test_dicom_narrow_window_clips(gray):
+    # A window on g in [50, 200]: darker pixels go black, brighter white, linear between.
+    stored = gray.astype(np.uint16) * 16
+    out = read_image(dicom_bytes(stored, window=(125 * 16, 150 * 16)))
+    want = np.clip((gray.astype(float) - 50) / 150 * 255, 0, 255)
+    assert np.abs(out - want).max() <= 1.5
+    assert (out[gray <= 49] == 0).all() and (out[gray >= 201] == 255).all()
+
+
+@pytest.mark.parametrize("lut_max", [255, 65535])
+def test_dicom_voi_lut_sequence(gray, lut_max):
+    # A 4096-entry LUT that undoes s = 16 g + 100 (8-bit entries as US, 16-bit as OW).
+    stored = gray.astype(np.uint16) * 16 + 100
+    lut = (np.clip((np.arange(4096) - 100) / 16, 0, 255).round() * (lut_max // 255)).astype(np.uint16)
+    out = read_image(dicom_bytes(stored, lut=lut))
+    np.testing.assert_array_equal(out, gray)
+
+
+def test_dicom_without_window_is_stretched_and_8_bit_is_kept(gray):
+    out = read_image(dicom_bytes(gray.astype(np.uint16) * 16 + 100))
+    np.testing.assert_array_equal(out, stretch_to_uint8(gray))  # 12-bit: min..max to 0..255
+    np.testing.assert_array_equal(read_image(dicom_bytes(gray, bits=8)), gray)  # 8-bit: as stored
+    # Without the Part-10 preamble a .dcm name still routes to the DICOM reader.
+    raw = dicom_bytes(gray, bits=8, preamble=False)
+    assert raw[128:132] != b"DICM"
+    np.testing.assert_array_equal(read_image(raw, name="old.dcm"), gray)
+
+
+def test_bad_dicoms_name_file_and_reason_and_leak_no_tags(tmp_path, gray, caplog):
+    cases = {
+        "nopixels.dcm": (dicom_bytes(gray, bits=8, pixels=False), "DICOM file has no pixel data"),
+        "cut.dcm": (dicom_bytes(gray, bits=8)[:-5000], "cannot decode DICOM pixel data"),
+        "huge.dcm": (dicom_bytes(np.zeros((8000, 7000), np.uint8), bits=8)[:4000], "exceeds the 50 megapixel"),
+    }
+    with caplog.at_level(logging.DEBUG):
+        for name, (data, reason) in cases.items():
+            path = tmp_path / name
+            path.write_bytes(data)
+            with pytest.raises(ImageReadError, match=reason) as info:
+                read_image(path)
+            assert info.value.source == str(path)
+            for secret in ("Doe", "Jane", "4711"):
+                assert secret not in str(info.value)
+        read_image(dicom_bytes(gray, bits=8))
+    for secret in ("Doe", "Jane", "4711"):
+        assert secret not in caplog.text
