@@ -119,9 +119,12 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
 
             # Another finding's toggle replaces the overlay; pressing it again hides it.
             second = rows.nth(1).locator(".cam-toggle")
+            second_name = rows.nth(1).locator(".name").inner_text()
             second.click()
             expect(second).to_have_attribute("aria-pressed", "true")
             expect(toggle).to_have_attribute("aria-pressed", "false")
+            expect(overlay).to_have_attribute("alt", f"Grad-CAM for {second_name} laid over the radiograph",
+                                              timeout=30_000)
             second.press("Enter")
             expect(second).to_have_attribute("aria-pressed", "false")
             expect(overlay).to_be_hidden()
@@ -131,7 +134,8 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
                 toggle.click()
                 page.wait_for_function("(() => { const o = document.getElementById('overlay');"
                                        " return !o.hidden && o.complete && o.naturalWidth > 0; })()")
-                page.mouse.move(0, 0)  # no hover styles in the picture
+                page.mouse.move(0, 0)  # no hover or focus styles in the picture
+                page.evaluate("document.activeElement && document.activeElement.blur()")
                 page.screenshot(path=shot, full_page=True)
 
             assert problems == []
