@@ -1,0 +1,139 @@
+"""The prepared cache on the real mini subset: every image decoded once, resumable,
+bad files listed with their reason while the rest are cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chestxray.data.cache import PreparedCache, default_cache_dir, prepare_cache
+from chestxray.data.images import read_image
+from chestxray.data.index import load_nih
+from chestxray.data.transforms import resize_gray
+from chestxray.errors import ChestXrayError, DatasetError
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def items(mini_root) -> list[tuple[str, Path]]:
+    return list(load_nih(mini_root).iter_paths())
+
+
+@pytest.fixture(scope="module")
+def prepared(items, tmp_path_factory):
+    """The mini root prepared once with two processes."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    report = prepare_cache(items, cache_dir, size=SIZE, workers=2, progress=False)
+    return cache_dir, report
+
+
+def test_every_image_cached_equal_to_the_eval_resize(items, prepared):
+    cache_dir, report = prepared
+    assert (report.total, report.decoded, report.skipped, report.failed) == (93, 93, 0, {})
+    assert report.cache_dir == cache_dir / str(SIZE)
+    cache = PreparedCache.open(cache_dir, SIZE)
+    assert len(cache) == 93 and cache.names == [n for n, _ in items] and cache.done.all()
+    assert cache.images.shape == (93, SIZE, SIZE) and cache.images.dtype == np.uint8
+    for row, (_, path) in enumerate(items):
+        np.testing.assert_array_equal(cache.images[row], resize_gray(read_image(path), SIZE))
+    rows = cache.positions([items[5][0], items[0][0]])
+    assert rows.tolist() == [5, 0]
+    assert cache.failed == {}
+    with pytest.raises(DatasetError, match="image nope.png not in the cache"):
+        cache.positions(["nope.png"])
+
+
+def test_rerun_skips_done_and_resumes_an_interrupted_run(items, tmp_path):
+    first = prepare_cache(items[:20], tmp_path, size=SIZE, workers=1, progress=False)
+    assert first.decoded == 20
+    again = prepare_cache(items[:20], tmp_path, size=SIZE, workers=1, progress=False)
+    assert (again.decoded, again.skipped) == (0, 20)
+    # Simulate a run stopped part way: rows 3 and 11 were never marked done.
+    done_file = tmp_path / str(SIZE) / "done.npy"
+    done = np.load(done_file)
+    done[[3, 11]] = False
+    np.save(done_file, done)
+    images = np.load(tmp_path / str(SIZE) / "images.npy", mmap_mode="r+")
+    images[[3, 11]] = 0
+    images.flush()
+    del images
+    resumed = prepare_cache(items[:20], tmp_path, size=SIZE, workers=1, progress=False)
+    assert (resumed.decoded, resumed.skipped) == (2, 18)
+    cache = PreparedCache.open(tmp_path, SIZE)
+    np.testing.assert_array_equal(cache.images[11], resize_gray(read_image(items[11][1]), SIZE))
+    # A different image list rebuilds rather than mixing two datasets.
+    rebuilt = prepare_cache(items[5:15], tmp_path, size=SIZE, workers=1, progress=False)
+    assert (rebuilt.decoded, rebuilt.skipped) == (10, 0)
+    assert PreparedCache.open(tmp_path, SIZE).names == [n for n, _ in items[5:15]]
+
+
+def test_bad_files_are_listed_and_the_rest_cached(items, tmp_path):
+    empty = tmp_path / "bad" / "empty_000.png"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    cut = tmp_path / "bad" / "cut_000.png"
+    data = items[0][1].read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    planted = items[:10] + [("empty_000.png", empty), ("cut_000.png", cut)] + items[10:15]
+    report = prepare_cache(planted, tmp_path / "cache", size=SIZE, workers=2, progress=False)
+    assert report.decoded == 15 and sorted(report.failed) == ["cut_000.png", "empty_000.png"]
+    assert report.failed["empty_000.png"] == "empty file"
+    assert "truncated or corrupt" in report.failed["cut_000.png"]
+    cache = PreparedCache.open(tmp_path / "cache", SIZE)
+    assert cache.failed == report.failed
+    assert json.loads((report.cache_dir / "failed.json").read_text()) == report.failed
+    assert cache.done.sum() == 15 and not cache.done[10] and not cache.done[11]
+    np.testing.assert_array_equal(cache.images[12], resize_gray(read_image(items[10][1]), SIZE))
+    with pytest.raises(DatasetError, match="image cut_000.png failed to decode"):
+        cache.positions(["cut_000.png"])
+    # Fixing the file and re-running decodes only it; failed.json then empties.
+    shutil.copy(items[0][1], cut)
+    again = prepare_cache(planted, tmp_path / "cache", size=SIZE, workers=1, progress=False)
+    assert again.decoded == 1 and again.skipped == 15 and list(again.failed) == ["empty_000.png"]
+
+
+def test_bad_arguments_and_damaged_caches(items, tmp_path):
+    for size in (4, 4096, 64.0):
+        with pytest.raises(DatasetError, match="cache size must be between 8 and 2048"):
+            prepare_cache(items[:2], tmp_path, size=size)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="workers must be at least 1"):
+        prepare_cache(items[:2], tmp_path, size=SIZE, workers=0)
+    with pytest.raises(DatasetError, match="unique; repeated: " + items[0][0]):
+        prepare_cache([items[0], items[1], items[0]], tmp_path, size=SIZE)
+    with pytest.raises(DatasetError, match=r"no prepared cache of 32px; run `chestxray prepare`"):
+        PreparedCache.open(tmp_path, 32)
+    prepare_cache(items[:4], tmp_path, size=SIZE, workers=1, progress=False)
+    (tmp_path / str(SIZE) / "names.txt").write_text("a.png\nb.png\n")
+    with pytest.raises(DatasetError, match="cache files disagree") as info:
+        PreparedCache.open(tmp_path, SIZE)
+    assert isinstance(info.value, ChestXrayError)
+
+
+def test_empty_item_list(tmp_path):
+    report = prepare_cache([], tmp_path, size=SIZE, progress=False)
+    assert (report.total, report.decoded, report.failed) == (0, 0, {})
+    assert len(PreparedCache.open(tmp_path, SIZE)) == 0
+
+
+def test_default_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHESTXRAY_CACHE", raising=False)
+    root = tmp_path / "nih"
+    root.mkdir()
+    assert default_cache_dir(root) == root.resolve() / ".chestxray-cache"
+    monkeypatch.setenv("CHESTXRAY_CACHE", str(tmp_path / "caches"))
+    tagged = default_cache_dir(root)
+    assert tagged.parent == tmp_path / "caches" and tagged.name.startswith("nih-")
+    other = tmp_path / "b" / "nih"
+    other.mkdir(parents=True)
+    assert default_cache_dir(other) != tagged  # same folder name, different root
+    monkeypatch.delenv("CHESTXRAY_CACHE")
+    # A read-only root (the usual NIH download): the cache goes to the user's cache folder.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    fallback = default_cache_dir(root)
+    assert fallback.parent == Path.home() / ".cache" / "chestxray" and fallback.name == tagged.name
