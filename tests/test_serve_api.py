@@ -430,3 +430,26 @@ def test_access_log_keeps_paths_only():
     assert "AbC123" not in record.getMessage() and "/api/v1/analyses/<id>/image.png" in record.getMessage()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+@pytest.mark.slow
+def test_onnx_backend_serves_findings_and_says_grad_cam_is_unavailable(tiny_bundle, tmp_path, png_bytes, analyzer):
+    pytest.importorskip("onnxruntime")
+    from chestxray.onnx_export import export_bundle
+    from chestxray.predict import Analyzer
+
+    onnx_path = tmp_path / "tiny.onnx"
+    export_bundle(tiny_bundle, onnx_path)
+    with TestClient(create_app(Analyzer.load(onnx_path, backend="onnx"))) as c:
+        m = c.get("/api/v1/model").json()
+        assert m["backend"] == "onnx" and m["grad_cam"] is False and m["name"] == "tiny-test-model"
+        r = c.post("/api/v1/predict", **upload(png_bytes))
+        assert r.status_code == 200
+        want = analyzer.predict(png_bytes, names=["upload"])
+        assert r.json()["findings"][0]["finding"] == want.findings[0].finding
+        cam = c.post("/api/v1/cam?finding=Effusion", **upload(png_bytes))
+        assert cam.status_code == 501 and "torch backend" in cam.json()["detail"]
+        a = c.post("/api/v1/analyses", **upload(png_bytes)).json()
+        assert a["cam_url"] is None
+        assert c.get(f"/api/v1/analyses/{a['id']}/cam.png", params={"finding": "Effusion"}).status_code == 501
+        assert c.get("/static/cam-legend.png").status_code == 404

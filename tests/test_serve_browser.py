@@ -115,6 +115,7 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
                                    " return o.complete && o.naturalWidth === 1024; })()")
             expect(overlay).to_have_attribute("alt", f"Grad-CAM for {name} laid over the radiograph")
             expect(page.locator("#legend")).to_be_visible()
+            page.wait_for_function("document.getElementById('legend-scale').naturalWidth === 256")
             expect(page.get_by_role("status")).to_contain_text(f"Grad-CAM for {name} shown")
 
             # Another finding's toggle replaces the overlay; pressing it again hides it.

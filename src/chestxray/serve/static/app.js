@@ -6,7 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     file: $("file"), drop: $("drop"), status: $("status"), error: $("error"), result: $("result"),
-    xray: $("xray"), overlay: $("overlay"), caption: $("caption"), legend: $("legend"),
+    xray: $("xray"), overlay: $("overlay"), caption: $("caption"), legend: $("legend"), legendScale: $("legend-scale"),
     findings: $("findings"), summary: $("summary"), forget: $("forget"), camHint: $("cam-hint"),
     heading: $("findings-heading"), facts: $("model-facts"),
   };
@@ -205,6 +205,7 @@
     els.overlay.src = url;
     els.overlay.alt = `Grad-CAM for ${name} laid over the radiograph`;
     els.overlay.hidden = false;
+    if (!els.legendScale.getAttribute("src")) els.legendScale.src = "/static/cam-legend.png";
     els.legend.hidden = false;
     els.caption.textContent = `Grad-CAM for ${name} (${pct(finding.probability)}): where the image raised this score.`;
     say(`Grad-CAM for ${name} shown.`);
