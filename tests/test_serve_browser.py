@@ -89,7 +89,7 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             expect(page.get_by_role("alert")).to_be_hidden()
             expect(page.get_by_role("status")).to_contain_text("above threshold")
             # The server-decoded radiograph is shown.
-            page.wait_for_function("document.getElementById('xray').naturalWidth === 1024")
+            page.wait_for_function("() => document.getElementById('xray').naturalWidth === 1024")
             # Ranked: positives first, then by probability; each row has a threshold tick.
             probs = [float(t.rstrip("%")) for t in rows.locator(".prob").all_inner_texts()]
             positive = [("positive" in (c or "")) for c in
@@ -111,11 +111,11 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             expect(toggle).to_have_attribute("aria-pressed", "true")
             overlay = page.locator("#overlay")
             expect(overlay).to_be_visible(timeout=30_000)
-            page.wait_for_function("(() => { const o = document.getElementById('overlay');"
-                                   " return o.complete && o.naturalWidth === 1024; })()")
+            page.wait_for_function("() => { const o = document.getElementById('overlay');"
+                                   " return o.complete && o.naturalWidth === 1024; }")
             expect(overlay).to_have_attribute("alt", f"Grad-CAM for {name} laid over the radiograph")
             expect(page.locator("#legend")).to_be_visible()
-            page.wait_for_function("document.getElementById('legend-scale').naturalWidth === 256")
+            page.wait_for_function("() => document.getElementById('legend-scale').naturalWidth === 256")
             expect(page.get_by_role("status")).to_contain_text(f"Grad-CAM for {name} shown")
 
             # Another finding's toggle replaces the overlay; pressing it again hides it.
@@ -133,10 +133,10 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             shot = os.environ.get("CHESTXRAY_VIEWER_SCREENSHOT")
             if shot:
                 toggle.click()
-                page.wait_for_function("(() => { const o = document.getElementById('overlay');"
-                                       " return !o.hidden && o.complete && o.naturalWidth > 0; })()")
+                page.wait_for_function("() => { const o = document.getElementById('overlay');"
+                                       " return !o.hidden && o.complete && o.naturalWidth > 0; }")
                 page.mouse.move(0, 0)  # no hover or focus styles in the picture
-                page.evaluate("document.activeElement && document.activeElement.blur()")
+                page.evaluate("() => document.activeElement && document.activeElement.blur()")
                 page.screenshot(path=shot, full_page=True)
 
             assert problems == []
