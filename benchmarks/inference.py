@@ -45,10 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int8-onnx", help="use this int8 ONNX file instead of quantizing")
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="real radiographs to time on and calibrate with")
     p.add_argument("--calibration-count", type=int, default=64, help="int8 calibration images (default 64)")
+    p.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
+                   help="int8 activation ranges (default minmax; try percentile if int8 loses too much AUROC)")
     p.add_argument("--batch", type=int, default=16, help="batch size for the throughput figure (default 16)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--single-runs", type=int, default=10, help="single-image runs per round (default 10)")
     p.add_argument("--cold-runs", type=int, default=3, help="cold-start CLI runs per backend (default 3)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads for both PyTorch and onnxruntime (default 0: each library's own default)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the CLI cold-start timing")
     p.add_argument("--compare-auroc", metavar="ROOT", help="int8 acceptance: AUROC on ROOT's test split")
     p.add_argument("--split", default="test", help="split for --compare-auroc (default test)")
@@ -117,7 +121,8 @@ def prepare_models(args: argparse.Namespace, work: Path, calibration) -> tuple[P
         q = work / "model.int8.onnx"
         t = time.perf_counter()
         r = export_bundle(bundle, q, int8=True, calibration=calibration,
-                          calibration_count=args.calibration_count, say=log)
+                          calibration_count=args.calibration_count, calibration_method=args.calibration_method,
+                          say=log)
         log(f"int8 export {time.perf_counter() - t:.0f} s ({r.bytes / 1e6:.0f} MB)")
     return bundle, fp, q, random_weights
 
@@ -180,14 +185,19 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     model, meta = load_bundle(bundle)
     files = collect_inputs([args.images])[: args.batch]
     images = EvalPreset(meta.preprocessing).batch([read_image(f) for f in files])
-    backends = {"pytorch-eager": TorchBackend(model), "onnxruntime-fp32": OnnxBackend(fp),
-                "onnxruntime-int8": OnnxBackend(q)}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    threads = args.threads or None
+    backends = {"pytorch-eager": TorchBackend(model), "onnxruntime-fp32": OnnxBackend(fp, threads=threads),
+                "onnxruntime-int8": OnnxBackend(q, threads=threads)}
     result = {
         "model": {"bundle": str(bundle), "architecture": meta.architecture, "size": meta.preprocessing.size,
                   "random_weights": random_weights,
                   "bytes": {"bundle": bundle.stat().st_size, "onnx-fp32": fp.stat().st_size,
                             "onnx-int8": q.stat().st_size}},
-        "machine": machine(),
+        "machine": {**machine(), "threads_flag": args.threads},
         "batch": args.batch,
         "model_only": time_backends(backends, images, args.batch, args.rounds, args.single_runs),
     }
@@ -235,7 +245,9 @@ def print_speed(r: dict) -> None:
     note = " (RANDOM weights: speed does not depend on them)" if m["random_weights"] else ""
     print(f"model: {m['architecture']} at {m['size']} px{note}; {m['bundle']}")
     print(f"machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['torch_threads']} threads), "
-          f"onnxruntime {mach['onnxruntime']}, load average at start {mach['load_average']}")
+          f"onnxruntime {mach['onnxruntime']} ({mach['threads_flag'] or 'default:'} threads"
+          f"{' one per physical core' if not mach['threads_flag'] else ''}), "
+          f"load average at start {[round(v, 2) for v in mach['load_average'] or []]}")
     print()
     print(f"| backend | images/s at batch {r['batch']} | single-image latency (median / p90) | file | "
           "cold `chestxray predict` |")

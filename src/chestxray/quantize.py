@@ -50,23 +50,33 @@ def calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], 
 
 
 def _reader(files: Sequence[Path], preprocessing: Preprocessing, batch_size: int):
+    """Calibration batches read through the eval preset. `set_range` lets onnxruntime
+    collect one batch at a time (CalibStridedMinMax), so memory holds one batch of
+    activations even for the histogram methods, which keep whole tensors."""
     from onnxruntime.quantization import CalibrationDataReader
 
     preset = EvalPreset(preprocessing)
+    chunks = [list(files[i:i + batch_size]) for i in range(0, len(files), batch_size)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.start = 0
+            self.pos, self.end = 0, len(chunks)
+
+        def __len__(self) -> int:
+            return len(chunks)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.pos, self.end = start_index, min(end_index, len(chunks))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            if self.start >= len(files):
+            if self.pos >= self.end:
                 return None
-            chunk = files[self.start:self.start + batch_size]
-            self.start += batch_size
+            chunk = chunks[self.pos]
+            self.pos += 1
             return {INPUT_NAME: preset.batch([read_image(p) for p in chunk])}
 
         def rewind(self) -> None:
-            self.start = 0
+            self.pos, self.end = 0, len(chunks)
 
     return Reader()
 
@@ -94,8 +104,7 @@ def quantize_int8(float_model: str | os.PathLike, out: str | os.PathLike, images
     try:
         # Shape inference + graph optimisation (BatchNorm folding etc.) first, as onnxruntime advises.
         quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
-        # MinMax calibration keeps only per-tensor minima and maxima, so memory stays small.
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"CalibStridedMinMax": 1}  # one reader batch at a time (any method)
         if method == "percentile":
             extra["CalibPercentile"] = 99.999
         quantize_static(
