@@ -119,6 +119,11 @@ def test_bad_batch_names_the_transform(bad):
         BatchAugment(AugmentConfig(), seed=0)(bad)
 
 
+def test_batch_on_another_device_is_refused():
+    with pytest.raises(ChestXrayError, match="BatchAugment: batch is on meta but the augmenter on cpu"):
+        BatchAugment(AugmentConfig(), seed=0)(torch.zeros(2, 1, 8, 8, device="meta"))
+
+
 def test_all_parts_off_is_identity(batch):
     out = BatchAugment(AugmentConfig(**OFF), seed=0)(batch.clone())
     torch.testing.assert_close(out, batch, rtol=0, atol=0)
@@ -154,3 +159,14 @@ def test_contrast_alone_scales_around_the_mean(batch):
     torch.testing.assert_close(out.mean(dim=(2, 3), keepdim=True), mean_in, rtol=0, atol=1e-5)
     gain = (out - mean_in).std(dim=(2, 3)) / (mid - mean_in).std(dim=(2, 3))
     assert ((gain >= 0.7 - 1e-4) & (gain <= 1.3 + 1e-4)).all() and (gain - 1).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_cuda_device(batch):
+    x = batch.cuda()
+    config = AugmentConfig.preset("seed")
+    a, b = BatchAugment(config, seed=7, device="cuda")(x.clone()), BatchAugment(config, seed=7, device="cuda")(x.clone())
+    assert a.device.type == "cuda" and torch.equal(a, b) and 0.0 <= a.min() and a.max() <= 1.0
+    torch.testing.assert_close(BatchAugment(AugmentConfig(**OFF), device="cuda")(x.clone()), x, rtol=0, atol=0)
+    with pytest.raises(ChestXrayError, match="batch is on cpu but the augmenter on cuda"):
+        BatchAugment(config, device="cuda")(batch)
