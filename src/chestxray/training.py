@@ -97,31 +97,48 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     return torch.device(name)
 
 
-def _loader_data(cfg: TrainConfig):
+def _loader_data(cfg: TrainConfig, info: DistInfo):
     from chestxray.data.cache import PreparedCache, default_cache_dir, prepare_cache
     from chestxray.data.index import load_nih
 
     index = load_nih(cfg.root, val_fraction=cfg.val_fraction, seed=cfg.split_seed, allow_missing=cfg.allow_missing)
     cache_dir = Path(cfg.cache) if cfg.cache else default_cache_dir(cfg.root)
-    try:
-        cache = PreparedCache.open(cache_dir, cfg.image_size)
-        if cache.names != index.frame["image"].tolist():
-            raise ChestXrayError("stale")
-    except ChestXrayError:
+
+    def ready() -> bool:
+        try:
+            cache = PreparedCache.open(cache_dir, cfg.image_size)
+        except ChestXrayError:
+            return False
+        return cache.names == index.frame["image"].tolist() and bool(cache.done.all())
+
+    # Only rank 0 prepares (others would race on the same files); the rest wait for it.
+    if info.is_main and not ready():
         log.info("preparing a %dpx cache in %s", cfg.image_size, cache_dir)
         prepare_cache(list(index.iter_paths()), cache_dir, cfg.image_size, workers=cfg.workers,
                       progress=sys.stderr.isatty())
-        cache = PreparedCache.open(cache_dir, cfg.image_size)
-    return index, cache
+    barrier(info)
+    return index, PreparedCache.open(cache_dir, cfg.image_size)
 
 
 def _split_arrays(index, cache, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 images, labels and patient ids of one split, from the cache. Images that failed
+    to decode at prepare time are left out with a warning rather than stopping the run."""
     pos = index.split_positions(split)
-    if len(pos) == 0:
-        raise ChestXrayError(f"the {split} split of {index.root} is empty")
     names = index.frame["image"].iloc[pos].tolist()
-    rows = cache.positions(names)
-    images = np.asarray(cache.images[np.sort(rows)])[np.argsort(np.argsort(rows))]
+    lookup = {n: i for i, n in enumerate(cache.names)}
+    keep = np.array([n in lookup and bool(cache.done[lookup[n]]) for n in names], dtype=bool)
+    if not keep.all():
+        bad = [n for n, k in zip(names, keep) if not k]
+        log.warning("%s split: %d images are not in the cache (failed to decode?), left out, e.g. %s",
+                    split, len(bad), ", ".join(bad[:3]))
+    pos = pos[keep]
+    if len(pos) == 0:
+        raise ChestXrayError(f"the {split} split of {index.root} has no usable images")
+    rows = np.array([lookup[n] for n in np.asarray(names)[keep]], dtype=np.int64)
+    # Read the memmap in ascending row order (sequential I/O), then restore split order.
+    order = np.argsort(rows)
+    images = np.empty((len(rows),) + cache.images.shape[1:], dtype=np.uint8)
+    images[order] = cache.images[rows[order]]
     return images, index.labels[pos], index.frame["patient_id"].iloc[pos].to_numpy()
 
 
@@ -181,7 +198,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.index, cache = _loader_data(cfg)
+        self.index, cache = _loader_data(cfg, self.info)
         self.labels_names = list(self.index.pathologies)
         tr_x, tr_y, _ = _split_arrays(self.index, cache, "train")
         va_x, va_y, self.val_groups = _split_arrays(self.index, cache, "val")
