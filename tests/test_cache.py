@@ -123,17 +123,16 @@ def test_empty_item_list(tmp_path):
 
 def test_default_cache_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("CHESTXRAY_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = tmp_path / "nih"
     root.mkdir()
-    assert default_cache_dir(root) == root.resolve() / ".chestxray-cache"
+    # Never inside the dataset root, even when it is writable.
+    user = default_cache_dir(root)
+    assert user.parent == tmp_path / "xdg" / "chestxray" and user.name.startswith("nih-")
+    assert root.resolve() not in user.parents
     monkeypatch.setenv("CHESTXRAY_CACHE", str(tmp_path / "caches"))
     tagged = default_cache_dir(root)
-    assert tagged.parent == tmp_path / "caches" and tagged.name.startswith("nih-")
+    assert tagged.parent == tmp_path / "caches" and tagged.name == user.name
     other = tmp_path / "b" / "nih"
     other.mkdir(parents=True)
     assert default_cache_dir(other) != tagged  # same folder name, different root
-    monkeypatch.delenv("CHESTXRAY_CACHE")
-    # A read-only root (the usual NIH download): the cache goes to the user's cache folder.
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    fallback = default_cache_dir(root)
-    assert fallback.parent == Path.home() / ".cache" / "chestxray" and fallback.name == tagged.name

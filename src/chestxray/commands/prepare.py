@@ -15,8 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="decode and resize every image once into a uint8 cache")
     p.add_argument("root", help="dataset root")
     p.add_argument("--cache", default=None,
-                   help="cache folder (default: $CHESTXRAY_CACHE, else ROOT/.chestxray-cache if writable, "
-                        "else ~/.cache/chestxray/...)")
+                   help="cache folder (default: $CHESTXRAY_CACHE/<root>-<hash>, else "
+                        "~/.cache/chestxray/<root>-<hash>; never inside the dataset root)")
     p.add_argument("--size", type=int, default=DEFAULT_CACHE_SIZE,
                    help=f"side in pixels; training reads the cache whose size equals its --image-size "
                         f"(default {DEFAULT_CACHE_SIZE})")

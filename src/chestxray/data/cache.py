@@ -33,8 +33,9 @@ DEFAULT_CACHE_SIZE = 224
 
 
 def default_cache_dir(root: str | os.PathLike) -> Path:
-    """$CHESTXRAY_CACHE/<root name>-<hash>, else ROOT/.chestxray-cache when the root is
-    writable, else ~/.cache/chestxray/<root name>-<hash> (NIH roots are often read-only)."""
+    """$CHESTXRAY_CACHE/<root name>-<hash>, else $XDG_CACHE_HOME (~/.cache)/chestxray/<root
+    name>-<hash>. Never inside the dataset root: NIH roots are often shared or read-only
+    (and a root-owned process would pass a write-access check on a read-only mount)."""
     import hashlib
 
     resolved = Path(root).resolve()
@@ -42,9 +43,8 @@ def default_cache_dir(root: str | os.PathLike) -> Path:
     env = os.environ.get("CHESTXRAY_CACHE")
     if env:
         return Path(env) / tag
-    if os.access(resolved, os.W_OK):
-        return resolved / ".chestxray-cache"
-    return Path.home() / ".cache" / "chestxray" / tag
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "chestxray" / tag
 
 
 @dataclass
