@@ -121,18 +121,19 @@ def test_prepare_lists_bad_files_and_caches_the_rest(tmp_path, mini_root, capsys
     assert PreparedCache.open(cache, 32).done.all()
 
 
-def test_prepare_default_cache_sits_in_a_writable_root(tmp_path, mini_root, capsys, monkeypatch):
+def test_prepare_default_cache_goes_to_the_user_cache(tmp_path, mini_root, capsys, monkeypatch):
+    from chestxray.data.cache import default_cache_dir
+
     monkeypatch.delenv("CHESTXRAY_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = link_root(tmp_path, mini_root)
     assert main(["prepare", str(root), "--size", "16", "--workers", "1"]) == 0
     assert "93 of 93 images ready" in capsys.readouterr().out
-    cache = PreparedCache.open(root / ".chestxray-cache", 16)
+    cache = PreparedCache.open(default_cache_dir(root), 16)
     assert cache.images.shape == (93, 16, 16) and cache.images[0].std() > 0
+    assert not (root / ".chestxray-cache").exists()
     assert main(["prepare", str(root), "--size", "4"]) == 2
     assert "cache size must be between 8 and 2048" in capsys.readouterr().err
-    # The cache inside the root is not mistaken for dataset images.
-    assert main(["info", str(root), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["images_found"] == 93
 
 
 # -- opt-in: the 1,350-image real sample -------------------------------------------------------
@@ -153,3 +154,16 @@ def test_sample_root_all_found_and_prepared(tmp_path, capsys):
     cache = PreparedCache.open(tmp_path, 224)
     assert cache.done.all() and cache.images.shape == (1_350, 224, 224)
     assert float(np.asarray(cache.images[::50]).std()) > 10
+
+
+def test_atomic_write_gives_normal_file_mode(tmp_path):
+    import os
+
+    from chestxray.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "x.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(tmp_path.glob(".x.json.*"))  # no temp file left behind
+
