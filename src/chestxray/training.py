@@ -187,6 +187,18 @@ def sanity_check_batch(x: torch.Tensor, y: torch.Tensor, size: int, n_classes: i
         raise ChestXrayError(f"first batch labels are not 0/1 with {n_classes} columns")
 
 
+def training_step(net: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                  x: torch.Tensor, y: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """One optimisation step (shared with benchmarks/train_throughput.py)."""
+    with autocast:
+        logits = net(x)
+    loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -298,12 +310,7 @@ class Trainer:
                 x = self.augment(x)
             if epoch == self.start_epoch and step == 0:
                 sanity_check_batch(x, yb, self.cfg.image_size, len(self.labels_names))
-            with self._autocast():
-                logits = self.forward(x)
-            loss = self.criterion(logits.float(), yb)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss = training_step(self.forward, self.optimizer, self.criterion, x, yb, self._autocast())
             if self.scheduler is not None and self.cfg.schedule != "plateau":
                 self.scheduler.step()
             total += float(loss.detach()) * len(yb)
