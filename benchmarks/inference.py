@@ -183,6 +183,8 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
 
     bundle, fp, q, random_weights = prepare_models(args, work, args.images)
     model, meta = load_bundle(bundle)
+    # A bundle this script built earlier (--model with --workdir files) says so in its metadata.
+    random_weights = random_weights or str(meta.training.get("data", "")).startswith("none")
     files = collect_inputs([args.images])[: args.batch]
     images = EvalPreset(meta.preprocessing).batch([read_image(f) for f in files])
     if args.threads:

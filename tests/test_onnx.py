@@ -250,6 +250,8 @@ def test_onnx_backend_without_model_says_how_to_get_one():
 def test_export_argument_errors(tiny_bundle, tmp_path):
     rc, _, err = run_cli(["export", "--model", str(tiny_bundle), "--onnx", str(tmp_path / "a.onnx"), "--int8"])
     assert rc == 2 and "--int8 needs --calibration" in err
+    rc, _, err = run_cli(["export", "--model", str(tiny_bundle), "--onnx", str(tmp_path / "a.onnx"), "--opset", "17"])
+    assert rc == 2 and "opset 18 or newer" in err
     rc, _, err = run_cli(["export", "--model", str(tiny_bundle), "--onnx", str(tmp_path / "a.pt")])
     assert rc == 2 and "should end in .onnx" in err
     rc, _, err = run_cli(["export", "--model", str(tmp_path / "nope.safetensors"), "--onnx", str(tmp_path / "a.onnx")])

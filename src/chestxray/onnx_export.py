@@ -40,6 +40,7 @@ from chestxray.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION,
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # torch.onnx's exporter starts at 18; onnx's converter cannot take it lower
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -158,6 +159,11 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: {exc}") from None
     proto = program.model_proto
+    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if written != {opset}:
+        # The exporter writes opset 18 or newer and does not convert down.
+        raise ExportError(f"the exporter wrote opset {', '.join(map(str, sorted(written)))}, not {opset}; "
+                          f"choose --opset {MIN_OPSET} or newer")
     # The exporter names the symbolic axis after the Dim; make it read "batch" for any tool.
     for value in (*proto.graph.input, *proto.graph.output):
         dim0 = value.type.tensor_type.shape.dim[0]
@@ -171,7 +177,11 @@ def session_for(model_bytes: bytes):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ExportError(f"onnxruntime {ort.__version__} cannot run the exported graph "
+                          f"({type(exc).__name__}: {str(exc)[:300]}); try a lower --opset") from None
 
 
 def check_parity(model: Any, session: Any, names: list[str], batch: np.ndarray, thresholds: Sequence[float],
@@ -288,6 +298,9 @@ def export_bundle(
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"{out}: the output file should end in .onnx")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer "
+                          f"(onnxruntime >= 1.14 runs {MIN_OPSET})")
     if int8 and calibration is None:
         raise ExportError("--int8 needs --calibration DIR: real radiographs (e.g. training images) "
                           "to calibrate the activation ranges on")

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", metavar="BUNDLE", help="model bundle (.safetensors or run folder; default: the packaged model)")
     p.add_argument("--onnx", metavar="OUT.onnx", required=True, help="where to write the ONNX file (atomically)")
-    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset, 18 or newer (default 18, which onnxruntime >= 1.14 runs)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |p_onnx - p_torch| on the check images (default 1e-4)")
     p.add_argument("--check-images", nargs="+", metavar="PATH",
