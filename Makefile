@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job: analyze a real bundled X-ray with the bundled model, with a Grad-CAM overlay.
 run: setup
-	$(BIN)/chestxray info tests/data/nih-mini
+	$(BIN)/chestxray predict examples/00013125_000.png --cam out/cam
 
 # Headless Chromium for the browser test (Debian packages; skipped if already there).
 browser:
