@@ -263,14 +263,18 @@ def draw_caption(rgb: np.ndarray, text: str) -> np.ndarray:
     img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).convert("RGB")
     h = img.height
     size = max(10, min(48, h // 40))
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has a single bitmap size
-        font = ImageFont.load_default()
-    pad = max(2, size // 4)
     band = Image.new("RGBA", img.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(band)
-    left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
+    while True:
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has a single bitmap size
+            font = ImageFont.load_default()
+        pad = max(2, size // 4)
+        left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
+        if right + pad <= img.width or size <= 8:  # shrink the font until the caption fits
+            break
+        size = max(8, int(size * (img.width - 2 * pad) / (right - left + 1)))
     draw.rectangle((0, 0, img.width, bottom + pad), fill=(0, 0, 0, 170))
     draw.text((pad, pad), text, fill=(255, 255, 255, 255), font=font)
     return np.asarray(Image.alpha_composite(img.convert("RGBA"), band).convert("RGB"))
