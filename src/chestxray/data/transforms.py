@@ -118,7 +118,7 @@ class AugmentConfig:
             "none": None,
             # What the seed planned: small rotation, horizontal flip, brightness/contrast.
             "seed": cls(rotation=10.0, hflip=0.5, brightness=0.1, contrast=0.1),
-            # For training from scratch on little data (chosen on validation, see MODEL_CARD).
+            # For training from scratch on little data (the bundled model; see MODEL_CARD.md).
             "strong": cls(rotation=10.0, scale=0.1, translate=0.06, hflip=0.0, brightness=0.1, contrast=0.25),
         }
         if name not in presets:
