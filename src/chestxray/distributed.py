@@ -42,7 +42,9 @@ def init_distributed(device: str) -> DistInfo:
 def all_mean(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item() / info.world_size)
 

@@ -29,7 +29,13 @@ def split_probabilities(analyzer: Any, index: Any, split: str, progress: bool = 
         raise ChestXrayError(f"{len(bad)} images of the {split} split could not be read, e.g. "
                              f"{bad[0].file}: {bad[0].error}")
     probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
-    return probs, index.labels[pos], index.frame["patient_id"].iloc[pos].to_numpy(), names
+    # Targets in the model's label order (a bundle may order or subset its labels).
+    unknown = [lab for lab in analyzer.labels if lab not in index.pathologies]
+    if unknown:
+        raise ChestXrayError(f"model {analyzer.name} predicts {unknown}, which {index.root} does not label")
+    cols = [list(index.pathologies).index(lab) for lab in analyzer.labels]
+    targets = index.labels[pos][:, cols]
+    return probs, targets, index.frame["patient_id"].iloc[pos].to_numpy(), names
 
 
 def write_curves(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> list[Path]:

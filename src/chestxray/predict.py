@@ -211,6 +211,10 @@ class Analyzer:
                 except ImageReadError as exc:
                     errors[i] = exc.reason
                     log.warning("skipped %s: %s", labels[i], exc.reason)
+                except Exception as exc:  # one odd input must not lose the others' results
+                    # Only the type: library messages can quote file contents.
+                    errors[i] = f"cannot read this input ({type(exc).__name__})"
+                    log.warning("skipped %s: %s", labels[i], errors[i])
             probs = self.probabilities(np.stack([x for _, x in ready])) if ready else np.zeros((0, len(self.labels)))
             by_index = {i: p for (i, _), p in zip(ready, probs)}
             for i in chunk:

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     m = result["macro"]
     ci = m.get("auroc_ci") or [None, None]
     print(f"{analyzer.name} on {args.split} ({result['n_images']} images, {result['n_patients']} patients)")
-    print(f"macro AUROC {m['auroc']:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else "")
+    macro = "undefined (no finding has positives and negatives here)" if m["auroc"] is None else f"{m['auroc']:.4f}"
+    print(f"macro AUROC {macro}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else "")
           + f"  element-wise accuracy {result['elementwise_accuracy']:.4f} "
           f"(all-negative {result['all_negative_accuracy']:.4f})")
     for name, e in result["per_class"].items():
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         csv = Path(args.boxes) if args.boxes else Path(args.root) / "BBox_List_2017.csv"
         if not csv.is_file():
             raise DatasetError(f"--boxes: {csv} not found")
-        loc = score_localization(analyzer, index, csv, split=None, seed=args.seed)
+        loc = score_localization(analyzer, index, csv, split=args.split, seed=args.seed)
         result["localization"] = loc
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
         md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)

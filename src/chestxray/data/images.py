@@ -7,10 +7,14 @@ handling only; no tag value is logged, kept or put into an error message.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -150,39 +154,70 @@ def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def _read_dicom(data: bytes, label: str) -> np.ndarray:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    # pydicom warns about odd header values by quoting them: keep them out of any log.
-    with warnings.catch_warnings():
+    # pydicom reports odd header values by quoting them, through both `warnings` and its
+    # logger: keep them out of every log (they can hold patient data).
+    with warnings.catch_warnings(), _quiet_pydicom_log():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ImageReadError(label, f"not a readable DICOM file ({type(exc).__name__})") from None
-        if len(ds) == 0:
-            raise ImageReadError(label, NOT_AN_IMAGE)
-        if "PixelData" not in ds:
-            raise ImageReadError(label, "DICOM file has no pixel data")
-        rows, cols = _int_tag(ds, "Rows", 0), _int_tag(ds, "Columns", 0)
-        frames = max(1, _int_tag(ds, "NumberOfFrames", 1))
-        if rows <= 0 or cols <= 0:
-            raise ImageReadError(label, "DICOM file has no valid Rows/Columns")
-        _check_pixels(label, cols, rows * frames, "DICOM pixel data")
-        try:
-            arr = ds.pixel_array
-        except Exception as exc:  # pydicom raises many types for bad pixel data
-            raise ImageReadError(label, _pixel_error(ds, exc)) from None
-        if frames > 1 and arr.ndim >= 3:
-            arr = arr[0]  # first frame of a multi-frame object
-        if _int_tag(ds, "SamplesPerPixel", 1) > 1 or arr.ndim == 3:
-            return _color_dicom_to_gray(arr)
-        try:
-            return _dicom_gray_to_uint8(arr, ds)
+            return _decode_dicom(data, label)
         except ImageReadError:
             raise
-        except Exception as exc:
-            raise ImageReadError(label, f"cannot apply the DICOM value transforms ({type(exc).__name__})") from None
+        except Exception as exc:  # malformed headers raise many types (VR, struct, length errors)
+            raise ImageReadError(label, f"not a readable DICOM file ({type(exc).__name__})") from None
+
+
+class _DropWhileReading(logging.Filter):
+    """Drops pydicom's log records emitted by a thread that is inside `_read_dicom`."""
+
+    active = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.active, "depth", 0)
+
+
+_PYDICOM_FILTER = _DropWhileReading()
+
+
+@contextlib.contextmanager
+def _quiet_pydicom_log() -> Iterator[None]:
+    logger = logging.getLogger("pydicom")
+    if _PYDICOM_FILTER not in logger.filters:
+        logger.addFilter(_PYDICOM_FILTER)  # per-thread, so other threads' logging is untouched
+    state = _DropWhileReading.active
+    state.depth = getattr(state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        state.depth -= 1
+
+
+def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    if len(ds) == 0:
+        raise ImageReadError(label, NOT_AN_IMAGE)
+    if "PixelData" not in ds:
+        raise ImageReadError(label, "DICOM file has no pixel data")
+    rows, cols = _int_tag(ds, "Rows", 0), _int_tag(ds, "Columns", 0)
+    frames = max(1, _int_tag(ds, "NumberOfFrames", 1))
+    if rows <= 0 or cols <= 0:
+        raise ImageReadError(label, "DICOM file has no valid Rows/Columns")
+    _check_pixels(label, cols, rows * frames, "DICOM pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad pixel data
+        raise ImageReadError(label, _pixel_error(ds, exc)) from None
+    if frames > 1 and arr.ndim >= 3:
+        arr = arr[0]  # first frame of a multi-frame object
+    if _int_tag(ds, "SamplesPerPixel", 1) > 1 or arr.ndim == 3:
+        return _color_dicom_to_gray(arr)
+    try:
+        return _dicom_gray_to_uint8(arr, ds)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(label, f"cannot apply the DICOM value transforms ({type(exc).__name__})") from None
 
 
 def _int_tag(ds: Any, keyword: str, default: int) -> int:
@@ -195,7 +230,11 @@ def _int_tag(ds: Any, keyword: str, default: int) -> int:
 def _pixel_error(ds: Any, exc: Exception) -> str:
     # Only the exception type and the transfer syntax: exception texts can quote header values.
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and getattr(syntax, "is_compressed", False):
+    try:
+        compressed = syntax is not None and bool(syntax.is_compressed)
+    except (ValueError, AttributeError):  # a private or unknown transfer syntax UID
+        compressed = False
+    if compressed:
         return (f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
                 "installing pylibjpeg or python-gdcm adds decoders")
     return f"cannot decode DICOM pixel data ({type(exc).__name__})"
