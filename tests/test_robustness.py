@@ -123,3 +123,26 @@ def test_api_validation_errors_are_one_string(tiny_bundle, original_png):
     assert r.status_code == 422
     assert isinstance(r.json()["detail"], str) and "finding" in r.json()["detail"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_server_reads_dicom_without_the_part10_preamble(tiny_bundle):
+    import pydicom
+    from fastapi.testclient import TestClient
+
+    from chestxray.predict import Analyzer
+    from chestxray.serve.app import create_app
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(io.BytesIO(_dicom_bytes()))
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)  # the bare dataset: no preamble, no "DICM", no file meta group
+    data = fp.getvalue()
+    assert b"DICM" not in data and not data.startswith(b"\x02\x00")
+    client = TestClient(create_app(Analyzer.load(tiny_bundle)))
+    r = client.post("/api/v1/predict", files={"file": ("x", data)})
+    assert r.status_code == 200 and len(r.json()["findings"]) == 14
+    r = client.post("/api/v1/predict", files={"file": ("x", b"just some text, not an image")})
+    assert r.status_code == 415

@@ -204,6 +204,7 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
     if rows <= 0 or cols <= 0:
         raise ImageReadError(label, "DICOM file has no valid Rows/Columns")
     _check_pixels(label, cols, rows * frames, "DICOM pixel data")
+    _ensure_transfer_syntax(ds)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad pixel data
@@ -218,6 +219,24 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
         raise
     except Exception as exc:
         raise ImageReadError(label, f"cannot apply the DICOM value transforms ({type(exc).__name__})") from None
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """A dataset without file meta (no preamble) still has an encoding, which pydicom
+    guessed while reading; pixel decoding needs it named as a transfer syntax."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _int_tag(ds: Any, keyword: str, default: int) -> int:

@@ -83,7 +83,12 @@ def decode_upload(data: bytes) -> np.ndarray:
     if not data:
         raise UploadError(400, "the file is empty")
     if not (data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC) or is_dicom_bytes(data[:132])):
-        raise UploadError(415, "not a PNG, JPEG or DICOM image")
+        # Some systems write DICOM datasets without the 128-byte preamble and "DICM":
+        # try reading it as DICOM before refusing (the CLI does so by the .dcm suffix).
+        try:
+            return read_image(data, name=UPLOAD_NAME + ".dcm")
+        except ImageReadError:
+            raise UploadError(415, "not a PNG, JPEG or DICOM image") from None
     try:
         return read_image(data, name=UPLOAD_NAME)
     except ImageReadError as exc:
