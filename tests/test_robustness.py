@@ -141,6 +141,7 @@ def test_server_reads_dicom_without_the_part10_preamble(tiny_bundle):
     write_dataset(fp, ds)  # the bare dataset: no preamble, no "DICM", no file meta group
     data = fp.getvalue()
     assert b"DICM" not in data and not data.startswith(b"\x02\x00")
+    np.testing.assert_array_equal(read_image(data, name="bare.dcm"), read_image(_dicom_bytes(), name="full.dcm"))
     client = TestClient(create_app(Analyzer.load(tiny_bundle)))
     r = client.post("/api/v1/predict", files={"file": ("x", data)})
     assert r.status_code == 200 and len(r.json()["findings"]) == 14
