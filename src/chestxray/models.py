@@ -60,6 +60,8 @@ class ModelSpec:
     seed_trainable: tuple[str, ...]  # what the seed recipe trains besides the head
     cam_layer: str  # the last convolutional block, for Grad-CAM
     preprocessing: Preprocessing = Preprocessing()
+    # Builds with pretrained weights and the right head in one go (timm); None: torchvision.
+    pretrained_build: Callable[[int], nn.Module] | None = None
 
 
 def _resnet50(num_classes: int, weights: object) -> nn.Module:
@@ -114,10 +116,16 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def get_spec(name: str) -> ModelSpec:
+    from chestxray.timm_models import PREFIX, timm_spec
+
+    if name.startswith(PREFIX):
+        return timm_spec(name)
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ChestXrayError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}") from None
+        raise ChestXrayError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}, or {PREFIX}<name> for any timm model"
+        ) from None
 
 
 def list_models() -> list[str]:
@@ -155,6 +163,8 @@ def create_model(
 
 
 def _with_imagenet(spec: ModelSpec, num_classes: int) -> nn.Module:
+    if spec.pretrained_build is not None:
+        return spec.pretrained_build(num_classes)
     enum = spec.imagenet_weights()
     try:
         # torchvision builds the 1000-class net with the weights, then we swap the head.

@@ -16,4 +16,6 @@ def run(args: argparse.Namespace) -> int:
     for name, spec in sorted(REGISTRY.items()):
         pre = spec.preprocessing
         print(f"{name:<14} input {pre.size}px  seed-trainable {', '.join(spec.seed_trainable)} + {spec.head}")
+    print("timm/<name>    any timm model (pip install timm), e.g. timm/efficientnet_b0, timm/convnext_tiny; "
+          "input size and normalisation from its own config")
     return 0

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "5 epochs, 224 px. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).")
     p.add_argument("root", help="dataset root")
     p.add_argument("--out", required=True, help="run folder: log.jsonl, checkpoint.pt, model.safetensors")
-    p.add_argument("--model", default="resnet50", help="architecture (see `chestxray models`)")
+    p.add_argument("--model", default="resnet50",
+                   help="architecture: resnet50, densenet121, resnet18, or timm/<name> (see `chestxray models`)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (torchvision download), 'none' (random init) or a state-dict FILE")
     p.add_argument("--freeze", default="seed", choices=["seed", "all", "head"],
