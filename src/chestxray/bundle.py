@@ -182,19 +182,23 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu"):  # -> (ChestClass
 
     from chestxray.models import create_model
 
+    from chestxray.ensemble import ARCHITECTURE as ENSEMBLE, build_ensemble
+    from chestxray.models import InputNormalize
+
     p = resolve_bundle_path(path)
     meta = read_bundle_meta(p)
     try:
-        model = create_model(
-            meta.architecture, num_classes=len(meta.labels), weights="none", freeze="all",
-            image_size=meta.preprocessing.size,
-        )
+        if meta.architecture == ENSEMBLE:
+            model = build_ensemble(meta.training.get("members") or [], len(meta.labels), meta.preprocessing)
+        else:
+            model = create_model(
+                meta.architecture, num_classes=len(meta.labels), weights="none", freeze="all",
+                image_size=meta.preprocessing.size,
+            )
+            model.normalize = InputNormalize(meta.preprocessing.mean, meta.preprocessing.std)
+            model.preprocessing = meta.preprocessing
     except Exception as exc:
         raise BundleError(f"{p}: cannot build architecture {meta.architecture!r} ({exc})") from None
-    from chestxray.models import InputNormalize
-
-    model.normalize = InputNormalize(meta.preprocessing.mean, meta.preprocessing.std)
-    model.preprocessing = meta.preprocessing
     state = load_file(str(p))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -248,6 +248,8 @@ def train_mode(model: nn.Module) -> None:
 
 def cam_target_layer(model: ChestClassifier) -> nn.Module:
     """The layer Grad-CAM hooks (last convolutional block of the backbone)."""
+    if getattr(model, "architecture", None) == "ensemble":
+        raise ChestXrayError("Grad-CAM is not defined for an ensemble; explain one of its member bundles")
     return _get_module(model.backbone, get_spec(model.architecture).cam_layer)
 
 

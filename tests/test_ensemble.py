@@ -1,0 +1,75 @@
+"""Ensembles of bundles: averaged probabilities, re-tuned thresholds, usable everywhere."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chestxray.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
+from chestxray.cli import main
+from chestxray.errors import BundleError, ChestXrayError
+from chestxray.labels import FINDINGS
+from chestxray.models import create_model
+from chestxray.predict import Analyzer
+
+
+def _member(tmp_path, name, seed, arch="resnet18", size=32):
+    torch.manual_seed(seed)
+    model = create_model(arch, weights="none", freeze="all", image_size=size).eval()
+    meta = BundleMeta(arch, list(FINDINGS), model.preprocessing, [0.5] * 14, name=name,
+                      training={"split": {"validation": {"fraction": 0.3, "seed": 0, "by": "patient"}}})
+    return save_bundle(model, meta, tmp_path / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    d = tmp_path_factory.mktemp("members")
+    return [_member(d, "a", 0), _member(d, "b", 1, arch="timm/resnet10t" if _has_timm() else "resnet18")]
+
+
+def _has_timm():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_ensemble_is_the_mean_of_member_probabilities(tmp_path, members, mini_root, original_png, capsys):
+    out = tmp_path / "ens.safetensors"
+    rc = main(["ensemble", str(mini_root), "--models", *map(str, members), "--out", str(out), "--val-fraction", "0.3"])
+    assert rc == 0 and "ensemble" in capsys.readouterr().out
+    meta = read_bundle_meta(out)
+    assert meta.architecture == "ensemble" and len(meta.training["members"]) == 2
+    assert "validation" in meta.metrics and all(0 <= t <= 1 for t in meta.thresholds)
+    ens = Analyzer.load(out).predict(original_png)
+    parts = [Analyzer.load(m).predict(original_png) for m in members]
+    for f in ens.findings:
+        expected = np.mean([p.probability(f.finding) for p in parts])
+        assert f.probability == pytest.approx(expected, abs=1e-5)
+    # The ensemble bundle works where any bundle does: evaluate and ONNX export.
+    assert main(["evaluate", "--model", str(out), str(mini_root), "--bootstrap", "0", "--out", str(tmp_path / "ev")]) == 0
+    assert set(json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_class"]) == set(FINDINGS)
+    assert main(["export", "--model", str(out), "--onnx", str(tmp_path / "ens.onnx")]) == 0
+    onnx = Analyzer.load(tmp_path / "ens.onnx", backend="onnx").predict(original_png)
+    assert max(abs(onnx.probability(f.finding) - f.probability) for f in ens.findings) < 1e-4
+
+
+def test_ensemble_refuses_mismatched_members_and_cam(tmp_path, members, mini_root, original_png, capsys):
+    from chestxray.ensemble import make_ensemble
+    from chestxray.explain import explain
+
+    other = _member(tmp_path, "big", 2, size=48)
+    with pytest.raises(BundleError, match="input size"):
+        make_ensemble([members[0], other], mini_root, tmp_path / "x.safetensors")
+    assert main(["ensemble", str(mini_root), "--models", str(members[0]), str(other),
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "input size" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ChestXrayError, match="at least two"):
+        make_ensemble([members[0]], mini_root, tmp_path / "y.safetensors")
+    out = make_ensemble(members, mini_root, tmp_path / "ens.safetensors", val_fraction=0.3)
+    with pytest.raises(ChestXrayError, match="not defined for an ensemble"):
+        explain(Analyzer.load(out), original_png, findings=["Effusion"])
+    model, _ = load_bundle(out)
+    assert len(model.members) == 2
