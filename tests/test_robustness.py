@@ -46,14 +46,19 @@ def test_unknown_transfer_syntax_is_a_clean_error_and_logs_nothing(caplog):
 def test_mutated_dicom_headers_never_escape_as_other_errors():
     base = bytearray(_dicom_bytes())
     rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "refused": 0}
     for _ in range(300):
         data = bytearray(base)
         for i in rng.integers(132, len(data) - 64, size=3):
             data[i] = int(rng.integers(0, 256))
-        try:
-            read_image(bytes(data), name="fuzz.dcm")
-        except ImageReadError:
-            pass
+        try:  # any other exception type fails the test
+            image = read_image(bytes(data), name="fuzz.dcm")
+            assert image.dtype == np.uint8 and image.ndim == 2
+            outcomes["read"] += 1
+        except ImageReadError as exc:
+            assert "fuzz.dcm" in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["read"] > 0  # the mutations hit both ways
 
 
 def test_batch_with_a_broken_dicom_still_finishes(tiny_bundle, tmp_path, original_png, capsys):
