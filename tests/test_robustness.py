@@ -152,3 +152,13 @@ def test_server_reads_dicom_without_the_part10_preamble(tiny_bundle):
     assert r.status_code == 200 and len(r.json()["findings"]) == 14
     r = client.post("/api/v1/predict", files={"file": ("x", b"just some text, not an image")})
     assert r.status_code == 415
+
+
+def test_cuda_requested_without_cuda_is_a_clean_error(mini_root, capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", str(mini_root), "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert main(["train", str(mini_root), "--out", str(tmp_path / "run"), "--device", "cuda", "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("CUDA") >= 2 and "Traceback" not in err

@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.io import atomic_write_text
     from chestxray.predict import Analyzer
 
+    from chestxray.commands.predict import check_device
+
+    check_device(args.device)
     analyzer = Analyzer.load(args.model, device=args.device, batch_size=args.batch_size)
     index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
                      allow_missing=args.allow_missing)

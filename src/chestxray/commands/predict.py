@@ -49,7 +49,7 @@ def add_model_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
 
 def check_device(device: str, backend: str = "torch") -> None:
     """A clean error instead of torch's traceback when CUDA is asked for but absent."""
-    if device == "cuda" and backend == "torch":
+    if device.startswith("cuda") and backend == "torch":
         import torch
 
         if not torch.cuda.is_available():
