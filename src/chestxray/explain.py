@@ -22,7 +22,6 @@ the original, in its own aspect. A map is ReLU'd and divided by its maximum (0 s
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from chestxray.data.images import source_name
 from chestxray.errors import ChestXrayError
 from chestxray.labels import ALIASES
 
@@ -197,14 +197,6 @@ def default_selection(thresholds: Sequence[float]) -> Callable[[np.ndarray], lis
     return select
 
 
-def input_name(image: Any, name: str | None) -> str:
-    if name is not None:
-        return name
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    return "<input>"
-
-
 def explain_image(analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None,
                   name: str | None = None) -> tuple[np.ndarray, "Prediction", list[CamResult]]:
     """As `explain`, plus the decoded gray image (H x W uint8) the maps belong to."""
@@ -212,7 +204,7 @@ def explain_image(analyzer: "Analyzer", image: "Input", findings: Sequence[str] 
 
     model = analyzer.model  # ChestXrayError for a backend without a torch model
     wanted = resolve_findings(analyzer.labels, findings)
-    label = input_name(image, name)
+    label = source_name(image, name, default="<input>")
     gray, x = analyzer.preprocess(image, label)
     select = wanted if wanted is not None else default_selection(analyzer.thresholds)
     run = gradcam(model, x, select, gray.shape[:2])

@@ -38,12 +38,13 @@ def is_dicom_bytes(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def _source_name(source: ImageSource, name: str | None) -> str:
+def source_name(source: object, name: str | None = None, default: str = "<upload>") -> str:
+    """What messages call an input: the given name, else its path, else `default`."""
     if name is not None:
         return name
     if isinstance(source, (str, os.PathLike)):
         return str(source)
-    return "<upload>"
+    return default
 
 
 def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
@@ -55,7 +56,7 @@ def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     Raises ImageReadError naming the input and the reason for empty, truncated,
     oversized (> MAX_PIXELS) or non-image data, and for DICOM without pixel data.
     """
-    label = _source_name(source, name)
+    label = source_name(source, name)
     data = _read_bytes(source, label)
     if not data:
         raise ImageReadError(label, "empty file")
