@@ -44,9 +44,9 @@ def random_bundle(folder: Path, arch: str = "resnet18", size: int = 64) -> Path:
     import numpy as np
     import torch
 
-    from chestxray.bundle import BundleMeta, save_bundle
+    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.labels import FINDINGS
-    from chestxray.models import create_model
+    from chestxray.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(arch, weights="none", freeze="all", image_size=size).eval()

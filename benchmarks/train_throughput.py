@@ -5,7 +5,7 @@
                 CacheBatches (background gather, pinned copy) -> to_model_input -> on-device
                 augmentation -> step
 
-Both use `chestxray.training.training_step`, so the gap is what the data path costs.
+Both use `chestxray.training.loop.training_step`, so the gap is what the data path costs.
 
   python benchmarks/train_throughput.py                      # CPU, resnet50 at 224, batch 16
   python benchmarks/train_throughput.py --device cuda --batch-size 256 --steps 50 [--compile]
@@ -25,8 +25,8 @@ import torch
 
 from chestxray.data.loader import CacheBatches, to_model_input
 from chestxray.data.transforms import AugmentConfig, BatchAugment
-from chestxray.models import create_model, train_mode
-from chestxray.training import training_step
+from chestxray.models.registry import create_model, train_mode
+from chestxray.training.loop import training_step
 
 
 def parse_args() -> argparse.Namespace:

@@ -52,9 +52,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
     prediction, serving and export. Thresholds vary per class so tests can see them."""
     import torch
 
-    from chestxray.bundle import BundleMeta, save_bundle
+    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.labels import FINDINGS
-    from chestxray.models import create_model
+    from chestxray.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet18", weights="none", freeze="all", image_size=64).eval()

@@ -10,7 +10,7 @@ import pytest
 
 from chestxray.cli import main
 from chestxray.labels import FINDINGS
-from chestxray.predict import Analyzer, default_bundle_path
+from chestxray.inference.predict import Analyzer, default_bundle_path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ROOT = os.environ.get("CHESTXRAY_SAMPLE_ROOT")

@@ -10,7 +10,7 @@ import torch
 from cam_helpers import all_hooks, brightness_analyzer, single_torch_thread  # noqa: F401
 from chestxray.data.images import read_image
 from chestxray.errors import ChestXrayError
-from chestxray.explain import (
+from chestxray.inference.explain import (
     CamResult,
     FindingTarget,
     explain,
@@ -20,8 +20,8 @@ from chestxray.explain import (
     resolve_findings,
 )
 from chestxray.labels import FINDINGS
-from chestxray.localization import peak_pixel
-from chestxray.predict import Analyzer
+from chestxray.evaluation.localization import peak_pixel
+from chestxray.inference.predict import Analyzer
 
 
 @pytest.fixture(scope="module")

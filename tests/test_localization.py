@@ -12,7 +12,7 @@ from cam_helpers import brightness_analyzer, make_root, single_torch_thread  # n
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.data.index import load_nih
 from chestxray.errors import DatasetError
-from chestxray.localization import (
+from chestxray.evaluation.localization import (
     Box,
     iobb,
     localization_markdown,
@@ -24,7 +24,7 @@ from chestxray.localization import (
     score_localization,
     score_map,
 )
-from chestxray.predict import Analyzer
+from chestxray.inference.predict import Analyzer
 
 # ---- the box file ------------------------------------------------------------------
 

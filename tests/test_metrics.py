@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from chestxray.metrics import bootstrap_ci, evaluate_predictions, weighted_auroc_auprc
+from chestxray.evaluation.metrics import bootstrap_ci, evaluate_predictions, weighted_auroc_auprc
 
 
 def test_weighted_auroc_auprc_match_sklearn():

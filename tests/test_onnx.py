@@ -57,7 +57,7 @@ def exported_int8(tiny_bundle, mini_root, tmp_path_factory) -> tuple[Path, dict]
 
 @pytest.fixture(scope="module")
 def torch_model(tiny_bundle):
-    from chestxray.bundle import load_bundle
+    from chestxray.models.bundle import load_bundle
 
     return load_bundle(tiny_bundle)
 
@@ -92,8 +92,8 @@ def test_export_writes_one_checked_file(exported):
 
 
 def test_metadata_round_trip(exported, tiny_bundle):
-    from chestxray.bundle import read_bundle_meta
-    from chestxray.onnx_backend import read_onnx_info
+    from chestxray.models.bundle import read_bundle_meta
+    from chestxray.inference.onnx_backend import read_onnx_info
 
     path, summary = exported
     model = onnx.load(str(path))
@@ -147,7 +147,7 @@ def test_parity_on_repo_images(exported, torch_model, sample_images, original_pn
 
 
 def test_analyzer_onnx_gives_the_same_findings_as_torch(exported, tiny_bundle, sample_images, original_png):
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
     fast = Analyzer.load(exported[0], backend="onnx", batch_size=4)
     ref = Analyzer.load(tiny_bundle, backend="torch", batch_size=4)
@@ -171,7 +171,7 @@ def test_analyzer_onnx_gives_the_same_findings_as_torch(exported, tiny_bundle, s
 def test_export_refuses_a_graph_that_disagrees(exported, tiny_bundle, tmp_path, monkeypatch):
     """A graph whose numbers differ from PyTorch (here: the head's bias shifted, as an
     exporter bug would) fails the check; nothing is written."""
-    import chestxray.onnx_export as ox
+    import chestxray.export.onnx as ox
 
     bad = onnx.load(str(exported[0]))
     (fc_bias,) = [t for t in bad.graph.initializer if tuple(t.dims) == (14,)]
@@ -188,7 +188,7 @@ def test_export_refuses_a_graph_that_disagrees(exported, tiny_bundle, tmp_path, 
 def test_export_text_output_and_tolerance_flag(exported, tiny_bundle, tmp_path, monkeypatch):
     """The human-readable report names the difference; a tolerance below the measured
     difference makes the same graph fail."""
-    import chestxray.onnx_export as ox
+    import chestxray.export.onnx as ox
 
     good = onnx.load(str(exported[0]))
     monkeypatch.setattr(ox, "to_onnx_model", lambda model, pre, opset: good)
@@ -210,7 +210,7 @@ def test_export_text_output_and_tolerance_flag(exported, tiny_bundle, tmp_path, 
 
 
 def test_onnx_backend_errors_name_the_fix(tiny_bundle, tmp_path, exported):
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
     with pytest.raises(BundleError, match="PyTorch bundle.*chestxray export"):
         Analyzer.load(tiny_bundle, backend="onnx")
@@ -234,8 +234,8 @@ def test_onnx_backend_errors_name_the_fix(tiny_bundle, tmp_path, exported):
 
 
 def test_onnx_backend_without_model_uses_the_packaged_one_or_says_how_to_get_one(monkeypatch):
-    from chestxray import onnx_backend
-    from chestxray.predict import Analyzer
+    from chestxray.inference import onnx_backend
+    from chestxray.inference.predict import Analyzer
 
     packaged = Analyzer.load(None, backend="onnx")
     assert packaged.backend.name == "onnx" and len(packaged.labels) == 14
@@ -261,8 +261,8 @@ def test_export_argument_errors(tiny_bundle, tmp_path):
 
 
 def test_int8_export(exported_int8, exported, torch_model, sample_images):
-    from chestxray.onnx_backend import read_onnx_info
-    from chestxray.predict import Analyzer
+    from chestxray.inference.onnx_backend import read_onnx_info
+    from chestxray.inference.predict import Analyzer
 
     path, summary = exported_int8
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
@@ -282,7 +282,7 @@ def test_int8_export(exported_int8, exported, torch_model, sample_images):
 
 
 def test_calibration_sampling(mini_root, tmp_path):
-    from chestxray.quantize import calibration_images
+    from chestxray.export.quantize import calibration_images
 
     a = calibration_images(mini_root / "images", 10, seed=0)
     assert len(a) == 10 and a == calibration_images(mini_root / "images", 10, seed=0)
@@ -299,9 +299,9 @@ def test_auroc_comparison_on_the_repo_test_split(exported, exported_int8, tiny_b
     float32 ONNX file must match PyTorch's AUROC, and the numbers must be the project's
     own metric on the same predictions."""
     from chestxray.data.index import load_nih
-    from chestxray.metrics import per_class_auroc
-    from chestxray.predict import Analyzer
-    from chestxray.quantize import compare_auroc
+    from chestxray.evaluation.metrics import per_class_auroc
+    from chestxray.inference.predict import Analyzer
+    from chestxray.export.quantize import compare_auroc
 
     analyzers = {
         "fp32": Analyzer.load(exported[0], backend="onnx"),
@@ -414,7 +414,7 @@ def test_infer_extra_installs_and_predicts_without_torch(exported, sample_images
     probs = {f["finding"]: f["probability"] for f in record["findings"]}
     assert len(probs) == 14
     # Same numbers as the full install's ONNX backend on the same file.
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
     want = Analyzer.load(exported[0], backend="onnx").predict(image)
     for f in want.findings:

@@ -18,7 +18,7 @@ from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.cli import main
 from chestxray.data.images import read_image
 from chestxray.labels import FINDINGS
-from chestxray.predict import Analyzer
+from chestxray.inference.predict import Analyzer
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "00013125_000.png"
 BUNDLE_THRESHOLDS = dict(zip(FINDINGS, np.linspace(0.3, 0.7, len(FINDINGS))))  # as conftest builds them
@@ -250,7 +250,7 @@ def test_argument_errors_exit_2_with_a_message(capsys, tiny_bundle, sample_image
 
 def test_no_model_means_the_bundled_default(capsys, sample_images):
     from chestxray.errors import BundleError
-    from chestxray.predict import default_bundle_path
+    from chestxray.inference.predict import default_bundle_path
 
     code, out, err = run_cli(capsys, "predict", "--format", "json", str(sample_images[0]))
     try:

@@ -75,12 +75,12 @@ def test_evaluate_follows_the_bundle_label_order(tmp_path, mini_root):
     """A bundle whose labels are in another order must be scored against the right columns."""
     import torch
 
-    from chestxray.bundle import BundleMeta, save_bundle
+    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.data.index import load_nih
-    from chestxray.evaluation import split_probabilities
+    from chestxray.evaluation.evaluate import split_probabilities
     from chestxray.labels import FINDINGS
-    from chestxray.models import create_model
-    from chestxray.predict import Analyzer
+    from chestxray.models.registry import create_model
+    from chestxray.inference.predict import Analyzer
 
     torch.manual_seed(0)
     model = create_model("resnet18", weights="none", freeze="all", image_size=32).eval()
@@ -120,7 +120,7 @@ def test_evaluate_with_no_defined_auroc_says_undefined(tmp_path, tiny_bundle, mi
 def test_api_validation_errors_are_one_string(tiny_bundle, original_png):
     from fastapi.testclient import TestClient
 
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
     from chestxray.serve.app import create_app
 
     client = TestClient(create_app(Analyzer.load(tiny_bundle)))
@@ -134,7 +134,7 @@ def test_server_reads_dicom_without_the_part10_preamble(tiny_bundle):
     import pydicom
     from fastapi.testclient import TestClient
 
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
     from chestxray.serve.app import create_app
 
     from pydicom.filebase import DicomBytesIO

@@ -32,7 +32,7 @@ SECRET_NAME = "Doe^Jane_1961-04-02.png"  # a client file name that must never co
 
 @pytest.fixture(scope="module")
 def analyzer(tiny_bundle):
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
     return Analyzer.load(tiny_bundle)
 
@@ -258,7 +258,7 @@ def test_concurrent_requests_give_the_sequential_answers(client, sample_images):
 
 
 def test_cam_is_the_overlay_of_explain(client, analyzer, png_bytes):
-    from chestxray.explain import explain, overlay
+    from chestxray.inference.explain import explain, overlay
 
     r = client.post("/api/v1/cam?finding=Effusion", **upload(png_bytes))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -317,7 +317,7 @@ def test_result_store_expires_and_keeps_within_its_byte_budget():
     store = ResultStore(ttl_s=60, max_bytes=2500, clock=lambda: now[0])
 
     def item() -> Analysis:
-        from chestxray.predict import Prediction
+        from chestxray.inference.predict import Prediction
 
         return Analysis(np.zeros((30, 30), np.uint8), np.zeros((10, 10), np.uint8), Prediction("upload", "m"))
 
@@ -435,8 +435,8 @@ def test_access_log_keeps_paths_only():
 @pytest.mark.slow
 def test_onnx_backend_serves_findings_and_says_grad_cam_is_unavailable(tiny_bundle, tmp_path, png_bytes, analyzer):
     pytest.importorskip("onnxruntime")
-    from chestxray.onnx_export import export_bundle
-    from chestxray.predict import Analyzer
+    from chestxray.export.onnx import export_bundle
+    from chestxray.inference.predict import Analyzer
 
     onnx_path = tmp_path / "tiny.onnx"
     export_bundle(tiny_bundle, onnx_path)

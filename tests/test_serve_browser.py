@@ -35,7 +35,7 @@ def server_url(tiny_bundle) -> Iterator[str]:
     """The real app on uvicorn, in a thread, on a free loopback port."""
     import uvicorn
 
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
     from chestxray.serve.app import create_app
 
     app = create_app(Analyzer.load(tiny_bundle))

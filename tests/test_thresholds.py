@@ -3,7 +3,7 @@ import logging
 import numpy as np
 import pytest
 
-from chestxray.thresholds import FALLBACK_THRESHOLD, best_f1_threshold, tune_thresholds
+from chestxray.evaluation.thresholds import FALLBACK_THRESHOLD, best_f1_threshold, tune_thresholds
 
 
 def f1_at(scores, targets, t):

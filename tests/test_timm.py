@@ -8,11 +8,11 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from chestxray.bundle import BundleMeta, load_bundle, save_bundle  # noqa: E402
+from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle  # noqa: E402
 from chestxray.cli import main  # noqa: E402
 from chestxray.errors import ChestXrayError, WeightsUnavailableError  # noqa: E402
 from chestxray.labels import FINDINGS  # noqa: E402
-from chestxray.models import cam_target_layer, create_model  # noqa: E402
+from chestxray.models.registry import cam_target_layer, create_model  # noqa: E402
 
 NAME = "timm/resnet10t"
 
@@ -44,8 +44,8 @@ def test_unknown_timm_model_and_offline_weights_are_clear_errors(monkeypatch):
 
 
 def test_timm_bundle_predicts_explains_and_exports(tmp_path, original_png, capsys):
-    from chestxray.explain import explain
-    from chestxray.predict import Analyzer
+    from chestxray.inference.explain import explain
+    from chestxray.inference.predict import Analyzer
 
     torch.manual_seed(0)
     model = create_model(NAME, weights="none", freeze="all", image_size=48).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chestxray.commands.info import add_dataset_args
+from chestxray.commands._common import add_dataset_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chestxray import NOT_FOR_CLINICAL_USE
-    from chestxray.bundle import read_bundle_meta
-    from chestxray.ensemble import make_ensemble
+    from chestxray.models.bundle import read_bundle_meta
+    from chestxray.training.ensemble import make_ensemble
 
     path = make_ensemble(args.models, args.root, args.out, split=args.split, val_fraction=args.val_fraction,
                          split_seed=args.split_seed, name=args.name, allow_missing=args.allow_missing)

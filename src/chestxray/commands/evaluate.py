@@ -6,19 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from chestxray.commands.info import add_dataset_args
+from chestxray.commands._common import add_dataset_args, add_model_args, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="per-class AUROC/AUPRC/F1 with patient-bootstrap CIs, curves, report")
     p.add_argument("root", help="dataset root")
-    p.add_argument("--model", default=None, help="bundle (.safetensors or run folder); default: the bundled model")
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_model_args(p, backends=False)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--boxes", nargs="?", const="", default=None, metavar="CSV",
                    help="also score Grad-CAM localization against radiologist boxes "
                         "(default CSV: ROOT/BBox_List_2017.csv)")
@@ -32,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from chestxray import NOT_FOR_CLINICAL_USE
     from chestxray.data.index import load_nih
     from chestxray.errors import DatasetError
-    from chestxray.evaluation import run_evaluation
+    from chestxray.evaluation.evaluate import run_evaluation
     from chestxray.io import atomic_write_text
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
-    from chestxray.commands.predict import check_device
+    from chestxray.commands._common import resolve_device_arg
 
-    check_device(args.device)
-    analyzer = Analyzer.load(args.model, device=args.device, batch_size=args.batch_size)
+    device = resolve_device_arg(args.device)
+    analyzer = Analyzer.load(args.model, backend="torch", device=device, batch_size=args.batch_size)
     index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
                      allow_missing=args.allow_missing)
     out = Path(args.out or f"eval-{args.split}")
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         auc = "undefined" if e["auroc"] is None else f"{e['auroc']:.3f}"
         print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}")
     if args.boxes is not None:
-        from chestxray.localization import localization_markdown, score_localization
+        from chestxray.evaluation.localization import localization_markdown, score_localization
 
         csv = Path(args.boxes) if args.boxes else Path(args.root) / "BBox_List_2017.csv"
         if not csv.is_file():

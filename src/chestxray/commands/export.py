@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from chestxray.errors import ChestXrayError
-    from chestxray.onnx_export import export_bundle
+    from chestxray.export.onnx import export_bundle
 
     if args.calibration and not args.int8:
         raise ChestXrayError("--calibration is only used with --int8")

@@ -6,14 +6,7 @@ import argparse
 import json
 from typing import Any
 
-
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that opens an NIH root."""
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of train_val patients held out for validation (default 0.1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation carve (default 0)")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="use the images that are present when some listed ones are missing")
+from chestxray.commands._common import add_dataset_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

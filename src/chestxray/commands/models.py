@@ -11,9 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chestxray.models import REGISTRY
+    from chestxray.models.registry import registered_models
 
-    for name, spec in sorted(REGISTRY.items()):
+    for name, spec in sorted(registered_models().items()):
         pre = spec.preprocessing
         print(f"{name:<14} input {pre.size}px  seed-trainable {', '.join(spec.seed_trainable)} + {spec.head}")
     print("timm/<name>    any timm model (pip install timm), e.g. timm/efficientnet_b0, timm/convnext_tiny; "

@@ -18,42 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.commands._common import add_model_args, positive_int, resolve_device_arg
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
-    from chestxray.predict import Analyzer, Prediction
+    from chestxray.inference.predict import Analyzer, Prediction
 
 FORMATS = ("table", "json", "csv")
 CSV_COLUMNS = ("file", "model", "finding", "probability", "threshold", "positive", "error")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_model_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
-    """--model/--device (and --backend): shared by predict and report."""
-    p.add_argument("--model", metavar="BUNDLE", default=None,
-                   help="model bundle (.safetensors, or a training run folder); default: the bundled model")
-    if backends:
-        p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                       help="torch (default) or onnx (needs onnxruntime; BUNDLE is then an exported .onnx)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (default cpu)")
-
-
-def check_device(device: str, backend: str = "torch") -> None:
-    """A clean error instead of torch's traceback when CUDA is asked for but absent."""
-    if device.startswith("cuda") and backend == "torch":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ChestXrayError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,18 +53,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chestxray.predict import Analyzer, collect_inputs
+    from chestxray.data.images import IMAGE_SUFFIXES
+    from chestxray.inference.predict import Analyzer, collect_inputs
 
     findings = parse_findings(args.findings)
     if findings is not None and not args.cam:
         raise ChestXrayError("--findings only applies with --cam DIR")
-    if args.cam and args.backend != "torch":
-        raise ChestXrayError("--cam needs the torch backend (Grad-CAM takes gradients of the network)")
     files = collect_inputs(args.paths)
     if not files:
-        raise ChestXrayError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {', '.join(args.paths)}")
-    check_device(args.device, args.backend)
-    analyzer = Analyzer.load(args.model, backend=args.backend, device=args.device, batch_size=args.batch_size)
+        raise ChestXrayError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.paths)}")
+    from chestxray.inference.predict import resolve_backend
+
+    backend = resolve_backend(args.model, args.backend)
+    if args.cam and backend != "torch":
+        raise ChestXrayError("--cam needs the torch backend (Grad-CAM takes gradients of the network)")
+    device = resolve_device_arg(args.device, backend)
+    analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
     with quiet_skip_warnings():  # failures are listed once, at the end
         if args.cam:
@@ -131,7 +107,7 @@ def parse_findings(text: str | None) -> list[str] | None:
 @contextmanager
 def quiet_skip_warnings() -> Iterator[None]:
     """The Analyzer logs each unreadable file; the command lists them itself at the end."""
-    logger = logging.getLogger("chestxray.predict")
+    logger = logging.getLogger("chestxray.inference.predict")
     old = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -147,8 +123,8 @@ def predict_with_cams(analyzer: "Analyzer", files: Sequence[Path], cam_dir: Path
     from tqdm.auto import tqdm
 
     from chestxray.errors import ImageReadError
-    from chestxray.explain import explain_image, resolve_findings
-    from chestxray.predict import Prediction
+    from chestxray.inference.explain import explain_image, resolve_findings
+    from chestxray.inference.predict import Prediction
 
     resolve_findings(analyzer.labels, findings)  # unknown names fail before any work
     _ = analyzer.model  # a backend without a torch model fails before any work
@@ -182,7 +158,7 @@ def unique_stem(path: Path, used: dict[str, str]) -> str:
 def write_overlay(target: Path, gray: Any, cam: Any, analyzer: "Analyzer") -> Path:
     from PIL import Image
 
-    from chestxray.explain import cam_caption, draw_caption, overlay
+    from chestxray.inference.explain import cam_caption, draw_caption, overlay
     from chestxray.io import atomic_write
 
     threshold = float(analyzer.thresholds[analyzer.labels.index(cam.finding)])

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from chestxray.commands.info import add_dataset_args
+from chestxray.commands._common import add_dataset_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

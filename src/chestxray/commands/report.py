@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands.info import add_dataset_args
-from chestxray.commands.predict import add_model_args, check_device, positive_int
+from chestxray.commands._common import add_dataset_args, add_model_args, positive_int, resolve_device_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chestxray.data.index import load_nih
-    from chestxray.predict import Analyzer
-    from chestxray.report import write_report
+    from chestxray.inference.predict import Analyzer
+    from chestxray.evaluation.report import write_report
 
-    check_device(args.device)
-    analyzer = Analyzer.load(args.model, device=args.device)
+    device = resolve_device_arg(args.device)
+    analyzer = Analyzer.load(args.model, backend="torch", device=device)
     index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
                      allow_missing=args.allow_missing)
     summary = write_report(analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed,

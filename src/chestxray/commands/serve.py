@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import sys
 
+from chestxray.commands._common import add_model_args, resolve_device_arg
 from chestxray.errors import ChestXrayError
 
 log = logging.getLogger(__name__)
@@ -18,16 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve a model over HTTP: a one-page viewer at / and a REST API under /api/v1 "
                     "(schema at /openapi.json). Uploads stay in memory and are never logged.",
     )
-    p.add_argument("--model", default=None, metavar="BUNDLE",
-                   help="model bundle (.safetensors, run folder or, with --backend onnx, .onnx); "
-                        "default: the packaged model")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                   help="inference backend (default torch; onnx has no Grad-CAM)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; the server has no "
                         "authentication, so think twice before 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks any free port)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MiB (default 20)")
     p.add_argument("--access-log", action="store_true",
                    help="log one line per request (path only: query strings and analysis ids are cut)")
@@ -70,19 +66,22 @@ def run(args: argparse.Namespace) -> int:
         from chestxray.serve.app import create_app
     except ImportError as exc:
         raise ChestXrayError(f"serving needs the serve extra: pip install 'chestxray[serve]' ({exc.name} missing)") from None
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
-    if not 0 < args.port < 65536:
-        raise ChestXrayError(f"--port must lie in 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        raise ChestXrayError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
     if args.max_upload_mb <= 0:
         raise ChestXrayError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    analyzer = Analyzer.load(args.model, backend=args.backend, device=args.device)
+    from chestxray.inference.predict import resolve_backend
+
+    backend = resolve_backend(args.model, args.backend)
+    analyzer = Analyzer.load(args.model, backend=backend, device=resolve_device_arg(args.device, backend))
     app = create_app(analyzer, max_upload_bytes=int(args.max_upload_mb * 2**20))
     if not is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this address can upload images; "
                     "the server has no authentication", args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"chestxray serve: model {analyzer.name} ({args.backend}) at http://{shown}:{args.port}/ "
+    print(f"chestxray serve: model {analyzer.name} ({backend}) at http://{shown}:{args.port}/ "
           f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info",
                             server_header=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chestxray.commands.info import add_dataset_args
+from chestxray.commands._common import add_dataset_args, add_device_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pos-weight", default="none", choices=["none", "balanced"],
                    help="positive-class weighting of the loss (balanced = negatives/positives, capped at 50)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_device_arg(p, default="auto")
     p.add_argument("--workers", type=int, default=2, help="processes for preparing a missing cache")
     p.add_argument("--cache", default=None, help="prepared cache folder (default as in `chestxray prepare`)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chestxray.training import TrainConfig, train
+    from chestxray.training.loop import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})

@@ -24,7 +24,9 @@ from PIL import Image, ImageOps
 from chestxray.errors import ImageReadError
 
 MAX_PIXELS = 50_000_000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -36,6 +38,17 @@ NOT_AN_IMAGE = "not a PNG, JPEG or DICOM image"
 def is_dicom_bytes(head: bytes) -> bool:
     """True for a DICOM Part-10 file (the 'DICM' magic after the 128-byte preamble)."""
     return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """"png", "jpeg", "dicom" (Part-10) or None, from the first 132 bytes."""
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if is_dicom_bytes(head):
+        return "dicom"
+    return None
 
 
 def source_name(source: object, name: str | None = None, default: str = "<upload>") -> str:
@@ -120,6 +133,40 @@ def _read_raster(data: bytes, label: str) -> np.ndarray:
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
         raise ImageReadError(label, f"truncated or corrupt image data ({exc})") from None
     return pil_to_gray8(img, label)
+
+
+def to_gray(image: "ImageSource | np.ndarray | Image.Image", name: str | None = None) -> np.ndarray:
+    """The one way anything becomes an HxW uint8 gray image: a path, bytes or file object
+    (`read_image`), a PIL image, or an array (2-D gray, or H x W x 3/4 colour). Colour uses
+    PIL's ITU-R 601 luma everywhere, so a pixel gets the same gray from a PNG as from an array."""
+    if isinstance(image, np.ndarray):
+        return array_to_gray8(image, source_name(image, name, "<array>"))
+    if isinstance(image, Image.Image):
+        return pil_to_gray8(image, source_name(image, name, "<image>"))
+    return read_image(image, name)
+
+
+def array_to_gray8(arr: np.ndarray, label: str = "<array>") -> np.ndarray:
+    """2-D or H x W x 1/3/4 array -> HxW uint8. Floats in [0, 1] are scaled by 255; other
+    values are clipped to 0..255; colour goes through PIL's luma (alpha dropped)."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = np.ascontiguousarray(_values_to_uint8(arr[..., :3]))
+        return np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.uint8).copy()
+    if arr.ndim != 2:
+        raise ImageReadError(label, f"expected a 2-D gray or H x W x 3 colour image, got shape {arr.shape}")
+    return _values_to_uint8(arr)
+
+
+def _values_to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+        arr = arr * 255.0
+    return np.clip(np.rint(np.nan_to_num(arr.astype(np.float64))), 0, 255).astype(np.uint8)
 
 
 def pil_to_gray8(img: Image.Image, label: str = "<image>") -> np.ndarray:
@@ -263,8 +310,7 @@ def _pixel_error(ds: Any, exc: Exception) -> str:
 def _color_dicom_to_gray(arr: np.ndarray) -> np.ndarray:
     # pydicom returns RGB (it converts YBR); bring any depth to 8 bit, then luminance.
     rgb = arr if arr.dtype == np.uint8 else stretch_to_uint8(arr)
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.clip(np.rint(rgb[..., :3].astype(np.float32) @ weights), 0, 255).astype(np.uint8)
+    return array_to_gray8(rgb[..., :3])
 
 
 def _dicom_gray_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from chestxray.data.images import IMAGE_SUFFIXES
 from chestxray.errors import DatasetError
 from chestxray.labels import FINDINGS, labels_matrix
 
@@ -36,7 +37,6 @@ LABEL_FILES = (
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 
@@ -140,7 +140,7 @@ def scan_images(root: Path) -> dict[str, Path]:
             if is_dir:
                 if not entry.name.startswith("."):
                     queue.append(Path(entry.path))
-            elif entry.name.lower().endswith(IMAGE_EXTS):
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
                 found.setdefault(entry.name, Path(entry.path))
     return found
 

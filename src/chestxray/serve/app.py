@@ -29,9 +29,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from chestxray import NOT_FOR_CLINICAL_USE, __version__
-from chestxray.data.images import is_dicom_bytes, read_image
+from chestxray.data.images import read_image, sniff_image_format
 from chestxray.errors import ChestXrayError, ImageReadError
-from chestxray.predict import Prediction
+from chestxray.inference.predict import Prediction
 from chestxray.serve import render
 from chestxray.serve.schemas import AnalysisOut, ErrorOut, HealthOut, ModelOut, PredictionOut
 from chestxray.serve.store import Analysis, ResultStore
@@ -41,8 +41,6 @@ T = TypeVar("T")
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 UPLOAD_NAME = "upload"  # what predictions call every upload; the client's file name is never used
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 SECURITY_HEADERS = {
@@ -82,7 +80,7 @@ def decode_upload(data: bytes) -> np.ndarray:
     """Upload bytes -> HxW uint8, or an UploadError with a 4xx status that says why."""
     if not data:
         raise UploadError(400, "the file is empty")
-    if not (data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC) or is_dicom_bytes(data[:132])):
+    if sniff_image_format(data[:132]) is None:
         # Some systems write DICOM datasets without the 128-byte preamble and "DICM":
         # try reading it as DICOM before refusing (the CLI does so by the .dcm suffix).
         try:
@@ -102,7 +100,7 @@ def _static_files() -> dict[str, bytes]:
 
 def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, result_ttl_s: float = 600.0,
                store_max_bytes: int = 256 * 2**20, display_max_side: int = render.DISPLAY_MAX_SIDE) -> FastAPI:
-    """A FastAPI app serving `analyzer` (a `chestxray.predict.Analyzer`)."""
+    """A FastAPI app serving `analyzer` (a `chestxray.inference.predict.Analyzer`)."""
     if max_upload_bytes < 1:
         raise ChestXrayError("max_upload_bytes must be positive")
     lock = threading.Lock()
@@ -180,7 +178,7 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
     def check_finding(finding: str) -> str:
         if not has_cam:
             raise HTTPException(501, f"Grad-CAM needs the torch backend; this server runs {backend}")
-        from chestxray.explain import resolve_findings
+        from chestxray.inference.explain import resolve_findings
 
         try:  # exact, case-insensitive or NIH spelling ("Infiltrate"); unknown -> ChestXrayError
             index = resolve_findings(labels, [finding])[0]  # type: ignore[index]
@@ -189,7 +187,7 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
         return labels[index]
 
     def heatmap(gray: np.ndarray, finding: str) -> np.ndarray:
-        from chestxray.explain import explain
+        from chestxray.inference.explain import explain
 
         try:
             _, cams = explain(analyzer, gray, [finding], name=UPLOAD_NAME)

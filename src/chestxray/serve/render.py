@@ -38,7 +38,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def cam_png(gray: np.ndarray, heatmap: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> bytes:
     """The Grad-CAM `heatmap` (HxW in [0, 1], same size as `gray`) laid over `gray`, as PNG."""
-    from chestxray.explain import overlay
+    from chestxray.inference.explain import overlay
 
     small = fit(gray, max_side)
     heat = np.clip(fit(np.asarray(heatmap, dtype=np.float32), max_side), 0.0, 1.0)
@@ -47,7 +47,7 @@ def cam_png(gray: np.ndarray, heatmap: np.ndarray, max_side: int = DISPLAY_MAX_S
 
 def legend_png(width: int = 256, height: int = 12, gray: int = 128) -> bytes:
     """A horizontal colour bar: the overlay of a 0 -> 1 ramp on mid-gray."""
-    from chestxray.explain import overlay
+    from chestxray.inference.explain import overlay
 
     ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
     return png_bytes(overlay(np.full((height, width), gray, dtype=np.uint8), ramp))

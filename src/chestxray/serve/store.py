@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chestxray.predict import Prediction
+from chestxray.inference.predict import Prediction
 
 
 @dataclass

@@ -37,7 +37,7 @@ from chestxray.labels import canonical_finding
 
 if TYPE_CHECKING:
     from chestxray.data.index import NIHIndex
-    from chestxray.predict import Analyzer
+    from chestxray.inference.predict import Analyzer
 
 BOX_FRAME = 1024  # NIH box coordinates refer to the 1024 x 1024 originals
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5)
@@ -178,7 +178,7 @@ def metric_name(t: float) -> str:
 
 def random_map(shape: tuple[int, int], grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Uniform noise on a `grid` (h, w), upsampled to `shape` like a CAM."""
-    from chestxray.explain import upsample_map
+    from chestxray.inference.explain import upsample_map
 
     return upsample_map(rng.random((int(grid[0]), int(grid[1])), dtype=np.float32), shape)
 
@@ -203,7 +203,7 @@ def score_localization(analyzer: "Analyzer", index: "NIHIndex", boxes_csv: str |
     (one `split`, or all when None), next to a seeded random-map baseline. JSON-able."""
     from tqdm.auto import tqdm
 
-    from chestxray.explain import gradcam
+    from chestxray.inference.explain import gradcam
 
     if not 0.0 < threshold <= 1.0:
         raise DatasetError(f"localization threshold must lie in (0, 1], got {threshold}")

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from chestxray.bundle import META_KEY, BundleMeta
+from chestxray.models.bundle import META_KEY, BundleMeta
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
-from chestxray.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
+from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def load_check_images(paths: Sequence[str | os.PathLike] | None, preprocessing: 
 
         files = sample_images()
     else:
-        from chestxray.predict import collect_inputs
+        from chestxray.inference.predict import collect_inputs
 
         files = collect_inputs(paths)
     files = files[:limit]
@@ -188,7 +188,7 @@ def check_parity(model: Any, session: Any, names: list[str], batch: np.ndarray, 
                  tolerance: float | None = DEFAULT_TOLERANCE) -> ParityReport:
     """Run the check images through onnxruntime (as one batch, then the first alone, which
     exercises the dynamic batch axis) and through the PyTorch model; compare probabilities."""
-    from chestxray.predict import TorchBackend
+    from chestxray.inference.predict import TorchBackend
 
     ref = TorchBackend(model).probabilities(batch)
     inp = session.get_inputs()[0].name
@@ -291,9 +291,9 @@ def export_bundle(
     """
     start = time.perf_counter()
     _torch_modules()
-    from chestxray.bundle import load_bundle, resolve_bundle_path
+    from chestxray.models.bundle import load_bundle, resolve_bundle_path
     from chestxray.io import atomic_write_bytes
-    from chestxray.predict import default_bundle_path
+    from chestxray.inference.predict import default_bundle_path
 
     out = Path(out)
     if out.suffix != ".onnx":
@@ -320,7 +320,7 @@ def export_bundle(
         )
     quantization, float_parity = "none (float32)", None
     if int8:
-        from chestxray.quantize import calibration_images, quantize_int8
+        from chestxray.export.quantize import calibration_images, quantize_int8
 
         float_parity = parity
         cal = calibration_images(calibration, calibration_count, seed=seed)

@@ -180,23 +180,13 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu"):  # -> (ChestClass
     import torch
     from safetensors.torch import load_file
 
-    from chestxray.models import create_model
-
-    from chestxray.ensemble import ARCHITECTURE as ENSEMBLE, build_ensemble
-    from chestxray.models import InputNormalize
+    from chestxray.models.build import build_from_meta
 
     p = resolve_bundle_path(path)
     meta = read_bundle_meta(p)
     try:
-        if meta.architecture == ENSEMBLE:
-            model = build_ensemble(meta.training.get("members") or [], len(meta.labels), meta.preprocessing)
-        else:
-            model = create_model(
-                meta.architecture, num_classes=len(meta.labels), weights="none", freeze="all",
-                image_size=meta.preprocessing.size,
-            )
-            model.normalize = InputNormalize(meta.preprocessing.mean, meta.preprocessing.std)
-            model.preprocessing = meta.preprocessing
+        model = build_from_meta(meta.architecture, len(meta.labels), meta.preprocessing,
+                                meta.training.get("members"))
     except Exception as exc:
         raise BundleError(f"{p}: cannot build architecture {meta.architecture!r} ({exc})") from None
     state = load_file(str(p))

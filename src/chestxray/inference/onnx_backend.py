@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from chestxray.bundle import META_KEY, BundleMeta
+from chestxray.models.bundle import META_KEY, BundleMeta
 from chestxray.errors import BundleError, ChestXrayError
 
 ONNX_FORMAT = "chestxray-onnx"
@@ -166,14 +166,3 @@ class OnnxBackend:
             return np.zeros((0, len(self.info.meta.labels)), np.float32)
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run(None, {self.input_name: x})[0]
-
-
-def load_onnx_analyzer(cls: type, path: str | os.PathLike | None, *, batch_size: int = 16,
-                       threads: int | None = None):
-    """`Analyzer.load(path, backend="onnx")`: an Analyzer of class `cls` on onnxruntime.
-
-    `path` None means the ONNX model shipped with the package (an error naming the fix
-    when there is none)."""
-    backend = OnnxBackend(path, threads=threads)
-    meta = backend.info.meta
-    return cls(backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)

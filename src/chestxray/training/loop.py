@@ -20,15 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from chestxray.bundle import BundleMeta, save_bundle
+from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.data.loader import CacheBatches, to_model_input
 from chestxray.data.transforms import AugmentConfig, BatchAugment
-from chestxray.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
+from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 from chestxray.errors import ChestXrayError
 from chestxray.io import atomic_write, atomic_write_text
-from chestxray.metrics import elementwise_accuracy, per_class_auroc
-from chestxray.models import create_model, train_mode
-from chestxray.thresholds import tune_thresholds
+from chestxray.evaluation.metrics import elementwise_accuracy, per_class_auroc
+from chestxray.models.device import resolve_device
+from chestxray.models.registry import create_model, train_mode
+from chestxray.evaluation.thresholds import tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,10 @@ class EpochRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ChestXrayError(f"--device {name}: CUDA is not available on this machine")
-        return torch.device("cuda", info.local_rank) if info.enabled else torch.device(name)
+def rank_device(name: str, info: DistInfo) -> torch.device:
+    """The policy's device (`models.device.resolve_device`); under DDP, this rank's GPU."""
+    if name.startswith("cuda") and info.enabled:
+        return torch.device("cuda", info.local_rank)
     return torch.device(name)
 
 
@@ -203,8 +201,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.info = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = resolve_device(cfg.device, self.info)
+        device = resolve_device(cfg.device)
+        self.info = init_distributed(device)
+        self.device = rank_device(device, self.info)
         self.on_gpu = self.device.type == "cuda"
 
     # ---- setup -------------------------------------------------------------------------
@@ -399,7 +398,7 @@ class Trainer:
         if not self.info.is_main:
             return None
         tuned = tune_thresholds(probs, self.val_targets, self.labels_names)
-        from chestxray.metrics import evaluate_predictions
+        from chestxray.evaluation.metrics import evaluate_predictions
 
         val_metrics = evaluate_predictions(self.val_targets, probs, tuned.thresholds, self.labels_names,
                                            groups=None, n_boot=0)

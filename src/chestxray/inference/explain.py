@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from chestxray.data.images import source_name
+from chestxray.data.images import source_name, to_gray
 from chestxray.errors import ChestXrayError
 from chestxray.labels import ALIASES
 
 if TYPE_CHECKING:  # torch is optional for the light inference install
     import torch
 
-    from chestxray.predict import Analyzer, Input, Prediction
+    from chestxray.inference.predict import Analyzer, Input, Prediction
 
 DEFAULT_ALPHA = 0.45
 COLORMAP = "jet"
@@ -109,7 +109,7 @@ def gradcam(model: Any, model_input: np.ndarray,
     """
     import torch
 
-    from chestxray.models import cam_target_layer
+    from chestxray.models.registry import cam_target_layer
 
     layer = cam_target_layer(model)
     arr = np.array(model_input, dtype=np.float32, copy=True)
@@ -200,7 +200,7 @@ def default_selection(thresholds: Sequence[float]) -> Callable[[np.ndarray], lis
 def explain_image(analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None,
                   name: str | None = None) -> tuple[np.ndarray, "Prediction", list[CamResult]]:
     """As `explain`, plus the decoded gray image (H x W uint8) the maps belong to."""
-    from chestxray.predict import Prediction
+    from chestxray.inference.predict import Prediction
 
     model = analyzer.model  # ChestXrayError for a backend without a torch model
     wanted = resolve_findings(analyzer.labels, findings)
@@ -234,9 +234,7 @@ def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
 def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
     """The heat map in a colormap (jet: blue = 0, red = 1) blended over the radiograph:
     H x W x 3 uint8, same size as `gray`."""
-    gray = np.asarray(gray)
-    if gray.ndim == 3 and gray.shape[-1] in (3, 4):
-        gray = gray[..., :3].mean(axis=-1)
+    gray = to_gray(np.asarray(gray))
     if gray.shape != heatmap.shape:
         raise ChestXrayError(f"overlay: image {gray.shape} and heat map {heatmap.shape} differ in size")
     if not 0.0 <= alpha <= 1.0:

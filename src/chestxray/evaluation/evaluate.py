@@ -10,7 +10,7 @@ import numpy as np
 
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.io import atomic_write, atomic_write_text
-from chestxray.metrics import evaluate_predictions
+from chestxray.evaluation.metrics import evaluate_predictions
 
 
 def split_probabilities(analyzer: Any, index: Any, split: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

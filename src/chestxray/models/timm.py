@@ -15,6 +15,7 @@ from torch import nn
 
 from chestxray.data.transforms import Preprocessing
 from chestxray.errors import ChestXrayError, WeightsUnavailableError
+from chestxray.models.registry import ModelSpec, register_prefix
 
 PREFIX = "timm/"
 
@@ -28,9 +29,7 @@ def _timm() -> Any:
 
 
 @lru_cache(maxsize=32)
-def timm_spec(name: str):  # -> chestxray.models.ModelSpec
-    from chestxray.models import ModelSpec
-
+def timm_spec(name: str) -> ModelSpec:
     arch = name[len(PREFIX):]
     timm = _timm()
     if not timm.is_model(arch):
@@ -67,3 +66,6 @@ def timm_spec(name: str):  # -> chestxray.models.ModelSpec
         seed_trainable=tuple(n for n in names[start:] if not n.startswith(head + ".")),
         cam_layer=stages[-1], preprocessing=pre, pretrained_build=pretrained,
     )
+
+
+register_prefix(PREFIX, timm_spec)

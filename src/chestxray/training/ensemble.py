@@ -1,10 +1,7 @@
-"""Ensembles: several bundles averaged into one bundle.
+"""`chestxray ensemble`: combine bundles into one ensemble bundle.
 
-The ensemble's probability is the mean of its members' sigmoid outputs; its network
-returns the logit of that mean, so everything that takes a bundle (predict, evaluate,
-report, serve, ONNX export) takes an ensemble unchanged. Its thresholds are tuned anew,
-per class F1-optimal, on a split none of the members trained on (by default the
-validation split they share). Grad-CAM is not defined for an ensemble.
+Its thresholds are tuned anew, per class F1-optimal, on a split none of the members
+trained on (by default the validation split they share).
 """
 
 from __future__ import annotations
@@ -15,31 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from chestxray.data.transforms import Preprocessing
 from chestxray.errors import BundleError, ChestXrayError
+from chestxray.models.ensemble import ARCHITECTURE, EnsembleModel
 
 log = logging.getLogger(__name__)
-ARCHITECTURE = "ensemble"
-
-
-class EnsembleModel(nn.Module):
-    """Mean of the members' probabilities, returned as a logit. Members share the input size."""
-
-    architecture = ARCHITECTURE
-
-    def __init__(self, members: Sequence[nn.Module], preprocessing: Preprocessing) -> None:
-        super().__init__()
-        if len(members) < 2:
-            raise ChestXrayError("an ensemble needs at least two members")
-        self.members = nn.ModuleList(members)
-        self.preprocessing = preprocessing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
-        return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
 
 
 def member_record(model: Any, meta: Any) -> dict[str, Any]:
@@ -47,31 +24,16 @@ def member_record(model: Any, meta: Any) -> dict[str, Any]:
             "preprocessing": meta.preprocessing.to_dict(), "training_split": meta.training.get("split")}
 
 
-def build_ensemble(records: Sequence[dict[str, Any]], num_classes: int, preprocessing: Preprocessing) -> EnsembleModel:
-    """The empty network of an ensemble bundle (weights are loaded by the caller)."""
-    from chestxray.models import InputNormalize, create_model
-
-    members = []
-    for rec in records:
-        member = create_model(rec["architecture"], num_classes=num_classes, weights="none", freeze="all",
-                              image_size=preprocessing.size)
-        pre = Preprocessing.from_dict(rec["preprocessing"])
-        member.normalize = InputNormalize(pre.mean, pre.std)
-        member.preprocessing = pre
-        members.append(member)
-    return EnsembleModel(members, preprocessing)
-
-
 def make_ensemble(bundles: Sequence[str | os.PathLike], root: str | os.PathLike, out: str | os.PathLike, *,
                   split: str = "val", val_fraction: float = 0.1, split_seed: int = 0,
                   name: str | None = None, allow_missing: bool = False) -> Path:
     """Combine `bundles`, tune thresholds on `split` of `root`, write the ensemble bundle."""
-    from chestxray.bundle import BundleMeta, load_bundle, save_bundle
+    from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle
     from chestxray.data.index import load_nih
-    from chestxray.evaluation import split_probabilities
-    from chestxray.metrics import evaluate_predictions
-    from chestxray.predict import Analyzer, TorchBackend
-    from chestxray.thresholds import tune_thresholds
+    from chestxray.evaluation.evaluate import split_probabilities
+    from chestxray.evaluation.metrics import evaluate_predictions
+    from chestxray.inference.predict import Analyzer, TorchBackend
+    from chestxray.evaluation.thresholds import tune_thresholds
 
     if len(bundles) < 2:
         raise ChestXrayError("an ensemble needs at least two --models")

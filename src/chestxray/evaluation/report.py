@@ -20,8 +20,8 @@ from chestxray.errors import DatasetError, ImageReadError
 
 if TYPE_CHECKING:
     from chestxray.data.index import NIHIndex
-    from chestxray.explain import CamResult
-    from chestxray.predict import Analyzer, Prediction
+    from chestxray.inference.explain import CamResult
+    from chestxray.inference.predict import Analyzer, Prediction
 
 THUMB = 320  # longest side of the images in the grid and the HTML page
 MAX_LISTED = 5  # positives listed per tile of the grid (the HTML page lists all)
@@ -76,8 +76,8 @@ def build_items(analyzer: "Analyzer", index: "NIHIndex", positions: np.ndarray,
     """One Grad-CAM pass per image: the prediction and the map of its top finding."""
     from tqdm.auto import tqdm
 
-    from chestxray.explain import CamResult, gradcam, overlay
-    from chestxray.predict import Prediction
+    from chestxray.inference.explain import CamResult, gradcam, overlay
+    from chestxray.inference.predict import Prediction
 
     model = analyzer.model  # ChestXrayError for a backend without a torch model
     items = []

@@ -8,7 +8,6 @@ and ONNX export share one definition of preprocessing.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chestxray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from chestxray.data.transforms import Preprocessing
 from chestxray.errors import ChestXrayError, WeightsUnavailableError
 from chestxray.labels import FINDINGS
 
@@ -64,72 +63,49 @@ class ModelSpec:
     pretrained_build: Callable[[int], nn.Module] | None = None
 
 
-def _resnet50(num_classes: int, weights: object) -> nn.Module:
-    from torchvision.models import resnet50
-
-    net = resnet50(weights=weights)
-    net.fc = nn.Linear(net.fc.in_features, num_classes)
-    return net
-
-
-def _densenet121(num_classes: int, weights: object) -> nn.Module:
-    from torchvision.models import densenet121
-
-    net = densenet121(weights=weights)
-    net.classifier = nn.Linear(net.classifier.in_features, num_classes)
-    return net
+_REGISTRY: dict[str, ModelSpec] = {}
+_PREFIXES: dict[str, Callable[[str], ModelSpec]] = {}
+# Families register themselves when imported; the registry imports them by name only,
+# the first time a model is looked up, so it depends on none of them.
+FAMILY_MODULES = ("chestxray.models.torchvision_models", "chestxray.models.timm")
 
 
-def _resnet18(num_classes: int, weights: object) -> nn.Module:
-    from torchvision.models import resnet18
-
-    net = resnet18(weights=weights)
-    net.fc = nn.Linear(net.fc.in_features, num_classes)
-    return net
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Make `spec` available by its name (`create_model(spec.name)`)."""
+    _REGISTRY[spec.name] = spec
+    return spec
 
 
-def _tv_weights(enum_name: str, member: str) -> Callable[[], object]:
-    def get() -> object:
-        import torchvision.models as tvm
-
-        return getattr(getattr(tvm, enum_name), member)
-
-    return get
+def register_prefix(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
+    """Names starting with `prefix` (e.g. "timm/") are resolved by `resolve(name)`."""
+    _PREFIXES[prefix] = resolve
 
 
-REGISTRY: dict[str, ModelSpec] = {
-    "resnet50": ModelSpec(
-        "resnet50", _resnet50, _tv_weights("ResNet50_Weights", "IMAGENET1K_V2"), "fc",
-        ("layer2", "layer3", "layer4"), "layer4",
-    ),
-    "densenet121": ModelSpec(
-        "densenet121", _densenet121, _tv_weights("DenseNet121_Weights", "IMAGENET1K_V1"), "classifier",
-        ("features.denseblock3", "features.transition3", "features.denseblock4", "features.norm5"),
-        "features.norm5",
-    ),
-    # Small and fast: for tests, CPUs and quick experiments.
-    "resnet18": ModelSpec(
-        "resnet18", _resnet18, _tv_weights("ResNet18_Weights", "IMAGENET1K_V1"), "fc",
-        ("layer2", "layer3", "layer4"), "layer4",
-    ),
-}
+def _load_families() -> None:
+    import importlib
+
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+
+
+def registered_models() -> dict[str, ModelSpec]:
+    _load_families()
+    return dict(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    from chestxray.timm_models import PREFIX, timm_spec
-
-    if name.startswith(PREFIX):
-        return timm_spec(name)
+    _load_families()
+    for prefix, resolve in _PREFIXES.items():
+        if name.startswith(prefix):
+            return resolve(name)
     try:
-        return REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
+        prefixes = ", ".join(f"{p}<name>" for p in _PREFIXES)
         raise ChestXrayError(
-            f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}, or {PREFIX}<name> for any timm model"
+            f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}"
+            + (f", or {prefixes}" if prefixes else "")
         ) from None
-
-
-def list_models() -> list[str]:
-    return sorted(REGISTRY)
 
 
 def create_model(
@@ -251,13 +227,3 @@ def cam_target_layer(model: ChestClassifier) -> nn.Module:
     if getattr(model, "architecture", None) == "ensemble":
         raise ChestXrayError("Grad-CAM is not defined for an ensemble; explain one of its member bundles")
     return _get_module(model.backbone, get_spec(model.architecture).cam_layer)
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-def describe_weights(weights: str) -> str:
-    return weights if weights in ("imagenet", "none") else f"file:{os.path.basename(weights)}"

@@ -21,7 +21,7 @@ import numpy as np
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
-from chestxray.onnx_backend import INPUT_NAME
+from chestxray.inference.onnx_backend import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ AUROC_BUDGET = 0.005
 def calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64,
                        seed: int = 0) -> list[Path]:
     """A seeded sample of `count` images from a folder (recursive) or a list of files."""
-    from chestxray.predict import collect_inputs
+    from chestxray.inference.predict import collect_inputs
 
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     for item in items:
@@ -156,7 +156,7 @@ def compare_auroc(analyzers: dict[str, Any], root: str | os.PathLike, *, split: 
     outcome on the split are left out of the mean (AUROC is undefined there).
     """
     from chestxray.data.index import load_nih
-    from chestxray.metrics import per_class_auroc
+    from chestxray.evaluation.metrics import per_class_auroc
 
     if not analyzers:
         raise ChestXrayError("compare_auroc: no models to compare")

@@ -15,7 +15,7 @@ from typing import Any, Protocol, Union
 
 import numpy as np
 
-from chestxray.data.images import IMAGE_SUFFIXES, read_image
+from chestxray.data.images import IMAGE_SUFFIXES, to_gray
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import BundleError, ChestXrayError, ImageReadError
 
@@ -102,6 +102,64 @@ def default_bundle_path() -> Path:
     return path
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def sniff_model_format(path: str | os.PathLike) -> str | None:
+    """"safetensors", "onnx" or None, from the file's first bytes (never its name alone):
+    safetensors starts with an 8-byte header length and a JSON object; ONNX is a protobuf
+    ModelProto whose first field is ir_version (tag 0x08)."""
+    p = Path(path)
+    if p.is_dir():
+        return "safetensors" if (p / "model.safetensors").is_file() else ("onnx" if any(p.glob("*.onnx")) else None)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x08":
+        return "onnx"
+    return None
+
+
+def resolve_backend(model: str | os.PathLike | None, backend: str = "auto") -> str:
+    """The backend that will run `model`: the one asked for, or for "auto" the file's own
+    format; with no model, the bundled PyTorch model, or its ONNX twin when torch is absent."""
+    if backend not in BACKENDS:
+        raise ChestXrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    fmt = sniff_model_format(model) if model is not None else None
+    if backend == "auto":
+        if fmt is not None:
+            backend = "onnx" if fmt == "onnx" else "torch"
+        elif model is not None and str(model).lower().endswith(".onnx"):
+            backend = "onnx"
+        else:
+            backend = "torch"
+        if backend == "torch" and not torch_available():
+            if model is not None:
+                raise ChestXrayError(
+                    f"{model}: a PyTorch bundle needs torch, which is not installed; install "
+                    "'chestxray[torch]', or export the bundle to ONNX on a machine that has it"
+                )
+            log.info("torch is not installed: using the ONNX backend (the packaged int8 default.onnx)")
+            backend = "onnx"
+    elif backend == "torch":
+        if fmt == "onnx":
+            raise ChestXrayError(f"{model}: this is an ONNX file; use --backend onnx (or leave --backend out)")
+        if not torch_available():
+            raise ChestXrayError("--backend torch needs torch: pip install 'chestxray[torch]'; "
+                                 "or use --backend onnx (onnxruntime, no torch needed)")
+    return backend
+
+
 def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand folders (recursively, sorted) into image files; files are kept as given."""
     out: list[Path] = []
@@ -130,21 +188,25 @@ class Analyzer:
         self.batch_size = max(1, batch_size)
 
     @classmethod
-    def load(cls, bundle: str | os.PathLike | None = None, *, backend: str = "torch",
+    def load(cls, model: str | os.PathLike | None = None, *, backend: str = "auto",
              device: str = "cpu", batch_size: int = 16) -> "Analyzer":
+        """`model`: a bundle (.safetensors or a run folder), an exported .onnx file, or None
+        for the bundled model. `backend`: "auto" (from the file; without torch, ONNX),
+        "torch" or "onnx"."""
+        backend = resolve_backend(model, backend)
         if backend == "onnx":
-            from chestxray.onnx_backend import load_onnx_analyzer
+            from chestxray.inference.onnx_backend import OnnxBackend
 
             # None: the packaged default.onnx, or an error telling how to export one.
-            return load_onnx_analyzer(cls, bundle, batch_size=batch_size)
-        path = Path(bundle) if bundle is not None else default_bundle_path()
-        if backend == "torch":
-            from chestxray.bundle import load_bundle
+            onnx = OnnxBackend(model)
+            meta = onnx.info.meta
+            return cls(onnx, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
+        from chestxray.models.bundle import load_bundle
 
-            model, meta = load_bundle(path, device=device)
-            return cls(TorchBackend(model, device), meta.labels, meta.thresholds, meta.preprocessing,
-                       meta.name, meta, batch_size)
-        raise ChestXrayError(f"unknown backend {backend!r}; choose torch or onnx")
+        path = Path(model) if model is not None else default_bundle_path()
+        net, meta = load_bundle(path, device=device)
+        return cls(TorchBackend(net, device), meta.labels, meta.thresholds, meta.preprocessing,
+                   meta.name, meta, batch_size)
 
     @property
     def model(self) -> Any:
@@ -161,18 +223,7 @@ class Analyzer:
 
     @staticmethod
     def to_gray(image: Input, name: str | None = None) -> np.ndarray:
-        if isinstance(image, np.ndarray):
-            arr = image
-            if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-                arr = arr[..., :3].mean(axis=-1)
-            if arr.ndim != 2:
-                raise ImageReadError(name or "<array>", f"expected a 2-D gray image, got shape {image.shape}")
-            if arr.dtype != np.uint8:
-                if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
-                    arr = arr * 255.0
-                arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
-            return arr
-        return read_image(image, name)
+        return to_gray(image, name)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.backend.probabilities(batch)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, threshold tuning, split evaluation, localization and HTML reports."""

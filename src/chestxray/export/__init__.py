@@ -1,0 +1,1 @@
+"""Export: ONNX graphs of bundles and their int8 quantization."""
