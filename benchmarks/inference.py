@@ -87,8 +87,8 @@ def machine() -> dict:
 def build_random_resnet50(folder: Path) -> Path:
     import torch
 
-    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.labels import FINDINGS
+    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.models.registry import create_model
 
     torch.manual_seed(0)
@@ -175,11 +175,11 @@ def cold_start(commands: dict[str, list[str]], runs: int) -> dict:
 
 
 def speed(args: argparse.Namespace, work: Path) -> dict:
-    from chestxray.models.bundle import load_bundle
     from chestxray.data.images import read_image
     from chestxray.data.transforms import EvalPreset
     from chestxray.inference.onnx_backend import OnnxBackend
     from chestxray.inference.predict import TorchBackend, collect_inputs
+    from chestxray.models.bundle import load_bundle
 
     bundle, fp, q, random_weights = prepare_models(args, work, args.images)
     model, meta = load_bundle(bundle)
@@ -218,8 +218,8 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
 
 def compare(args: argparse.Namespace, work: Path) -> dict:
     from chestxray.data.index import load_nih
-    from chestxray.inference.predict import Analyzer
     from chestxray.export.quantize import AUROC_BUDGET, calibration_images, compare_auroc
+    from chestxray.inference.predict import Analyzer
 
     if args.model is None:
         log("WARNING: no --model, so this compares a RANDOM-weights ResNet-50; pass the trained bundle")

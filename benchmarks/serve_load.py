@@ -44,8 +44,8 @@ def random_bundle(folder: Path, arch: str = "resnet18", size: int = 64) -> Path:
     import numpy as np
     import torch
 
-    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.labels import FINDINGS
+    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.models.registry import create_model
 
     torch.manual_seed(0)

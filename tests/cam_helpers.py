@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 from chestxray.data.transforms import Preprocessing
+from chestxray.inference.predict import Analyzer, TorchBackend
 from chestxray.labels import FINDINGS
 from chestxray.models.registry import ChestClassifier
-from chestxray.inference.predict import Analyzer, TorchBackend
 
 SIZE = 64  # model input side; the CAM grid is SIZE / 8 = 8 cells a side
 

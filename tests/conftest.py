@@ -52,8 +52,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     prediction, serving and export. Thresholds vary per class so tests can see them."""
     import torch
 
-    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.labels import FINDINGS
+    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.models.registry import create_model
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from chestxray.cli import main
-from chestxray.labels import FINDINGS
 from chestxray.inference.predict import Analyzer, default_bundle_path
+from chestxray.labels import FINDINGS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ROOT = os.environ.get("CHESTXRAY_SAMPLE_ROOT")

@@ -4,7 +4,6 @@ bad files listed with their reason while the rest are cached."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

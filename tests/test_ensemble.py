@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.models.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
 from chestxray.cli import main
 from chestxray.errors import BundleError, ChestXrayError
-from chestxray.labels import FINDINGS
-from chestxray.models.registry import create_model
 from chestxray.inference.predict import Analyzer
+from chestxray.labels import FINDINGS
+from chestxray.models.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
+from chestxray.models.registry import create_model
 
 
 def _member(tmp_path, name, seed, arch="resnet18", size=32):
@@ -57,8 +57,8 @@ def test_ensemble_is_the_mean_of_member_probabilities(tmp_path, members, mini_ro
 
 
 def test_ensemble_refuses_mismatched_members_and_cam(tmp_path, members, mini_root, original_png, capsys):
-    from chestxray.training.ensemble import make_ensemble
     from chestxray.inference.explain import explain
+    from chestxray.training.ensemble import make_ensemble
 
     other = _member(tmp_path, "big", 2, size=48)
     with pytest.raises(BundleError, match="input size"):

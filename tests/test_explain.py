@@ -10,6 +10,7 @@ import torch
 from cam_helpers import all_hooks, brightness_analyzer, single_torch_thread  # noqa: F401
 from chestxray.data.images import read_image
 from chestxray.errors import ChestXrayError
+from chestxray.evaluation.localization import peak_pixel
 from chestxray.inference.explain import (
     CamResult,
     FindingTarget,
@@ -19,9 +20,8 @@ from chestxray.inference.explain import (
     overlay,
     resolve_findings,
 )
-from chestxray.labels import FINDINGS
-from chestxray.evaluation.localization import peak_pixel
 from chestxray.inference.predict import Analyzer
+from chestxray.labels import FINDINGS
 
 
 @pytest.fixture(scope="module")

@@ -92,8 +92,8 @@ def test_export_writes_one_checked_file(exported):
 
 
 def test_metadata_round_trip(exported, tiny_bundle):
-    from chestxray.models.bundle import read_bundle_meta
     from chestxray.inference.onnx_backend import read_onnx_info
+    from chestxray.models.bundle import read_bundle_meta
 
     path, summary = exported
     model = onnx.load(str(path))
@@ -300,8 +300,8 @@ def test_auroc_comparison_on_the_repo_test_split(exported, exported_int8, tiny_b
     own metric on the same predictions."""
     from chestxray.data.index import load_nih
     from chestxray.evaluation.metrics import per_class_auroc
-    from chestxray.inference.predict import Analyzer
     from chestxray.export.quantize import compare_auroc
+    from chestxray.inference.predict import Analyzer
 
     analyzers = {
         "fp32": Analyzer.load(exported[0], backend="onnx"),

@@ -17,8 +17,8 @@ from cam_helpers import single_torch_thread  # noqa: F401
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.cli import main
 from chestxray.data.images import read_image
-from chestxray.labels import FINDINGS
 from chestxray.inference.predict import Analyzer
+from chestxray.labels import FINDINGS
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "00013125_000.png"
 BUNDLE_THRESHOLDS = dict(zip(FINDINGS, np.linspace(0.3, 0.7, len(FINDINGS))))  # as conftest builds them

@@ -14,8 +14,8 @@ from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.cli import main
 from chestxray.data.index import load_nih
 from chestxray.errors import DatasetError
-from chestxray.inference.predict import Analyzer
 from chestxray.evaluation.report import choose_examples, write_report
+from chestxray.inference.predict import Analyzer
 
 
 def test_choice_is_seeded_and_within_the_split(mini_root):

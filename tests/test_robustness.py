@@ -37,9 +37,8 @@ def _dicom_bytes(transfer_syntax: str = "1.2.840.10008.1.2.1") -> bytes:
 
 def test_unknown_transfer_syntax_is_a_clean_error_and_logs_nothing(caplog):
     assert read_image(_dicom_bytes(), name="ok.dcm").shape == (8, 8)
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(ImageReadError, match="bad.dcm"):
-            read_image(_dicom_bytes("1.2.840.10008.9.9.9"), name="bad.dcm")
+    with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError, match="bad.dcm"):
+        read_image(_dicom_bytes("1.2.840.10008.9.9.9"), name="bad.dcm")
     assert not [r for r in caplog.records if r.name.startswith("pydicom")]
 
 
@@ -75,12 +74,12 @@ def test_evaluate_follows_the_bundle_label_order(tmp_path, mini_root):
     """A bundle whose labels are in another order must be scored against the right columns."""
     import torch
 
-    from chestxray.models.bundle import BundleMeta, save_bundle
     from chestxray.data.index import load_nih
     from chestxray.evaluation.evaluate import split_probabilities
-    from chestxray.labels import FINDINGS
-    from chestxray.models.registry import create_model
     from chestxray.inference.predict import Analyzer
+    from chestxray.labels import FINDINGS
+    from chestxray.models.bundle import BundleMeta, save_bundle
+    from chestxray.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet18", weights="none", freeze="all", image_size=32).eval()
@@ -133,12 +132,11 @@ def test_api_validation_errors_are_one_string(tiny_bundle, original_png):
 def test_server_reads_dicom_without_the_part10_preamble(tiny_bundle):
     import pydicom
     from fastapi.testclient import TestClient
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
 
     from chestxray.inference.predict import Analyzer
     from chestxray.serve.app import create_app
-
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
 
     ds = pydicom.dcmread(io.BytesIO(_dicom_bytes()))
     fp = DicomBytesIO()

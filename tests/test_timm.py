@@ -1,6 +1,5 @@
 """timm backbones through the registry (`--model timm/<name>`), end to end on a tiny one."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,10 +7,10 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle  # noqa: E402
 from chestxray.cli import main  # noqa: E402
 from chestxray.errors import ChestXrayError, WeightsUnavailableError  # noqa: E402
 from chestxray.labels import FINDINGS  # noqa: E402
+from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle  # noqa: E402
 from chestxray.models.registry import cam_target_layer, create_model  # noqa: E402
 
 NAME = "timm/resnet10t"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.models.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
 from chestxray.cli import main
 from chestxray.data.index import load_nih
 from chestxray.errors import BundleError, ChestXrayError, WeightsUnavailableError
 from chestxray.labels import FINDINGS
+from chestxray.models.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
 from chestxray.models.registry import create_model
 from chestxray.training.loop import TrainConfig, Trainer, train
 

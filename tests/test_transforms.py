@@ -55,7 +55,7 @@ def test_eval_preset(sample_images):
     out = preset(image)
     assert out.shape == (1, 48, 48) and out.dtype == np.float32
     np.testing.assert_allclose(out[0], resize_gray(image, 48) / 255.0, atol=1e-7)
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
     assert preset.batch([image, image]).shape == (2, 1, 48, 48)
     assert preset.batch([]).shape == (0, 1, 48, 48)
 
@@ -166,7 +166,7 @@ def test_on_a_cuda_device(batch):
     x = batch.cuda()
     config = AugmentConfig.preset("seed")
     a, b = BatchAugment(config, seed=7, device="cuda")(x.clone()), BatchAugment(config, seed=7, device="cuda")(x.clone())
-    assert a.device.type == "cuda" and torch.equal(a, b) and 0.0 <= a.min() and a.max() <= 1.0
+    assert a.device.type == "cuda" and torch.equal(a, b) and a.min() >= 0.0 and a.max() <= 1.0
     torch.testing.assert_close(BatchAugment(AugmentConfig(**OFF), device="cuda")(x.clone()), x, rtol=0, atol=0)
     with pytest.raises(ChestXrayError, match="batch is on cpu but the augmenter on cuda"):
         BatchAugment(config, device="cuda")(batch)

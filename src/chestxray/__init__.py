@@ -9,9 +9,7 @@ from chestxray.labels import FINDINGS, parse_finding_labels
 
 __version__ = "0.1.0"
 
-NOT_FOR_CLINICAL_USE = (
-    "Research and teaching use only. Not a medical device; not for clinical use."
-)
+NOT_FOR_CLINICAL_USE = "Research and teaching use only. Not a medical device; not for clinical use."
 
 # The public API, imported on first use (PEP 562) so `import chestxray` stays light and
 # works without torch: `from chestxray import Analyzer, explain, load_bundle`.

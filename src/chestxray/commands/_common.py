@@ -39,8 +39,9 @@ def device_name(text: str) -> str:
 def add_device_arg(p: argparse.ArgumentParser, default: str = "cpu") -> None:
     from chestxray.models.device import DEVICE_HELP
 
-    p.add_argument("--device", type=device_name, default=default,
-                   help=f"where the network runs: {DEVICE_HELP} (default {default})")
+    p.add_argument(
+        "--device", type=device_name, default=default, help=f"where the network runs: {DEVICE_HELP} (default {default})"
+    )
 
 
 def resolve_device_arg(device: str, backend: str = "torch") -> str:
@@ -54,22 +55,33 @@ def resolve_device_arg(device: str, backend: str = "torch") -> str:
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that opens a dataset root."""
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of train_val patients held out for validation (default 0.1)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of train_val patients held out for validation (default 0.1)",
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation carve (default 0)")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="use the images that are present when some listed ones are missing")
+    p.add_argument(
+        "--allow-missing", action="store_true", help="use the images that are present when some listed ones are missing"
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
     """--model, --device (and --backend): shared by predict, evaluate, report and serve."""
     from chestxray.inference.predict import BACKENDS
 
-    p.add_argument("--model", metavar="MODEL", default=None,
-                   help="model bundle (.safetensors or a training run folder) or exported .onnx file; "
-                        "default: the bundled model")
+    p.add_argument(
+        "--model",
+        metavar="MODEL",
+        default=None,
+        help="model bundle (.safetensors or a training run folder) or exported .onnx file; default: the bundled model",
+    )
     if backends:
-        p.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="auto (default: from the model file; ONNX when torch is not installed), "
-                            "torch, or onnx (onnxruntime)")
+        p.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default="auto",
+            help="auto (default: from the model file; ONNX when torch is not installed), torch, or onnx (onnxruntime)",
+        )
     add_device_arg(p)

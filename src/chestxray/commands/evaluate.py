@@ -18,9 +18,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_model_args(p, backends=False)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--boxes", nargs="?", const="", default=None, metavar="CSV",
-                   help="also score Grad-CAM localization against radiologist boxes "
-                        "(default CSV: ROOT/BBox_List_2017.csv)")
+    p.add_argument(
+        "--boxes",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CSV",
+        help="also score Grad-CAM localization against radiologist boxes (default CSV: ROOT/BBox_List_2017.csv)",
+    )
     add_dataset_args(p)
     p.set_defaults(run=run)
 
@@ -29,28 +34,30 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from chestxray import NOT_FOR_CLINICAL_USE
+    from chestxray.commands._common import resolve_device_arg
     from chestxray.data.index import load_nih
     from chestxray.errors import DatasetError
     from chestxray.evaluation.evaluate import run_evaluation
-    from chestxray.io import atomic_write_text
     from chestxray.inference.predict import Analyzer
-
-    from chestxray.commands._common import resolve_device_arg
+    from chestxray.io import atomic_write_text
 
     device = resolve_device_arg(args.device)
     analyzer = Analyzer.load(args.model, backend="torch", device=device, batch_size=args.batch_size)
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
-                     allow_missing=args.allow_missing)
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
     out = Path(args.out or f"eval-{args.split}")
-    result = run_evaluation(analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed,
-                            progress=sys.stderr.isatty())
+    result = run_evaluation(
+        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=sys.stderr.isatty()
+    )
     m = result["macro"]
     ci = m.get("auroc_ci") or [None, None]
     print(f"{analyzer.name} on {args.split} ({result['n_images']} images, {result['n_patients']} patients)")
     macro = "undefined (no finding has positives and negatives here)" if m["auroc"] is None else f"{m['auroc']:.4f}"
-    print(f"macro AUROC {macro}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else "")
-          + f"  element-wise accuracy {result['elementwise_accuracy']:.4f} "
-          f"(all-negative {result['all_negative_accuracy']:.4f})")
+    print(
+        f"macro AUROC {macro}"
+        + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else "")
+        + f"  element-wise accuracy {result['elementwise_accuracy']:.4f} "
+        f"(all-negative {result['all_negative_accuracy']:.4f})"
+    )
     for name, e in result["per_class"].items():
         auc = "undefined" if e["auroc"] is None else f"{e['auroc']:.3f}"
         print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}")

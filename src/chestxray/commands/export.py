@@ -20,20 +20,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "the export extra: pip install 'chestxray[torch,export]'."
         ),
     )
-    p.add_argument("--model", metavar="BUNDLE", help="model bundle (.safetensors or run folder; default: the packaged model)")
+    p.add_argument(
+        "--model", metavar="BUNDLE", help="model bundle (.safetensors or run folder; default: the packaged model)"
+    )
     p.add_argument("--onnx", metavar="OUT.onnx", required=True, help="where to write the ONNX file (atomically)")
-    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset, 18 or newer (default 18, which onnxruntime >= 1.14 runs)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |p_onnx - p_torch| on the check images (default 1e-4)")
-    p.add_argument("--check-images", nargs="+", metavar="PATH",
-                   help="images or folders to check on (first 8; default: the packaged NIH samples)")
-    p.add_argument("--int8", action="store_true",
-                   help="write an int8 model (onnxruntime static quantization) instead of float32")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=18,
+        metavar="N",
+        help="ONNX opset, 18 or newer (default 18, which onnxruntime >= 1.14 runs)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |p_onnx - p_torch| on the check images (default 1e-4)",
+    )
+    p.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="PATH",
+        help="images or folders to check on (first 8; default: the packaged NIH samples)",
+    )
+    p.add_argument(
+        "--int8", action="store_true", help="write an int8 model (onnxruntime static quantization) instead of float32"
+    )
     p.add_argument("--calibration", metavar="DIR", help="real radiographs to calibrate int8 on (with --int8)")
-    p.add_argument("--calibration-count", type=int, default=64, metavar="N",
-                   help="calibrate on a seeded sample of N images (default 64)")
-    p.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
-                   help="how activation ranges are chosen (default minmax)")
+    p.add_argument(
+        "--calibration-count",
+        type=int,
+        default=64,
+        metavar="N",
+        help="calibrate on a seeded sample of N images (default 64)",
+    )
+    p.add_argument(
+        "--calibration-method",
+        choices=("minmax", "percentile", "entropy"),
+        default="minmax",
+        help="how activation ranges are chosen (default minmax)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.set_defaults(run=run)
 
@@ -48,22 +74,41 @@ def run(args: argparse.Namespace) -> int:
         raise ChestXrayError("--calibration is only used with --int8")
     say = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = export_bundle(
-        args.model, args.onnx, opset=args.opset, tolerance=args.tolerance, check_images=args.check_images,
-        int8=args.int8, calibration=args.calibration, calibration_count=args.calibration_count,
-        calibration_method=args.calibration_method, say=say,
+        args.model,
+        args.onnx,
+        opset=args.opset,
+        tolerance=args.tolerance,
+        check_images=args.check_images,
+        int8=args.int8,
+        calibration=args.calibration,
+        calibration_count=args.calibration_count,
+        calibration_method=args.calibration_method,
+        say=say,
     )
     if args.json:
-        print(json.dumps({
-            "path": str(result.path), "bytes": result.bytes, "opset": result.opset,
-            "quantization": result.quantization, "parity": result.parity.to_dict(),
-            "float_parity": result.float_parity.to_dict() if result.float_parity else None,
-            "seconds": round(result.seconds, 2),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "path": str(result.path),
+                    "bytes": result.bytes,
+                    "opset": result.opset,
+                    "quantization": result.quantization,
+                    "parity": result.parity.to_dict(),
+                    "float_parity": result.float_parity.to_dict() if result.float_parity else None,
+                    "seconds": round(result.seconds, 2),
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, opset {result.opset}, dynamic batch, "
-          f"{result.quantization}) in {result.seconds:.1f} s")
+    print(
+        f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, opset {result.opset}, dynamic batch, "
+        f"{result.quantization}) in {result.seconds:.1f} s"
+    )
     if args.int8:
-        print("int8 is kept only if it loses at most 0.005 mean AUROC against float32 on held-out images: "
-              "python benchmarks/inference.py --model BUNDLE --compare-auroc NIH_ROOT")
+        print(
+            "int8 is kept only if it loses at most 0.005 mean AUROC against float32 on held-out images: "
+            "python benchmarks/inference.py --model BUNDLE --compare-auroc NIH_ROOT"
+        )
     print(f"use it without torch: chestxray predict --backend onnx --model {result.path} IMAGE")
     return 0

@@ -20,8 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from chestxray.data.index import load_nih
 
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
-                     allow_missing=args.allow_missing, require_images=False)
+    index = load_nih(
+        args.root,
+        val_fraction=args.val_fraction,
+        seed=args.split_seed,
+        allow_missing=args.allow_missing,
+        require_images=False,
+    )
     summary = index.summary()
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     # A patient on two sides of a split is a leak: fail, so scripts and CI notice.
@@ -34,7 +39,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"root            {s['root']}",
         f"labels file     {s['labels_file']} ({s['label_rows']:,} rows"
-        + (f", {s['unlisted_rows']:,} in neither split list" if s.get("unlisted_rows") else "") + ")",
+        + (f", {s['unlisted_rows']:,} in neither split list" if s.get("unlisted_rows") else "")
+        + ")",
         f"images          {s['images_found']:,} found, {missing:,} missing"
         + (f" (e.g. {', '.join(s['missing_examples'][:3])})" if missing else ""),
         f"patients        {s['patients']:,}",
@@ -44,8 +50,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{'split':<8}{'images':>10}{'found':>10}{'patients':>10}{'no finding':>12}",
     ]
     for name, sp in s["splits"].items():
-        lines.append(f"{name:<8}{sp['images']:>10,}{sp['images_found']:>10,}{sp['patients']:>10,}"
-                     f"{sp['no_finding']:>12.1%}")
+        lines.append(
+            f"{name:<8}{sp['images']:>10,}{sp['images_found']:>10,}{sp['patients']:>10,}{sp['no_finding']:>12.1%}"
+        )
     width = 20
     lines += ["", f"{'prevalence':<{width}}" + "".join(f"{n:>9}" for n in s["splits"])]
     findings = next(iter(s["splits"].values()))["prevalence"].keys()
@@ -53,6 +60,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  {f:<{width - 2}}" + "".join(f"{sp['prevalence'][f]:>9.2%}" for sp in s["splits"].values()))
     overlap = s["patient_overlap"]
     ok = not any(overlap.values())
-    lines += ["", "patient overlap " + ", ".join(f"{k}: {v}" for k, v in overlap.items())
-              + ("  OK" if ok else "  LEAK: patients on two sides")]
+    lines += [
+        "",
+        "patient overlap "
+        + ", ".join(f"{k}: {v}" for k, v in overlap.items())
+        + ("  OK" if ok else "  LEAK: patients on two sides"),
+    ]
     return "\n".join(lines)

@@ -16,6 +16,8 @@ def run(args: argparse.Namespace) -> int:
     for name, spec in sorted(registered_models().items()):
         pre = spec.preprocessing
         print(f"{name:<14} input {pre.size}px  seed-trainable {', '.join(spec.seed_trainable)} + {spec.head}")
-    print("timm/<name>    any timm model (pip install timm), e.g. timm/efficientnet_b0, timm/convnext_tiny; "
-          "input size and normalisation from its own config")
+    print(
+        "timm/<name>    any timm model (pip install timm), e.g. timm/efficientnet_b0, timm/convnext_tiny; "
+        "input size and normalisation from its own config"
+    )
     return 0

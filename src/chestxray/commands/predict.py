@@ -33,21 +33,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="findings for image files or folders (PNG, JPEG, DICOM), optionally with Grad-CAM overlays",
         description="Every finding with its probability, the model's threshold and whether it is positive "
-                    "(positives first), per image. Folders are searched recursively. Exit status 1 when "
-                    "some files could not be read (they are reported; the others finish). "
-                    + NOT_FOR_CLINICAL_USE,
+        "(positives first), per image. Folders are searched recursively. Exit status 1 when "
+        "some files could not be read (they are reported; the others finish). " + NOT_FOR_CLINICAL_USE,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     p.add_argument("--out", metavar="FILE", help="write the output to FILE (atomically) instead of stdout")
-    p.add_argument("--cam", metavar="DIR",
-                   help="also write Grad-CAM overlays (original size) to DIR, one PNG per image and finding: "
-                        "STEM_FINDING_PROB.png; needs the torch backend")
-    p.add_argument("--findings", metavar="A,B",
-                   help="with --cam: the findings to explain (default: the positive ones, or the most "
-                        "probable one when none is positive)")
+    p.add_argument(
+        "--cam",
+        metavar="DIR",
+        help="also write Grad-CAM overlays (original size) to DIR, one PNG per image and finding: "
+        "STEM_FINDING_PROB.png; needs the torch backend",
+    )
+    p.add_argument(
+        "--findings",
+        metavar="A,B",
+        help="with --cam: the findings to explain (default: the positive ones, or the most "
+        "probable one when none is positive)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
@@ -80,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         from chestxray.io import atomic_write_text
 
         atomic_write_text(args.out, text)
-        print(f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name}. "
-              f"{NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+        print(
+            f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name}. "
+            f"{NOT_FOR_CLINICAL_USE}",
+            file=sys.stderr,
+        )
     else:
         sys.stdout.write(text)
         if args.format != "table":
@@ -116,8 +124,9 @@ def quiet_skip_warnings() -> Iterator[None]:
         logger.setLevel(old)
 
 
-def predict_with_cams(analyzer: "Analyzer", files: Sequence[Path], cam_dir: Path,
-                      findings: Sequence[str] | None, progress: bool) -> list["Prediction"]:
+def predict_with_cams(
+    analyzer: "Analyzer", files: Sequence[Path], cam_dir: Path, findings: Sequence[str] | None, progress: bool
+) -> list["Prediction"]:
     """Predict each file with one Grad-CAM pass and write its overlays; the predictions
     come from the same forward pass as the maps."""
     from tqdm.auto import tqdm
@@ -168,6 +177,7 @@ def write_overlay(target: Path, gray: Any, cam: Any, analyzer: "Analyzer") -> Pa
 
 # ---- output formats -----------------------------------------------------------------
 
+
 def render(predictions: Sequence["Prediction"], fmt: str, model_name: str) -> str:
     if fmt == "json":
         return json.dumps([p.to_dict() for p in predictions], indent=2) + "\n"
@@ -187,8 +197,17 @@ def to_csv(predictions: Sequence["Prediction"]) -> str:
         if not p.ok:
             writer.writerow([p.file, p.model, "", "", "", "", p.error])
         for f in p.findings:
-            writer.writerow([p.file, p.model, f.finding, f"{f.probability:.6f}", f"{f.threshold:.6f}",
-                             "true" if f.positive else "false", ""])
+            writer.writerow(
+                [
+                    p.file,
+                    p.model,
+                    f.finding,
+                    f"{f.probability:.6f}",
+                    f"{f.threshold:.6f}",
+                    "true" if f.positive else "false",
+                    "",
+                ]
+            )
     return buf.getvalue()
 
 

@@ -14,12 +14,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prepare", help="decode and resize every image once into a uint8 cache")
     p.add_argument("root", help="dataset root")
-    p.add_argument("--cache", default=None,
-                   help="cache folder (default: $CHESTXRAY_CACHE/<root>-<hash>, else "
-                        "~/.cache/chestxray/<root>-<hash>; never inside the dataset root)")
-    p.add_argument("--size", type=int, default=DEFAULT_CACHE_SIZE,
-                   help=f"side in pixels; training reads the cache whose size equals its --image-size "
-                        f"(default {DEFAULT_CACHE_SIZE})")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache folder (default: $CHESTXRAY_CACHE/<root>-<hash>, else "
+        "~/.cache/chestxray/<root>-<hash>; never inside the dataset root)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=DEFAULT_CACHE_SIZE,
+        help=f"side in pixels; training reads the cache whose size equals its --image-size "
+        f"(default {DEFAULT_CACHE_SIZE})",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     add_dataset_args(p)
     p.set_defaults(run=run)
@@ -32,23 +39,30 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.data.cache import default_cache_dir, prepare_cache
     from chestxray.data.index import load_nih
 
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
-                     allow_missing=args.allow_missing)
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
     if index.skipped_missing:
         print(f"skipped {index.skipped_missing:,} listed images that are missing (--allow-missing)")
     cache = args.cache or default_cache_dir(args.root)
-    report = prepare_cache(list(index.iter_paths()), cache, size=args.size, workers=args.workers,
-                           progress=sys.stderr.isatty())
-    print(f"cache {report.cache_dir}: {report.total - len(report.failed):,} of {report.total:,} images ready "
-          f"({report.decoded:,} decoded now, {report.skipped:,} already done)")
+    report = prepare_cache(
+        list(index.iter_paths()), cache, size=args.size, workers=args.workers, progress=sys.stderr.isatty()
+    )
+    print(
+        f"cache {report.cache_dir}: {report.total - len(report.failed):,} of {report.total:,} images ready "
+        f"({report.decoded:,} decoded now, {report.skipped:,} already done)"
+    )
     if report.failed:
-        print(f"{len(report.failed):,} files could not be read (fix them, or delete them and "
-              f"use --allow-missing, then run prepare again):", file=sys.stderr)
+        print(
+            f"{len(report.failed):,} files could not be read (fix them, or delete them and "
+            f"use --allow-missing, then run prepare again):",
+            file=sys.stderr,
+        )
         paths = dict(index.iter_paths())
         for name, reason in list(report.failed.items())[:MAX_LISTED]:
             print(f"  {paths.get(name, name)}: {reason}", file=sys.stderr)
         if len(report.failed) > MAX_LISTED:
-            print(f"  ... and {len(report.failed) - MAX_LISTED:,} more, all listed in "
-                  f"{report.cache_dir / 'failed.json'}", file=sys.stderr)
+            print(
+                f"  ... and {len(report.failed) - MAX_LISTED:,} more, all listed in {report.cache_dir / 'failed.json'}",
+                file=sys.stderr,
+            )
         return 1
     return 0

@@ -14,14 +14,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "report",
         help="a grid of random example predictions vs ground truth with Grad-CAM (grid.png, index.html)",
         description="Pick N seeded random images of a split, predict them, and show per image the "
-                    "radiograph, the true and predicted labels and the Grad-CAM of the most probable "
-                    "finding. Writes DIR/grid.png, DIR/index.html (self-contained) and "
-                    "DIR/predictions.json. " + NOT_FOR_CLINICAL_USE,
+        "radiograph, the true and predicted labels and the Grad-CAM of the most probable "
+        "finding. Writes DIR/grid.png, DIR/index.html (self-contained) and "
+        "DIR/predictions.json. " + NOT_FOR_CLINICAL_USE,
     )
     p.add_argument("root", help="dataset root (labels CSV, split lists, images)")
     add_model_args(p, backends=False)
-    p.add_argument("--split", choices=("train", "val", "test", "all"), default="test",
-                   help="split to draw from (default test)")
+    p.add_argument(
+        "--split", choices=("train", "val", "test", "all"), default="test", help="split to draw from (default test)"
+    )
     p.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -31,20 +32,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chestxray.data.index import load_nih
-    from chestxray.inference.predict import Analyzer
     from chestxray.evaluation.report import write_report
+    from chestxray.inference.predict import Analyzer
 
     device = resolve_device_arg(args.device)
     analyzer = Analyzer.load(args.model, backend="torch", device=device)
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed,
-                     allow_missing=args.allow_missing)
-    summary = write_report(analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed,
-                           progress=sys.stderr.isatty())
-    print(f"report of {summary['images']} {args.split} images by model {analyzer.name}: "
-          f"{summary['html']} and {summary['grid']}\n{NOT_FOR_CLINICAL_USE}")
+    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
+    summary = write_report(
+        analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed, progress=sys.stderr.isatty()
+    )
+    print(
+        f"report of {summary['images']} {args.split} images by model {analyzer.name}: "
+        f"{summary['html']} and {summary['grid']}\n{NOT_FOR_CLINICAL_USE}"
+    )
     if summary["unreadable"]:
-        print(f"chestxray report: {summary['unreadable']} of {summary['images']} images could not be read "
-              "(marked in the report)",
-              file=sys.stderr)
+        print(
+            f"chestxray report: {summary['unreadable']} of {summary['images']} images could not be read "
+            "(marked in the report)",
+            file=sys.stderr,
+        )
         return 1
     return 0

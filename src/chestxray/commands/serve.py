@@ -15,18 +15,25 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="web viewer and REST API: upload an X-ray, see findings and Grad-CAM overlays",
+        "serve",
+        help="web viewer and REST API: upload an X-ray, see findings and Grad-CAM overlays",
         description="Serve a model over HTTP: a one-page viewer at / and a REST API under /api/v1 "
-                    "(schema at /openapi.json). Uploads stay in memory and are never logged.",
+        "(schema at /openapi.json). Uploads stay in memory and are never logged.",
     )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1, this machine only; the server has no "
-                        "authentication, so think twice before 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; the server has no "
+        "authentication, so think twice before 0.0.0.0)",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks any free port)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MiB (default 20)")
-    p.add_argument("--access-log", action="store_true",
-                   help="log one line per request (path only: query strings and analysis ids are cut)")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (path only: query strings and analysis ids are cut)",
+    )
     p.set_defaults(run=run)
 
 
@@ -65,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
         from chestxray.serve.app import create_app
     except ImportError as exc:
-        raise ChestXrayError(f"serving needs the serve extra: pip install 'chestxray[serve]' ({exc.name} missing)") from None
+        raise ChestXrayError(
+            f"serving needs the serve extra: pip install 'chestxray[serve]' ({exc.name} missing)"
+        ) from None
     from chestxray.inference.predict import Analyzer
 
     if not 0 <= args.port < 65536:
@@ -78,13 +87,20 @@ def run(args: argparse.Namespace) -> int:
     analyzer = Analyzer.load(args.model, backend=backend, device=resolve_device_arg(args.device, backend))
     app = create_app(analyzer, max_upload_bytes=int(args.max_upload_mb * 2**20))
     if not is_loopback(args.host):
-        log.warning("listening on %s: anyone who can reach this address can upload images; "
-                    "the server has no authentication", args.host)
+        log.warning(
+            "listening on %s: anyone who can reach this address can upload images; the server has no authentication",
+            args.host,
+        )
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"chestxray serve: model {analyzer.name} ({backend}) at http://{shown}:{args.port}/ "
-          f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info",
-                            server_header=False)
+    print(
+        f"chestxray serve: model {analyzer.name} ({backend}) at http://{shown}:{args.port}/ "
+        f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, access_log=args.access_log, log_level="info", server_header=False
+    )
     access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
     if not any(isinstance(f, RedactAccessLog) for f in access.filters):
         access.addFilter(RedactAccessLog())

@@ -9,19 +9,30 @@ from chestxray.commands._common import add_dataset_args, add_device_arg
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a classifier from a prepared cache (seed recipe by default)",
+        "train",
+        help="train a classifier from a prepared cache (seed recipe by default)",
         description="Defaults are the seed recipe: ResNet-50 with ImageNet weights, layer2-layer4 and the "
-                    "head trained, BCEWithLogitsLoss, Adam at 1e-5, ReduceLROnPlateau on validation loss, "
-                    "5 epochs, 224 px. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).")
+        "head trained, BCEWithLogitsLoss, Adam at 1e-5, ReduceLROnPlateau on validation loss, "
+        "5 epochs, 224 px. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).",
+    )
     p.add_argument("root", help="dataset root")
     p.add_argument("--out", required=True, help="run folder: log.jsonl, checkpoint.pt, model.safetensors")
-    p.add_argument("--model", default="resnet50",
-                   help="architecture: resnet50, densenet121, resnet18, or timm/<name> (see `chestxray models`)")
-    p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (torchvision download), 'none' (random init) or a state-dict FILE")
-    p.add_argument("--freeze", default="seed", choices=["seed", "all", "head"],
-                   help="seed: train layer2-layer4 + head; all: train everything; head: head only "
-                        "(default seed)")
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        help="architecture: resnet50, densenet121, resnet18, or timm/<name> (see `chestxray models`)",
+    )
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (torchvision download), 'none' (random init) or a state-dict FILE",
+    )
+    p.add_argument(
+        "--freeze",
+        default="seed",
+        choices=["seed", "all", "head"],
+        help="seed: train layer2-layer4 + head; all: train everything; head: head only (default seed)",
+    )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (peak for onecycle)")
@@ -30,11 +41,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="plateau", choices=["plateau", "onecycle", "cosine", "none"])
     p.add_argument("--plateau-patience", type=int, default=1)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--augment", default="none", choices=["none", "seed", "strong"],
-                   help="on-device augmentation: seed = rotation 10, h-flip, brightness/contrast; "
-                        "strong = rotation, scale, shift, contrast (default none)")
-    p.add_argument("--pos-weight", default="none", choices=["none", "balanced"],
-                   help="positive-class weighting of the loss (balanced = negatives/positives, capped at 50)")
+    p.add_argument(
+        "--augment",
+        default="none",
+        choices=["none", "seed", "strong"],
+        help="on-device augmentation: seed = rotation 10, h-flip, brightness/contrast; "
+        "strong = rotation, scale, shift, contrast (default none)",
+    )
+    p.add_argument(
+        "--pos-weight",
+        default="none",
+        choices=["none", "balanced"],
+        help="positive-class weighting of the loss (balanced = negatives/positives, capped at 50)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p, default="auto")
     p.add_argument("--workers", type=int, default=2, help="processes for preparing a missing cache")

@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,7 +27,7 @@ MAX_PIXELS = 50_000_000
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
-ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+ImageSource = str | os.PathLike | bytes | BinaryIO
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Only these decoders run on untrusted bytes (PIL knows many more formats).
@@ -41,7 +41,7 @@ def is_dicom_bytes(head: bytes) -> bool:
 
 
 def sniff_image_format(head: bytes) -> str | None:
-    """"png", "jpeg", "dicom" (Part-10) or None, from the first 132 bytes."""
+    """ "png", "jpeg", "dicom" (Part-10) or None, from the first 132 bytes."""
     if head.startswith(PNG_MAGIC):
         return "png"
     if head.startswith(JPEG_MAGIC):
@@ -106,8 +106,8 @@ def _read_bytes(source: ImageSource, label: str) -> bytes:
 def _check_pixels(label: str, w: int, h: int, what: str = "image") -> None:
     if w * h > MAX_PIXELS:
         raise ImageReadError(
-            label, f"{what} of {w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the "
-            f"{MAX_PIXELS / 1e6:.0f} megapixel limit"
+            label,
+            f"{what} of {w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the {MAX_PIXELS / 1e6:.0f} megapixel limit",
         )
 
 
@@ -283,8 +283,9 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         return
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
-    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    )
 
 
 def _int_tag(ds: Any, keyword: str, default: int) -> int:
@@ -302,8 +303,10 @@ def _pixel_error(ds: Any, exc: Exception) -> str:
     except (ValueError, AttributeError):  # a private or unknown transfer syntax UID
         compressed = False
     if compressed:
-        return (f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
-                "installing pylibjpeg or python-gdcm adds decoders")
+        return (
+            f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
+            "installing pylibjpeg or python-gdcm adds decoders"
+        )
     return f"cannot decode DICOM pixel data ({type(exc).__name__})"
 
 

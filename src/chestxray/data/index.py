@@ -46,9 +46,7 @@ def find_labels_file(root: Path) -> Path:
         candidate = root / name
         if candidate.is_file():
             return candidate
-    raise DatasetError(
-        f"{root}: no labels file found; expected one of {', '.join(LABEL_FILES)} in the root"
-    )
+    raise DatasetError(f"{root}: no labels file found; expected one of {', '.join(LABEL_FILES)} in the root")
 
 
 def read_labels_table(path: Path) -> "pd.DataFrame":
@@ -205,11 +203,7 @@ class NIHIndex:
     def patient_overlap(self) -> dict[str, int]:
         """Number of patients shared by each pair of splits (all zero when sound)."""
         groups = {s: set(self.frame.loc[self.frame["split"] == s, "patient_id"]) for s in SPLITS}
-        return {
-            f"{a}-{b}": len(groups[a] & groups[b])
-            for i, a in enumerate(SPLITS)
-            for b in SPLITS[i + 1 :]
-        }
+        return {f"{a}-{b}": len(groups[a] & groups[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
 
     def iter_paths(self) -> Iterator[tuple[str, Path]]:
         """(image name, path) of every row whose file was found, in frame order."""
@@ -320,8 +314,12 @@ def load_nih(
                 f"{int(keep.sum()) - len(missing):,} present"
             )
         skipped = len(missing)
-        log.warning("%d listed images are missing under %s; skipped them and using the %d present",
-                    skipped, root, int(keep.sum()) - skipped)
+        log.warning(
+            "%d listed images are missing under %s; skipped them and using the %d present",
+            skipped,
+            root,
+            int(keep.sum()) - skipped,
+        )
         keep = keep & has_file
 
     table = table.loc[keep].reset_index(drop=True)

@@ -18,9 +18,20 @@ import torch
 
 
 class CacheBatches:
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                 shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu", prefetch: int = 3) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 3,
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} label rows")
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, S, S) uint8

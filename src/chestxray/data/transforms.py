@@ -58,9 +58,7 @@ def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
     """Antialiased bilinear resize of a HxW uint8 image to size x size (aspect not kept,
     as NIH itself resized its originals to 1024 x 1024)."""
     if image.ndim != 2 or image.dtype != np.uint8:
-        raise ChestXrayError(
-            f"resize_gray: expected a 2-D uint8 image, got shape {image.shape} dtype {image.dtype}"
-        )
+        raise ChestXrayError(f"resize_gray: expected a 2-D uint8 image, got shape {image.shape} dtype {image.dtype}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ChestXrayError(f"resize_gray: size must be a positive integer, got {size!r}")
     if min(image.shape) < 1:
@@ -82,8 +80,10 @@ class EvalPreset:
         return (resized.astype(np.float32) * (1.0 / 255.0))[None]
 
     def batch(self, images: list[np.ndarray]) -> np.ndarray:
-        return np.stack([self(im) for im in images]) if images else np.zeros(
-            (0, 1, self.preprocessing.size, self.preprocessing.size), np.float32
+        return (
+            np.stack([self(im) for im in images])
+            if images
+            else np.zeros((0, 1, self.preprocessing.size, self.preprocessing.size), np.float32)
         )
 
 
@@ -99,7 +99,14 @@ class AugmentConfig:
     contrast: float = 0.1  # factor in [1 - c, 1 + c]
 
     # Upper bounds that keep each part a plausible radiograph (and the maths defined).
-    _LIMITS: ClassVar[dict[str, float]] = {"rotation": 180.0, "scale": 0.9, "translate": 1.0, "hflip": 1.0, "brightness": 1.0, "contrast": 1.0}
+    _LIMITS: ClassVar[dict[str, float]] = {
+        "rotation": 180.0,
+        "scale": 0.9,
+        "translate": 1.0,
+        "hflip": 1.0,
+        "brightness": 1.0,
+        "contrast": 1.0,
+    }
 
     def __post_init__(self) -> None:
         for name, top in self._LIMITS.items():
@@ -154,9 +161,7 @@ class BatchAugment:
         import torch.nn.functional as F
 
         if x.ndim != 4 or x.shape[1] != 1 or not x.is_floating_point():
-            raise ChestXrayError(
-                f"BatchAugment: expected a float (N, 1, H, W) batch, got {tuple(x.shape)} {x.dtype}"
-            )
+            raise ChestXrayError(f"BatchAugment: expected a float (N, 1, H, W) batch, got {tuple(x.shape)} {x.dtype}")
         if x.device != self.device and not (x.device.type == self.device.type == "cuda" and self.device.index is None):
             raise ChestXrayError(f"BatchAugment: batch is on {x.device} but the augmenter on {self.device}")
         c, n = self.config, x.shape[0]

@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.io import atomic_write, atomic_write_text
 from chestxray.evaluation.metrics import evaluate_predictions
+from chestxray.io import atomic_write, atomic_write_text
 
 
-def split_probabilities(analyzer: Any, index: Any, split: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def split_probabilities(
+    analyzer: Any, index: Any, split: str, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(probabilities, targets, patient ids, image names) of one split, read from the images
     through the analyzer's own preprocessing (exactly what `predict` does)."""
     from chestxray.errors import ChestXrayError
@@ -26,8 +28,9 @@ def split_probabilities(analyzer: Any, index: Any, split: str, progress: bool = 
     preds = analyzer.predict(paths, names=names, progress=progress)
     bad = [p for p in preds if not p.ok]
     if bad:
-        raise ChestXrayError(f"{len(bad)} images of the {split} split could not be read, e.g. "
-                             f"{bad[0].file}: {bad[0].error}")
+        raise ChestXrayError(
+            f"{len(bad)} images of the {split} split could not be read, e.g. {bad[0].file}: {bad[0].error}"
+        )
     probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
     # Targets in the model's label order (a bundle may order or subset its labels).
     unknown = [lab for lab in analyzer.labels if lab not in index.pathologies]
@@ -74,7 +77,7 @@ def write_curves(targets: np.ndarray, probs: np.ndarray, labels: list[str], out:
         fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
         fig.tight_layout()
         path = out / f"{kind}_curves.png"
-        atomic_write(path, lambda p: fig.savefig(p, format="png"))
+        atomic_write(path, lambda p, fig=fig: fig.savefig(p, format="png"))
         written.append(path)
     return written
 
@@ -100,7 +103,7 @@ def report_markdown(result: dict[str, Any], model_name: str, split: str, root: s
         f"- **Macro AUROC**: {_fmt(m['auroc'])}{_ci(m.get('auroc_ci'))} over {result['defined_auroc_classes']} "
         "findings with positives",
         f"- Macro AUPRC: {_fmt(m['auprc'])}{_ci(m.get('auprc_ci'))}; macro F1 at the tuned thresholds: {_fmt(m['f1'])}",
-        f"- Element-wise accuracy: {result['elementwise_accuracy']:.4f}, while predicting \"all negative\" scores "
+        f'- Element-wise accuracy: {result["elementwise_accuracy"]:.4f}, while predicting "all negative" scores '
         f"{result['all_negative_accuracy']:.4f} on the same data. Accuracy over 14 rare findings says little; "
         "read AUROC and AUPRC.",
         "",
@@ -117,13 +120,20 @@ def report_markdown(result: dict[str, Any], model_name: str, split: str, root: s
     return "\n".join(lines)
 
 
-def run_evaluation(analyzer: Any, index: Any, split: str, out: Path, n_boot: int = 1000, seed: int = 0,
-                   progress: bool = False) -> dict[str, Any]:
-    probs, targets, groups, names = split_probabilities(analyzer, index, split, progress=progress)
-    result = evaluate_predictions(targets, probs, analyzer.thresholds, analyzer.labels, groups=groups,
-                                  n_boot=n_boot, seed=seed)
-    result = {"model": analyzer.name, "split": split, "dataset_root": str(index.root),
-              "note": NOT_FOR_CLINICAL_USE, **result}
+def run_evaluation(
+    analyzer: Any, index: Any, split: str, out: Path, n_boot: int = 1000, seed: int = 0, progress: bool = False
+) -> dict[str, Any]:
+    probs, targets, groups, _ = split_probabilities(analyzer, index, split, progress=progress)
+    result = evaluate_predictions(
+        targets, probs, analyzer.thresholds, analyzer.labels, groups=groups, n_boot=n_boot, seed=seed
+    )
+    result = {
+        "model": analyzer.name,
+        "split": split,
+        "dataset_root": str(index.root),
+        "note": NOT_FOR_CLINICAL_USE,
+        **result,
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_curves(targets, probs, analyzer.labels, out, f"{analyzer.name}, {split} split")
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))

@@ -115,6 +115,7 @@ def read_boxes(path: str | os.PathLike) -> list[BoxEntry]:
 
 # ---- pure scoring on maps and boxes -------------------------------------------------
 
+
 def peak_pixel(heatmap: np.ndarray) -> tuple[int, int] | None:
     """(row, col) of the map's maximum, None when no value is positive. Ties (the flat
     plateaus an upsampled coarse map has at its borders) go to the tied pixel nearest
@@ -150,8 +151,9 @@ def map_boxes(heatmap: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list
         if sl is None:
             continue
         rows, cols = sl
-        boxes.append(Box(float(cols.start), float(rows.start), float(cols.stop - cols.start),
-                         float(rows.stop - rows.start)))
+        boxes.append(
+            Box(float(cols.start), float(rows.start), float(cols.stop - cols.start), float(rows.stop - rows.start))
+        )
     return boxes
 
 
@@ -161,8 +163,13 @@ def iobb(predicted: Box, truth: Box) -> float:
     return predicted.intersection(truth) / area if area > 0 else 0.0
 
 
-def score_map(heatmap: np.ndarray, truth: Box, *, threshold: float = DEFAULT_THRESHOLD,
-              iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS) -> dict[str, float]:
+def score_map(
+    heatmap: np.ndarray,
+    truth: Box,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS,
+) -> dict[str, float]:
     """{"pointing": 0/1, "iobb@T": 0/1 for each T} for one map and one true box
     (`truth` in the map's pixel frame)."""
     best = max((iobb(b, truth) for b in map_boxes(heatmap, threshold)), default=0.0)
@@ -193,12 +200,19 @@ def summarise(scores: Sequence[dict[str, float]]) -> dict[str, float]:
 
 # ---- the protocol over a dataset -------------------------------------------------------
 
-def score_localization(analyzer: "Analyzer", index: "NIHIndex", boxes_csv: str | os.PathLike,
-                       split: str | None = None, seed: int = 0, *,
-                       threshold: float = DEFAULT_THRESHOLD,
-                       iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS,
-                       random_draws: int = DEFAULT_RANDOM_DRAWS,
-                       progress: bool = False) -> dict[str, Any]:
+
+def score_localization(
+    analyzer: "Analyzer",
+    index: "NIHIndex",
+    boxes_csv: str | os.PathLike,
+    split: str | None = None,
+    seed: int = 0,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS,
+    random_draws: int = DEFAULT_RANDOM_DRAWS,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Grad-CAM localization scores of `analyzer` on the boxed images of `index`
     (one `split`, or all when None), next to a seeded random-map baseline. JSON-able."""
     from tqdm.auto import tqdm
@@ -210,11 +224,7 @@ def score_localization(analyzer: "Analyzer", index: "NIHIndex", boxes_csv: str |
     entries = read_boxes(boxes_csv)
     frame = index.frame
     positions = index.split_positions(split) if split is not None else np.arange(len(frame))
-    paths = {
-        str(frame["image"].iloc[i]): frame["path"].iloc[i]
-        for i in positions
-        if frame["path"].iloc[i] is not None
-    }
+    paths = {str(frame["image"].iloc[i]): frame["path"].iloc[i] for i in positions if frame["path"].iloc[i] is not None}
     by_image: dict[str, list[BoxEntry]] = defaultdict(list)
     for e in entries:
         if e.image in paths:
@@ -246,10 +256,18 @@ def score_localization(analyzer: "Analyzer", index: "NIHIndex", boxes_csv: str |
         sy, sx = gray.shape[0] / BOX_FRAME, gray.shape[1] / BOX_FRAME
         for e in boxes:
             truth = e.box.scaled(sx, sy)
-            cam_scores[e.finding].append(score_map(maps[e.finding], truth, threshold=threshold,
-                                                   iobb_thresholds=iobb_thresholds))
-            draws = [score_map(random_map(gray.shape[:2], run.grid, rng), truth, threshold=threshold,
-                               iobb_thresholds=iobb_thresholds) for _ in range(random_draws)]
+            cam_scores[e.finding].append(
+                score_map(maps[e.finding], truth, threshold=threshold, iobb_thresholds=iobb_thresholds)
+            )
+            draws = [
+                score_map(
+                    random_map(gray.shape[:2], run.grid, rng),
+                    truth,
+                    threshold=threshold,
+                    iobb_thresholds=iobb_thresholds,
+                )
+                for _ in range(random_draws)
+            ]
             rand_scores[e.finding].append(summarise(draws))
 
     per_finding = {
@@ -274,8 +292,12 @@ def score_localization(analyzer: "Analyzer", index: "NIHIndex", boxes_csv: str |
             "connectivity": 8,
             "pointing": "maximum of the map inside the box",
             "box_frame": BOX_FRAME,
-            "random": {"kind": "uniform noise on the CAM grid, bilinear upsampled", "grid": list(grid) if grid else None,
-                       "draws": random_draws, "seed": seed},
+            "random": {
+                "kind": "uniform noise on the CAM grid, bilinear upsampled",
+                "grid": list(grid) if grid else None,
+                "draws": random_draws,
+                "seed": seed,
+            },
         },
         "overall": {"boxes": len(all_cam), "cam": summarise(all_cam), "random": summarise(all_rand)},
         "per_finding": per_finding,
@@ -322,6 +344,9 @@ def localization_markdown(result: dict[str, Any]) -> str:
     if result.get("unreadable_images"):
         lines += ["", f"{result['unreadable_images']} boxed images could not be read and were skipped."]
     if result.get("unscored_findings"):
-        lines += ["", f"Boxes of findings the model does not predict were skipped: {', '.join(result['unscored_findings'])}."]
+        lines += [
+            "",
+            f"Boxes of findings the model does not predict were skipped: {', '.join(result['unscored_findings'])}.",
+        ]
     lines += ["", f"_{result['note']}_", ""]
     return "\n".join(lines)

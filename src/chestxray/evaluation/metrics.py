@@ -60,8 +60,16 @@ def _confusion(y: np.ndarray, yhat: np.ndarray) -> dict[str, float | None]:
 
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
     f1 = ratio(2 * tp, 2 * tp + fp + fn) if (tp + fn) else None
-    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision, "recall": recall,
-            "specificity": ratio(tn, tn + fp), "f1": f1}
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "precision": precision,
+        "recall": recall,
+        "specificity": ratio(tn, tn + fp),
+        "f1": f1,
+    }
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -96,8 +104,12 @@ def weighted_auroc_auprc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> t
 
 
 def bootstrap_ci(
-    targets: np.ndarray, probs: np.ndarray, groups: np.ndarray, n_boot: int = 1000,
-    seed: int = 0, level: float = 0.95,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> dict[str, np.ndarray]:
     """Percentile CIs of per-class AUROC and AUPRC and their macro means, resampling groups
     (patients) with replacement. Each replicate weights images by how often their patient
@@ -112,8 +124,7 @@ def bootstrap_ci(
     chunk = max(1, int(2e7 // max(len(targets), 1)))  # bound memory on large test sets
     for b0 in range(0, n_boot, chunk):
         nb = min(chunk, n_boot - b0)
-        counts = np.stack([np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
-                           for _ in range(nb)])
+        counts = np.stack([np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)) for _ in range(nb)])
         w = counts[:, inverse].astype(np.float64)
         for c in range(n_classes):
             auroc[b0 : b0 + nb, c], auprc[b0 : b0 + nb, c] = weighted_auroc_auprc(targets[:, c], probs[:, c], w)
@@ -132,13 +143,22 @@ def bootstrap_ci(
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows when no class is defined
         macro_auroc = np.nanmean(auroc, axis=1)
         macro_auprc = np.nanmean(auprc, axis=1)
-    return {"auroc": pct(auroc), "auprc": pct(auprc), "macro_auroc": pct(macro_auroc[:, None])[:, 0],
-            "macro_auprc": pct(macro_auprc[:, None])[:, 0]}
+    return {
+        "auroc": pct(auroc),
+        "auprc": pct(auprc),
+        "macro_auroc": pct(macro_auroc[:, None])[:, 0],
+        "macro_auprc": pct(macro_auprc[:, None])[:, 0],
+    }
 
 
 def evaluate_predictions(
-    targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, labels: Sequence[str],
-    groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    labels: Sequence[str],
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Everything `chestxray evaluate` reports, as a JSON-able dict."""
     targets, probs = np.asarray(targets, dtype=np.float64), np.asarray(probs, dtype=np.float64)

@@ -71,8 +71,9 @@ def thumbnail(array: np.ndarray, side: int = THUMB) -> np.ndarray:
     return np.asarray(img)
 
 
-def build_items(analyzer: "Analyzer", index: "NIHIndex", positions: np.ndarray,
-                progress: bool = False) -> list[ReportItem]:
+def build_items(
+    analyzer: "Analyzer", index: "NIHIndex", positions: np.ndarray, progress: bool = False
+) -> list[ReportItem]:
     """One Grad-CAM pass per image: the prediction and the map of its top finding."""
     from tqdm.auto import tqdm
 
@@ -87,8 +88,16 @@ def build_items(analyzer: "Analyzer", index: "NIHIndex", positions: np.ndarray,
         try:
             gray, x = analyzer.preprocess(index.frame["path"].iloc[pos], name)
         except ImageReadError as exc:
-            items.append(ReportItem(name, truth, Prediction(name, analyzer.name, [], exc.reason), None,
-                                    np.zeros((THUMB, THUMB), np.uint8), None))
+            items.append(
+                ReportItem(
+                    name,
+                    truth,
+                    Prediction(name, analyzer.name, [], exc.reason),
+                    None,
+                    np.zeros((THUMB, THUMB), np.uint8),
+                    None,
+                )
+            )
             continue
         run = gradcam(model, x, lambda probs: [int(np.argmax(probs))], gray.shape[:2])
         i = run.indices[0]
@@ -112,8 +121,7 @@ def render_grid(items: list[ReportItem], model_name: str, subtitle: str) -> byte
     fig = Figure(figsize=(4.6 * cols, 3.5 * rows + 0.7), dpi=100)
     FigureCanvasAgg(fig)
     head, body = fig.subfigures(2, 1, height_ratios=[0.7, 3.5 * rows])
-    head.text(0.5, 0.5, f"{model_name}: {subtitle}\n{NOT_FOR_CLINICAL_USE}", ha="center", va="center",
-              fontsize=11)
+    head.text(0.5, 0.5, f"{model_name}: {subtitle}\n{NOT_FOR_CLINICAL_USE}", ha="center", va="center", fontsize=11)
     subfigs = np.atleast_1d(body.subfigures(rows, cols, squeeze=False).ravel())
     for sf, item in zip(subfigs, items):
         ax_img, ax_cam = sf.subplots(1, 2)
@@ -125,15 +133,16 @@ def render_grid(items: list[ReportItem], model_name: str, subtitle: str) -> byte
             ax_cam.imshow(item.cam_thumb)
             ax_cam.set_title(f"Grad-CAM {item.cam.finding} {item.cam.probability:.2f}", fontsize=8)
         else:
-            ax_cam.text(0.5, 0.5, f"unreadable:\n{item.prediction.error}", ha="center", va="center",
-                        fontsize=7, wrap=True)
+            ax_cam.text(
+                0.5, 0.5, f"unreadable:\n{item.prediction.error}", ha="center", va="center", fontsize=7, wrap=True
+            )
         predicted = [f"{f.finding} {f.probability:.2f}" for f in item.prediction.positives[:MAX_LISTED]]
         if len(item.prediction.positives) > MAX_LISTED:
             predicted.append(f"+{len(item.prediction.positives) - MAX_LISTED} more")
         text = _label_line("true", item.truth) + "\n" + _label_line("predicted", predicted)
         sf.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=7.5, family="monospace")
         sf.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.3, wspace=0.04)
-    for sf in subfigs[len(items):]:
+    for sf in subfigs[len(items) :]:
         sf.set_visible(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -161,7 +170,7 @@ def render_html(items: list[ReportItem], model_name: str, subtitle: str, grid_na
         missed = [f'<span class="fn">{e(t)}</span>' for t in item.truth if t not in predicted]
         imgs = f'<img alt="radiograph {e(item.image)}" src="{_png_data_uri(item.thumb)}">'
         if item.cam_thumb is not None and item.cam is not None:
-            imgs += (f'<img alt="Grad-CAM of {e(item.cam.finding)}" src="{_png_data_uri(item.cam_thumb)}">')
+            imgs += f'<img alt="Grad-CAM of {e(item.cam.finding)}" src="{_png_data_uri(item.cam_thumb)}">'
             cam_line = f"Grad-CAM: {e(item.cam.finding)} ({item.cam.probability:.2f})"
         else:
             cam_line = f'<span class="fp">unreadable: {e(item.prediction.error or "")}</span>'
@@ -200,8 +209,16 @@ Grad-CAM of each image's most probable finding (red = strongest evidence).</p>
 """
 
 
-def write_report(analyzer: "Analyzer", index: "NIHIndex", out_dir: str | Path, *, split: str = "test",
-                 n: int = 16, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+def write_report(
+    analyzer: "Analyzer",
+    index: "NIHIndex",
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    n: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write grid.png, index.html and predictions.json to `out_dir`; return a summary."""
     from chestxray.io import atomic_write_bytes, atomic_write_text
 
@@ -211,8 +228,18 @@ def write_report(analyzer: "Analyzer", index: "NIHIndex", out_dir: str | Path, *
     subtitle = f"{len(items)} random images of the {split} split (seed {seed})"
     grid = atomic_write_bytes(out / "grid.png", render_grid(items, analyzer.name, subtitle))
     page = atomic_write_text(out / "index.html", render_html(items, analyzer.name, subtitle, grid.name))
-    doc = {"model": analyzer.name, "split": split, "seed": seed, "note": NOT_FOR_CLINICAL_USE,
-           "images": [item.to_dict() for item in items]}
+    doc = {
+        "model": analyzer.name,
+        "split": split,
+        "seed": seed,
+        "note": NOT_FOR_CLINICAL_USE,
+        "images": [item.to_dict() for item in items],
+    }
     data = atomic_write_text(out / "predictions.json", json.dumps(doc, indent=2) + "\n")
-    return {"grid": str(grid), "html": str(page), "json": str(data), "images": len(items),
-            "unreadable": sum(not item.prediction.ok for item in items)}
+    return {
+        "grid": str(grid),
+        "html": str(page),
+        "json": str(data),
+        "images": len(items),
+        "unreadable": sum(not item.prediction.ok for item in items),
+    }

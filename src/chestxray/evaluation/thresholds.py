@@ -63,6 +63,7 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str
             continue
         out[c], f1[c] = best_f1_threshold(probs[:, c], targets[:, c])
     if fallback:
-        log.warning("no positive validation example for %s: threshold set to %.2f",
-                    ", ".join(fallback), FALLBACK_THRESHOLD)
+        log.warning(
+            "no positive validation example for %s: threshold set to %.2f", ", ".join(fallback), FALLBACK_THRESHOLD
+        )
     return ThresholdResult(np.clip(out, 0.0, 1.0), f1, fallback)

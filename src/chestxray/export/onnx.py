@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from chestxray.models.bundle import META_KEY, BundleMeta
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
 from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
+from chestxray.models.bundle import META_KEY, BundleMeta
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ class ExportResult:
 
 def _torch_modules():
     try:
-        import torch
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
+        import torch
     except ImportError as exc:
         raise ExportError(
             f"export needs torch, onnx, onnxscript and onnxruntime ({exc.name} is missing): "
@@ -101,8 +101,9 @@ def _torch_modules():
     return torch
 
 
-def load_check_images(paths: Sequence[str | os.PathLike] | None, preprocessing: Preprocessing,
-                      limit: int = 8) -> tuple[list[str], np.ndarray]:
+def load_check_images(
+    paths: Sequence[str | os.PathLike] | None, preprocessing: Preprocessing, limit: int = 8
+) -> tuple[list[str], np.ndarray]:
     """Names and eval-preset batch of the check images (default: the packaged samples)."""
     if not paths:
         from chestxray.samples import sample_images
@@ -152,9 +153,15 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
     try:
         with _quiet_exporter_logs():
             program = torch.onnx.export(
-                wrapped, (example,), dynamo=True, verbose=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes={"image": {0: batch}}, external_data=False,
+                wrapped,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"image": {0: batch}},
+                external_data=False,
             )
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: {exc}") from None
@@ -162,8 +169,10 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
     written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
         # The exporter writes opset 18 or newer and does not convert down.
-        raise ExportError(f"the exporter wrote opset {', '.join(map(str, sorted(written)))}, not {opset}; "
-                          f"choose --opset {MIN_OPSET} or newer")
+        raise ExportError(
+            f"the exporter wrote opset {', '.join(map(str, sorted(written)))}, not {opset}; "
+            f"choose --opset {MIN_OPSET} or newer"
+        )
     # The exporter names the symbolic axis after the Dim; make it read "batch" for any tool.
     for value in (*proto.graph.input, *proto.graph.output):
         dim0 = value.type.tensor_type.shape.dim[0]
@@ -180,12 +189,20 @@ def session_for(model_bytes: bytes):
     try:
         return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types
-        raise ExportError(f"onnxruntime {ort.__version__} cannot run the exported graph "
-                          f"({type(exc).__name__}: {str(exc)[:300]}); try a lower --opset") from None
+        raise ExportError(
+            f"onnxruntime {ort.__version__} cannot run the exported graph "
+            f"({type(exc).__name__}: {str(exc)[:300]}); try a lower --opset"
+        ) from None
 
 
-def check_parity(model: Any, session: Any, names: list[str], batch: np.ndarray, thresholds: Sequence[float],
-                 tolerance: float | None = DEFAULT_TOLERANCE) -> ParityReport:
+def check_parity(
+    model: Any,
+    session: Any,
+    names: list[str],
+    batch: np.ndarray,
+    thresholds: Sequence[float],
+    tolerance: float | None = DEFAULT_TOLERANCE,
+) -> ParityReport:
     """Run the check images through onnxruntime (as one batch, then the first alone, which
     exercises the dynamic batch axis) and through the PyTorch model; compare probabilities."""
     from chestxray.inference.predict import TorchBackend
@@ -211,8 +228,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def metadata_props(meta: BundleMeta, *, opset: int, quantization: str, parity: ParityReport,
-                   source: Path | None) -> dict[str, str]:
+def metadata_props(
+    meta: BundleMeta, *, opset: int, quantization: str, parity: ParityReport, source: Path | None
+) -> dict[str, str]:
     """The metadata_props written into the ONNX file: the whole bundle JSON plus readable keys."""
     import onnx
     import onnxruntime
@@ -232,15 +250,20 @@ def metadata_props(meta: BundleMeta, *, opset: int, quantization: str, parity: P
         "preprocessing": json.dumps(meta.preprocessing.to_dict()),
         "metrics": json.dumps(meta.metrics),
         "input": f"{INPUT_NAME}: float32 (N, 1, {size}, {size}), gray in [0, 1]: antialiased bilinear "
-                 f"resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)",
+        f"resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)",
         "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'",
         "quantization": quantization,
         "parity": json.dumps(parity.to_dict()),
-        "exported": json.dumps({
-            "chestxray": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "opset": opset,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }),
+        "exported": json.dumps(
+            {
+                "chestxray": __version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "opset": opset,
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+        ),
         "notes": NOT_FOR_CLINICAL_USE,
     }
     if source is not None:
@@ -257,8 +280,10 @@ def set_metadata(proto: Any, props: dict[str, str]) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "chestxray"
-    proto.doc_string = (f"{props.get('name', '')}: multi-label chest X-ray classifier (NIH ChestX-ray14 "
-                        f"findings). {NOT_FOR_CLINICAL_USE}")
+    proto.doc_string = (
+        f"{props.get('name', '')}: multi-label chest X-ray classifier (NIH ChestX-ray14 "
+        f"findings). {NOT_FOR_CLINICAL_USE}"
+    )
 
 
 def _serialize(proto: Any) -> bytes:
@@ -291,24 +316,29 @@ def export_bundle(
     """
     start = time.perf_counter()
     _torch_modules()
-    from chestxray.models.bundle import load_bundle, resolve_bundle_path
-    from chestxray.io import atomic_write_bytes
     from chestxray.inference.predict import default_bundle_path
+    from chestxray.io import atomic_write_bytes
+    from chestxray.models.bundle import load_bundle, resolve_bundle_path
 
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"{out}: the output file should end in .onnx")
     if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer "
-                          f"(onnxruntime >= 1.14 runs {MIN_OPSET})")
+        raise ExportError(
+            f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer (onnxruntime >= 1.14 runs {MIN_OPSET})"
+        )
     if int8 and calibration is None:
-        raise ExportError("--int8 needs --calibration DIR: real radiographs (e.g. training images) "
-                          "to calibrate the activation ranges on")
+        raise ExportError(
+            "--int8 needs --calibration DIR: real radiographs (e.g. training images) "
+            "to calibrate the activation ranges on"
+        )
     source = resolve_bundle_path(bundle) if bundle is not None else default_bundle_path()
     model, meta = load_bundle(source)
     names, batch = load_check_images(check_images, meta.preprocessing)
-    say(f"exporting {meta.name} ({meta.architecture}, {meta.preprocessing.size} px, {len(meta.labels)} labels) "
-        f"from {source} at opset {opset}")
+    say(
+        f"exporting {meta.name} ({meta.architecture}, {meta.preprocessing.size} px, {len(meta.labels)} labels) "
+        f"from {source} at opset {opset}"
+    )
     proto = to_onnx_model(model, meta.preprocessing, opset)
     data = _serialize(proto)
     parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance)
@@ -337,11 +367,12 @@ def export_bundle(
         data = _serialize(proto)
         parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance=None)
         say(f"int8 check: {parity.describe()}")
-        quantization = (f"int8 static (onnxruntime QDQ, per-channel int8 weights, uint8 activations), "
-                        f"calibrated ({calibration_method}) on {len(cal)} images")
+        quantization = (
+            f"int8 static (onnxruntime QDQ, per-channel int8 weights, uint8 activations), "
+            f"calibrated ({calibration_method}) on {len(cal)} images"
+        )
     props = metadata_props(meta, opset=opset, quantization=quantization, parity=parity, source=source)
     set_metadata(proto, props)
     data = _serialize(proto)
     atomic_write_bytes(out, data)
-    return ExportResult(out, len(data), opset, quantization, parity, float_parity,
-                        time.perf_counter() - start, props)
+    return ExportResult(out, len(data), opset, quantization, parity, float_parity, time.perf_counter() - start, props)

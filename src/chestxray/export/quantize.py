@@ -29,8 +29,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 AUROC_BUDGET = 0.005
 
 
-def calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64,
-                       seed: int = 0) -> list[Path]:
+def calibration_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64, seed: int = 0
+) -> list[Path]:
     """A seeded sample of `count` images from a folder (recursive) or a list of files."""
     from chestxray.inference.predict import collect_inputs
 
@@ -56,7 +57,7 @@ def _reader(files: Sequence[Path], preprocessing: Preprocessing, batch_size: int
     from onnxruntime.quantization import CalibrationDataReader
 
     preset = EvalPreset(preprocessing)
-    chunks = [list(files[i:i + batch_size]) for i in range(0, len(files), batch_size)]
+    chunks = [list(files[i : i + batch_size]) for i in range(0, len(files), batch_size)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -81,9 +82,17 @@ def _reader(files: Sequence[Path], preprocessing: Preprocessing, batch_size: int
     return Reader()
 
 
-def quantize_int8(float_model: str | os.PathLike, out: str | os.PathLike, images: Sequence[Path],
-                  preprocessing: Preprocessing, *, method: str = "minmax", per_channel: bool = True,
-                  reduce_range: bool = False, batch_size: int = 8) -> Path:
+def quantize_int8(
+    float_model: str | os.PathLike,
+    out: str | os.PathLike,
+    images: Sequence[Path],
+    preprocessing: Preprocessing,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    batch_size: int = 8,
+) -> Path:
     """float32 ONNX file -> int8 QDQ ONNX file (uint8 activations, int8 weights).
 
     `reduce_range` (7-bit weights) avoids accumulator saturation on x86 CPUs without VNNI
@@ -93,10 +102,14 @@ def quantize_int8(float_model: str | os.PathLike, out: str | os.PathLike, images
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
-        raise ChestXrayError(f"int8 quantization needs onnx and onnxruntime ({exc}): "
-                             "pip install 'chestxray[export]'") from None
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+        raise ChestXrayError(
+            f"int8 quantization needs onnx and onnxruntime ({exc}): pip install 'chestxray[export]'"
+        ) from None
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     if method not in methods:
         raise ChestXrayError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
     float_model, out = Path(float_model), Path(out)
@@ -108,10 +121,16 @@ def quantize_int8(float_model: str | os.PathLike, out: str | os.PathLike, images
         if method == "percentile":
             extra["CalibPercentile"] = 99.999
         quantize_static(
-            str(prepared), str(out), _reader(list(images), preprocessing, batch_size),
-            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=methods[method], extra_options=extra,
+            str(prepared),
+            str(out),
+            _reader(list(images), preprocessing, batch_size),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            extra_options=extra,
         )
     finally:
         prepared.unlink(missing_ok=True)
@@ -140,16 +159,26 @@ class AurocComparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "images": self.images, "reference": self.reference, "budget": self.budget,
-            "mean_auroc": self.mean, "per_class_auroc": self.per_class, "labels": self.labels,
+            "images": self.images,
+            "reference": self.reference,
+            "budget": self.budget,
+            "mean_auroc": self.mean,
+            "per_class_auroc": self.per_class,
+            "labels": self.labels,
             "loss_vs_reference": {n: self.loss(n) for n in self.mean if n != self.reference},
             "keep": {n: self.keep(n) for n in self.mean if n != self.reference},
         }
 
 
-def compare_auroc(analyzers: dict[str, Any], root: str | os.PathLike, *, split: str = "test",
-                  reference: str | None = None, allow_missing: bool = True,
-                  progress: bool = False) -> AurocComparison:
+def compare_auroc(
+    analyzers: dict[str, Any],
+    root: str | os.PathLike,
+    *,
+    split: str = "test",
+    reference: str | None = None,
+    allow_missing: bool = True,
+    progress: bool = False,
+) -> AurocComparison:
     """Mean AUROC of each Analyzer on one split of an NIH root (labels from its CSV).
 
     Every analyzer sees the same images read the same way; classes with only one

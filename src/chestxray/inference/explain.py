@@ -98,9 +98,12 @@ def _device_of(model: Any) -> "torch.device":
     return torch.device("cpu")
 
 
-def gradcam(model: Any, model_input: np.ndarray,
-            select: Sequence[int] | Callable[[np.ndarray], Sequence[int]],
-            size: tuple[int, int]) -> CamRun:
+def gradcam(
+    model: Any,
+    model_input: np.ndarray,
+    select: Sequence[int] | Callable[[np.ndarray], Sequence[int]],
+    size: tuple[int, int],
+) -> CamRun:
     """Grad-CAM maps of several labels of one image from one forward pass.
 
     model_input: the eval preset's (1, S, S) or (1, 1, S, S) float32 array.
@@ -197,8 +200,9 @@ def default_selection(thresholds: Sequence[float]) -> Callable[[np.ndarray], lis
     return select
 
 
-def explain_image(analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None,
-                  name: str | None = None) -> tuple[np.ndarray, "Prediction", list[CamResult]]:
+def explain_image(
+    analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None, name: str | None = None
+) -> tuple[np.ndarray, "Prediction", list[CamResult]]:
     """As `explain`, plus the decoded gray image (H x W uint8) the maps belong to."""
     from chestxray.inference.predict import Prediction
 
@@ -213,8 +217,9 @@ def explain_image(analyzer: "Analyzer", image: "Input", findings: Sequence[str] 
     return gray, prediction, cams
 
 
-def explain(analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None,
-            name: str | None = None) -> tuple["Prediction", list[CamResult]]:
+def explain(
+    analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None, name: str | None = None
+) -> tuple["Prediction", list[CamResult]]:
     """Prediction and Grad-CAM maps for one image (path, bytes or gray array).
 
     findings None -> the positive findings (most probable first), or the single most
@@ -261,7 +266,7 @@ def draw_caption(rgb: np.ndarray, text: str) -> np.ndarray:
         except TypeError:  # Pillow < 10.1 has a single bitmap size
             font = ImageFont.load_default()
         pad = max(2, size // 4)
-        left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
+        left, _, right, bottom = draw.textbbox((pad, pad), text, font=font)
         if right + pad <= img.width or size <= 8:  # shrink the font until the caption fits
             break
         size = max(8, int(size * (img.width - 2 * pad) / (right - left + 1)))

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from chestxray.models.bundle import META_KEY, BundleMeta
 from chestxray.errors import BundleError, ChestXrayError
+from chestxray.models.bundle import META_KEY, BundleMeta
 
 ONNX_FORMAT = "chestxray-onnx"
 ONNX_FORMAT_VERSION = 1
@@ -77,9 +77,7 @@ def resolve_onnx_path(path: str | os.PathLike | None) -> Path:
     if p.is_dir():
         candidates = sorted(p.glob("*.onnx"))
         if len(candidates) != 1:
-            raise BundleError(
-                f"{p}: the onnx backend needs an .onnx file; this folder holds {len(candidates)} of them"
-            )
+            raise BundleError(f"{p}: the onnx backend needs an .onnx file; this folder holds {len(candidates)} of them")
         p = candidates[0]
     if not p.is_file():
         raise BundleError(f"{p}: no such ONNX file")
@@ -133,8 +131,9 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None
+    ) -> None:
         self.path = resolve_onnx_path(path)
         self.session = _session(self.path, threads=threads, providers=providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))

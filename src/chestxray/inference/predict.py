@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from chestxray.errors import BundleError, ChestXrayError, ImageReadError
 
 log = logging.getLogger(__name__)
 
-Input = Union[str, os.PathLike, bytes, np.ndarray]
+Input = str | os.PathLike | bytes | np.ndarray
 
 
 @dataclass
@@ -112,7 +112,7 @@ def torch_available() -> bool:
 
 
 def sniff_model_format(path: str | os.PathLike) -> str | None:
-    """"safetensors", "onnx" or None, from the file's first bytes (never its name alone):
+    """ "safetensors", "onnx" or None, from the file's first bytes (never its name alone):
     safetensors starts with an 8-byte header length and a JSON object; ONNX is a protobuf
     ModelProto whose first field is ir_version (tag 0x08)."""
     p = Path(path)
@@ -155,8 +155,10 @@ def resolve_backend(model: str | os.PathLike | None, backend: str = "auto") -> s
         if fmt == "onnx":
             raise ChestXrayError(f"{model}: this is an ONNX file; use --backend onnx (or leave --backend out)")
         if not torch_available():
-            raise ChestXrayError("--backend torch needs torch: pip install 'chestxray[torch]'; "
-                                 "or use --backend onnx (onnxruntime, no torch needed)")
+            raise ChestXrayError(
+                "--backend torch needs torch: pip install 'chestxray[torch]'; "
+                "or use --backend onnx (onnxruntime, no torch needed)"
+            )
     return backend
 
 
@@ -174,8 +176,16 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 class Analyzer:
     """Load once, predict many. `Analyzer.load()` with no argument uses the bundled model."""
 
-    def __init__(self, backend: Backend, labels: Sequence[str], thresholds: Sequence[float],
-                 preprocessing: Preprocessing, name: str, meta: Any = None, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        labels: Sequence[str],
+        thresholds: Sequence[float],
+        preprocessing: Preprocessing,
+        name: str,
+        meta: Any = None,
+        batch_size: int = 16,
+    ) -> None:
         if len(labels) != len(thresholds):
             raise BundleError("one threshold per label is required")
         self.backend = backend
@@ -188,8 +198,9 @@ class Analyzer:
         self.batch_size = max(1, batch_size)
 
     @classmethod
-    def load(cls, model: str | os.PathLike | None = None, *, backend: str = "auto",
-             device: str = "cpu", batch_size: int = 16) -> "Analyzer":
+    def load(
+        cls, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "cpu", batch_size: int = 16
+    ) -> "Analyzer":
         """`model`: a bundle (.safetensors or a run folder), an exported .onnx file, or None
         for the bundled model. `backend`: "auto" (from the file; without torch, ONNX),
         "torch" or "onnx"."""
@@ -205,15 +216,18 @@ class Analyzer:
 
         path = Path(model) if model is not None else default_bundle_path()
         net, meta = load_bundle(path, device=device)
-        return cls(TorchBackend(net, device), meta.labels, meta.thresholds, meta.preprocessing,
-                   meta.name, meta, batch_size)
+        return cls(
+            TorchBackend(net, device), meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size
+        )
 
     @property
     def model(self) -> Any:
         """The torch module (torch backend only), e.g. for Grad-CAM."""
         model = getattr(self.backend, "model", None)
         if model is None:
-            raise ChestXrayError(f"the {self.backend.name} backend has no torch model; Grad-CAM needs the torch backend")
+            raise ChestXrayError(
+                f"the {self.backend.name} backend has no torch model; Grad-CAM needs the torch backend"
+            )
         return model
 
     def preprocess(self, image: Input, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -230,13 +244,13 @@ class Analyzer:
 
     def findings_from(self, probs: np.ndarray) -> list[Finding]:
         items = [
-            Finding(lab, float(p), float(t), bool(p >= t))
-            for lab, p, t in zip(self.labels, probs, self.thresholds)
+            Finding(lab, float(p), float(t), bool(p >= t)) for lab, p, t in zip(self.labels, probs, self.thresholds)
         ]
         return sorted(items, key=lambda f: (not f.positive, -f.probability))
 
-    def predict(self, inputs: Input | Sequence[Input], *, names: Sequence[str] | None = None,
-                progress: bool = False) -> Prediction | list[Prediction]:
+    def predict(
+        self, inputs: Input | Sequence[Input], *, names: Sequence[str] | None = None, progress: bool = False
+    ) -> Prediction | list[Prediction]:
         """Findings for one input (returns a Prediction) or many (a list, same order).
 
         Inputs are paths, raw bytes or gray arrays. An unreadable input gives a
@@ -248,7 +262,9 @@ class Analyzer:
         results = list(self.iter_predict(items, labels, progress=progress))
         return results[0] if single else results
 
-    def iter_predict(self, items: Sequence[Input], labels: Sequence[str], progress: bool = False) -> Iterator[Prediction]:
+    def iter_predict(
+        self, items: Sequence[Input], labels: Sequence[str], progress: bool = False
+    ) -> Iterator[Prediction]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)

@@ -134,7 +134,9 @@ def resolve_bundle_path(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / BUNDLE_FILENAME
     if not p.is_file():
-        raise BundleError(f"{path}: no model bundle there (expected a .safetensors file or a run folder with {BUNDLE_FILENAME})")
+        raise BundleError(
+            f"{path}: no model bundle there (expected a .safetensors file or a run folder with {BUNDLE_FILENAME})"
+        )
     return p
 
 
@@ -185,8 +187,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu"):  # -> (ChestClass
     p = resolve_bundle_path(path)
     meta = read_bundle_meta(p)
     try:
-        model = build_from_meta(meta.architecture, len(meta.labels), meta.preprocessing,
-                                meta.training.get("members"))
+        model = build_from_meta(meta.architecture, len(meta.labels), meta.preprocessing, meta.training.get("members"))
     except Exception as exc:
         raise BundleError(f"{p}: cannot build architecture {meta.architecture!r} ({exc})") from None
     state = load_file(str(p))

@@ -18,7 +18,7 @@ def check_device_name(name: str) -> str:
 
 
 def resolve_device(name: str = "auto") -> str:
-    """"auto" -> "cuda" or "cpu"; "cuda[:N]" checked to exist, with a clean error if not."""
+    """ "auto" -> "cuda" or "cpu"; "cuda[:N]" checked to exist, with a clean error if not."""
     check_device_name(name)
     if name == "cpu":
         return "cpu"

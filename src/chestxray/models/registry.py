@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ class ModelSpec:
     head: str  # attribute path of the final layer
     seed_trainable: tuple[str, ...]  # what the seed recipe trains besides the head
     cam_layer: str  # the last convolutional block, for Grad-CAM
-    preprocessing: Preprocessing = Preprocessing()
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     # Builds with pretrained weights and the right head in one go (timm); None: torchvision.
     pretrained_build: Callable[[int], nn.Module] | None = None
 

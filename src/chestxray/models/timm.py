@@ -30,10 +30,12 @@ def _timm() -> Any:
 
 @lru_cache(maxsize=32)
 def timm_spec(name: str) -> ModelSpec:
-    arch = name[len(PREFIX):]
+    arch = name[len(PREFIX) :]
     timm = _timm()
     if not timm.is_model(arch):
-        raise ChestXrayError(f"unknown timm model {arch!r}; `python -c \"import timm; print(timm.list_models())\"` lists them")
+        raise ChestXrayError(
+            f'unknown timm model {arch!r}; `python -c "import timm; print(timm.list_models())"` lists them'
+        )
     probe = timm.create_model(arch, pretrained=False, num_classes=1)
     cfg = probe.pretrained_cfg
     head = cfg.get("classifier", "fc")
@@ -45,8 +47,9 @@ def timm_spec(name: str) -> ModelSpec:
     first = stages[-3] if len(stages) >= 3 else stages[0]
     start = next((i for i, n in enumerate(names) if n.startswith(first + ".")), 0)
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    pre = Preprocessing(size=size, mean=tuple(cfg.get("mean", Preprocessing.mean)),
-                        std=tuple(cfg.get("std", Preprocessing.std)))
+    pre = Preprocessing(
+        size=size, mean=tuple(cfg.get("mean", Preprocessing.mean)), std=tuple(cfg.get("std", Preprocessing.std))
+    )
 
     def build(num_classes: int, weights: object) -> nn.Module:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes)
@@ -62,9 +65,14 @@ def timm_spec(name: str) -> ModelSpec:
             ) from None
 
     return ModelSpec(
-        name=name, build=build, imagenet_weights=lambda: None, head=head,
+        name=name,
+        build=build,
+        imagenet_weights=lambda: None,
+        head=head,
         seed_trainable=tuple(n for n in names[start:] if not n.startswith(head + ".")),
-        cam_layer=stages[-1], preprocessing=pre, pretrained_build=pretrained,
+        cam_layer=stages[-1],
+        preprocessing=pre,
+        pretrained_build=pretrained,
     )
 
 

@@ -42,17 +42,34 @@ def _tv_weights(enum_name: str, member: str) -> Callable[[], object]:
     return get
 
 
-register_model(ModelSpec(
-    "resnet50", _resnet50, _tv_weights("ResNet50_Weights", "IMAGENET1K_V2"), "fc",
-    ("layer2", "layer3", "layer4"), "layer4",
-))
-register_model(ModelSpec(
-    "densenet121", _densenet121, _tv_weights("DenseNet121_Weights", "IMAGENET1K_V1"), "classifier",
-    ("features.denseblock3", "features.transition3", "features.denseblock4", "features.norm5"),
-    "features.norm5",
-))
+register_model(
+    ModelSpec(
+        "resnet50",
+        _resnet50,
+        _tv_weights("ResNet50_Weights", "IMAGENET1K_V2"),
+        "fc",
+        ("layer2", "layer3", "layer4"),
+        "layer4",
+    )
+)
+register_model(
+    ModelSpec(
+        "densenet121",
+        _densenet121,
+        _tv_weights("DenseNet121_Weights", "IMAGENET1K_V1"),
+        "classifier",
+        ("features.denseblock3", "features.transition3", "features.denseblock4", "features.norm5"),
+        "features.norm5",
+    )
+)
 # Small and fast: for tests, CPUs and quick experiments.
-register_model(ModelSpec(
-    "resnet18", _resnet18, _tv_weights("ResNet18_Weights", "IMAGENET1K_V1"), "fc",
-    ("layer2", "layer3", "layer4"), "layer4",
-))
+register_model(
+    ModelSpec(
+        "resnet18",
+        _resnet18,
+        _tv_weights("ResNet18_Weights", "IMAGENET1K_V1"),
+        "fc",
+        ("layer2", "layer3", "layer4"),
+        "layer4",
+    )
+)

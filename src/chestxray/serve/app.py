@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import html
 import threading
+from collections.abc import Callable
 from importlib.resources import files
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -41,13 +42,18 @@ T = TypeVar("T")
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 UPLOAD_NAME = "upload"  # what predictions call every upload; the client's file name is never used
-STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
 SECURITY_HEADERS = {
     # Everything the page needs comes from this server; nothing from the internet.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
-                               "script-src 'self'; connect-src 'self'; object-src 'none'; "
-                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "script-src 'self'; connect-src 'self'; object-src 'none'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
@@ -56,11 +62,21 @@ SECURITY_HEADERS = {
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": [FIELD],
-            "properties": {FIELD: {"type": "string", "format": "binary",
-                                   "description": "a chest radiograph: PNG, JPEG or DICOM"}},
-        }}},
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FIELD],
+                    "properties": {
+                        FIELD: {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a chest radiograph: PNG, JPEG or DICOM",
+                        }
+                    },
+                }
+            }
+        },
     }
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -98,8 +114,14 @@ def _static_files() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in root.iterdir() if f.is_file() and not f.name.startswith(".")}
 
 
-def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, result_ttl_s: float = 600.0,
-               store_max_bytes: int = 256 * 2**20, display_max_side: int = render.DISPLAY_MAX_SIDE) -> FastAPI:
+def create_app(
+    analyzer: Any,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    result_ttl_s: float = 600.0,
+    store_max_bytes: int = 256 * 2**20,
+    display_max_side: int = render.DISPLAY_MAX_SIDE,
+) -> FastAPI:
     """A FastAPI app serving `analyzer` (a `chestxray.inference.predict.Analyzer`)."""
     if max_upload_bytes < 1:
         raise ChestXrayError("max_upload_bytes must be positive")
@@ -114,7 +136,8 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
         has_cam = False
     static = _static_files()
     index_html = (
-        static.pop("index.html").decode("utf-8")
+        static.pop("index.html")
+        .decode("utf-8")
         .replace("{{MODEL}}", html.escape(analyzer.name))
         .replace("{{NOTE}}", html.escape(NOT_FOR_CLINICAL_USE))
         .replace("{{MAX_UPLOAD_MB}}", f"{max_upload_bytes / 2**20:.4g}")
@@ -127,7 +150,8 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
         description=f"Model: **{analyzer.name}**. {NOT_FOR_CLINICAL_USE} Uploads are kept in memory only.",
         # Swagger UI and ReDoc load their scripts from a CDN; this server serves nothing from
         # the internet, so it offers the schema itself at /openapi.json instead.
-        docs_url=None, redoc_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.analyzer = analyzer
     app.state.store = store
@@ -149,8 +173,10 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # One readable string, like every other error of this API (FastAPI's default is a list).
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
-                 for e in exc.errors()]
+        parts = [
+            f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()
+        ]
         return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
 
     @app.exception_handler(Exception)
@@ -161,8 +187,12 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
     # -- helpers ---------------------------------------------------------------------
 
     async def read_upload(request: Request) -> np.ndarray:
-        data = await read_file_field(request.headers.get("content-type"), request.headers.get("content-length"),
-                                     request.stream(), max_upload_bytes)
+        data = await read_file_field(
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.stream(),
+            max_upload_bytes,
+        )
         return await run_in_threadpool(decode_upload, data)
 
     def locked(fn: Callable[..., T], *args: Any) -> T:
@@ -220,33 +250,49 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
     def model_info() -> ModelOut:
         meta = analyzer.meta
         return ModelOut(
-            name=analyzer.name, backend=backend, labels=labels,
+            name=analyzer.name,
+            backend=backend,
+            labels=labels,
             thresholds={lab: float(t) for lab, t in zip(labels, analyzer.thresholds)},
             threshold_method=str(getattr(meta, "threshold_method", "") or ""),
             preprocessing=analyzer.preprocessing.to_dict(),
             metrics=dict(getattr(meta, "metrics", {}) or {}),
             training=dict(getattr(meta, "training", {}) or {}),
-            grad_cam=has_cam, max_upload_bytes=max_upload_bytes, note=NOT_FOR_CLINICAL_USE,
+            grad_cam=has_cam,
+            max_upload_bytes=max_upload_bytes,
+            note=NOT_FOR_CLINICAL_USE,
         )
 
-    @app.post("/api/v1/predict", response_model=PredictionOut, responses=ERRORS, openapi_extra=UPLOAD_BODY,
-              tags=["analysis"])
+    @app.post(
+        "/api/v1/predict", response_model=PredictionOut, responses=ERRORS, openapi_extra=UPLOAD_BODY, tags=["analysis"]
+    )
     async def predict_upload(request: Request) -> dict[str, Any]:
         """Findings for one uploaded image, in the shape of `chestxray predict --format json`."""
         gray = await read_upload(request)
         result = await run_in_threadpool(locked, predict, gray)
         return result.to_dict()
 
-    @app.post("/api/v1/cam", response_class=Response, responses={**PNG_RESPONSE, **ERRORS, **NO_CAM},
-              openapi_extra=UPLOAD_BODY, tags=["analysis"])
+    @app.post(
+        "/api/v1/cam",
+        response_class=Response,
+        responses={**PNG_RESPONSE, **ERRORS, **NO_CAM},
+        openapi_extra=UPLOAD_BODY,
+        tags=["analysis"],
+    )
     async def cam_upload(request: Request, finding: str = Query(description="one of the model's labels")) -> Response:
         """The Grad-CAM of `finding` laid over the uploaded image (longest side at most 1024 px)."""
         name = check_finding(finding)
         gray = await read_upload(request)
         return png(await cam_png(gray, name))
 
-    @app.post("/api/v1/analyses", response_model=AnalysisOut, responses=ERRORS, openapi_extra=UPLOAD_BODY,
-              tags=["analysis"], status_code=201)
+    @app.post(
+        "/api/v1/analyses",
+        response_model=AnalysisOut,
+        responses=ERRORS,
+        openapi_extra=UPLOAD_BODY,
+        tags=["analysis"],
+        status_code=201,
+    )
     async def create_analysis(request: Request) -> AnalysisOut:
         """Findings for one image, which the server keeps in memory for `expires_in_s` seconds
         so that the viewer can fetch the decoded image and Grad-CAM overlays."""
@@ -256,22 +302,33 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
         key = store.add(Analysis(gray=gray, display=display, prediction=result))
         base = f"/api/v1/analyses/{key}"
         return AnalysisOut(
-            id=key, expires_in_s=int(store.ttl_s), width=int(display.shape[1]), height=int(display.shape[0]),
-            image_url=f"{base}/image.png", cam_url=f"{base}/cam.png" if has_cam else None,
+            id=key,
+            expires_in_s=int(store.ttl_s),
+            width=int(display.shape[1]),
+            height=int(display.shape[0]),
+            image_url=f"{base}/image.png",
+            cam_url=f"{base}/cam.png" if has_cam else None,
             prediction=PredictionOut(**result.to_dict()),
         )
 
-    @app.get("/api/v1/analyses/{analysis_id}/image.png", response_class=Response,
-             responses={**PNG_RESPONSE, **NOT_FOUND}, tags=["analysis"])
+    @app.get(
+        "/api/v1/analyses/{analysis_id}/image.png",
+        response_class=Response,
+        responses={**PNG_RESPONSE, **NOT_FOUND},
+        tags=["analysis"],
+    )
     async def analysis_image(analysis_id: str) -> Response:
         """The decoded radiograph as grayscale PNG (longest side at most 1024 px)."""
         item = get_analysis(analysis_id)
         return png(await run_in_threadpool(render.png_bytes, item.display))
 
-    @app.get("/api/v1/analyses/{analysis_id}/cam.png", response_class=Response,
-             responses={**PNG_RESPONSE, **NOT_FOUND, **NO_CAM, 422: ERRORS[422]}, tags=["analysis"])
-    async def analysis_cam(analysis_id: str,
-                           finding: str = Query(description="one of the model's labels")) -> Response:
+    @app.get(
+        "/api/v1/analyses/{analysis_id}/cam.png",
+        response_class=Response,
+        responses={**PNG_RESPONSE, **NOT_FOUND, **NO_CAM, 422: ERRORS[422]},
+        tags=["analysis"],
+    )
+    async def analysis_cam(analysis_id: str, finding: str = Query(description="one of the model's labels")) -> Response:
         """The Grad-CAM overlay of `finding` for a stored analysis (computed once, then cached)."""
         item = get_analysis(analysis_id)
         name = check_finding(finding)
@@ -281,8 +338,13 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
             store.add_cam(analysis_id, name, cached)
         return png(cached)
 
-    @app.delete("/api/v1/analyses/{analysis_id}", status_code=204, response_class=Response,
-                responses=NOT_FOUND, tags=["analysis"])
+    @app.delete(
+        "/api/v1/analyses/{analysis_id}",
+        status_code=204,
+        response_class=Response,
+        responses=NOT_FOUND,
+        tags=["analysis"],
+    )
     def delete_analysis(analysis_id: str) -> Response:
         """Forget a stored analysis now instead of at expiry."""
         if not store.remove(analysis_id):
@@ -309,7 +371,7 @@ def create_app(analyzer: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str) -> Response:
         data = static.get(name)
-        suffix = name[name.rfind("."):] if "." in name else ""
+        suffix = name[name.rfind(".") :] if "." in name else ""
         if data is None or suffix not in STATIC_TYPES:
             raise HTTPException(404, "not found")
         return Response(data, media_type=STATIC_TYPES[suffix], headers={"Cache-Control": "no-cache"})

@@ -31,8 +31,10 @@ class AnalysisOut(BaseModel):
     width: int
     height: int
     image_url: str = Field(description="the decoded grayscale image as PNG (browsers cannot show DICOM)")
-    cam_url: str | None = Field(description="append ?finding=NAME for that finding's Grad-CAM overlay as PNG; "
-                                "null when the backend has no Grad-CAM (ONNX)")
+    cam_url: str | None = Field(
+        description="append ?finding=NAME for that finding's Grad-CAM overlay as PNG; "
+        "null when the backend has no Grad-CAM (ONNX)"
+    )
     prediction: PredictionOut
 
 

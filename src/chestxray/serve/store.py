@@ -33,8 +33,9 @@ class Analysis:
 
 
 class ResultStore:
-    def __init__(self, ttl_s: float = 600.0, max_bytes: int = 256 * 2**20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl_s: float = 600.0, max_bytes: int = 256 * 2**20, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._clock = clock

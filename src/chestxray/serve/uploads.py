@@ -92,8 +92,13 @@ def _too_large(max_bytes: int) -> str:
     return f"the upload is larger than the server's limit of {max_bytes / 2**20:.4g} MiB"
 
 
-async def read_file_field(content_type: str | None, content_length: str | None,
-                          stream: AsyncIterator[bytes], max_bytes: int, field: str = FIELD) -> bytes:
+async def read_file_field(
+    content_type: str | None,
+    content_length: str | None,
+    stream: AsyncIterator[bytes],
+    max_bytes: int,
+    field: str = FIELD,
+) -> bytes:
     """The bytes of form field `field` of a multipart/form-data body, read from `stream`.
 
     Raises UploadError: 415 if the body is not multipart, 413 past `max_bytes` (checked

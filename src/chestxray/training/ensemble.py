@@ -20,20 +20,32 @@ log = logging.getLogger(__name__)
 
 
 def member_record(model: Any, meta: Any) -> dict[str, Any]:
-    return {"architecture": meta.architecture, "name": meta.name,
-            "preprocessing": meta.preprocessing.to_dict(), "training_split": meta.training.get("split")}
+    return {
+        "architecture": meta.architecture,
+        "name": meta.name,
+        "preprocessing": meta.preprocessing.to_dict(),
+        "training_split": meta.training.get("split"),
+    }
 
 
-def make_ensemble(bundles: Sequence[str | os.PathLike], root: str | os.PathLike, out: str | os.PathLike, *,
-                  split: str = "val", val_fraction: float = 0.1, split_seed: int = 0,
-                  name: str | None = None, allow_missing: bool = False) -> Path:
+def make_ensemble(
+    bundles: Sequence[str | os.PathLike],
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str = "val",
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    name: str | None = None,
+    allow_missing: bool = False,
+) -> Path:
     """Combine `bundles`, tune thresholds on `split` of `root`, write the ensemble bundle."""
-    from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle
     from chestxray.data.index import load_nih
     from chestxray.evaluation.evaluate import split_probabilities
     from chestxray.evaluation.metrics import evaluate_predictions
-    from chestxray.inference.predict import Analyzer, TorchBackend
     from chestxray.evaluation.thresholds import tune_thresholds
+    from chestxray.inference.predict import Analyzer, TorchBackend
+    from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle
 
     if len(bundles) < 2:
         raise ChestXrayError("an ensemble needs at least two --models")
@@ -43,8 +55,9 @@ def make_ensemble(bundles: Sequence[str | os.PathLike], root: str | os.PathLike,
         if meta.labels != labels:
             raise BundleError(f"{path}: its labels differ from {bundles[0]}'s; members must share label order")
         if meta.preprocessing.size != size:
-            raise BundleError(f"{path}: input size {meta.preprocessing.size} differs from {size}; "
-                              "members must share the input size")
+            raise BundleError(
+                f"{path}: input size {meta.preprocessing.size} differs from {size}; members must share the input size"
+            )
         if meta.architecture == ARCHITECTURE:
             raise BundleError(f"{path}: is itself an ensemble; list its members instead")
     index = load_nih(root, val_fraction=val_fraction, seed=split_seed, allow_missing=allow_missing)
@@ -52,8 +65,13 @@ def make_ensemble(bundles: Sequence[str | os.PathLike], root: str | os.PathLike,
     for path, (_, meta) in zip(bundles, loaded):
         val = (meta.training.get("split") or {}).get("validation") or {}
         if split == "val" and {k: val.get(k) for k in wanted} != wanted:
-            log.warning("%s was validated on %s, not on this validation carve %s: its training images may "
-                        "be in the split the thresholds are tuned on", path, val or "an unknown split", wanted)
+            log.warning(
+                "%s was validated on %s, not on this validation carve %s: its training images may "
+                "be in the split the thresholds are tuned on",
+                path,
+                val or "an unknown split",
+                wanted,
+            )
     first = loaded[0][1].preprocessing
     pre = Preprocessing(size=size, mean=first.mean, std=first.std)
     model = EnsembleModel([m for m, _ in loaded], pre).eval()
@@ -63,13 +81,18 @@ def make_ensemble(bundles: Sequence[str | os.PathLike], root: str | os.PathLike,
     tuned = tune_thresholds(probs, targets, labels)
     metrics = evaluate_predictions(targets, probs, tuned.thresholds, labels, n_boot=0)
     meta = BundleMeta(
-        architecture=ARCHITECTURE, labels=list(labels), preprocessing=pre,
-        thresholds=[float(t) for t in tuned.thresholds], name=name,
+        architecture=ARCHITECTURE,
+        labels=list(labels),
+        preprocessing=pre,
+        thresholds=[float(t) for t in tuned.thresholds],
+        name=name,
         threshold_method=f"per-class F1-optimal on the {split} split of {Path(root).name} "
-                         f"(fallback 0.5 for {tuned.fallback})",
-        training={"members": [member_record(m, mt) for m, mt in loaded],
-                  "combination": "mean of member probabilities",
-                  "thresholds_tuned_on": {"root": Path(root).resolve().name, "split": split, **wanted}},
+        f"(fallback 0.5 for {tuned.fallback})",
+        training={
+            "members": [member_record(m, mt) for m, mt in loaded],
+            "combination": "mean of member probabilities",
+            "thresholds_tuned_on": {"root": Path(root).resolve().name, "split": split, **wanted},
+        },
         metrics={split if split != "val" else "validation": metrics},
     )
     return save_bundle(model, meta, out)

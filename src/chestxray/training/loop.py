@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.data.loader import CacheBatches, to_model_input
 from chestxray.data.transforms import AugmentConfig, BatchAugment
-from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 from chestxray.errors import ChestXrayError
-from chestxray.io import atomic_write, atomic_write_text
 from chestxray.evaluation.metrics import elementwise_accuracy, per_class_auroc
+from chestxray.evaluation.thresholds import tune_thresholds
+from chestxray.io import atomic_write, atomic_write_text
+from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.models.device import resolve_device
 from chestxray.models.registry import create_model, train_mode
-from chestxray.evaluation.thresholds import tune_thresholds
+from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ def _loader_data(cfg: TrainConfig, info: DistInfo):
     # Only rank 0 prepares (others would race on the same files); the rest wait for it.
     if info.is_main and not ready():
         log.info("preparing a %dpx cache in %s", cfg.image_size, cache_dir)
-        prepare_cache(list(index.iter_paths()), cache_dir, cfg.image_size, workers=cfg.workers,
-                      progress=sys.stderr.isatty())
+        prepare_cache(
+            list(index.iter_paths()), cache_dir, cfg.image_size, workers=cfg.workers, progress=sys.stderr.isatty()
+        )
     barrier(info)
     return index, PreparedCache.open(cache_dir, cfg.image_size)
 
@@ -127,8 +128,12 @@ def _split_arrays(index, cache, split: str) -> tuple[np.ndarray, np.ndarray, np.
     keep = np.array([n in lookup and bool(cache.done[lookup[n]]) for n in names], dtype=bool)
     if not keep.all():
         bad = [n for n, k in zip(names, keep) if not k]
-        log.warning("%s split: %d images are not in the cache (failed to decode?), left out, e.g. %s",
-                    split, len(bad), ", ".join(bad[:3]))
+        log.warning(
+            "%s split: %d images are not in the cache (failed to decode?), left out, e.g. %s",
+            split,
+            len(bad),
+            ", ".join(bad[:3]),
+        )
     pos = pos[keep]
     if len(pos) == 0:
         raise ChestXrayError(f"the {split} split of {index.root} has no usable images")
@@ -152,11 +157,13 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
     if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.plateau_factor,
-                                                          patience=cfg.plateau_patience)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                   steps_per_epoch=max(1, steps_per_epoch))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=max(1, steps_per_epoch)
+        )
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
     if cfg.schedule == "none":
@@ -185,8 +192,14 @@ def sanity_check_batch(x: torch.Tensor, y: torch.Tensor, size: int, n_classes: i
         raise ChestXrayError(f"first batch labels are not 0/1 with {n_classes} columns")
 
 
-def training_step(net: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                  x: torch.Tensor, y: torch.Tensor, autocast: Any) -> torch.Tensor:
+def training_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Any,
+) -> torch.Tensor:
     """One optimisation step (shared with benchmarks/train_throughput.py)."""
     with autocast:
         logits = net(x)
@@ -215,8 +228,15 @@ class Trainer:
         va_x, va_y, self.val_groups = _split_arrays(self.index, cache, "val")
         self.val_targets = va_y
         common = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
-        self.train_batches = CacheBatches(tr_x, tr_y, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                          drop_last=len(tr_x) > cfg.batch_size * self.info.world_size, **common)
+        self.train_batches = CacheBatches(
+            tr_x,
+            tr_y,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=len(tr_x) > cfg.batch_size * self.info.world_size,
+            **common,
+        )
         self.val_batches = CacheBatches(va_x, va_y, cfg.batch_size * 2, shuffle=False, **common)
         # Random init must not depend on, or change, the global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -237,7 +257,8 @@ class Trainer:
         self.net: nn.Module = self.model
         if self.info.enabled:
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.on_gpu else None)
+                self.model, device_ids=[self.device.index] if self.on_gpu else None
+            )
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         self.start_epoch, self.best_loss, self.best_epoch = 0, math.inf, -1
         self.history: list[dict[str, Any]] = []
@@ -279,8 +300,10 @@ class Trainer:
         saved = json.loads(state["args"])
         for key in ("model", "image_size", "freeze", "epochs", "batch_size", "seed", "augment", "schedule"):
             if saved.get(key) != getattr(self.cfg, key):
-                raise ChestXrayError(f"--resume: checkpoint {path} was made with {key}={saved.get(key)!r}, "
-                                     f"this run has {key}={getattr(self.cfg, key)!r}")
+                raise ChestXrayError(
+                    f"--resume: checkpoint {path} was made with {key}={saved.get(key)!r}, "
+                    f"this run has {key}={getattr(self.cfg, key)!r}"
+                )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -299,8 +322,13 @@ class Trainer:
         if self.augment is not None:
             self.augment.reseed(self.cfg.seed * 100_003 + epoch)
         total, count, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
-                   disable=not (self.info.is_main and sys.stderr.isatty()), leave=False)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            unit="batch",
+            disable=not (self.info.is_main and sys.stderr.isatty()),
+            leave=False,
+        )
         for step, (_, xb, yb) in enumerate(self.train_batches):
             if step >= self.steps_per_epoch:
                 break
@@ -350,8 +378,14 @@ class Trainer:
             (self.out / LOG_FILE).unlink(missing_ok=True)
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if self.info.is_main:
-            log.info("training %s on %d images, validating on %d (%s, %d process(es))",
-                     cfg.model, self.n_train, self.n_val, self.device, self.info.world_size)
+            log.info(
+                "training %s on %d images, validating on %d (%s, %d process(es))",
+                cfg.model,
+                self.n_train,
+                self.n_val,
+                self.device,
+                self.info.world_size,
+            )
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             train_loss, ips = self.train_epoch(epoch)
@@ -361,8 +395,16 @@ class Trainer:
             acc = elementwise_accuracy(self.val_targets, probs >= 0.5)
             if self.scheduler is not None and cfg.schedule == "plateau":
                 self.scheduler.step(val_loss)
-            rec = EpochRecord(epoch + 1, train_loss, val_loss, mean_auroc, acc,
-                              self.optimizer.param_groups[0]["lr"], time.perf_counter() - t0, ips)
+            rec = EpochRecord(
+                epoch + 1,
+                train_loss,
+                val_loss,
+                mean_auroc,
+                acc,
+                self.optimizer.param_groups[0]["lr"],
+                time.perf_counter() - t0,
+                ips,
+            )
             improved = val_loss < self.best_loss
             if improved:
                 self.best_loss, self.best_epoch = val_loss, epoch
@@ -370,17 +412,19 @@ class Trainer:
                     from safetensors.torch import save_file
 
                     state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-                    atomic_write(self.out / BEST_WEIGHTS, lambda p: save_file(state, str(p)))
+                    atomic_write(self.out / BEST_WEIGHTS, lambda p, state=state: save_file(state, str(p)))
             row = dataclasses.asdict(rec)
             row["best"] = improved
             self.history.append(row)
             if self.info.is_main:
                 with open(self.out / LOG_FILE, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                      f"val_auroc {mean_auroc if mean_auroc is not None else float('nan'):.4f}  "
-                      f"val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s" + ("  *best" if improved else ""),
-                      flush=True)
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                    f"val_auroc {mean_auroc if mean_auroc is not None else float('nan'):.4f}  "
+                    f"val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s" + ("  *best" if improved else ""),
+                    flush=True,
+                )
             self.save_checkpoint(epoch)
             barrier(self.info)
         bundle = self.finish()
@@ -400,8 +444,9 @@ class Trainer:
         tuned = tune_thresholds(probs, self.val_targets, self.labels_names)
         from chestxray.evaluation.metrics import evaluate_predictions
 
-        val_metrics = evaluate_predictions(self.val_targets, probs, tuned.thresholds, self.labels_names,
-                                           groups=None, n_boot=0)
+        val_metrics = evaluate_predictions(
+            self.val_targets, probs, tuned.thresholds, self.labels_names, groups=None, n_boot=0
+        )
         val_metrics["loss"] = val_loss
         val_metrics["threshold_fallback"] = tuned.fallback
         summary = self.index.summary()
@@ -411,13 +456,18 @@ class Trainer:
             preprocessing=self.model.preprocessing,
             thresholds=[float(t) for t in tuned.thresholds],
             name=self.cfg.name or f"{self.cfg.model}-{Path(self.cfg.root).resolve().name}",
-            threshold_method=("per-class F1-optimal on the validation split (exact search over distinct "
-                              f"scores); fallback {tuned.fallback} -> 0.5 (no validation positive)"),
+            threshold_method=(
+                "per-class F1-optimal on the validation split (exact search over distinct "
+                f"scores); fallback {tuned.fallback} -> 0.5 (no validation positive)"
+            ),
             training={
                 "dataset_root": Path(self.cfg.root).resolve().name,
                 "labels_file": summary["labels_file"],
-                "split": {"train": "official train_val minus validation patients",
-                          "validation": summary["validation"], "test": "official test_list.txt (not used)"},
+                "split": {
+                    "train": "official train_val minus validation patients",
+                    "validation": summary["validation"],
+                    "test": "official test_list.txt (not used)",
+                },
                 "images": {s: summary["splits"][s]["images"] for s in ("train", "val")},
                 "patients": {s: summary["splits"][s]["patients"] for s in ("train", "val")},
                 "best_epoch": self.best_epoch + 1,
