@@ -13,7 +13,20 @@ from collections.abc import Sequence
 from chestxray import NOT_FOR_CLINICAL_USE, __version__
 from chestxray.errors import ChestXrayError
 
-COMMANDS = ("info", "prepare", "train", "evaluate", "ensemble", "predict", "report", "export", "serve", "models")
+# Module names; `import_` holds the `import` command (a Python keyword cannot name a module).
+COMMANDS = (
+    "info",
+    "prepare",
+    "train",
+    "evaluate",
+    "ensemble",
+    "predict",
+    "report",
+    "export",
+    "serve",
+    "models",
+    "import_",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """Preprocessing presets.
 
 Eval (the one definition used by validation, prediction, the server and ONNX export):
-  gray uint8 image -> antialiased bilinear resize to size x size (PIL) -> float32 in [0, 1],
-  shape (1, size, size). Gray-to-3-channel and mean/std normalisation live inside the
+  gray uint8 image -> [centre crop to a square, when the preprocessing says "center"] ->
+  antialiased bilinear resize to size x size (PIL) -> float32 in [0, 1], shape (1, size, size). Gray-to-3-channel and mean/std normalisation live inside the
   network (`chestxray.models.InputNormalize`), so an exported graph carries them too.
 Train: batches of cached uint8 images augmented on the device (`BatchAugment`), so no
 per-sample PIL work sits in the training loop. Each augmenter owns its torch.Generator.
@@ -26,15 +26,30 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+CROPS = ("none", "center")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """What a model expects; stored in every bundle and ONNX file."""
+    """What a model expects; stored in every bundle and ONNX file.
+
+    mean/std: one value per network input channel (3: gray copied to RGB; 1: gray as is),
+    applied inside the network as (x - mean) / std on x in [0, 1]. torchxrayvision's
+    [-1024, 1024] scaling, (x / 255) * 2048 - 1024, is mean 0.5, std 1/2048 on one channel.
+    crop: "center" cuts the image to a centred square before the resize (torchxrayvision).
+    """
 
     size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     resize: str = "bilinear-antialias"
     input: str = "gray float32 in [0,1], shape (N, 1, size, size)"
+    crop: str = "none"
+    scaling: str = ""  # a readable name of the mean/std scaling, e.g. "torchxrayvision [-1024, 1024]"
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -47,11 +62,25 @@ class Preprocessing:
             size = int(d["size"])
             mean = tuple(float(v) for v in d["mean"])
             std = tuple(float(v) for v in d["std"])
+            crop = str(d.get("crop", "none"))
+            scaling = str(d.get("scaling", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise ChestXrayError(f"preprocessing: missing or bad field ({exc!r}) in {d!r}") from None
-        if size < 8 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        if size < 8 or len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0 or crop not in CROPS:
             raise ChestXrayError(f"preprocessing: invalid values in {d!r}")
-        return cls(size=size, mean=mean, std=std)  # type: ignore[arg-type]
+        return cls(size=size, mean=mean, std=std, crop=crop, scaling=scaling)
+
+
+def center_crop_box(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centred square of an image, as torchxrayvision's
+    XRayCenterCrop computes it (its offsets: half the size minus half the side, floored)."""
+    side = min(height, width)
+    return height // 2 - side // 2, width // 2 - side // 2, side
+
+
+def center_crop(image: np.ndarray) -> np.ndarray:
+    top, left, side = center_crop_box(image.shape[0], image.shape[1])
+    return image[top : top + side, left : left + side]
 
 
 def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
@@ -76,6 +105,8 @@ class EvalPreset:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.preprocessing.crop == "center":
+            image = center_crop(image)
         resized = resize_gray(image, self.preprocessing.size)
         return (resized.astype(np.float32) * (1.0 / 255.0))[None]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import numpy as np
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
+from chestxray.io import file_sha256
 from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
 from chestxray.models.bundle import META_KEY, BundleMeta
 
@@ -218,14 +218,6 @@ def check_parity(
     agree = int(np.sum((full >= thr) == (ref >= thr)))
     sizes = sorted({len(batch), 1}, reverse=True)
     return ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def metadata_props(

@@ -7,6 +7,7 @@ and ONNX export share one definition of preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,15 +26,20 @@ FREEZE_POLICIES = ("seed", "all", "head")
 
 
 class InputNormalize(nn.Module):
-    """gray [0, 1] (N, 1, H, W) -> 3 channels normalised with the backbone's mean/std."""
+    """gray [0, 1] (N, 1, H, W) -> C channels (3: gray copied; 1: as is) normalised with the
+    backbone's mean/std (one value per channel)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        c = len(mean)
+        self.channels = c
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.expand(-1, 3, -1, -1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.channels != 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 class ChestClassifier(nn.Module):
@@ -67,7 +73,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 _PREFIXES: dict[str, Callable[[str], ModelSpec]] = {}
 # Families register themselves when imported; the registry imports them by name only,
 # the first time a model is looked up, so it depends on none of them.
-FAMILY_MODULES = ("chestxray.models.torchvision_models", "chestxray.models.timm")
+FAMILY_MODULES = ("chestxray.models.torchvision_models", "chestxray.models.timm", "chestxray.models.xrv")
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -125,7 +131,7 @@ def create_model(
     spec = get_spec(name)
     pre = spec.preprocessing
     if image_size is not None:
-        pre = Preprocessing(size=image_size, mean=pre.mean, std=pre.std)
+        pre = dataclasses.replace(pre, size=image_size)
     if weights == "imagenet":
         backbone = _with_imagenet(spec, num_classes)
     elif weights == "none":
