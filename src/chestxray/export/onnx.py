@@ -34,7 +34,7 @@ from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
 from chestxray.io import file_sha256
-from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
+from chestxray.inference.onnx_backend import FEATURES_NAME, INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,12 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
         def forward(self, image: torch.Tensor) -> torch.Tensor:
             return torch.sigmoid(self.net(image))
 
-    wrapped = WithSigmoid(model).eval().cpu()
+    wrapped: torch.nn.Module = WithSigmoid(model)
+    output_names = [OUTPUT_NAME]
+    if getattr(model, "architecture", "ensemble") != "ensemble":
+        # One network: also expose its pooled feature vector, for `Analyzer.embed` without torch.
+        wrapped, output_names = _with_features(model), [OUTPUT_NAME, FEATURES_NAME]
+    wrapped = wrapped.eval().cpu()
     size = preprocessing.size
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -159,7 +164,7 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
                 verbose=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=output_names,
                 dynamic_shapes={"image": {0: batch}},
                 external_data=False,
             )
@@ -179,6 +184,26 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
         dim0.ClearField("dim_value")
         dim0.dim_param = "batch"
     return proto
+
+
+def _with_features(model: Any) -> Any:
+    """model -> (probabilities, features): the body gives the feature vector, the head its logits."""
+    import torch
+
+    from chestxray.models.registry import split_head
+
+    body, head = split_head(model)
+
+    class WithFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = body, head
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.body(image)
+            return torch.sigmoid(self.head(features)), features
+
+    return WithFeatures()
 
 
 def session_for(model_bytes: bytes):
@@ -241,9 +266,12 @@ def metadata_props(
         "thresholds": json.dumps({lab: float(t) for lab, t in zip(meta.labels, meta.thresholds)}),
         "preprocessing": json.dumps(meta.preprocessing.to_dict()),
         "metrics": json.dumps(meta.metrics),
-        "input": f"{INPUT_NAME}: float32 (N, 1, {size}, {size}), gray in [0, 1]: antialiased bilinear "
-        f"resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)",
-        "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'",
+        "input": f"{INPUT_NAME}: float32 (N, 1, {size}, {size}), gray in [0, 1]: "
+        + ("centre crop to square, " if meta.preprocessing.crop == "center" else "")
+        + f"antialiased bilinear resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)"
+        + (f"; the graph then applies {meta.preprocessing.scaling}" if meta.preprocessing.scaling else ""),
+        "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'"
+        + ("" if meta.architecture == "ensemble" else f"; {FEATURES_NAME}: float32 (N, D), pooled feature vector"),
         "quantization": quantization,
         "parity": json.dumps(parity.to_dict()),
         "exported": json.dumps(

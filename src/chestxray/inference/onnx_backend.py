@@ -25,6 +25,7 @@ ONNX_FORMAT = "chestxray-onnx"
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+FEATURES_NAME = "features"  # optional second output: the pooled feature vector (N, D)
 DEFAULT_ONNX_NAME = "default.onnx"
 INSTALL_HINT = "pip install 'chestxray[infer]' (onnxruntime, no torch needed)"
 
@@ -138,8 +139,14 @@ class OnnxBackend:
         self.session = _session(self.path, threads=threads, providers=providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BundleError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+        extra = [o.name for o in outputs[1:]]
+        if len(inputs) != 1 or not outputs or extra not in ([], [FEATURES_NAME]):
+            raise BundleError(
+                f"{self.path}: expected one input and the outputs probabilities[, features], found "
+                f"{len(inputs)} inputs and outputs {[o.name for o in outputs]}"
+            )
+        self.has_features = extra == [FEATURES_NAME]
+        self.output_name = outputs[0].name
         self.input_name = inputs[0].name
         size = self.info.meta.preprocessing.size
         shape = list(inputs[0].shape)
@@ -164,4 +171,14 @@ class OnnxBackend:
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.info.meta.labels)), np.float32)
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run(None, {self.input_name: x})[0]
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """(N, D) pooled feature vectors, from the graph's "features" output."""
+        if not self.has_features:
+            raise ChestXrayError(
+                f"{self.path}: this ONNX file has no features output; export the bundle again with this "
+                "version of chestxray, or use the torch backend"
+            )
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run([FEATURES_NAME], {self.input_name: x})[0]

@@ -67,6 +67,16 @@ class Prediction:
         }
 
 
+@dataclass
+class Embeddings:
+    """Feature vectors of many inputs, in input order; an unreadable input has a NaN row
+    and its reason in `errors`."""
+
+    files: list[str]
+    vectors: np.ndarray  # (N, D) float32
+    errors: dict[int, str] = field(default_factory=dict)
+
+
 class Backend(Protocol):
     """Runs the network: (N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities."""
 
@@ -90,6 +100,17 @@ class TorchBackend:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
             return torch.sigmoid(self.model(x).float()).cpu().numpy()
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 1, S, S) -> (N, D) pooled feature vectors (the final layer's input)."""
+        import torch
+
+        from chestxray.models.registry import split_head
+
+        body, _ = split_head(self.model)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            return body(x).float().cpu().numpy()
 
 
 def default_bundle_path() -> Path:
@@ -291,6 +312,39 @@ class Analyzer:
                     yield Prediction(labels[i], self.name, self.findings_from(by_index[i]))
             bar.update(len(chunk))
         bar.close()
+
+    def embed(
+        self, inputs: Sequence[Input], *, names: Sequence[str] | None = None, progress: bool = False
+    ) -> Embeddings:
+        """Pooled feature vectors (the input of the final layer) for retrieval, clustering or
+        linear probes. Torch backend, or an ONNX file exported with a "features" output."""
+        from tqdm.auto import tqdm
+
+        features = getattr(self.backend, "features", None)
+        if features is None:
+            raise ChestXrayError(f"the {self.backend.name} backend gives no feature vectors")
+        items = list(inputs)
+        labels = list(names) if names is not None else [self._label(x, i) for i, x in enumerate(items)]
+        rows: list[np.ndarray | None] = [None] * len(items)
+        errors: dict[int, str] = {}
+        for start in tqdm(range(0, len(items), self.batch_size), desc="embed", disable=not progress):
+            ready: list[tuple[int, np.ndarray]] = []
+            for i in range(start, min(start + self.batch_size, len(items))):
+                try:
+                    ready.append((i, self.preprocess(items[i], labels[i])[1]))
+                except ImageReadError as exc:
+                    errors[i] = exc.reason
+                except Exception as exc:  # one odd input must not lose the others (type only, as predict)
+                    errors[i] = f"cannot read this input ({type(exc).__name__})"
+            if ready:
+                for (i, _), vec in zip(ready, features(np.stack([x for _, x in ready]))):
+                    rows[i] = vec
+        dim = next((len(r) for r in rows if r is not None), 0)
+        out = np.full((len(items), dim), np.nan, dtype=np.float32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                out[i] = r
+        return Embeddings(labels, out, errors)
 
     @staticmethod
     def _label(item: Input, i: int) -> str:
