@@ -53,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --cam: the findings to explain (default: the positive ones, or the most "
         "probable one when none is positive)",
     )
+    p.add_argument(
+        "--features",
+        metavar="OUT",
+        help="instead of findings, write each image's pooled feature vector to OUT: .npy (rows in input "
+        "order; NaN rows for unreadable files), .csv or .parquet (a 'file' column, then f0, f1, ...)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
@@ -75,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device_arg(args.device, backend)
     analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
+    if args.features:
+        return write_features(analyzer, files, Path(args.features), progress)
     with quiet_skip_warnings():  # failures are listed once, at the end
         if args.cam:
             predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
@@ -101,6 +109,42 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {p.file}: {p.error}", file=sys.stderr)
         return 1
     return 0
+
+
+FEATURE_SUFFIXES = (".npy", ".csv", ".parquet")
+
+
+def write_features(analyzer: "Analyzer", files: Sequence[Path], out: Path, progress: bool) -> int:
+    """`--features OUT`: the pooled feature vectors of `files`, written atomically."""
+    import numpy as np
+
+    from chestxray.io import atomic_write
+
+    if out.suffix not in FEATURE_SUFFIXES:
+        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    emb = analyzer.embed([str(f) for f in files], progress=progress)
+    if out.suffix == ".npy":
+        atomic_write(out, lambda tmp: np.save(tmp, emb.vectors, allow_pickle=False))
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame(emb.vectors, columns=[f"f{i}" for i in range(emb.vectors.shape[1])])
+        frame.insert(0, "file", emb.files)
+        if out.suffix == ".csv":
+            atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
+        else:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ChestXrayError("--features .parquet needs pyarrow: pip install pyarrow") from None
+            atomic_write(out, lambda tmp: frame.to_parquet(tmp, index=False))
+    print(
+        f"wrote {emb.vectors.shape[0]} feature vectors of {emb.vectors.shape[1]} values to {out}; model {analyzer.name}",
+        file=sys.stderr,
+    )
+    for i, reason in emb.errors.items():
+        print(f"  {emb.files[i]}: {reason}", file=sys.stderr)
+    return 1 if emb.errors else 0
 
 
 def parse_findings(text: str | None) -> list[str] | None:

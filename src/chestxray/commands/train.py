@@ -22,16 +22,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="resnet50",
         help="architecture: resnet50, densenet121, resnet18, or timm/<name> (see `chestxray models`)",
     )
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--weights",
         default="imagenet",
         help="'imagenet' (torchvision download), 'none' (random init) or a state-dict FILE",
+    )
+    start.add_argument(
+        "--init",
+        metavar="BUNDLE",
+        help="start from a bundle's weights (e.g. from `chestxray import xrv`); its architecture and "
+        "preprocessing are kept, output rows remapped by finding name",
     )
     p.add_argument(
         "--freeze",
         default="seed",
         choices=["seed", "all", "head"],
-        help="seed: train layer2-layer4 + head; all: train everything; head: head only (default seed)",
+        help="seed: train the last stages + head (ResNet layer2-4; DenseNet denseblock3-4, norm5); "
+        "all: train everything; head: head only (default seed)",
     )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
@@ -40,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
     p.add_argument("--schedule", default="plateau", choices=["plateau", "onecycle", "cosine", "none"])
     p.add_argument("--plateau-patience", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None, help="input size (default 224, or the --init bundle's)")
     p.add_argument(
         "--augment",
         default="none",
@@ -70,6 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from chestxray.training.loop import TrainConfig, train
 
+    if args.image_size is None:
+        from chestxray.models.bundle import read_bundle_meta
+
+        args.image_size = read_bundle_meta(args.init).preprocessing.size if args.init else 224
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     bundle = train(cfg, resume=args.resume)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.evaluation.metrics import evaluate_predictions
 from chestxray.io import atomic_write, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 
 def split_probabilities(
-    analyzer: Any, index: Any, split: str, progress: bool = False
+    analyzer: Any, index: Any, split: str, progress: bool = False, labels: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(probabilities, targets, patient ids, image names) of one split, read from the images
-    through the analyzer's own preprocessing (exactly what `predict` does)."""
+    through the analyzer's own preprocessing (exactly what `predict` does). `labels`: the
+    model's labels to score (default all of them), in that order."""
     from chestxray.errors import ChestXrayError
 
     pos = index.split_positions(split)
@@ -31,12 +35,13 @@ def split_probabilities(
         raise ChestXrayError(
             f"{len(bad)} images of the {split} split could not be read, e.g. {bad[0].file}: {bad[0].error}"
         )
-    probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
+    labels = list(analyzer.labels) if labels is None else labels
+    probs = np.array([[p.probability(lab) for lab in labels] for p in preds])
     # Targets in the model's label order (a bundle may order or subset its labels).
-    unknown = [lab for lab in analyzer.labels if lab not in index.pathologies]
+    unknown = [lab for lab in labels if lab not in index.pathologies]
     if unknown:
         raise ChestXrayError(f"model {analyzer.name} predicts {unknown}, which {index.root} does not label")
-    cols = [list(index.pathologies).index(lab) for lab in analyzer.labels]
+    cols = [list(index.pathologies).index(lab) for lab in labels]
     targets = index.labels[pos][:, cols]
     return probs, targets, index.frame["patient_id"].iloc[pos].to_numpy(), names
 
@@ -123,10 +128,19 @@ def report_markdown(result: dict[str, Any], model_name: str, split: str, root: s
 def run_evaluation(
     analyzer: Any, index: Any, split: str, out: Path, n_boot: int = 1000, seed: int = 0, progress: bool = False
 ) -> dict[str, Any]:
-    probs, targets, groups, _ = split_probabilities(analyzer, index, split, progress=progress)
-    result = evaluate_predictions(
-        targets, probs, analyzer.thresholds, analyzer.labels, groups=groups, n_boot=n_boot, seed=seed
-    )
+    # An imported model may predict findings this dataset does not label (e.g. torchxrayvision's
+    # Lung Opacity on NIH): those are left out, and said so; the shared ones are scored.
+    labels = [lab for lab in analyzer.labels if lab in index.pathologies]
+    not_scored = [lab for lab in analyzer.labels if lab not in labels]
+    if not labels:
+        from chestxray.errors import ChestXrayError
+
+        raise ChestXrayError(f"model {analyzer.name} predicts none of the findings {index.root} labels")
+    if not_scored:
+        log.warning("not scored (%s does not label them): %s", index.root, ", ".join(not_scored))
+    thresholds = [float(t) for lab, t in zip(analyzer.labels, analyzer.thresholds) if lab in labels]
+    probs, targets, groups, _ = split_probabilities(analyzer, index, split, progress=progress, labels=labels)
+    result = evaluate_predictions(targets, probs, thresholds, labels, groups=groups, n_boot=n_boot, seed=seed)
     result = {
         "model": analyzer.name,
         "split": split,
@@ -134,8 +148,10 @@ def run_evaluation(
         "note": NOT_FOR_CLINICAL_USE,
         **result,
     }
+    if not_scored:
+        result["not_scored"] = not_scored
     out.mkdir(parents=True, exist_ok=True)
-    write_curves(targets, probs, analyzer.labels, out, f"{analyzer.name}, {split} split")
+    write_curves(targets, probs, labels, out, f"{analyzer.name}, {split} split")
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     atomic_write_text(out / "report.md", report_markdown(result, analyzer.name, split, str(index.root)))
     return result

@@ -12,8 +12,9 @@ so a web server sharing one model between threads cannot mix up two requests, an
 (c) guarantee the hook is removed on every exit path (a context manager), without a
 further dependency.
 
-Geometry: the eval preset resizes the whole image (no crop, no padding, no flip) to
-S x S, so the target layer's h x w grid covers the whole image; bilinear upsampling
+Geometry: the eval preset resizes the whole image (no padding, no flip; a centre crop only
+for models that ask for one, e.g. torchxrayvision's, whose maps then cover that square and
+are zero outside it) to S x S, so the target layer's h x w grid covers the whole image; bilinear upsampling
 with `align_corners=False` maps cell centres onto the centres of their footprints in
 the original, in its own aspect. A map is ReLU'd and divided by its maximum (0 stays
 "no positive evidence"); a map with no positive evidence is all zeros.
@@ -153,6 +154,19 @@ def upsample_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return normalize_map(up[0, 0].numpy())
 
 
+def uncrop_map(square: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The map of an image's centred square (crop "center") placed in a map of the whole
+    image (`size`), zero (no evidence) outside the square."""
+    from chestxray.data.transforms import center_crop_box
+
+    top, left, side = center_crop_box(int(size[0]), int(size[1]))
+    if square.shape != (side, side):
+        raise ChestXrayError(f"uncrop_map: map {square.shape} is not the {side} x {side} centre square of {size}")
+    out = np.zeros(size, dtype=np.float32)
+    out[top : top + side, left : left + side] = square
+    return out
+
+
 def normalize_map(heatmap: np.ndarray) -> np.ndarray:
     """ReLU, then divide by the maximum; all zeros when nothing is positive."""
     m = np.maximum(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0)
@@ -211,7 +225,11 @@ def explain_image(
     label = source_name(image, name, default="<input>")
     gray, x = analyzer.preprocess(image, label)
     select = wanted if wanted is not None else default_selection(analyzer.thresholds)
-    run = gradcam(model, x, select, gray.shape[:2])
+    crop = analyzer.preprocessing.crop == "center"
+    side = min(gray.shape[:2])
+    run = gradcam(model, x, select, (side, side) if crop else gray.shape[:2])
+    if crop:  # the model saw the centred square only
+        run.maps = [uncrop_map(m, gray.shape[:2]) for m in run.maps]
     prediction = Prediction(label, analyzer.name, analyzer.findings_from(run.probabilities))
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams

@@ -70,6 +70,7 @@ class TrainConfig:
     channels_last: bool = True  # on GPU
     max_steps: int | None = None  # per epoch, for smoke tests
     name: str | None = None
+    init: str | None = None  # a bundle to start from (its architecture and preprocessing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,7 +242,12 @@ class Trainer:
         # Random init must not depend on, or change, the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.model = create_model(cfg.model, weights=cfg.weights, freeze=cfg.freeze, image_size=cfg.image_size)
+            if cfg.init:
+                self.model = self._init_model()
+            else:
+                self.model = create_model(
+                    cfg.model, weights=cfg.weights, freeze=cfg.freeze, image_size=cfg.image_size
+                )
         self.model.to(self.device)
         if self.on_gpu and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -263,6 +269,23 @@ class Trainer:
         self.start_epoch, self.best_loss, self.best_epoch = 0, math.inf, -1
         self.history: list[dict[str, Any]] = []
         self.n_train, self.n_val = len(tr_x), len(va_x)
+
+    def _init_model(self) -> Any:
+        """The --init bundle's network, its output rows remapped to this run's labels."""
+        from chestxray.training.init import init_from_bundle
+
+        if self.cfg.weights != "imagenet":
+            raise ChestXrayError("--init and --weights are mutually exclusive: --init BUNDLE brings its own weights")
+        model, remap, arch = init_from_bundle(
+            str(self.cfg.init), self.labels_names, freeze=self.cfg.freeze, image_size=self.cfg.image_size
+        )
+        self.cfg.model = arch
+        if self.info.is_main:
+            log.info("--init %s (%s): %s", self.cfg.init, arch, remap.describe())
+            if model.preprocessing.crop == "center":
+                # The prepared cache resizes whole images; for square ones (all of NIH) that is the crop.
+                log.info("the bundle centre-crops at prediction; training reads the cache's whole-image resize")
+        return model
 
     def _autocast(self):
         if self.on_gpu and self.cfg.amp:

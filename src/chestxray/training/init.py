@@ -1,0 +1,70 @@
+"""`train --init BUNDLE`: start from a bundle's weights (an imported model or a previous run).
+
+The body is copied as is. The output layer is remapped by finding name: rows of findings the
+new label set shares with the bundle are kept, findings new to it get the freshly initialised
+rows of a new head, findings the new set lacks are dropped; the log says which. The bundle's
+preprocessing (scaling, channels, crop) is kept; only the input size may be overridden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chestxray.errors import ChestXrayError
+from chestxray.models.bundle import load_bundle
+from chestxray.models.build import build_from_meta
+from chestxray.models.registry import ChestClassifier, _get_module, apply_freeze, get_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadRemap:
+    kept: list[str]
+    new: list[str]
+    dropped: list[str]
+
+    def describe(self) -> str:
+        return (
+            f"output rows kept {len(self.kept)} ({', '.join(self.kept) or '-'}); "
+            f"new {len(self.new)} ({', '.join(self.new) or '-'}); dropped {len(self.dropped)} "
+            f"({', '.join(self.dropped) or '-'})"
+        )
+
+
+def init_from_bundle(
+    path: str | os.PathLike, labels: Sequence[str], *, freeze: str = "seed", image_size: int | None = None
+) -> tuple[ChestClassifier, HeadRemap, str]:
+    """(model for `labels`, what happened to the output rows, the bundle's architecture).
+    Fresh rows come from the caller's RNG state (seed it for a reproducible run)."""
+    source, meta = load_bundle(path)
+    if meta.architecture == "ensemble" or not isinstance(source, ChestClassifier):
+        raise ChestXrayError(f"--init {path}: an ensemble bundle cannot be fine-tuned; pass one of its members")
+    pre = meta.preprocessing if image_size is None else dataclasses.replace(meta.preprocessing, size=image_size)
+    model = build_from_meta(meta.architecture, len(labels), pre)
+    assert isinstance(model, ChestClassifier)  # build_from_meta gives one for a non-ensemble
+    head_name = get_spec(meta.architecture).head
+    old_head, new_head = _get_module(source.backbone, head_name), _get_module(model.backbone, head_name)
+    body = {k: v for k, v in source.backbone.state_dict().items() if not k.startswith(head_name + ".")}
+    result = model.backbone.load_state_dict(body, strict=False)
+    if result.unexpected_keys or any(not k.startswith(head_name + ".") for k in result.missing_keys):
+        raise ChestXrayError(f"--init {path}: weights do not fit {meta.architecture}")  # pragma: no cover
+    old_index = {lab: i for i, lab in enumerate(meta.labels)}
+    remap = HeadRemap(
+        kept=[lab for lab in labels if lab in old_index],
+        new=[lab for lab in labels if lab not in old_index],
+        dropped=[lab for lab in meta.labels if lab not in set(labels)],
+    )
+    with torch.no_grad():
+        for row, lab in enumerate(labels):
+            if lab in old_index:
+                new_head.weight[row] = old_head.weight[old_index[lab]]
+                new_head.bias[row] = old_head.bias[old_index[lab]]
+    apply_freeze(model, freeze)
+    return model, remap, meta.architecture
