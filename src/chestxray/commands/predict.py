@@ -124,7 +124,12 @@ def write_features(analyzer: "Analyzer", files: Sequence[Path], out: Path, progr
         raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
     emb = analyzer.embed([str(f) for f in files], progress=progress)
     if out.suffix == ".npy":
-        atomic_write(out, lambda tmp: np.save(tmp, emb.vectors, allow_pickle=False))
+
+        def save_npy(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # np.save on a path would add ".npy" to the temporary name
+                np.save(fh, emb.vectors, allow_pickle=False)
+
+        atomic_write(out, save_npy)
     else:
         import pandas as pd
 
