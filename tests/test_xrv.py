@@ -140,16 +140,16 @@ def test_densenet_matches_torchxrayvision_on_the_same_tensor(dense_bundle, their
 def test_densenet_matches_torchxrayvision_from_the_image_file(dense_bundle, their_densenet, radiographs):
     model, _ = their_densenet
     analyzer = Analyzer.load(dense_bundle)
-    for path in radiographs:
-        with torch.no_grad():
-            theirs = torch.sigmoid(model(their_input(path, 224)))[0].numpy()
-        pred = analyzer.predict(path)
+    with torch.no_grad():
+        theirs_all = torch.sigmoid(model(torch.cat([their_input(p, 224) for p in radiographs]))).numpy()
+    for path, theirs, pred in zip(radiographs, theirs_all, analyzer.predict(radiographs)):
         ours = np.array([pred.probability(lab) for lab in analyzer.labels])
-        # Each side with its own preprocessing. What remains is the resize: theirs is
-        # skimage's Gaussian-prefiltered bilinear on float pixels, ours PIL's antialiased
-        # bilinear on 8-bit pixels rounded back to 8 bits (the eval preset, shared with
-        # training); at 1024 -> 224 the two filters differ by about one grey level per pixel.
-        assert np.abs(ours - theirs).max() <= 1e-2, path.name
+        # Each side with its own preprocessing: theirs skimage.io + normalize + XRayCenterCrop +
+        # XRayResizer (scikit-image), ours read_image + the eval preset (the same resize written
+        # in numpy, on [0, 1] values that the graph scales back). What remains is float32
+        # rounding of the scaling done in another order (~1e-4 of 2048 input units), far below
+        # the 1e-2 asked for.
+        assert np.abs(ours - theirs).max() <= 1e-4, path.name
 
 
 def test_grad_cam_covers_the_centre_square(small_bundle, radiographs):
@@ -231,7 +231,7 @@ def test_resnet50_matches_torchxrayvision(tmp_path, radiographs):
     image = radiographs[2]
     with torch.no_grad():
         body = torch.nn.Sequential(*list(net.children())[:-1], torch.nn.Flatten(1))
-        shrink_head(net.fc, body(torch.cat([their_input(p, 512) for p in calibration_images()[:4]])), seed=2)
+        shrink_head(net.fc, torch.cat([body(their_input(p, 512)) for p in calibration_images()]), seed=2)
     torch.save(net.state_dict(), tmp_path / w.filename)
     theirs_model = xrv.models.ResNet(weights="resnet50-res512-all", cache_dir=str(tmp_path))
     bundle, meta = import_xrv(w.name, tmp_path / "rn.safetensors", file=tmp_path / w.filename)  # no --trust-pickle
@@ -245,7 +245,10 @@ def test_resnet50_matches_torchxrayvision(tmp_path, radiographs):
         ours = torch.sigmoid(ours_net(x))[0].numpy()
         from_file = torch.sigmoid(theirs_model.model(their_input(image, 512)))[0, kept].numpy()
     assert theirs.std() > 0.05 and np.abs(ours - theirs).max() <= 1e-5
-    assert np.abs(Analyzer.load(bundle).probabilities(x.numpy())[0] - from_file).max() <= 1e-2  # resize, as above
+    analyzer = Analyzer.load(bundle)
+    file_probs = analyzer.predict(image)
+    ours_file = np.array([file_probs.probability(lab) for lab in analyzer.labels])
+    assert np.abs(ours_file - from_file).max() <= 1e-4  # each side's own pipeline, as for the DenseNet
 
     out = export_bundle(bundle, tmp_path / "rn.onnx", check_images=[image]).path
     probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x.numpy()})
@@ -357,6 +360,17 @@ def test_preprocessing_round_trip_and_old_bundles():
 
     x = torch.tensor([0.0, 1 / 255, 0.5, 1.0]).view(1, 1, 1, 4)
     assert torch.equal(InputNormalize(pre.mean, pre.std)(x), x * 2048 - 1024)
+
+
+@pytest.mark.parametrize("shape,size", [((1024, 1024), 224), ((800, 1024), 512), ((256, 256), 512), ((333, 301), 64)])
+def test_xrv_resize_is_scikit_image_resize(shape, size):
+    import skimage.transform
+
+    from chestxray.data.transforms import xrv_resize
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    theirs = skimage.transform.resize(xrv.datasets.normalize(img, 255), (size, size), mode="constant", preserve_range=True)
+    assert np.abs(xrv_resize(img, size) - theirs).max() <= 2e-4  # float32 rounding of values up to 1024
 
 
 def test_eval_preset_crops_the_centre_square():

@@ -2,8 +2,10 @@
 
 Eval (the one definition used by validation, prediction, the server and ONNX export):
   gray uint8 image -> [centre crop to a square, when the preprocessing says "center"] ->
-  antialiased bilinear resize to size x size (PIL) -> float32 in [0, 1], shape (1, size, size). Gray-to-3-channel and mean/std normalisation live inside the
-  network (`chestxray.models.InputNormalize`), so an exported graph carries them too.
+  antialiased bilinear resize to size x size (PIL; or scikit-image's, as torchxrayvision, for
+  its imported models) -> float32 in [0, 1], shape (1, size, size). Gray-to-3-channel and
+  mean/std normalisation live inside the network (`chestxray.models.InputNormalize`), so an
+  exported graph carries them too.
 Train: batches of cached uint8 images augmented on the device (`BatchAugment`), so no
 per-sample PIL work sits in the training loop. Each augmenter owns its torch.Generator.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -27,6 +30,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 CROPS = ("none", "center")
+XRV_RESIZE = "torchxrayvision"  # scikit-image's resize of the [-1024, 1024] image, as their XRayResizer
+RESIZES = ("bilinear-antialias", XRV_RESIZE)
 
 
 @dataclass(frozen=True)
@@ -64,11 +69,14 @@ class Preprocessing:
             std = tuple(float(v) for v in d["std"])
             crop = str(d.get("crop", "none"))
             scaling = str(d.get("scaling", ""))
+            resize = str(d.get("resize", RESIZES[0]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ChestXrayError(f"preprocessing: missing or bad field ({exc!r}) in {d!r}") from None
         if size < 8 or len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0 or crop not in CROPS:
             raise ChestXrayError(f"preprocessing: invalid values in {d!r}")
-        return cls(size=size, mean=mean, std=std, crop=crop, scaling=scaling)
+        if resize not in RESIZES:
+            raise ChestXrayError(f"preprocessing: unknown resize {resize!r}; known: {', '.join(RESIZES)}")
+        return cls(size=size, mean=mean, std=std, crop=crop, scaling=scaling, resize=resize)
 
 
 def center_crop_box(height: int, width: int) -> tuple[int, int, int]:
@@ -98,6 +106,41 @@ def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
+@lru_cache(maxsize=16)
+def _skimage_resize_matrix(n: int, size: int) -> np.ndarray:
+    """(size, n) float64 matrix of scikit-image's `resize(..., order=1, mode="constant")` along
+    one axis: a Gaussian prefilter (sigma = (n / size - 1) / 2, truncated at 4 sigma, zero
+    padding) when shrinking, then `scipy.ndimage.zoom` bilinear with grid_mode (pixel centres
+    at (o + 0.5) * n / size - 0.5, zero outside). Written out in numpy, so that the light
+    install needs neither scikit-image nor scipy; tests check it against scikit-image."""
+    factor = n / size
+    sigma = max(0.0, (factor - 1.0) / 2.0)
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2) if sigma > 0 else np.ones(1)
+    kernel /= kernel.sum()
+    out = np.zeros((size, n))
+    centres = (np.arange(size) + 0.5) * factor - 0.5
+    first = np.floor(centres).astype(np.int64)
+    for o, (i0, t) in enumerate(zip(first, centres - first)):
+        for i, w in ((i0, 1.0 - t), (i0 + 1, t)):
+            if 0 <= i < n:  # outside the image: zero
+                cols = offsets + i
+                ok = (cols >= 0) & (cols < n)  # the prefilter's zero padding
+                out[o, cols[ok]] += w * kernel[ok]
+    out.flags.writeable = False
+    return out
+
+
+def xrv_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """torchxrayvision's input from a uint8 image: normalize(img, 255) to [-1024, 1024], then
+    their XRayResizer (scikit-image resize, mode "constant"); float32 (size, size)."""
+    v = (2.0 * (image.astype(np.float32) / np.float32(255.0)) - 1.0) * np.float32(1024.0)
+    h, w = v.shape
+    out = _skimage_resize_matrix(h, size) @ v.astype(np.float64) @ _skimage_resize_matrix(w, size).T
+    return out.astype(np.float32)
+
+
 @dataclass
 class EvalPreset:
     """gray uint8 HxW -> float32 (1, size, size) in [0, 1]."""
@@ -107,6 +150,12 @@ class EvalPreset:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.preprocessing.crop == "center":
             image = center_crop(image)
+        if self.preprocessing.resize == XRV_RESIZE:
+            if image.ndim != 2 or image.dtype != np.uint8 or min(image.shape) < 1:
+                raise ChestXrayError(f"EvalPreset: expected a 2-D uint8 image, got {image.shape} {image.dtype}")
+            # Back to [0, 1] so that the graph's input stays the same for every bundle; the
+            # graph's (x - 0.5) * 2048 gives their values again (to float32 rounding).
+            return ((xrv_resize(image, self.preprocessing.size) + np.float32(1024.0)) / np.float32(2048.0))[None]
         resized = resize_gray(image, self.preprocessing.size)
         return (resized.astype(np.float32) * (1.0 / 255.0))[None]
 

@@ -3,8 +3,8 @@
 `xrv-densenet121`: their DenseNet-121 (torchvision's layout and layer names, one input channel,
 18 outputs in their release files); `xrv-resnet50`: torchvision's ResNet-50 with a one-channel
 `conv1`. Both take their scaling, (x / 255) * 2048 - 1024 on one channel, as the bundle's mean
-0.5 / std 1/2048 inside the network, after a centre crop to square and a resize in the eval
-preset. `chestxray import xrv NAME` (chestxray.models.xrv_import) turns their weights into
+0.5 / std 1/2048 inside the network, after a centre crop to square and their resize
+(scikit-image's, `chestxray.data.transforms.xrv_resize`) in the eval preset. `chestxray import xrv NAME` (chestxray.models.xrv_import) turns their weights into
 bundles of these architectures; training one from ImageNet weights is not possible (there are none).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from chestxray.data.transforms import Preprocessing
+from chestxray.data.transforms import XRV_RESIZE, Preprocessing
 from chestxray.errors import WeightsUnavailableError
 from chestxray.labels import ALIASES, FINDINGS
 from chestxray.models.registry import ModelSpec, register_model
@@ -29,7 +29,9 @@ LICENCE = (
 
 def xrv_preprocessing(size: int) -> Preprocessing:
     """torchxrayvision's input: centre crop, resize to `size`, one channel in [-1024, 1024]."""
-    return Preprocessing(size=size, mean=(0.5,), std=(1.0 / 2048.0,), crop="center", scaling=XRV_SCALING)
+    return Preprocessing(
+        size=size, mean=(0.5,), std=(1.0 / 2048.0,), crop="center", scaling=XRV_SCALING, resize=XRV_RESIZE
+    )
 
 
 def _densenet121_1ch(num_classes: int, weights: object) -> nn.Module:
