@@ -138,7 +138,7 @@ def run_evaluation(
         raise ChestXrayError(f"model {analyzer.name} predicts none of the findings {index.root} labels")
     if not_scored:
         log.warning("not scored (%s does not label them): %s", index.root, ", ".join(not_scored))
-    thresholds = [float(t) for lab, t in zip(analyzer.labels, analyzer.thresholds) if lab in labels]
+    thresholds = np.array([t for lab, t in zip(analyzer.labels, analyzer.thresholds) if lab in labels], dtype=float)
     probs, targets, groups, _ = split_probabilities(analyzer, index, split, progress=progress, labels=labels)
     result = evaluate_predictions(targets, probs, thresholds, labels, groups=groups, n_boot=n_boot, seed=seed)
     result = {

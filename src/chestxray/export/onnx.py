@@ -33,8 +33,8 @@ import numpy as np
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
-from chestxray.io import file_sha256
 from chestxray.inference.onnx_backend import FEATURES_NAME, INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
+from chestxray.io import file_sha256
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
         def forward(self, image: torch.Tensor) -> torch.Tensor:
             return torch.sigmoid(self.net(image))
 
-    wrapped: torch.nn.Module = WithSigmoid(model)
+    wrapped: Any = WithSigmoid(model)
     output_names = [OUTPUT_NAME]
     if getattr(model, "architecture", "ensemble") != "ensemble":
         # One network: also expose its pooled feature vector, for `Analyzer.embed` without torch.

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from chestxray.errors import ChestXrayError
-from chestxray.models.bundle import load_bundle
 from chestxray.models.build import build_from_meta
+from chestxray.models.bundle import load_bundle
 from chestxray.models.registry import ChestClassifier, _get_module, apply_freeze, get_spec
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def init_from_bundle(
     assert isinstance(model, ChestClassifier)  # build_from_meta gives one for a non-ensemble
     head_name = get_spec(meta.architecture).head
     old_head, new_head = _get_module(source.backbone, head_name), _get_module(model.backbone, head_name)
+    if not isinstance(old_head, nn.Linear) or not isinstance(new_head, nn.Linear):
+        raise ChestXrayError(f"--init {path}: the output layer of {meta.architecture} is not a linear layer")
     body = {k: v for k, v in source.backbone.state_dict().items() if not k.startswith(head_name + ".")}
     result = model.backbone.load_state_dict(body, strict=False)
     if result.unexpected_keys or any(not k.startswith(head_name + ".") for k in result.missing_keys):

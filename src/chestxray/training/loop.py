@@ -245,9 +245,7 @@ class Trainer:
             if cfg.init:
                 self.model = self._init_model()
             else:
-                self.model = create_model(
-                    cfg.model, weights=cfg.weights, freeze=cfg.freeze, image_size=cfg.image_size
-                )
+                self.model = create_model(cfg.model, weights=cfg.weights, freeze=cfg.freeze, image_size=cfg.image_size)
         self.model.to(self.device)
         if self.on_gpu and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
