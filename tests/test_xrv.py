@@ -22,7 +22,7 @@ from chestxray.errors import ChestXrayError, WeightsUnavailableError
 from chestxray.inference.predict import Analyzer
 from chestxray.models import xrv_import
 from chestxray.models.bundle import load_bundle, read_bundle_meta
-from chestxray.models.xrv import XRV_WEIGHTS, kept_outputs
+from chestxray.models.xrv_weights import XRV_WEIGHTS, kept_outputs
 from chestxray.models.xrv_import import import_xrv
 
 xrv = pytest.importorskip("torchxrayvision", reason="the parity tests need torchxrayvision (dev extra)")
@@ -352,7 +352,7 @@ def test_download_path_records_url_and_hash(their_densenet, tmp_path, monkeypatc
 
 
 def test_preprocessing_round_trip_and_old_bundles():
-    from chestxray.models.xrv import xrv_preprocessing
+    from chestxray.models.xrv_weights import xrv_preprocessing
 
     pre = xrv_preprocessing(224)
     assert Preprocessing.from_dict(pre.to_dict()) == pre

@@ -12,7 +12,7 @@ from chestxray.errors import ChestXrayError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chestxray.models.xrv import XRV_WEIGHTS
+    from chestxray.models.xrv_weights import XRV_WEIGHTS
 
     p = sub.add_parser(
         "import",

@@ -21,16 +21,17 @@ import urllib.request
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from chestxray.errors import BundleError, ChestXrayError, WeightsUnavailableError
 from chestxray.io import file_sha256
 from chestxray.models.bundle import BUNDLE_FILENAME, BundleMeta, save_bundle
-from chestxray.models.registry import create_model, get_spec
-from chestxray.models.xrv import LICENCE, XRV_WEIGHTS, XrvWeights, kept_outputs, xrv_preprocessing
+from chestxray.models.xrv_weights import LICENCE, XRV_WEIGHTS, XrvWeights, kept_outputs, xrv_preprocessing
+
+if TYPE_CHECKING:  # torch is imported once the file is here: offline, the download fails first, fast
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +123,30 @@ _MODULE_CLASSES = (
     "torch.nn.modules.linear.Linear",
     "torch.nn.modules.container.Sequential",
 )
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{tuple(q.rsplit(".", 1)): _stand_in(q) for q in _MODULE_CLASSES},  # type: ignore[misc]
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("__builtin__", "set"): set,  # protocol 2 writes Python 2's module name
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _no_backend,
-}
+
+
+@lru_cache(maxsize=1)
+def allowed_globals() -> dict[tuple[str, str], Any]:
+    """Every global a torchxrayvision DenseNet file may name, and what it resolves to."""
+    import torch._utils
+
+    return {
+        **{tuple(q.rsplit(".", 1)): _stand_in(q) for q in _MODULE_CLASSES},
+        ("collections", "OrderedDict"): OrderedDict,
+        ("builtins", "set"): set,
+        ("__builtin__", "set"): set,  # protocol 2 writes Python 2's module name
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _no_backend,
+    }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only ALLOWED_GLOBALS; anything else is refused with its name."""
+    """Resolves only `allowed_globals()`; anything else is refused with its name."""
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return ALLOWED_GLOBALS[(module, name)]
+            return allowed_globals()[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
                 f"refused global {module}.{name}: not part of a torchxrayvision DenseNet file"
@@ -155,11 +163,13 @@ def _restricted_pickle_module() -> types.ModuleType:
     return mod
 
 
-def state_dict_of(record: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+def state_dict_of(record: Any, prefix: str = "") -> dict[str, "torch.Tensor"]:
     """The persistent parameters and buffers of a StandIn module tree, keyed as state_dict() would."""
+    import torch
+
     if not isinstance(record, StandIn):
         raise XrvImportError(f"{prefix or 'the file'}: expected a pickled module, found {type(record).__name__}")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, "torch.Tensor"] = {}
     skip = set(getattr(record, "_non_persistent_buffers_set", ()) or ())
     for kind in ("_parameters", "_buffers"):
         for key, value in (getattr(record, kind, None) or {}).items():
@@ -177,6 +187,8 @@ def state_dict_of(record: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 def read_weights_file(path: Path, weights: XrvWeights, trust_pickle: bool, warn: Callable[[str], None]) -> dict:
     """The state dict in `path`: `weights_only=True` first; a whole pickled model only with
     `trust_pickle`, through RestrictedUnpickler."""
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -209,8 +221,12 @@ def read_weights_file(path: Path, weights: XrvWeights, trust_pickle: bool, warn:
 
 
 # ---- conversion ----------------------------------------------------------------------------
-def convert(state: dict[str, torch.Tensor], weights: XrvWeights, source: str) -> Any:
+def convert(state: dict[str, "torch.Tensor"], weights: XrvWeights, source: str) -> Any:
     """Their state dict -> our network (ChestClassifier) with only the kept output rows."""
+    import torch
+
+    from chestxray.models.registry import create_model, get_spec
+
     kept = kept_outputs(weights)
     spec = get_spec(weights.architecture)
     model = create_model(
