@@ -121,11 +121,12 @@ def test_metadata_round_trip(exported, tiny_bundle):
 
 def test_graph_has_dynamic_batch_and_named_io(exported):
     model = onnx.load(str(exported[0]))
-    (inp,), (out,) = model.graph.input, model.graph.output
-    assert inp.name == "image" and out.name == "probabilities"
+    (inp,), (out, feats) = model.graph.input, model.graph.output
+    assert inp.name == "image" and out.name == "probabilities" and feats.name == "features"
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert dims == ["batch", 1, 64, 64]
     assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 14]
+    assert [d.dim_param or d.dim_value for d in feats.type.tensor_type.shape.dim] == ["batch", 512]  # resnet18
 
 
 @pytest.mark.parametrize("n", [1, 3])
