@@ -22,8 +22,8 @@ from chestxray.errors import ChestXrayError, WeightsUnavailableError
 from chestxray.inference.predict import Analyzer
 from chestxray.models import xrv_import
 from chestxray.models.bundle import load_bundle, read_bundle_meta
-from chestxray.models.xrv_weights import XRV_WEIGHTS, kept_outputs
 from chestxray.models.xrv_import import import_xrv
+from chestxray.models.xrv_weights import XRV_WEIGHTS, kept_outputs
 
 xrv = pytest.importorskip("torchxrayvision", reason="the parity tests need torchxrayvision (dev extra)")
 
@@ -186,6 +186,8 @@ def test_imported_bundle_evaluates_and_serves(small_bundle, tmp_path, mini_root)
         assert r.status_code == 200
         got = {f["finding"]: f["probability"] for f in r.json()["findings"]}
         assert got["Effusion"] == pytest.approx(analyzer.predict(ORIGINALS[0]).probability("Effusion"), abs=1e-6)
+        model = client.get("/api/v1/model").json()
+        assert model["preprocessing"]["crop"] == "center" and model["preprocessing"]["mean"] == [0.5]
         r = client.post("/api/v1/cam?finding=Lung%20Opacity", files={"file": ("x.png", png, "image/png")})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
@@ -470,3 +472,7 @@ def test_predict_features_writes_one_vector_per_image(small_bundle, tmp_path, ca
     frame = pd.read_csv(tmp_path / "f.csv")
     assert list(frame.columns[:2]) == ["file", "f0"] and frame.shape == (1, 1025)
     assert np.allclose(frame.iloc[0, 1:].to_numpy(dtype=np.float32), expected, rtol=1e-5, atol=1e-3)
+    pytest.importorskip("pyarrow")
+    assert main(["predict", str(ORIGINALS[0]), "--model", str(small_bundle), "--features", str(tmp_path / "f.parquet")]) == 0
+    table = pd.read_parquet(tmp_path / "f.parquet")
+    assert table["file"].tolist() == [str(ORIGINALS[0])] and np.allclose(table.iloc[0, 1:].to_numpy(np.float32), expected)

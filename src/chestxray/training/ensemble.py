@@ -60,6 +60,9 @@ def make_ensemble(
             )
         if meta.architecture == ARCHITECTURE:
             raise BundleError(f"{path}: is itself an ensemble; list its members instead")
+        first = loaded[0][1].preprocessing
+        if (meta.preprocessing.crop, meta.preprocessing.resize) != (first.crop, first.resize):
+            raise BundleError(f"{path}: its crop/resize differ from {bundles[0]}'s; members must read images alike")
     index = load_nih(root, val_fraction=val_fraction, seed=split_seed, allow_missing=allow_missing)
     wanted = {"fraction": val_fraction, "seed": split_seed}
     for path, (_, meta) in zip(bundles, loaded):
@@ -73,7 +76,7 @@ def make_ensemble(
                 wanted,
             )
     first = loaded[0][1].preprocessing
-    pre = Preprocessing(size=size, mean=first.mean, std=first.std)
+    pre = Preprocessing(size=size, mean=first.mean, std=first.std, crop=first.crop, resize=first.resize)
     model = EnsembleModel([m for m, _ in loaded], pre).eval()
     name = name or "ensemble-" + "+".join(meta.name for _, meta in loaded)
     analyzer = Analyzer(TorchBackend(model), labels, [0.5] * len(labels), pre, name)
