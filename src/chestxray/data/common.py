@@ -53,6 +53,7 @@ class DatasetIndex:
     frame: Any  # pandas.DataFrame
     labels: np.ndarray
     pathologies: tuple[str, ...]
+    skipped_missing: int
 
     def __len__(self) -> int:
         return len(self.frame)

@@ -36,7 +36,7 @@ from chestxray.errors import DatasetError, ImageReadError, LabelError
 from chestxray.labels import canonical_finding
 
 if TYPE_CHECKING:
-    from chestxray.data.index import NIHIndex
+    from chestxray.data.common import DatasetIndex
     from chestxray.inference.predict import Analyzer
 
 BOX_FRAME = 1024  # NIH box coordinates refer to the 1024 x 1024 originals
@@ -203,7 +203,7 @@ def summarise(scores: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def score_localization(
     analyzer: "Analyzer",
-    index: "NIHIndex",
+    index: "DatasetIndex",
     boxes_csv: str | os.PathLike,
     split: str | None = None,
     seed: int = 0,
