@@ -179,6 +179,24 @@ def test_vindr_fixture_reader():
     del Image
 
 
+def test_vindr_boxes_for_localization():
+    import csv
+    import gzip
+
+    from chestxray.evaluation.localization import vindr_box_entries
+
+    entries = vindr_box_entries(DATA / "vindr-mini")
+    with gzip.open(DATA / "vindr-mini" / "train.csv.gz", "rt") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["class_name"] != "No finding"]
+    assert len(entries) == len(rows)  # every fixture class maps to a vocabulary finding
+    assert {e.finding for e in entries} <= {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration",
+                                            "Consolidation", "Pleural_Thickening", "Fibrosis", "Nodule or mass"}
+    first = rows[0]
+    e = entries[0]
+    assert e.image == first["image_id"] and e.box.x == float(first["x_min"])
+    assert e.box.w == float(first["x_max"]) - float(first["x_min"])
+
+
 def test_csv_reader_and_its_errors(tmp_path):
     index = open_dataset(f"csv:{DATA / 'csv-mini'}")
     assert len(index) == 12 and set(index.frame["split"]) == {"train", "val", "test"}

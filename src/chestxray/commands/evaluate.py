@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         const="",
         default=None,
         metavar="CSV",
-        help="also score Grad-CAM localization against radiologist boxes (default CSV: ROOT/BBox_List_2017.csv)",
+        help="also score Grad-CAM localization against radiologist boxes (default CSV: ROOT/BBox_List_2017.csv; "
+        "for vindr: its train.csv boxes)",
     )
     add_dataset_args(p)
     p.set_defaults(run=run)
@@ -82,10 +83,25 @@ def run(args: argparse.Namespace) -> int:
     if args.boxes is not None:
         from chestxray.evaluation.localization import localization_markdown, score_localization
 
-        csv = Path(args.boxes) if args.boxes else Path(index.root) / "BBox_List_2017.csv"
-        if not csv.is_file():
-            raise DatasetError(f"--boxes: {csv} not found")
-        loc = score_localization(analyzer, index, csv, split=args.split, seed=args.seed)
+        if index.dataset == "vindr" and not args.boxes:
+            from chestxray.evaluation.localization import vindr_box_entries
+
+            # The radiologists' boxes of train.csv, in each DICOM's own pixel frame.
+            csv = Path(index.labels_file)  # type: ignore[attr-defined]
+            loc = score_localization(
+                analyzer,
+                index,
+                csv,
+                split=args.split,
+                seed=args.seed,
+                entries=vindr_box_entries(index.root),
+                box_frame=None,
+            )
+        else:
+            csv = Path(args.boxes) if args.boxes else Path(index.root) / "BBox_List_2017.csv"
+            if not csv.is_file():
+                raise DatasetError(f"--boxes: {csv} not found")
+            loc = score_localization(analyzer, index, csv, split=args.split, seed=args.seed)
         result["localization"] = loc
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
         md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)
