@@ -225,6 +225,14 @@ def test_csv_reader_and_its_errors(tmp_path):
         open_dataset(f"csv:{tmp_path}", DatasetOptions(csv_spec=str(spec)))
 
 
+def test_prepare_a_chexpert_root(tmp_path, capsys):
+    assert main(["prepare", f"chexpert:{DATA / 'chexpert-mini'}", "--cache", str(tmp_path), "--size", "32",
+                 "--workers", "1"]) == 0
+    assert "54 of 54 images ready" in capsys.readouterr().out  # frontal views by default
+    names = (tmp_path / "32" / "names.txt").read_text().splitlines()
+    assert names[0].startswith("CheXpert-v1.0-small/train/patient") and not any("lateral" in n for n in names)
+
+
 def test_info_and_datasets_commands(capsys):
     assert main(["info", f"chexpert:{DATA / 'chexpert-mini'}", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
@@ -238,6 +246,7 @@ def test_info_and_datasets_commands(capsys):
     assert "Pleural Effusion" in out and "-> Effusion" in out and "Nodule or mass = max(Nodule, Mass)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not METADATA, reason="set CHESTXRAY_METADATA_ROOT to ../shared/metadata (real label files)")
 def test_real_chexpert_train_csv(capsys):
     assert main(["info", f"chexpert:{METADATA}/chexpert", "--json"]) == 0
