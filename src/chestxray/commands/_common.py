@@ -84,6 +84,13 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--csv-spec", default=None, metavar="FILE", help="JSON/YAML column spec for csv: roots")
     p.add_argument(
+        "--csv-columns",
+        default=None,
+        metavar="KEY=COL,...",
+        help="csv: column names as flags: path, labels ('|' findings), findings (a;b), patient, study, split, "
+        "view, sex, age, separator, file",
+    )
+    p.add_argument(
         "--vindr-rule",
         choices=("any", "majority"),
         default="any",
@@ -104,6 +111,7 @@ def dataset_options(args: argparse.Namespace, *, require_images: bool = True, vi
         uncertain=args.uncertain,
         vindr_rule=args.vindr_rule,
         csv_spec=args.csv_spec,
+        csv_columns=args.csv_columns,
         views=args.views if args.views is not None else views,
     )
 

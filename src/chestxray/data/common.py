@@ -42,6 +42,7 @@ class DatasetOptions:
     uncertain: str = "ignore"  # CheXpert / MIMIC -1: ignore (masked) | ones | zeros
     vindr_rule: str = "any"  # VinDr image label from its 3 readers: any | majority
     csv_spec: str | None = None  # JSON/YAML column spec for the csv reader
+    csv_columns: str | None = None  # the same as flags: "path=file,labels=findings,patient=pid"
     views: str | None = None  # None: all rows; "frontal"; or "PA,AP,..."
 
 
@@ -57,11 +58,6 @@ class DatasetIndex:
 
     def __len__(self) -> int:
         return len(self.frame)
-
-    @property
-    def spec(self) -> str:
-        """How the root is written on the command line (`NAME:PATH`)."""
-        return f"{self.dataset}:{self.root}"
 
     def split_positions(self, split: str) -> np.ndarray:
         """Row positions (into frame / labels) of one split: train, val, test or all."""
@@ -271,9 +267,7 @@ def apply_uncertain(raw: np.ndarray, policy: str) -> np.ndarray:
     return labels
 
 
-def check_images(
-    dataset: str, root: Path, frame: Any, opts: DatasetOptions, expected: str
-) -> tuple[np.ndarray, list[str]]:
+def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> tuple[np.ndarray, list[str]]:
     """Keep-mask and names of missing images; an error (naming the expected file) when images
     are required, some are missing and --allow-missing is not set."""
     has = frame["path"].notna().to_numpy()
@@ -289,8 +283,6 @@ def check_images(
             )
         log.warning("%d listed images are missing under %s; skipped them", len(missing), root)
         keep = has
-    elif not opts.require_images:
-        pass
     return keep, missing
 
 

@@ -77,6 +77,7 @@ class TrainConfig:
     uncertain: str = "ignore"  # CheXpert/MIMIC -1: ignore (masked) | ones | zeros
     test_fraction: float = 0.2
     csv_spec: str | None = None
+    csv_columns: str | None = None
     vindr_rule: str = "any"
     loader: str = "auto"  # auto | ram | memmap (the split read from the cache memmap per batch)
 

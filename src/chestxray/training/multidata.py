@@ -53,6 +53,7 @@ def options_of(cfg: Any) -> DatasetOptions:
         uncertain=getattr(cfg, "uncertain", "ignore"),
         vindr_rule=getattr(cfg, "vindr_rule", "any"),
         csv_spec=getattr(cfg, "csv_spec", None),
+        csv_columns=getattr(cfg, "csv_columns", None),
         views=getattr(cfg, "views", None) or "frontal",
     )
 

@@ -177,7 +177,7 @@ def finish_table(
     filled = fill_no_finding(raw, names)
     labels = apply_uncertain(raw, opts.uncertain)
     frame["path"] = locate_images(base, frame["relpath"].tolist())
-    keep, missing = check_images(dataset, base, frame, opts, "image")
+    keep, missing = check_images(dataset, base, frame, opts)
     notes = [NO_FINDING_NOTE, f"uncertain (-1) labels: {opts.uncertain}"]
     notes += [f"{m} not found (that split is empty)" for m in missing_files]
     index = TableIndex(

@@ -106,7 +106,7 @@ def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
         row = int(np.flatnonzero(frame["image"].duplicated().to_numpy())[0])
         raise DatasetError(f"{path}: ImageID {frame['image'].iloc[row]!r} is listed twice")
     frame["path"] = locate_images(root, rel)
-    keep, missing = check_images("padchest", root, frame, opts, "image")
+    keep, missing = check_images("padchest", root, frame, opts)
     index = TableIndex(
         dataset="padchest",
         root=root,

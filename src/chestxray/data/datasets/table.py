@@ -4,8 +4,8 @@ A CSV with a path column (relative to the CSV's folder, or absolute) and either 
 per finding (1 positive, 0 negative, -1 uncertain, blank unknown) or one column of
 `|`-separated findings ("No Finding" or an empty list of findings = all negative). Optional
 columns: patient, study, split (train / val / test), view, sex, age. Column names are found
-by common spellings, or given in a JSON (or YAML) spec: `ROOT/dataset.json`, or `--csv-spec
-FILE`, e.g. {"file": "labels.csv", "path": "file", "labels": "findings", "patient": "pid"}
+by common spellings, given by flags (`--csv-columns path=file,labels=findings`) or in a JSON
+(or YAML) spec: `ROOT/dataset.json`, or `--csv-spec FILE`, e.g. {"file": "labels.csv", "path": "file", "labels": "findings", "patient": "pid"}
 or {"path": "file", "findings": ["Effusion", "Nodule"]}.
 """
 
@@ -75,6 +75,20 @@ def load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
+def parse_columns(text: str) -> dict[str, Any]:
+    """`--csv-columns path=file,labels=findings,patient=pid` -> a spec (findings: `;`-separated)."""
+    spec: dict[str, Any] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not value.strip():
+            raise DatasetError(f"--csv-columns: {item!r} is not KEY=COLUMN")
+        if key not in SPEC_KEYS:
+            raise DatasetError(f"--csv-columns: unknown key {key!r}; known: {sorted(SPEC_KEYS)}")
+        spec[key] = [v.strip() for v in value.split(";")] if key == "findings" else value.strip()
+    return spec
+
+
 def _locate(root: Path, opts: DatasetOptions) -> tuple[Path, dict[str, Any]]:
     """(the CSV file, the spec) for a root that is a CSV file or a folder holding one."""
     spec: dict[str, Any] = {}
@@ -84,6 +98,8 @@ def _locate(root: Path, opts: DatasetOptions) -> tuple[Path, dict[str, Any]]:
     )
     if spec_file is not None:
         spec = load_spec(spec_file)
+    if opts.csv_columns:
+        spec = {**spec, **parse_columns(opts.csv_columns)}  # flags win over the spec file
     if root.is_file():
         return root, spec
     if not root.is_dir():
@@ -125,8 +141,7 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
     frame = read_csv(csv_path, dtype=str, keep_default_na=False)
     frame.columns = [str(c).strip() for c in frame.columns]
     cols = {key: _column(frame, spec, key, csv_path, required=key == "path") for key in GUESSES}
-    path_col = cols["path"]
-    assert path_col is not None  # required=True raised otherwise
+    path_col = cols["path"] or ""  # required=True: _column raised if there is none
     sep = str(spec.get("separator", "|"))
     if cols["labels"] is not None and "findings" not in spec:
         names, raw = _pipe_labels(frame[cols["labels"]].tolist(), sep, csv_path, cols["labels"])
@@ -184,7 +199,7 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         }
     )
     out["path"] = locate_images(base, rel)
-    keep, missing = check_images("csv", base, out, opts, "image")
+    keep, missing = check_images("csv", base, out, opts)
     index = TableIndex(
         dataset="csv",
         root=root,

@@ -98,7 +98,7 @@ def read_vindr(root: Path, opts: DatasetOptions) -> TableIndex:
         }
     )
     frame["path"] = locate_images(root, rel)
-    keep, missing = check_images("vindr", root, frame, opts, "image")
+    keep, missing = check_images("vindr", root, frame, opts)
     index = TableIndex(
         dataset="vindr",
         root=root,
