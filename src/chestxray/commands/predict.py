@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if args.cam:
             predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
         else:
-            predictions = analyzer.predict(files, progress=progress)
+            predictions = analyzer.predict_many(files, progress=progress)
     text = render(predictions, args.format, analyzer.name)
     if args.out:
         from chestxray.io import atomic_write_text

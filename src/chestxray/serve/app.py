@@ -88,8 +88,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "PNG image"},
 }
-NOT_FOUND = {404: {"model": ErrorOut, "description": "unknown or expired analysis id"}}
-NO_CAM = {501: {"model": ErrorOut, "description": "the backend has no Grad-CAM (ONNX)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "unknown or expired analysis id"}}
+NO_CAM: dict[int | str, dict[str, Any]] = {
+    501: {"model": ErrorOut, "description": "the backend has no Grad-CAM (ONNX)"}
+}
 
 
 def decode_upload(data: bytes) -> np.ndarray:
