@@ -355,7 +355,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sample_images, tmp_path):
+def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sample_images, mini_root, tmp_path):
     """Fast guard (no new venv): with torch, onnx, pandas and sklearn made unimportable, the
     CLI still starts (every command module is torch-free at import) and predicts on ONNX."""
     script = tmp_path / "notorch.py"
@@ -370,6 +370,21 @@ def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sam
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-test-model" in proc.stdout and "Atelectasis" in proc.stdout
+    # No --backend, no --model: the packaged int8 default.onnx, said once, in one line.
+    proc = subprocess.run(
+        [sys.executable, str(script), "predict", str(sample_images[0]), "--format", "json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "torch is not installed" in line]
+    assert len(said) == 1 and "ONNX backend" in said[0] and "Traceback" not in proc.stderr
+    record = json.loads(proc.stdout)[0]
+    assert len(record["findings"]) == 14 and record["variant"] == "onnx int8"
+    # A dataset command without pandas names the extra in one line.
+    proc = subprocess.run([sys.executable, str(script), "info", str(mini_root)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "chestxray[data]" in proc.stderr
     proc = subprocess.run(
         [sys.executable, str(script), "export", "--onnx", str(tmp_path / "x.onnx")],
         capture_output=True, text=True, timeout=120,
@@ -427,3 +442,8 @@ def test_infer_extra_installs_and_predicts_without_torch(exported, sample_images
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "torch" in proc.stderr and "Grad-CAM" in proc.stderr
+    # A plain `chestxray predict IMG` (no --backend, no --model) runs the packaged ONNX model.
+    proc = subprocess.run([str(exe), "predict", str(image)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "torch is not installed" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Atelectasis" in proc.stdout

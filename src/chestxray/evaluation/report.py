@@ -79,7 +79,6 @@ def build_items(
     from tqdm.auto import tqdm
 
     from chestxray.inference.explain import explain_image, overlay, top_finding
-    from chestxray.inference.predict import Prediction
 
     _ = analyzer.model  # ChestXrayError for a backend without a torch model, before any work
     items = []
@@ -95,7 +94,7 @@ def build_items(
                 ReportItem(
                     name,
                     truth,
-                    Prediction(name, analyzer.name, [], exc.reason),
+                    analyzer.result(name, error=exc.reason),
                     None,
                     np.zeros((THUMB, THUMB), np.uint8),
                     None,
@@ -174,11 +173,12 @@ def grid_figure(items: list[ReportItem], model_name: str, subtitle: str) -> Any:
     )
     subfigs = np.atleast_1d(body.subfigures(rows, cols, squeeze=False).ravel())
     for sf, item in zip(subfigs, items):
-        # Images on top, the caption in the band right below them (not at the tile's edge).
+        # Images on top; the caption hangs from the radiograph's lower edge, in the band kept
+        # free below (not at the tile's bottom, where it would sit nearer the next row).
         grid = sf.add_gridspec(2, 2, height_ratios=[2.3, 1.0], left=0.02, right=0.98, top=0.93, bottom=0.02)
         grid.update(wspace=0.04, hspace=0.02)
-        ax_img, ax_cam, ax_text = sf.add_subplot(grid[0, 0]), sf.add_subplot(grid[0, 1]), sf.add_subplot(grid[1, :])
-        for ax in (ax_img, ax_cam, ax_text):
+        ax_img, ax_cam = sf.add_subplot(grid[0, 0]), sf.add_subplot(grid[0, 1])
+        for ax in (ax_img, ax_cam):
             ax.set_axis_off()
         ax_img.imshow(item.thumb, cmap="gray", vmin=0, vmax=255)
         ax_img.set_title(item.image, fontsize=8)
@@ -211,15 +211,16 @@ def grid_figure(items: list[ReportItem], model_name: str, subtitle: str) -> Any:
             for line in caption_runs(item)
         ]
         box = AnchoredOffsetbox(
-            loc="upper center",
+            loc="upper left",
             child=VPacker(children=lines, pad=0, sep=2, align="left"),
-            bbox_to_anchor=(0.5, 1.0),
-            bbox_transform=ax_text.transAxes,
+            bbox_to_anchor=(0.0, 0.0),
+            bbox_transform=ax_img.transAxes,
             frameon=False,
             pad=0.1,
-            borderpad=0.2,
+            borderpad=0.3,
         )
-        ax_text.add_artist(box)
+        box.set_clip_on(False)
+        ax_img.add_artist(box)
     for sf in subfigs[len(items) :]:
         sf.set_visible(False)
     return fig

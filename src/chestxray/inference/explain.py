@@ -231,7 +231,6 @@ def explain_image(
     "preprocess -> Grad-CAM -> Prediction" path of the CLI, the server and the report.
     `select` (a function of the probabilities, e.g. `top_finding`) replaces the default
     choice when `findings` is None."""
-    from chestxray.inference.predict import Prediction
 
     model = analyzer.model  # ChestXrayError for a backend without a torch model
     wanted = resolve_findings(analyzer.labels, findings)
@@ -243,7 +242,7 @@ def explain_image(
     else:
         chosen = select if select is not None else default_selection(analyzer.thresholds)
     run = gradcam(model, x, chosen, gray.shape[:2])
-    prediction = Prediction(label, analyzer.name, analyzer.findings_from(run.probabilities))
+    prediction = analyzer.result(label, analyzer.findings_from(run.probabilities))
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams
 

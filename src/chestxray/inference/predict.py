@@ -43,6 +43,9 @@ class Prediction:
     model: str
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
+    variant: str = ""  # which build of the model gave the numbers, e.g. "onnx int8" (see Analyzer.variant)
+    # Grad-CAM overlays written for this image (predict --cam): finding, path, note.
+    overlays: list[dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -59,12 +62,16 @@ class Prediction:
         raise KeyError(finding)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "file": self.file,
             "model": self.model,
+            "variant": self.variant,
             "findings": [f.to_dict() for f in self.findings],
             "error": self.error,
         }
+        if self.overlays is not None:
+            out["overlays"] = self.overlays
+        return out
 
 
 class Backend(Protocol):
@@ -108,7 +115,10 @@ BACKENDS = ("auto", "torch", "onnx")
 def torch_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import hook that refuses torch, or a broken install
+        return False
 
 
 def sniff_model_format(path: str | os.PathLike) -> str | None:
@@ -221,6 +231,20 @@ class Analyzer:
         )
 
     @property
+    def variant(self) -> str:
+        """Which build of the model runs: "pytorch float32", "onnx float32" or "onnx int8".
+        The packaged default.onnx is int8: its probabilities differ from the PyTorch
+        model's by up to about 0.03, so outputs name the variant beside the model name."""
+        if self.backend.name != "onnx":
+            return f"{self.backend.name if self.backend.name != 'torch' else 'pytorch'} float32"
+        quantization = str(getattr(self.backend, "quantization", "none"))
+        return "onnx int8" if quantization.startswith("int8") else "onnx float32"
+
+    def result(self, name: str, findings: list[Finding] | None = None, error: str | None = None) -> Prediction:
+        """A Prediction of this model (name and variant filled in)."""
+        return Prediction(name, self.name, findings or [], error, variant=self.variant)
+
+    @property
     def model(self) -> Any:
         """The torch module (torch backend only), e.g. for Grad-CAM."""
         model = getattr(self.backend, "model", None)
@@ -296,9 +320,9 @@ class Analyzer:
             by_index = {i: p for (i, _), p in zip(ready, probs)}
             for i in chunk:
                 if i in errors:
-                    yield Prediction(names[i], self.name, [], errors[i])
+                    yield self.result(names[i], error=errors[i])
                 else:
-                    yield Prediction(names[i], self.name, self.findings_from(by_index[i]))
+                    yield self.result(names[i], self.findings_from(by_index[i]))
             bar.update(len(chunk))
         bar.close()
 

@@ -254,6 +254,7 @@ def create_app(
         return ModelOut(
             name=analyzer.name,
             backend=backend,
+            variant=str(getattr(analyzer, "variant", backend)),
             labels=labels,
             thresholds={lab: float(t) for lab, t in zip(labels, analyzer.thresholds)},
             threshold_method=str(getattr(meta, "threshold_method", "") or ""),
