@@ -339,3 +339,27 @@ def test_corrupt_jpeg2000_dicom_is_quiet_and_called_corrupt(caplog, capfd):
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("pydicom.pixels.decoders.base").warning("outside a read")
     assert "outside a read" in caplog.text
+
+
+def test_a_green_pixel_is_one_gray_from_an_array_a_png_and_the_overlay(tmp_path):
+    """Colour to gray has one owner (`to_gray`, ITU-R 601 luma as PIL's "L"): pure green is
+    150 whichever way it comes in (a channel mean gave 85 for arrays)."""
+    from chestxray.inference.explain import overlay
+    from chestxray.inference.predict import Analyzer
+
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 1] = 255
+    png = tmp_path / "green.png"
+    Image.fromarray(rgb).save(png)
+    rgba = np.concatenate([rgb, np.full((4, 6, 1), 255, np.uint8)], axis=2)
+    grays = {
+        "read_image(png)": read_image(png),
+        "Analyzer.to_gray(png)": Analyzer.to_gray(png),
+        "Analyzer.to_gray(rgb)": Analyzer.to_gray(rgb),
+        "Analyzer.to_gray(rgba)": Analyzer.to_gray(rgba),
+        "Analyzer.to_gray(rgb float)": Analyzer.to_gray(rgb.astype(np.float32) / 255.0),
+        "overlay(rgb) at alpha 0": overlay(rgb, np.ones((4, 6), np.float32), alpha=0.0)[..., 0],
+    }
+    for how, gray in grays.items():
+        assert gray.dtype == np.uint8 and gray.shape == (4, 6), how
+        assert set(np.unique(gray).tolist()) == {150}, f"{how}: {np.unique(gray)}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -399,15 +400,40 @@ def test_serve_command_defaults_to_loopback_and_applies_its_options(tiny_bundle,
 
     seen = {}
 
-    def record_instead_of_serving(server):  # keep the config; do not block on a socket
+    def record_instead_of_serving(server, sockets=None):  # keep the config; do not block on a socket
         seen["config"] = server.config
+        seen["port"] = sockets[0].getsockname()[1]
 
     monkeypatch.setattr(uvicorn.Server, "run", record_instead_of_serving)
-    assert main(["serve", "--model", str(tiny_bundle), "--port", "8123", "--max-upload-mb", "3"]) == 0
+    with socket.socket() as probe:  # a port that is free now
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert main(["serve", "--model", str(tiny_bundle), "--port", str(free), "--max-upload-mb", "3"]) == 0
     config = seen["config"]
-    assert (config.host, config.port, config.access_log) == ("127.0.0.1", 8123, False)
+    assert (config.host, config.port, config.access_log, seen["port"]) == ("127.0.0.1", free, False, free)
     assert config.app.state.max_upload_bytes == 3 * 2**20
     assert config.app.state.analyzer.name == "tiny-test-model"
+
+
+def test_serve_port_0_prints_the_port_the_system_chose(tiny_bundle, monkeypatch, capsys):
+    import re
+
+    import uvicorn
+
+    from chestxray.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: seen.update(port=sockets[0].getsockname()[1]))
+    assert main(["serve", "--model", str(tiny_bundle), "--port", "0"]) == 0
+    shown = re.search(r"at http://127\.0\.0\.1:(\d+)/", capsys.readouterr().err)
+    assert shown and int(shown.group(1)) == seen["port"] > 0
+    # A port in use is a one-line error, not uvicorn's exit.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", str(tiny_bundle), "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1 port" in err and "Traceback" not in err
 
 
 def test_serve_command_fails_clearly(tmp_path, capsys):
