@@ -377,6 +377,9 @@ def test_page_is_self_contained_and_says_not_for_clinical_use(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
     assert "tiny-test-model" in page and NOT_FOR_CLINICAL_USE in page
+    assert page.lower().count("not for clinical use") == 1, "the banner says it once"
+    limit = client.app.state.max_upload_bytes / 2**20
+    assert f"up to {limit:.4g} MiB" in page and " MB " not in page  # the limit is in MiB (2**20 bytes)
     assert 'aria-live="polite"' in page and '<label for="file"' in page
     assert "{{" not in page and "http://" not in page and "https://" not in page
     assert "default-src 'self'" in r.headers["content-security-policy"]

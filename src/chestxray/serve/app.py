@@ -142,7 +142,7 @@ def create_app(
         .decode("utf-8")
         .replace("{{MODEL}}", html.escape(analyzer.name))
         .replace("{{NOTE}}", html.escape(NOT_FOR_CLINICAL_USE))
-        .replace("{{MAX_UPLOAD_MB}}", f"{max_upload_bytes / 2**20:.4g}")
+        .replace("{{MAX_UPLOAD_MIB}}", f"{max_upload_bytes / 2**20:.4g}")
     )
 
     app = FastAPI(

@@ -42,6 +42,16 @@
     els.caption.textContent = "Radiograph as decoded by the server.";
   }
 
+  // After a failed upload nothing of the previous image may stay on screen under the error.
+  async function clearResult() {
+    await forgetCurrent();
+    resetOverlays();
+    els.result.hidden = true;
+    els.xray.removeAttribute("src");
+    els.findings.replaceChildren();
+    els.summary.textContent = "";
+  }
+
   async function forgetCurrent() {
     if (!current) return;
     const id = current.id;
@@ -60,8 +70,10 @@
     try {
       const resp = await fetch("/api/v1/analyses", { method: "POST", body: form });
       if (!resp.ok) {
+        const reason = await errorText(resp);
+        await clearResult();
         say("");
-        fail(`The image could not be analysed: ${await errorText(resp)}`);
+        fail(`The image could not be analysed: ${reason}`);
         return;
       }
       const analysis = await resp.json();
@@ -73,6 +85,7 @@
       els.result.hidden = false;
       say(summaryText(analysis.prediction));
     } catch (err) {
+      await clearResult();
       say("");
       fail(`The server could not be reached (${err.message}).`);
     } finally {
@@ -238,10 +251,7 @@
 
   els.file.addEventListener("change", () => analyse(els.file.files[0]));
   els.forget.addEventListener("click", async () => {
-    await forgetCurrent();
-    resetOverlays();
-    els.result.hidden = true;
-    els.xray.removeAttribute("src");
+    await clearResult();
     say("The image was forgotten by the server and this page.");
     els.file.focus();
   });
