@@ -37,6 +37,8 @@ LABEL_FILES = (
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
+ALL_SPLITS = (*SPLITS, "all")  # what split_positions takes
+TUNING_SPLITS = ("val", "train")  # where thresholds may be tuned: never the test split
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 

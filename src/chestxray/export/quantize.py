@@ -105,11 +105,9 @@ def quantize_int8(
         raise ChestXrayError(
             f"int8 quantization needs onnx and onnxruntime ({exc}): pip install 'chestxray[export]'"
         ) from None
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
+    methods = dict(
+        zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Percentile, CalibrationMethod.Entropy))
+    )
     if method not in methods:
         raise ChestXrayError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
     float_model, out = Path(float_model), Path(out)
