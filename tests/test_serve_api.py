@@ -482,3 +482,26 @@ def test_onnx_backend_serves_findings_and_says_grad_cam_is_unavailable(tiny_bund
         assert a["cam_url"] is None
         assert c.get(f"/api/v1/analyses/{a['id']}/cam.png", params={"finding": "Effusion"}).status_code == 501
         assert c.get("/static/cam-legend.png").status_code == 404
+
+
+def test_cam_of_an_empty_map_says_no_positive_evidence():
+    """A black image gives the brightness model an all-zero Grad-CAM: the PNG is the plain
+    radiograph (no uniform blue), and a header carries the note the viewer shows."""
+    from cam_helpers import brightness_analyzer
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(buf, format="PNG")
+    black = buf.getvalue()
+    with TestClient(create_app(brightness_analyzer())) as c:
+        r = c.post("/api/v1/cam?finding=Mass", **upload(black))
+        assert r.status_code == 200 and r.headers["x-grad-cam-note"] == "no positive evidence for Mass"
+        rgb = np.asarray(decode_png(r.content).convert("RGB")).astype(int)
+        assert np.array_equal(rgb[..., 0], rgb[..., 2]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+        a = c.post("/api/v1/analyses", **upload(black)).json()
+        for _ in range(2):  # computed, then from the cache: the note stays
+            r = c.get(a["cam_url"], params={"finding": "Mass"})
+            assert r.headers["x-grad-cam-note"] == "no positive evidence for Mass"
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 56), 255, np.uint8)).save(buf, format="PNG")
+        r = c.post("/api/v1/cam?finding=Mass", **upload(buf.getvalue()))
+        assert r.status_code == 200 and "x-grad-cam-note" not in r.headers
