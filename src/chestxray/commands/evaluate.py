@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_model_args, dataset_options, positive_int
+from chestxray.data.index import SPLITS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="score an NIH root against other labels: google2019:FILE, Google's 2019 expert labels "
         "(google2019_nih-chest-xray-labels.csv[.gz]); --split test or val is Google's own",
     )
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate on (default test)")
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
