@@ -42,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    print("findings: " + ", ".join(VOCABULARY))
-    for target, parts in DERIVED.items():
-        print(f"derived for scoring: {target} = max({', '.join(parts)}) of a model's probabilities")
-    for n in names:
+    if not args.name:  # the vocabulary once, above all the tables
+        print("findings: " + ", ".join(VOCABULARY))
+        for target, parts in DERIVED.items():
+            print(f"derived for scoring: {target} = max({', '.join(parts)}) of a model's probabilities")
+    for k, n in enumerate(names):
         reader = READERS.get(n)
-        print()
+        if k or not args.name:
+            print()
         if reader is not None:
             print(f"{n}:PATH  {reader.title}\n  layout: {reader.layout}")
         else:
