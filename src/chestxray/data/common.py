@@ -233,28 +233,32 @@ def to_age(values: Sequence[Any]) -> np.ndarray:
 
 def locate_images(root: Path, relative: Sequence[str]) -> list[str | None]:
     """Absolute path of each relative image path that exists, else None. Folders are listed
-    once each (memoised), so a metadata-only root with 200k rows costs a few hundred stats."""
+    once each (memoised), and a top folder that is absent (a metadata-only root) settles all
+    its rows at once, so 200k rows cost a few stats there."""
+    base = str(root)
+    out: list[str | None] = [None] * len(relative)
+    heads: dict[str, bool] = {}
     listing: dict[str, set[str] | None] = {}
 
     def entries(folder: str) -> set[str] | None:
-        if folder in listing:
-            return listing[folder]
-        parent = os.path.dirname(folder)
-        if parent and parent != folder and entries(parent) is None:
-            listing[folder] = None  # an ancestor is missing: no need to ask the disk
-            return None
-        try:
-            listing[folder] = set(os.listdir(folder))
-        except OSError:
-            listing[folder] = None
+        if folder not in listing:
+            try:
+                listing[folder] = set(os.listdir(os.path.join(base, folder)))
+            except OSError:
+                listing[folder] = None
         return listing[folder]
 
-    out: list[str | None] = []
-    base = str(root)
-    for rel in relative:
-        full = os.path.join(base, rel)
-        names = entries(os.path.dirname(full))
-        out.append(full if names is not None and os.path.basename(full) in names else None)
+    for k, rel in enumerate(relative):
+        folder, _, name = rel.rpartition("/")
+        head = "/".join(folder.split("/", 2)[:2])
+        present = heads.get(head)
+        if present is None:
+            present = heads[head] = os.path.isdir(os.path.join(base, head))
+        if not present:
+            continue
+        names = entries(folder)
+        if names is not None and name in names:
+            out[k] = os.path.join(base, rel)
     return out
 
 

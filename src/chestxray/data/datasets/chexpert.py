@@ -11,6 +11,7 @@ The patient is `patientNNNNN` in the path, the study `studyN` below it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ OBSERVATIONS = (
     "Support Devices",
 )
 RELEASES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+PATIENT_STUDY = re.compile(r"(patient\d+)/study\d+")
 NO_FINDING_NOTE = (
     "blank observations in rows with 'No Finding' = 1 count as negative (except Support Devices), "
     "as torchxrayvision does"
@@ -129,10 +131,12 @@ def read_chexpert(root: Path, opts: DatasetOptions) -> TableIndex:
     table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     raw = observation_matrix(table, used[0])
     rel = table["Path"].to_numpy(dtype=object)
-    ids = table["Path"].str.extract(r"(patient\d+)/(study\d+)")
-    if ids[0].isna().any():
-        row = int(np.flatnonzero(ids[0].isna().to_numpy())[0])
-        raise DatasetError(f"{used[0]}: Path {rel[row]!r} has no patientNNNNN/studyN part")
+    found = [PATIENT_STUDY.search(p) for p in rel]
+    missing = [i for i, m in enumerate(found) if m is None]
+    if missing:
+        raise DatasetError(f"{used[0]}: Path {rel[missing[0]]!r} has no patientNNNNN/studyN part")
+    patients = np.array([m.group(1) for m in found if m is not None], dtype=object)
+    studies = np.array([m.group(0) for m in found if m is not None], dtype=object)
     lateral = table["Frontal/Lateral"].str.strip().str.lower() == "lateral"
     view = normalise_view(table["AP/PA"].to_numpy(dtype=object))
     is_frontal = (table["Frontal/Lateral"].str.strip().str.lower() == "frontal").to_numpy()
@@ -144,8 +148,8 @@ def read_chexpert(root: Path, opts: DatasetOptions) -> TableIndex:
         {
             "image": rel,
             "relpath": rel,
-            "patient_id": ids[0].to_numpy(),
-            "study_id": (ids[0] + "/" + ids[1]).to_numpy(),
+            "patient_id": patients,
+            "study_id": studies,
             "view": view,
             "frontal": frontal,
             "sex": normalise_sex(table["Sex"].to_numpy(dtype=object)),
