@@ -175,7 +175,8 @@ def test_imported_bundle_evaluates_and_serves(small_bundle, tmp_path, mini_root)
 
     analyzer = Analyzer.load(small_bundle)
     result = run_evaluation(analyzer, load_nih(mini_root), "test", tmp_path, n_boot=0)
-    assert set(result["not_scored"]) == {"Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"}
+    not_scored = set(result["label_mapping"]["not_scored_model_only"])
+    assert not_scored == {"Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"}
     assert len(result["per_class"]) == 14 and (tmp_path / "roc_curves.png").is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -308,6 +309,9 @@ def test_untrained_slots_are_dropped(their_densenet, tmp_path):
     w = XRV_WEIGHTS["densenet121-res224-nih"]
     assert [lab for _, lab, _ in kept_outputs(w)] == list(w.labels[:14])
     assert all(not math.isnan(t) for _, _, t in kept_outputs(w))
+    from chestxray.data.harmonise import VOCABULARY
+
+    assert all(lab in VOCABULARY for weights in XRV_WEIGHTS.values() for _, lab, _ in kept_outputs(weights))
 
 
 # ---- download ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from chestxray.errors import ChestXrayError
 # Module names; `import_` holds the `import` command (a Python keyword cannot name a module).
 COMMANDS = (
     "info",
+    "datasets",
     "prepare",
     "train",
     "evaluate",

@@ -103,7 +103,7 @@ def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape == (size, size):
         return image
     # PIL widens the filter support when shrinking, i.e. it antialiases.
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 @lru_cache(maxsize=16)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from chestxray.data.harmonise import VOCABULARY
 from chestxray.data.transforms import XRV_RESIZE, Preprocessing
-from chestxray.labels import ALIASES, FINDINGS
+from chestxray.labels import ALIASES
 
 DENSENET = "xrv-densenet121"
 RESNET = "xrv-resnet50"
@@ -130,13 +131,14 @@ XRV_WEIGHTS: dict[str, XrvWeights] = {
 
 
 # ---- their names in this project's vocabulary ---------------------------------------------
-# The one mapping table. NIH's 14 findings map through chestxray.labels (canonical names and
-# ALIASES); torchxrayvision's other outputs (CheXpert's Lung Lesion, Fracture, Lung Opacity,
-# Enlarged Cardiomediastinum) keep their CheXpert spelling until the shared vocabulary of
-# issue 11 names them. Switch this function to that vocabulary when it lands.
+# The one mapping: NIH's 14 through chestxray.labels (its spellings and ALIASES), the others
+# (CheXpert's Lung Lesion, Fracture, Lung Opacity, Enlarged Cardiomediastinum) are already
+# spelled as in the shared vocabulary, chestxray.data.harmonise.VOCABULARY.
 def vocabulary_name(xrv_name: str) -> str:
     name = ALIASES.get(xrv_name, xrv_name)
-    return name if name in FINDINGS else xrv_name
+    if name not in VOCABULARY:
+        raise ValueError(f"torchxrayvision output {xrv_name!r} has no name in chestxray.data.harmonise.VOCABULARY")
+    return name
 
 
 def kept_outputs(weights: XrvWeights) -> list[tuple[int, str, float]]:
