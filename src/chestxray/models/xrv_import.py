@@ -131,7 +131,7 @@ def allowed_globals() -> dict[tuple[str, str], Any]:
     import torch._utils
 
     return {
-        **{tuple(q.rsplit(".", 1)): _stand_in(q) for q in _MODULE_CLASSES},
+        **{(q.rpartition(".")[0], q.rpartition(".")[2]): _stand_in(q) for q in _MODULE_CLASSES},
         ("collections", "OrderedDict"): OrderedDict,
         ("builtins", "set"): set,
         ("__builtin__", "set"): set,  # protocol 2 writes Python 2's module name
