@@ -88,7 +88,9 @@ class TorchBackend:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            # A tensor is used as is: the bulk pipeline hands over batches already on the GPU.
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+            x = x.to(self.device)
             return torch.sigmoid(self.model(x).float()).cpu().numpy()
 
 
@@ -199,17 +201,23 @@ class Analyzer:
 
     @classmethod
     def load(
-        cls, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "cpu", batch_size: int = 16
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        backend: str = "auto",
+        device: str = "cpu",
+        batch_size: int = 16,
+        threads: int | None = None,
     ) -> "Analyzer":
         """`model`: a bundle (.safetensors or a run folder), an exported .onnx file, or None
         for the bundled model. `backend`: "auto" (from the file; without torch, ONNX),
-        "torch" or "onnx"."""
+        "torch" or "onnx". `threads`: onnxruntime intra-op threads (None: its default)."""
         backend = resolve_backend(model, backend)
         if backend == "onnx":
             from chestxray.inference.onnx_backend import OnnxBackend
 
             # None: the packaged default.onnx, or an error telling how to export one.
-            onnx = OnnxBackend(model)
+            onnx = OnnxBackend(model, threads=threads)
             meta = onnx.info.meta
             return cls(onnx, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
         from chestxray.models.bundle import load_bundle
@@ -261,6 +269,24 @@ class Analyzer:
         labels = list(names) if names is not None else [self._label(x, i) for i, x in enumerate(items)]
         results = list(self.iter_predict(items, labels, progress=progress))
         return results[0] if single else results
+
+    def predict_many(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        workers: int | None = None,
+        batch_size: int | None = None,
+        from_list: str | None = None,
+    ) -> Iterator[Prediction]:
+        """Findings for files, folders and globs, lazily and in input order, decoded by
+        `workers` processes (None: all cores; 0: this process). For archives of any size:
+        memory stays bounded; an unreadable file gives a Prediction with `error`."""
+        from chestxray.inference.inputs import iter_inputs
+        from chestxray.inference.pipeline import iter_predictions
+
+        files = iter_inputs(paths, from_list)
+        for _, p in iter_predictions(self, files, workers=workers, batch_size=batch_size):
+            yield p
 
     def iter_predict(
         self, items: Sequence[Input], labels: Sequence[str], progress: bool = False
