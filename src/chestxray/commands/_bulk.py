@@ -54,7 +54,9 @@ def check_bulk_args(args: argparse.Namespace) -> None:
     if args.workers is not None and args.workers < 0:
         raise ChestXrayError(f"--workers must be 0 or more, got {args.workers}")
     if args.cam and (args.resume or args.format in ("jsonl", "parquet")):
-        raise ChestXrayError("--cam writes overlays one image at a time; use --format table, json or csv without --resume")
+        raise ChestXrayError(
+            "--cam writes overlays one image at a time; use --format table, json or csv without --resume"
+        )
     if args.resume and not (args.out and args.format in ("csv", "jsonl", "parquet")):
         raise ChestXrayError("--resume needs --out FILE with --format csv, jsonl or parquet")
     if args.format == "parquet" and not args.out:
@@ -133,7 +135,9 @@ def _predict(
         yield f, p
 
 
-def _batches(items: Iterator[tuple["InputFile", "Prediction"]], size: int) -> Iterator[list[tuple["InputFile", "Prediction"]]]:
+def _batches(
+    items: Iterator[tuple["InputFile", "Prediction"]], size: int
+) -> Iterator[list[tuple["InputFile", "Prediction"]]]:
     batch: list[tuple[InputFile, Prediction]] = []
     for item in items:
         batch.append(item)
@@ -178,8 +182,10 @@ def _to_file(
 
     out = Path(args.out)
     jpath = journal_path(out, info.rank, info.world_size)
-    if args.resume and out.exists() and not any(
-        journal_path(out, r, info.world_size).exists() for r in range(info.world_size)
+    if (
+        args.resume
+        and out.exists()
+        and not any(journal_path(out, r, info.world_size).exists() for r in range(info.world_size))
     ):
         return _already_complete(out, args.format, files)
     journal = Journal(jpath, resume=args.resume, model_name=analyzer.name)
@@ -226,4 +232,3 @@ def _already_complete(out: Path, fmt: str, files: Iterator["InputFile"]) -> int:
         )
     print(f"{out} is already complete ({len(keys)} files); nothing to resume", file=sys.stderr)
     return 0
-

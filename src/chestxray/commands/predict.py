@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
         info, device = setup(args, device)
         # Decoder processes use the other cores: one inference thread avoids oversubscribing them.
         threads = 1 if args.workers != 0 else None
-        analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads)
+        analyzer = Analyzer.load(
+            args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads
+        )
         with quiet_skip_warnings():  # failures are listed once, at the end
             return run_bulk(args, analyzer, info)
     shard = Shard.parse(args.shard) if args.shard else Shard()

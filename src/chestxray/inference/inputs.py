@@ -88,11 +88,9 @@ def _expand(arg: str) -> Iterator[str]:
 
 
 def _read_list(list_file: str) -> Iterator[str]:
-    try:
-        f = open(list_file, encoding="utf-8")
-    except OSError as exc:
-        raise ChestXrayError(f"{list_file}: cannot read the list ({exc.strerror or type(exc).__name__})") from None
-    with f:
+    if not os.path.isfile(list_file):
+        raise ChestXrayError(f"{list_file}: no such list file")
+    with open(list_file, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -121,4 +119,3 @@ def iter_inputs(
 def count_inputs(paths: Iterable[str | os.PathLike], from_list: str | None = None, shard: Shard = Shard()) -> int:
     """How many files `iter_inputs` will give (a listing pass without stat, for the ETA)."""
     return sum(1 for k, _ in enumerate(iter_paths(paths, from_list)) if k % shard.count == shard.index)
-

@@ -132,7 +132,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(
-        self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None
+        self, path: str | os.PathLike | None, *, threads: int | None = None, providers: list[str] | None = None
     ) -> None:
         self.path = resolve_onnx_path(path)
         self.session = _session(self.path, threads=threads, providers=providers)

@@ -117,7 +117,7 @@ class Journal:
             with open(path, "r+b") as f:
                 f.truncate(end)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f: IO[bytes] = open(path, "ab")
+        self._f: IO[bytes] = open(path, "ab")  # noqa: SIM115  # stays open for the whole run; closed in close/abort
 
     def skip(self, file: InputFile) -> bool:
         """True when this file's result is already in the journal; a changed file (same

@@ -275,8 +275,14 @@ class Progress:
     """A tqdm bar (images/s, ETA) on a terminal; otherwise one log line every `every_s` s."""
 
     def __init__(
-        self, total: int | None, *, tty: bool | None = None, every_s: float = 30.0, desc: str = "predict",
-        stream: IO[str] | None = None, enabled: bool = True,
+        self,
+        total: int | None,
+        *,
+        tty: bool | None = None,
+        every_s: float = 30.0,
+        desc: str = "predict",
+        stream: IO[str] | None = None,
+        enabled: bool = True,
     ) -> None:
         self.stream = stream or sys.stderr
         self.total, self.desc, self.every_s, self.enabled = total, desc, every_s, enabled
@@ -308,8 +314,11 @@ class Progress:
         if self.total is not None and rate > 0:
             left = max(self.total - self.done, 0) / rate
             eta = f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
-        print(f"{self.desc}: {self.done}{of} images, {rate:.1f} img/s, {self.errors} errors{eta}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {self.done}{of} images, {rate:.1f} img/s, {self.errors} errors{eta}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

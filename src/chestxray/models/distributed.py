@@ -48,8 +48,8 @@ def init_distributed(device: str = "cpu", timeout_s: float | None = None) -> Dis
     if backend == "nccl":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None  # None: torch's default
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(rank, world, local, local_world)
 
 
