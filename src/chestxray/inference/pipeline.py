@@ -115,8 +115,13 @@ class DecodePool:
             self._pool = None
 
     def _start(self) -> None:
-        # forkserver: children never inherit the parent's onnxruntime/torch/gloo threads.
-        ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+        # forkserver: children never inherit the parent's onnxruntime/torch/gloo threads; the
+        # server imports the decoder's modules once, so each worker starts without importing.
+        if sys.platform == "win32":
+            ctx = multiprocessing.get_context("spawn")
+        else:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([type(self._decoder).__module__, "chestxray.inference.pipeline"])
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._decoder,)
         )
