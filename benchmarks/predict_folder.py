@@ -129,14 +129,13 @@ def rate_pipeline(folder: Path, workers: int, batch: int, threads: int | None = 
     import multiprocessing
 
     from chestxray.inference.inputs import iter_inputs
-    from chestxray.inference.pipeline import iter_predictions
     from chestxray.inference.predict import Analyzer
 
     a = Analyzer.load(backend="onnx", threads=threads)
     worker_cpu: dict[int, float] = {}
     t, c = time.perf_counter(), cpu_self()
     n = 0
-    for _ in iter_predictions(a, iter_inputs([folder]), workers=workers, batch_size=batch):
+    for _ in a.predict_files(iter_inputs([folder]), workers=workers, batch_size=batch):
         n += 1
         if n % batch == 0:
             for child in multiprocessing.active_children():
@@ -210,7 +209,6 @@ def big_run(work: Path, sources: list[Path], n: int, seconds: float, workers: in
     """The CLI's own path (pipeline + journal) over an n-entry folder: rate per window, RSS."""
     from chestxray.inference.inputs import iter_inputs
     from chestxray.inference.outputs import Journal, finalize, to_record
-    from chestxray.inference.pipeline import iter_predictions
     from chestxray.inference.predict import Analyzer
 
     folder = work / "big"
@@ -225,7 +223,7 @@ def big_run(work: Path, sources: list[Path], n: int, seconds: float, workers: in
     import multiprocessing
 
     batch_recs = []
-    for f, p in iter_predictions(a, iter_inputs([folder]), workers=workers, batch_size=batch):
+    for f, p in a.predict_files(iter_inputs([folder]), workers=workers, batch_size=batch):
         batch_recs.append(to_record(f, p))
         done += 1
         if len(batch_recs) >= batch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,7 +75,8 @@ def setup(args: argparse.Namespace, device: str) -> tuple["DistInfo", str]:
     return info, device
 
 
-def run_bulk(args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo") -> int:
+def run_bulk(args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo", render: Callable[..., str]) -> int:
+    """`render(predictions, fmt, model_name)`: the table/json/csv text (commands/predict.py)."""
     from chestxray.inference.inputs import Shard, count_inputs, iter_inputs
     from chestxray.inference.pipeline import Progress, default_workers
 
@@ -88,8 +89,6 @@ def run_bulk(args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo") -
     total = count_inputs(args.paths, args.from_list, shard) if want_progress else None
     if args.out and args.format in ("csv", "jsonl", "parquet"):
         return _to_file(args, analyzer, info, files, workers, total)
-    from chestxray.commands.predict import render
-
     progress = Progress(total, tty=tty, every_s=args.progress_every, enabled=want_progress and total != 1)
     if args.format in ("csv", "jsonl"):
         from chestxray.inference.outputs import StdoutWriter, to_record
@@ -128,9 +127,7 @@ def run_bulk(args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo") -
 def _predict(
     analyzer: "Analyzer", files: Iterator["InputFile"], workers: int, batch_size: int, progress: "Progress"
 ) -> Iterator[tuple["InputFile", "Prediction"]]:
-    from chestxray.inference.pipeline import iter_predictions
-
-    for f, p in iter_predictions(analyzer, files, workers=workers, batch_size=batch_size):
+    for f, p in analyzer.predict_files(files, workers=workers, batch_size=batch_size):
         progress.update(1, errors=int(not p.ok))
         yield f, p
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads
         )
         with quiet_skip_warnings():  # failures are listed once, at the end
-            return run_bulk(args, analyzer, info)
+            return run_bulk(args, analyzer, info, render)
     shard = Shard.parse(args.shard) if args.shard else Shard()
     files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard)]
     if not files:

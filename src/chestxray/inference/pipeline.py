@@ -23,17 +23,28 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 
 from chestxray.errors import ImageReadError
 from chestxray.inference.inputs import InputFile
 
-if TYPE_CHECKING:
-    from chestxray.inference.predict import Analyzer, Prediction
-
 log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """What the pipeline uses of an `Analyzer` (named structurally: the Analyzer's module
+    builds on this one, so this one cannot import it)."""
+
+    name: str
+    batch_size: int
+    backend: Any
+
+    def preprocess(self, image: Any, name: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def probabilities(self, batch: Any) -> np.ndarray: ...
+
 
 # (the chunk's model inputs stacked, or None when none could be read; {index in chunk: error})
 Decoded = tuple["np.ndarray | None", dict[int, str]]
@@ -49,7 +60,7 @@ def default_workers(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
-def safe_preprocess(analyzer: "Analyzer", path: str) -> tuple["np.ndarray | None", str | None]:
+def safe_preprocess(analyzer: Predictor, path: str) -> tuple["np.ndarray | None", str | None]:
     """(model input, None) or (None, reason): one bad file must not lose its batch."""
     try:
         return analyzer.preprocess(path, path)[1], None
@@ -60,7 +71,7 @@ def safe_preprocess(analyzer: "Analyzer", path: str) -> tuple["np.ndarray | None
         return None, f"cannot read this input ({type(exc).__name__})"
 
 
-def decode_chunk(analyzer: "Analyzer", paths: list[str]) -> Decoded:
+def decode_chunk(analyzer: Predictor, paths: list[str]) -> Decoded:
     xs: list[np.ndarray] = []
     errors: dict[int, str] = {}
     for i, path in enumerate(paths):
@@ -72,10 +83,10 @@ def decode_chunk(analyzer: "Analyzer", paths: list[str]) -> Decoded:
     return (np.stack(xs) if xs else None), errors
 
 
-_WORKER: "Analyzer | None" = None
+_WORKER: Predictor | None = None
 
 
-def _init_worker(decoder: "Analyzer") -> None:
+def _init_worker(decoder: Predictor) -> None:
     global _WORKER
     _WORKER = decoder
 
@@ -85,11 +96,11 @@ def _worker_decode(paths: list[str]) -> Decoded:
     return decode_chunk(_WORKER, paths)
 
 
-def decoder_copy(analyzer: "Analyzer") -> "Analyzer":
+def decoder_copy(analyzer: Predictor) -> Predictor:
     """The Analyzer without its network, to send to worker processes: they only run
     `preprocess`, so whatever the Analyzer does there applies unchanged."""
     clone = copy.copy(analyzer)
-    clone.backend = None  # type: ignore[assignment]  # a session/model does not pickle, and workers need none
+    clone.backend = None  # a session/model does not pickle, and workers need none
     return clone
 
 
@@ -97,7 +108,7 @@ class DecodePool:
     """Ordered, bounded map of chunks of files -> Decoded, over worker processes
     (`workers` 0: in this process)."""
 
-    def __init__(self, analyzer: "Analyzer", workers: int, prefetch: int | None = None) -> None:
+    def __init__(self, analyzer: Predictor, workers: int, prefetch: int | None = None) -> None:
         self.analyzer = analyzer
         self.workers = workers
         self.prefetch = prefetch or max(2, 2 * workers)
@@ -226,30 +237,31 @@ class CudaStager:
         return dev
 
 
-def _cuda_stager(analyzer: "Analyzer") -> CudaStager | None:
+def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
     device = getattr(analyzer.backend, "device", None)
     if device is None or getattr(device, "type", None) != "cuda":
         return None
     return CudaStager(device)
 
 
-def iter_predictions(
-    analyzer: "Analyzer",
+def iter_probabilities(
+    analyzer: Predictor,
     files: Iterable[InputFile],
     *,
     workers: int | None = None,
     batch_size: int | None = None,
     prefetch: int | None = None,
-) -> Iterator[tuple[InputFile, "Prediction"]]:
-    """(file, Prediction) for every file, in input order. `workers`: decoder processes
-    (None: all cores; 0: decode in this process)."""
-    from chestxray.inference.predict import Prediction
-
+) -> Iterator[tuple[InputFile, "np.ndarray | None", str | None]]:
+    """(file, probabilities, None) or (file, None, error) for every file, in input order.
+    `workers`: decoder processes (None: all cores; 0: decode in this process).
+    `Analyzer.predict_files` turns these into Predictions."""
     workers = default_workers() if workers is None else workers
     size = batch_size or analyzer.batch_size
     stager = _cuda_stager(analyzer)
 
-    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str]) -> Iterator[tuple[InputFile, Prediction]]:
+    def finish(
+        chunk: list[InputFile], staged: Any, errors: dict[int, str]
+    ) -> Iterator[tuple[InputFile, np.ndarray | None, str | None]]:
         if staged is None:
             probs: Any = ()
         else:
@@ -257,9 +269,9 @@ def iter_predictions(
         it = iter(probs)
         for i, f in enumerate(chunk):
             if i in errors:
-                yield f, Prediction(f.path, analyzer.name, [], errors[i])
+                yield f, None, errors[i]
             else:
-                yield f, Prediction(f.path, analyzer.name, analyzer.findings_from(next(it)))
+                yield f, next(it), None
 
     chunks = chunked(files, size)
     first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]

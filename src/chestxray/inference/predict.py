@@ -18,6 +18,7 @@ import numpy as np
 from chestxray.data.images import IMAGE_SUFFIXES, to_gray
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import BundleError, ChestXrayError, ImageReadError
+from chestxray.inference.inputs import InputFile
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +283,21 @@ class Analyzer:
         `workers` processes (None: all cores; 0: this process). For archives of any size:
         memory stays bounded; an unreadable file gives a Prediction with `error`."""
         from chestxray.inference.inputs import iter_inputs
-        from chestxray.inference.pipeline import iter_predictions
 
-        files = iter_inputs(paths, from_list)
-        for _, p in iter_predictions(self, files, workers=workers, batch_size=batch_size):
+        for _, p in self.predict_files(iter_inputs(paths, from_list), workers=workers, batch_size=batch_size):
             yield p
+
+    def predict_files(
+        self, files: Iterable[InputFile], *, workers: int | None = None, batch_size: int | None = None
+    ) -> Iterator[tuple[InputFile, Prediction]]:
+        """(file, Prediction) through the streaming pipeline (inference/pipeline.py)."""
+        from chestxray.inference.pipeline import iter_probabilities
+
+        for f, probs, error in iter_probabilities(self, files, workers=workers, batch_size=batch_size):
+            if probs is None:
+                yield f, Prediction(f.path, self.name, [], error)
+            else:
+                yield f, Prediction(f.path, self.name, self.findings_from(probs))
 
     def iter_predict(
         self, items: Sequence[Input], labels: Sequence[str], progress: bool = False
