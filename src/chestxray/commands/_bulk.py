@@ -77,11 +77,32 @@ def setup(args: argparse.Namespace, device: str) -> tuple["DistInfo", str]:
 
 def run_bulk(args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo", render: Callable[..., str]) -> int:
     """`render(predictions, fmt, model_name)`: the table/json/csv text (commands/predict.py)."""
+    from chestxray.inference.pipeline import default_workers
+
+    workers = default_workers(info.local_world_size) if args.workers is None else args.workers
+    if (
+        workers > 0
+        and getattr(analyzer.backend, "name", "") == "torch"
+        and str(getattr(analyzer.backend, "device", "")) == "cpu"
+    ):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as onnxruntime's one thread: the decoder processes have the other cores
+        try:
+            return _run_bulk(args, analyzer, info, render, workers)
+        finally:
+            torch.set_num_threads(threads)
+    return _run_bulk(args, analyzer, info, render, workers)
+
+
+def _run_bulk(
+    args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo", render: Callable[..., str], workers: int
+) -> int:
     from chestxray.inference.inputs import Shard, count_inputs, iter_inputs
-    from chestxray.inference.pipeline import Progress, default_workers
+    from chestxray.inference.pipeline import Progress
 
     shard = (Shard.parse(args.shard) if args.shard else Shard()).within(Shard(info.rank, info.world_size))
-    workers = default_workers(info.local_world_size) if args.workers is None else args.workers
     files = iter_inputs(args.paths, args.from_list, shard)
     want_progress = not args.no_progress
     tty = sys.stderr.isatty()
@@ -198,13 +219,18 @@ def _to_file(
     progress.close()
     journal.close()
     listed = all_sum(journal.written + len(journal.matched), info)  # also waits for every rank
+    parts = [journal_path(out, r, info.world_size) for r in range(info.world_size)]
+    if listed == 0:
+        barrier(info)
+        if info.is_main:
+            for part in parts:
+                part.unlink(missing_ok=True)
+        _check_any(0, args)
     errors = 0
     if info.is_main:
-        parts = [journal_path(out, r, info.world_size) for r in range(info.world_size)]
         summary = finalize(out, args.format, parts, analyzer.labels)
         if summary.total + summary.duplicates != listed:
             raise ChestXrayError(f"{out}: merged {summary.total} rows for {listed} listed files; rerun with --resume")
-        _check_any(summary.total, args)
         print(
             f"wrote {summary.total} predictions ({args.format}) to {out}; model {analyzer.name}. {NOT_FOR_CLINICAL_USE}",
             file=sys.stderr,
