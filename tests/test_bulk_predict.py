@@ -86,6 +86,7 @@ def test_broken_files_among_good_ones_give_error_rows_and_exit_1(capsys, sample_
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_kill_9_halfway_then_resume_equals_an_uninterrupted_run(capsys, original_png, rgba_png, tmp_path):
     originals = sorted(original_png.parent.glob("*.png"))  # 1024 px: slow enough to stop halfway
     folder = tmp_path / "archive"

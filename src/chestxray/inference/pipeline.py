@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -86,9 +87,23 @@ def decode_chunk(analyzer: Predictor, paths: list[str]) -> Decoded:
 _WORKER: Predictor | None = None
 
 
-def _init_worker(decoder: Predictor) -> None:
+def _init_worker(decoder: Predictor, parent: int) -> None:
     global _WORKER
     _WORKER = decoder
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(pid: int) -> None:
+    """A worker outlives a parent killed with -9 (nobody sends it the stop sentinel): poll
+    for the parent and leave when it is gone."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
 
 
 def _worker_decode(paths: list[str]) -> Decoded:
@@ -134,7 +149,7 @@ class DecodePool:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([type(self._decoder).__module__, "chestxray.inference.pipeline"])
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._decoder,)
+            self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._decoder, os.getpid())
         )
 
     def _restart(self) -> None:
