@@ -205,3 +205,30 @@ def test_two_torchrun_ranks_merge_every_file_exactly_once(capsys, sample_images,
     assert [r["file"] for r in rows if r["error"]] == [str(tmp_path / "f" / "broken.png")]
     assert not list(tmp_path.glob("merged.jsonl.part*"))
     assert proc.stderr.count("wrote 13 predictions") == 1  # rank 0 alone merges and reports
+
+
+class CrashOn:
+    """A stand-in Analyzer whose decoder process dies (like a segfault) on one file name."""
+
+    name, batch_size, backend = "crash-test", 4, None
+
+    def preprocess(self, image, name=None):
+        import numpy as np
+
+        if "crash" in str(image):
+            os._exit(1)
+        return None, np.full((1, 4, 4), float(len(str(image))), np.float32)
+
+    def probabilities(self, batch):
+        return batch.reshape(len(batch), -1)[:, :2]
+
+
+def test_a_worker_that_dies_costs_one_error_row(tmp_path):
+    from chestxray.inference.inputs import InputFile
+    from chestxray.inference.pipeline import CRASHED, iter_probabilities
+
+    files = [InputFile(str(tmp_path / f"{k:02d}{'crash' if k == 5 else ''}.png")) for k in range(10)]
+    got = list(iter_probabilities(CrashOn(), files, workers=2, batch_size=4))
+    assert [f.path for f, _, _ in got] == [f.path for f in files]
+    assert [e for _, _, e in got] == [CRASHED if k == 5 else None for k in range(10)]
+    assert all(p[0] == len(f.path) for f, p, e in got if e is None)

@@ -65,8 +65,11 @@ def check_bulk_args(args: argparse.Namespace) -> None:
 
 def setup(args: argparse.Namespace, device: str) -> tuple["DistInfo", str]:
     """Join torchrun's process group if launched by it; each rank gets its own GPU."""
+    from chestxray.inference.pipeline import start_worker_server
     from chestxray.models.distributed import DistInfo, init_distributed, launched_by_torchrun
 
+    if args.workers != 0 and not args.cam:
+        start_worker_server()  # its imports overlap the model load
     if not launched_by_torchrun():
         return DistInfo(), device
     info = init_distributed(device, timeout_s=DIST_TIMEOUT_S)

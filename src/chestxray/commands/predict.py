@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChestXrayError("--cam needs the torch backend (Grad-CAM takes gradients of the network)")
     device = resolve_device_arg(args.device, backend)
     if not args.cam:
-        info, device = setup(args, device)
+        info, device = setup(args, device)  # also starts the decoders' fork server early
         # Decoder processes use the other cores: one inference thread avoids oversubscribing them.
         threads = 1 if args.workers != 0 else None
         analyzer = Analyzer.load(

@@ -50,6 +50,8 @@ class Predictor(Protocol):
 # (the chunk's model inputs stacked, or None when none could be read; {index in chunk: error})
 Decoded = tuple["np.ndarray | None", dict[int, str]]
 CRASHED = "the image decoder crashed on this file"
+TASK_FILES = 4  # files per worker task
+PRELOAD = ["chestxray.inference.predict", "chestxray.inference.pipeline"]
 
 
 def default_workers(local_processes: int = 1) -> int:
@@ -119,6 +121,25 @@ def decoder_copy(analyzer: Predictor) -> Predictor:
     return clone
 
 
+def mp_context() -> Any:
+    """forkserver: workers never inherit this process's onnxruntime/torch/gloo threads, and
+    the server imports the decoder's modules once, so each worker starts without importing."""
+    if sys.platform == "win32":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the fork server now: its imports then overlap the model load."""
+    if sys.platform != "win32":
+        from multiprocessing import forkserver
+
+        mp_context()
+        forkserver.ensure_running()
+
+
 class DecodePool:
     """Ordered, bounded map of chunks of files -> Decoded, over worker processes
     (`workers` 0: in this process)."""
@@ -141,15 +162,8 @@ class DecodePool:
             self._pool = None
 
     def _start(self) -> None:
-        # forkserver: children never inherit the parent's onnxruntime/torch/gloo threads; the
-        # server imports the decoder's modules once, so each worker starts without importing.
-        if sys.platform == "win32":
-            ctx = multiprocessing.get_context("spawn")
-        else:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([type(self._decoder).__module__, "chestxray.inference.pipeline"])
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._decoder, os.getpid())
+            self.workers, mp_context=mp_context(), initializer=_init_worker, initargs=(self._decoder, os.getpid())
         )
 
     def _restart(self) -> None:
@@ -157,18 +171,29 @@ class DecodePool:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._start()
 
-    def _submit(self, chunk: list[InputFile]) -> "Future[Decoded] | None":
+    def _submit(self, chunk: list[InputFile]) -> list[tuple[int, "Future[Decoded]"]] | None:
         if self._pool is None:
             return None  # decoded lazily, in order, in _collect
-        return self._pool.submit(_worker_decode, [f.path for f in chunk])
+        # Small tasks: both workers start at once and the run's tail (one task) stays short.
+        return [
+            (k, self._pool.submit(_worker_decode, [f.path for f in chunk[k : k + TASK_FILES]]))
+            for k in range(0, len(chunk), TASK_FILES)
+        ]
 
-    def _collect(self, chunk: list[InputFile], fut: "Future[Decoded] | None") -> Decoded:
-        if fut is None:
+    def _collect(self, chunk: list[InputFile], tasks: list[tuple[int, "Future[Decoded]"]] | None) -> Decoded:
+        if tasks is None:
             return decode_chunk(self._decoder, [f.path for f in chunk])
+        xs: list[np.ndarray] = []
+        errors: dict[int, str] = {}
         try:
-            return fut.result()
+            for k, fut in tasks:
+                x, errs = fut.result()
+                if x is not None:
+                    xs.append(x)
+                errors.update({k + i: e for i, e in errs.items()})
         except BrokenProcessPool:
             return self._one_by_one(chunk)
+        return (np.concatenate(xs) if xs else None), errors
 
     def _one_by_one(self, chunk: list[InputFile]) -> Decoded:
         """A worker died (a decoder crash, the OOM killer): redo this chunk file by file in a
@@ -192,7 +217,7 @@ class DecodePool:
         return (np.stack(xs) if xs else None), errors
 
     def map(self, chunks: Iterable[list[InputFile]]) -> Iterator[tuple[list[InputFile], Decoded]]:
-        window: deque[tuple[list[InputFile], Future[Decoded] | None]] = deque()
+        window: deque[tuple[list[InputFile], list[tuple[int, Future[Decoded]]] | None]] = deque()
         for chunk in chunks:
             window.append((chunk, self._submit(chunk)))
             if len(window) >= self.prefetch:
