@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backends", default="onnx,torch", help="end-to-end backends (default onnx,torch)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--cpu-sample", type=int, default=60, help="files for the CPU-time measurements (default 60)")
+    p.add_argument("--cpu-sample", type=int, default=0,
+                   help="files for the CPU-time measurements (default: each original once)")
     p.add_argument("--big", type=int, default=0, help="also run a folder of this many entries (e.g. 100000)")
     p.add_argument("--big-seconds", type=float, default=240, help="stop the big run after S s (0: to the end)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -124,8 +125,9 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rate_pipeline(folder: Path, workers: int, batch: int, threads: int | None = 1) -> tuple[float, float]:
-    """(images/s, CPU ms per image of this process and its decoder workers together)."""
+def rate_pipeline(folder: Path, workers: int, batch: int, threads: int | None = 1) -> tuple[float, float, float]:
+    """(images/s, CPU ms per image of this process and its decoder workers together, the
+    cores' share those processes got: CPU seconds / wall seconds / cores)."""
     import multiprocessing
 
     from chestxray.inference.inputs import iter_inputs
@@ -142,7 +144,8 @@ def rate_pipeline(folder: Path, workers: int, batch: int, threads: int | None = 
                 if child.pid and "forkserver" not in (child.name or ""):
                     worker_cpu[child.pid] = proc_cpu_s(child.pid)
     dt, dc = time.perf_counter() - t, cpu_self() - c
-    return n / dt, 1000 * (dc + sum(worker_cpu.values())) / n
+    used = dc + sum(worker_cpu.values())
+    return n / dt, 1000 * used / n, used / dt / cores()
 
 
 def rate_decode_only(folder: Path, workers: int, batch: int) -> float:
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         folder = link_folder(work / "folder", sources, args.count)
         files = sorted(folder.iterdir())
-        sample = files[: args.cpu_sample]
+        sample = files[: max(args.cpu_sample, len(sources))]  # the first len(sources): each original once
         for r in range(args.rounds):
             row: dict = {"round": r}
             row.update(cpu_costs(sample, args.batch_size))
@@ -287,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"b_predict_{b}_img_s"] = rate_cli(folder, work, b, None, args.batch_size, args.device)
             row["b_predict_onnx_workers1_img_s"] = rate_cli(folder, work, "onnx", 1, args.batch_size, args.device)
             row["one_process_decode_infer_img_s"] = rate_pipeline(folder, 0, args.batch_size)[0]
-            rate, cpu_ms = rate_pipeline(folder, workers, args.batch_size)
+            rate, cpu_ms, share = rate_pipeline(folder, workers, args.batch_size)
             row["pipeline_default_workers_img_s"] = rate
             # CPU the whole pipeline spends per image (main + workers), vs decode + infer alone:
             row["pipeline_cpu_ms_per_img"] = cpu_ms
             row["pipeline_cpu_overhead"] = cpu_ms / (row["decode_cpu_ms"] + row["infer_cpu_ms"]) - 1
+            # On a shared machine the pipeline gets only part of the cores (1.0: both, all the time).
+            row["pipeline_cores_share_got"] = share
+            row["load_average_1min"] = os.getloadavg()[0]
             row["c_serial_today_img_s"] = rate_serial_today(files)
             row["ratio_b_onnx_over_a"] = row["b_predict_onnx_img_s"] / row["a_decode_only_img_s"]
             row["ratio_b_onnx_over_bound"] = row["b_predict_onnx_img_s"] / row["bound_img_s"]
