@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
             result["rounds"].append(row)
             log(json.dumps(row))
-        keys = [k for k in result["rounds"][0] if k != "round"]
+        keys = [k for k in result["rounds"][0] if k != "round"] if result["rounds"] else []
         result["median"] = {k: round(statistics.median(r[k] for r in result["rounds"]), 3) for k in keys}
         if args.device.startswith("cuda"):
             result["gpu_model_bound_img_s"] = gpu_model_bound()

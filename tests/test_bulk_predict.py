@@ -232,3 +232,15 @@ def test_a_worker_that_dies_costs_one_error_row(tmp_path):
     assert [f.path for f, _, _ in got] == [f.path for f in files]
     assert [e for _, _, e in got] == [CRASHED if k == 5 else None for k in range(10)]
     assert all(p[0] == len(f.path) for f, p, e in got if e is None)
+
+
+def test_resume_refuses_a_journal_of_another_model(capsys, sample_images, tmp_path):
+    out = tmp_path / "out.jsonl"
+    rec = {"file": str(sample_images[0]), "size": 1, "mtime_ns": 1, "model": "some-other-model", "findings": [],
+           "error": None}
+    Path(str(out) + ".partial").write_text(json.dumps(rec) + "\n")
+    code, _, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--format", "jsonl", "--out", str(out),
+                           "--resume")
+    assert code == 2 and "some-other-model" in err and not out.exists()
+    code, _, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--resume")
+    assert code == 2 and "--resume needs --out" in err

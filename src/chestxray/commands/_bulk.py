@@ -103,7 +103,7 @@ def _run_bulk(
     args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo", render: Callable[..., str], workers: int
 ) -> int:
     from chestxray.inference.inputs import Shard, count_inputs, iter_inputs
-    from chestxray.inference.pipeline import Progress
+    from chestxray.inference.pipeline import Progress, chunked
 
     shard = (Shard.parse(args.shard) if args.shard else Shard()).within(Shard(info.rank, info.world_size))
     files = iter_inputs(args.paths, args.from_list, shard)
@@ -120,7 +120,7 @@ def _run_bulk(
         writer = StdoutWriter(args.format, sys.stdout)
         failed: list[tuple[str, str]] = []
         n = 0
-        for batch in _batches(_predict(analyzer, files, workers, args.batch_size, progress), args.batch_size):
+        for batch in chunked(_predict(analyzer, files, workers, args.batch_size, progress), args.batch_size):
             writer.write([to_record(f, p) for f, p in batch])
             failed += [(p.file, p.error) for _, p in batch if p.error]
             n += len(batch)
@@ -156,19 +156,6 @@ def _predict(
         yield f, p
 
 
-def _batches(
-    items: Iterator[tuple["InputFile", "Prediction"]], size: int
-) -> Iterator[list[tuple["InputFile", "Prediction"]]]:
-    batch: list[tuple[InputFile, Prediction]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _check_any(n: int, args: argparse.Namespace) -> None:
     if n == 0:
         from chestxray.data.images import IMAGE_SUFFIXES
@@ -198,7 +185,7 @@ def _to_file(
     total: int | None,
 ) -> int:
     from chestxray.inference.outputs import Journal, finalize, journal_path, to_record
-    from chestxray.inference.pipeline import Progress
+    from chestxray.inference.pipeline import Progress, chunked
     from chestxray.models.distributed import all_sum, barrier
 
     out = Path(args.out)
@@ -214,7 +201,7 @@ def _to_file(
     left = None if total is None else max(total - len(journal.done), 0)
     progress = Progress(left, tty=sys.stderr.isatty(), every_s=args.progress_every, enabled=not args.no_progress)
     try:
-        for batch in _batches(_predict(analyzer, todo, workers, args.batch_size, progress), args.batch_size):
+        for batch in chunked(_predict(analyzer, todo, workers, args.batch_size, progress), args.batch_size):
             journal.append([to_record(f, p) for f, p in batch])
     except BaseException:
         journal.abort()  # what is in the journal stays: --resume continues from it

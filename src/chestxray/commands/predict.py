@@ -202,8 +202,6 @@ def render(predictions: Sequence["Prediction"], fmt: str, model_name: str) -> st
         return to_csv(predictions)
     if fmt == "table":
         return to_table(predictions, model_name)
-    if fmt == "jsonl":
-        return "".join(json.dumps(p.to_dict()) + "\n" for p in predictions)
     raise ChestXrayError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 

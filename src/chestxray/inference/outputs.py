@@ -67,21 +67,23 @@ def journal_path(out: Path, rank: int = 0, world: int = 1) -> Path:
     return out.with_name(f"{out.name}.partial" if world == 1 else f"{out.name}.part{rank}of{world}.partial")
 
 
-def read_journal(path: Path) -> tuple[list[Record], int]:
-    """Records of a journal up to its last complete line, and that line's end offset
-    (a kill -9 can leave half a line; it is cut off on resume)."""
-    records: list[Record] = []
+def read_journal(path: Path) -> tuple[list[tuple[tuple[str, int, int], str]], int]:
+    """(key, model) of each record of a journal up to its last complete line, and that
+    line's end offset (a kill -9 can leave half a line; it is cut off on resume). Only the
+    keys are kept, not the records: memory stays small for a long journal."""
+    keys: list[tuple[tuple[str, int, int], str]] = []
     end = 0
     with open(path, "rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break
             try:
-                records.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError:
                 break
+            keys.append((record_key(rec), str(rec.get("model"))))
             end += len(line)
-    return records, end
+    return keys, end
 
 
 def iter_journal(path: Path) -> Iterator[Record]:
@@ -106,14 +108,14 @@ class Journal:
                 f"{path} holds an interrupted run: pass --resume to continue it, or delete it to start over"
             )
         if path.exists():
-            records, end = read_journal(path)
-            for rec in records:
-                if rec.get("model") != model_name:
+            keys, end = read_journal(path)
+            for key, model in keys:
+                if model != model_name:
                     raise ChestXrayError(
-                        f"{path}: was written by model {rec.get('model')!r}, this run uses {model_name!r}; "
+                        f"{path}: was written by model {model!r}, this run uses {model_name!r}; "
                         "resume with the same model or write to a new --out"
                     )
-                self.done[rec["file"]] = record_key(rec)
+                self.done[key[0]] = key
             with open(path, "r+b") as f:
                 f.truncate(end)
         path.parent.mkdir(parents=True, exist_ok=True)

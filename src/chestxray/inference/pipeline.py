@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from chestxray.errors import ImageReadError
 from chestxray.inference.inputs import InputFile
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Predictor(Protocol):
@@ -228,9 +229,9 @@ class DecodePool:
             yield c, self._collect(c, fut)
 
 
-def chunked(files: Iterable[InputFile], size: int) -> Iterator[list[InputFile]]:
-    chunk: list[InputFile] = []
-    for f in files:
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for f in items:
         chunk.append(f)
         if len(chunk) == size:
             yield chunk
