@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.commands._common import non_negative_int
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-list", metavar="FILE", help="also predict the paths listed in FILE, one per line")
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="decoder processes (default: all cores, shared among torchrun ranks on a node; 0: decode in-process)",
@@ -51,8 +52,6 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_bulk_args(args: argparse.Namespace) -> None:
-    if args.workers is not None and args.workers < 0:
-        raise ChestXrayError(f"--workers must be 0 or more, got {args.workers}")
     if args.cam and (args.resume or args.format in ("jsonl", "parquet")):
         raise ChestXrayError(
             "--cam writes overlays one image at a time; use --format table, json or csv without --resume"
