@@ -59,8 +59,11 @@ def test_pipeline_in_order_and_equal_to_the_serial_path(sample_images, tmp_path)
     files = link_folder(tmp_path / "f", sample_images, 2)
     analyzer = Analyzer.load(backend="onnx", batch_size=3)
     serial = analyzer.predict([str(f) for f in files])
-    bulk = list(analyzer.predict_many([tmp_path / "f"], workers=2, batch_size=3))
+    bulk = list(analyzer.iter_files([tmp_path / "f"], workers=2, batch_size=3))
     assert [p.file for p in bulk] == [str(f) for f in files]
+    listed = analyzer.predict_many([str(f) for f in files], workers=2)  # the list API, same pipeline
+    assert [p.to_dict() for p in listed] == [p.to_dict() for p in bulk]
+    assert bulk[0].variant == "onnx int8"
     for a, b in zip(serial, bulk):
         assert [(f.finding, f.positive) for f in a.findings] == [(f.finding, f.positive) for f in b.findings]
         assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-6)

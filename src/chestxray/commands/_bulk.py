@@ -125,25 +125,25 @@ def _run_bulk(
             n += len(batch)
         progress.close()
         _check_any(n, args)
-        print(f"model {analyzer.name}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+        print(f"model {_label(analyzer)}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
         return _report_failures(failed, n)
     predictions = [p for _, p in _predict(analyzer, files, workers, args.batch_size, progress)]
     progress.close()
     _check_any(len(predictions), args)
-    text = render(predictions, args.format, analyzer.name)
+    text = render(predictions, args.format, _label(analyzer))
     if args.out:
         from chestxray.io import atomic_write_text
 
         atomic_write_text(args.out, text)
         print(
-            f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name}. "
+            f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {_label(analyzer)}. "
             f"{NOT_FOR_CLINICAL_USE}",
             file=sys.stderr,
         )
     else:
         sys.stdout.write(text)
         if args.format != "table":
-            print(f"model {analyzer.name}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+            print(f"model {_label(analyzer)}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
     return _report_failures([(p.file, p.error) for p in predictions if p.error], len(predictions))
 
 
@@ -153,6 +153,11 @@ def _predict(
     for f, p in analyzer.predict_files(files, workers=workers, batch_size=batch_size):
         progress.update(1, errors=int(not p.ok))
         yield f, p
+
+
+def _label(analyzer: "Analyzer") -> str:
+    """The model as outputs name it: name and variant (e.g. "onnx int8")."""
+    return f"{analyzer.name} ({analyzer.variant})"
 
 
 def _check_any(n: int, args: argparse.Namespace) -> None:
@@ -221,7 +226,8 @@ def _to_file(
         if summary.total + summary.duplicates != listed:
             raise ChestXrayError(f"{out}: merged {summary.total} rows for {listed} listed files; rerun with --resume")
         print(
-            f"wrote {summary.total} predictions ({args.format}) to {out}; model {analyzer.name}. {NOT_FOR_CLINICAL_USE}",
+            f"wrote {summary.total} predictions ({args.format}) to {out}; model {_label(analyzer)}. "
+            f"{NOT_FOR_CLINICAL_USE}",
             file=sys.stderr,
         )
         errors = summary.errors

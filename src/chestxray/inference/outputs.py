@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from chestxray.inference.predict import Prediction
 
 STREAM_FORMATS = ("csv", "jsonl", "parquet")
-CSV_COLUMNS = ("file", "model", "finding", "probability", "threshold", "positive", "error")
+CSV_COLUMNS = ("file", "model", "variant", "finding", "probability", "threshold", "positive", "error")
 Record = dict[str, Any]
 
 
@@ -46,12 +46,14 @@ def record_key(rec: Record) -> tuple[str, int, int]:
 
 def csv_rows(rec: Record) -> Iterator[list[str]]:
     """Long format: one row per finding; a failed image has one row with its error."""
+    variant = rec.get("variant", "")
     if rec.get("error"):
-        yield [rec["file"], rec["model"], "", "", "", "", rec["error"]]
+        yield [rec["file"], rec["model"], variant, "", "", "", "", rec["error"]]
     for f in rec.get("findings", ()):
         yield [
             rec["file"],
             rec["model"],
+            variant,
             f["finding"],
             f"{f['probability']:.6f}",
             f"{f['threshold']:.6f}",
@@ -183,7 +185,7 @@ def _pyarrow() -> Any:
 
 
 def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], batch_rows: int = 4096) -> None:
-    """One row per file: file, size, mtime_ns, model, error, one probability column per
+    """One row per file: file, size, mtime_ns, model, variant, error, one probability column per
     finding and `positives` (the positive findings); thresholds in the schema metadata."""
     pa = _pyarrow()
     fields = [
@@ -191,6 +193,7 @@ def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], 
         pa.field("size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
         pa.field("model", pa.string()),
+        pa.field("variant", pa.string()),
         pa.field("error", pa.string()),
         *(pa.field(label, pa.float64()) for label in labels),
         pa.field("positives", pa.list_(pa.string())),
@@ -206,7 +209,7 @@ def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], 
                 probs = {f["finding"]: f["probability"] for f in rec.get("findings", ())}
                 for f in rec.get("findings", ()):
                     thresholds.setdefault(f["finding"], f["threshold"])
-                for key in ("file", "size", "mtime_ns", "model", "error"):
+                for key in ("file", "size", "mtime_ns", "model", "variant", "error"):
                     cols[key].append(rec.get(key))
                 for label in labels:
                     cols[label].append(probs.get(label))
