@@ -7,6 +7,7 @@ renderers) so that the bulk machinery does not grow that module.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,7 +68,7 @@ def setup(args: argparse.Namespace, device: str) -> tuple["DistInfo", str]:
     from chestxray.inference.pipeline import start_worker_server
     from chestxray.models.distributed import DistInfo, init_distributed, launched_by_torchrun
 
-    if args.workers != 0 and not args.cam:
+    if args.workers != 0 and not args.cam and _may_be_many(args):
         start_worker_server()  # its imports overlap the model load
     if not launched_by_torchrun():
         return DistInfo(), device
@@ -75,6 +76,16 @@ def setup(args: argparse.Namespace, device: str) -> tuple["DistInfo", str]:
     if device == "cuda":
         device = f"cuda:{info.local_rank}"
     return info, device
+
+
+def _may_be_many(args: argparse.Namespace) -> bool:
+    """More than one batch may come (a folder, a glob, a list): worth starting the workers'
+    server early. A few named files are decoded in-process anyway."""
+    return (
+        bool(args.from_list)
+        or len(args.paths) > args.batch_size
+        or any(os.path.isdir(p) or not os.path.exists(p) for p in args.paths)
+    )
 
 
 def run_bulk(args: argparse.Namespace, analyzer: "Analyzer", info: "DistInfo", render: Callable[..., str]) -> int:
