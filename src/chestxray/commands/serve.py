@@ -55,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--queue-length",
         type=int,
-        default=32,
-        help="uploads in progress at once; more get 503 with Retry-After (default 32)",
+        default=64,
+        help="uploads in progress at once; more get 503 with Retry-After (default 64)",
     )
     g.add_argument(
         "--request-deadline-s",
@@ -175,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # Hand the GIL over more often (default 5 ms), so the event loop answers /healthz promptly
+    # while decode and inference threads are busy.
+    sys.setswitchinterval(0.001)
     HeaderTimeoutH11Protocol.header_timeout_s = settings.header_timeout_s
     os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)  # for --workers processes
     common: dict[str, Any] = dict(

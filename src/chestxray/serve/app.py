@@ -37,7 +37,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chestxray import NOT_FOR_CLINICAL_USE, __version__
 from chestxray.data.images import DecodeLimitError, DecodeLimits, read_image, sniff_image_format
@@ -45,7 +46,7 @@ from chestxray.errors import ChestXrayError, ImageReadError
 from chestxray.inference.predict import Prediction
 from chestxray.serve import render
 from chestxray.serve.metrics import ACCESS_LOG, ServeMetrics, access_line, quiet_third_party_loggers
-from chestxray.serve.runtime import Admission, Batcher, Busy, DecodePool, ServeSettings
+from chestxray.serve.runtime import Admission, Batcher, Busy, DecodePool, ServeSettings, lower_thread_priority
 from chestxray.serve.schemas import AnalysisOut, ErrorOut, HealthOut, ModelOut, PredictionOut, ReadyOut
 from chestxray.serve.store import Analysis, ResultStore
 from chestxray.serve.uploads import FIELD, UploadError, check_upload_headers, read_file_field
@@ -136,6 +137,93 @@ def shorten(value: str, limit: int = ECHO_CHARS) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "\u2026"
 
 
+UPLOAD_ROUTES = ("/api/v1/predict", "/api/v1/cam", "/api/v1/analyses")
+FAST_ROUTES = {p: type("FastRoute", (), {"path": p})() for p in ("/healthz", *UPLOAD_ROUTES)}
+
+
+async def _send_json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ObserveRequests:
+    """Security headers, a request id, metrics and one access-log line per request.
+
+    A plain ASGI middleware rather than `@app.middleware("http")`: it adds no task or
+    stream per request, which keeps /healthz fast during a burst.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServeMetrics,
+        health: Callable[[], bytes],
+        refuse: Callable[[Scope], bytes | None],
+        retry_after_s: int,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.health = health
+        self.refuse = refuse
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = uuid.uuid4().hex[:16]
+        timings: dict[str, float] = {}
+        scope.setdefault("state", {})["timings"] = timings
+        status = [500]
+        api = str(scope.get("path", "")).startswith("/api/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    if k not in headers:
+                        headers[k] = v
+                if api:
+                    headers["Cache-Control"] = "no-store"  # results are medical data
+                headers["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            # Liveness and "full" answers skip routing and validation: during a burst they are
+            # what the event loop must still do in a few milliseconds.
+            path, method = scope.get("path"), scope.get("method")
+            if path == "/healthz" and method == "GET":
+                scope["route"] = FAST_ROUTES["/healthz"]
+                await _send_json(send_with_headers, 200, self.health())
+            elif method == "POST" and path in UPLOAD_ROUTES and (busy := self.refuse(scope)) is not None:
+                scope["route"] = FAST_ROUTES[path]
+                await _send_json(send_with_headers, 503, busy, [(b"retry-after", self.retry_after)])
+            else:
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            self._record(scope, request_id, status[0], time.perf_counter() - start, timings)
+
+    def _record(self, scope: Scope, request_id: str, status: int, elapsed: float, timings: dict[str, float]) -> None:
+        route = str(getattr(scope.get("route"), "path", None) or "unmatched")
+        method = str(scope.get("method", ""))
+        self.metrics.requests.labels(route=route, method=method, status=str(status)).inc()
+        self.metrics.latency.labels(route=route).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            # The route template, never the path: analysis ids and query values stay out of logs.
+            fields: dict[str, object] = {
+                "request_id": request_id,
+                "method": method,
+                "route": route,
+                "status": status,
+                "ms": round(elapsed * 1000, 1),
+            }
+            fields.update({f"{k}_ms": round(v * 1000, 1) for k, v in timings.items()})
+            access_log.info(access_line(fields))
+
+
 def _static_files() -> dict[str, bytes]:
     root = files("chestxray.serve").joinpath("static")
     return {f.name: f.read_bytes() for f in root.iterdir() if f.is_file() and not f.name.startswith(".")}
@@ -179,7 +267,9 @@ def create_app(
     metrics = ServeMetrics(analyzer.name, backend)
     admission = Admission(settings.queue_length, on_change=metrics.queue_depth.set)
     decoder = DecodePool(settings.decode_threads)
-    inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chestxray-infer")
+    inference = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="chestxray-infer", initializer=lower_thread_priority
+    )
     # Big images are decoded at a fraction of their size that still covers the display
     # and the model input; the budget is judged from the header before decoding.
     limits = DecodeLimits(
@@ -218,34 +308,30 @@ def create_app(
     app.state.metrics = metrics
     app.state.admission = admission
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Callable) -> Response:
-        start = time.perf_counter()
-        request_id = uuid.uuid4().hex[:16]
-        timings: dict[str, float] = {}
-        request.state.timings = timings
-        response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        if request.url.path.startswith("/api/"):
-            response.headers["Cache-Control"] = "no-store"  # results are medical data
-        response.headers["X-Request-ID"] = request_id
-        elapsed = time.perf_counter() - start
-        route = str(getattr(request.scope.get("route"), "path", None) or "unmatched")
-        metrics.requests.labels(route=route, method=request.method, status=str(response.status_code)).inc()
-        metrics.latency.labels(route=route).observe(elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            # The route template, never the path: analysis ids and query values stay out of logs.
-            fields: dict[str, object] = {
-                "request_id": request_id,
-                "method": request.method,
-                "route": route,
-                "status": response.status_code,
-                "ms": round(elapsed * 1000, 1),
-            }
-            fields.update({f"{k}_ms": round(v * 1000, 1) for k, v in timings.items()})
-            access_log.info(access_line(fields))
-        return response
+    health_body = HealthOut(status="ok", model=analyzer.name).model_dump_json().encode()
+
+    def refuse_when_full(scope: Scope) -> bytes | None:
+        """503 body when the queue is full and the headers pass the 413/415 checks (else None:
+        the route answers, with its 413/415 first)."""
+        if admission.has_room:
+            return None
+        head = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            check_upload_headers(head.get("content-type"), head.get("content-length"), max_upload_bytes)
+        except UploadError:
+            return None
+        metrics.rejections.labels(reason="queue_full").inc()
+        return json.dumps(
+            {"detail": f"the server is busy ({admission.limit} requests in progress); retry shortly"}
+        ).encode()
+
+    app.add_middleware(
+        ObserveRequests,
+        metrics=metrics,
+        health=lambda: health_body,
+        refuse=refuse_when_full,
+        retry_after_s=settings.retry_after_s,
+    )
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -475,7 +561,7 @@ def create_app(
     async def analysis_image(analysis_id: str) -> Response:
         """The decoded radiograph as grayscale PNG (longest side at most 1024 px)."""
         item = get_analysis(analysis_id)
-        return png(await run_in_threadpool(render.png_bytes, item.display))
+        return png(await decoder.run(render.png_bytes, item.display))
 
     @app.get(
         "/api/v1/analyses/{analysis_id}/cam.png",
