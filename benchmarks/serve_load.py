@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import platform
+import signal
 import socket
 import struct
 import subprocess
@@ -118,7 +119,7 @@ class Server:
 
 
 def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout) as r:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout) as r:  # loopback only
         return r.status, r.read()
 
 
@@ -247,7 +248,7 @@ def part_memory(args: argparse.Namespace, bodies: list[tuple[bytes, str]]) -> li
                 peak = [idle]
                 stop = threading.Event()
 
-                def sample(peak: list[float] = peak, stop: threading.Event = stop) -> None:
+                def sample(peak: list[float] = peak, stop: threading.Event = stop, server: Server = server) -> None:
                     while not stop.is_set():
                         peak[0] = max(peak[0], server.rss_mb())
                         time.sleep(0.01)
@@ -359,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--poll-healthz":
         poll_healthz(int(sys.argv[2]))
         return 0
+    # Ctrl-C or kill: leave through the `finally` blocks that stop the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="one model for every backend (default: the bundled .safetensors / .onnx)")
     ap.add_argument("--backends", default="torch,onnx")

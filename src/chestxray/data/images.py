@@ -165,7 +165,7 @@ def _read_raster(data: bytes, label: str, limits: DecodeLimits) -> np.ndarray:
             # PIL's own bomb check warns at ~89 MP; we enforce our lower limit below,
             # from the header, before any pixel is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             _check_pixels(label, *img.size)
             factor = _reduce_factor(*img.size, limits.reduce_to)
             if img.format == "JPEG":

@@ -106,8 +106,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "PNG image"},
 }
-NOT_FOUND = {404: {"model": ErrorOut, "description": "unknown or expired analysis id"}}
-NO_CAM = {501: {"model": ErrorOut, "description": "the backend has no Grad-CAM (ONNX)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "unknown or expired analysis id"}}
+NO_CAM: dict[int | str, dict[str, Any]] = {
+    501: {"model": ErrorOut, "description": "the backend has no Grad-CAM (ONNX)"}
+}
 
 
 def decode_upload(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
@@ -279,7 +281,7 @@ def create_app(
     def predict_many(grays: list[np.ndarray]) -> list[Prediction]:
         # Through Analyzer.predict, so a batch gets exactly what the CLI and the API give.
         with lock:
-            return analyzer.predict(grays, names=[UPLOAD_NAME] * len(grays))  # type: ignore[no-any-return]
+            return analyzer.predict(grays, names=[UPLOAD_NAME] * len(grays))
 
     batcher: Batcher[np.ndarray, Prediction] = Batcher(
         predict_many, inference, settings.max_batch, settings.max_wait_ms / 1000.0, on_batch=metrics.batch_size.observe
