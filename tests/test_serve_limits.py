@@ -259,7 +259,10 @@ def test_slow_request_head_is_cut_with_408():
 # -- metrics, logs, echoes -------------------------------------------------------------------
 
 
-def test_metrics_and_access_log_hold_no_request_content(analyzer, pngs, caplog):
+def test_metrics_and_access_log_hold_no_request_content(analyzer, pngs, caplog, monkeypatch):
+    access_logger = logging.getLogger("chestxray.serve.access")  # as --access-log sets it up
+    monkeypatch.setattr(access_logger, "propagate", True)
+    monkeypatch.setattr(access_logger, "level", logging.INFO)
     secret_query = "Patient_Doe_Jane_4711" * 500  # 10,500 characters
     with caplog.at_level(logging.DEBUG), TestClient(create_app(analyzer)) as c:
         ok = c.post("/api/v1/predict", **upload(pngs[0]))
