@@ -175,9 +175,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # Hand the GIL over more often (default 5 ms), so the event loop answers /healthz promptly
-    # while decode and inference threads are busy.
-    sys.setswitchinterval(0.001)
     HeaderTimeoutH11Protocol.header_timeout_s = settings.header_timeout_s
     os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)  # for --workers processes
     common: dict[str, Any] = dict(

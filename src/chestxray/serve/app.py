@@ -46,7 +46,7 @@ from chestxray.errors import ChestXrayError, ImageReadError
 from chestxray.inference.predict import Prediction
 from chestxray.serve import render
 from chestxray.serve.metrics import ACCESS_LOG, ServeMetrics, access_line, quiet_third_party_loggers
-from chestxray.serve.runtime import Admission, Batcher, Busy, DecodePool, ServeSettings, lower_thread_priority
+from chestxray.serve.runtime import Admission, Batcher, Busy, DecodePool, ServeSettings
 from chestxray.serve.schemas import AnalysisOut, ErrorOut, HealthOut, ModelOut, PredictionOut, ReadyOut
 from chestxray.serve.store import Analysis, ResultStore
 from chestxray.serve.uploads import FIELD, UploadError, check_upload_headers, read_file_field
@@ -269,9 +269,7 @@ def create_app(
     metrics = ServeMetrics(analyzer.name, backend)
     admission = Admission(settings.queue_length, on_change=metrics.queue_depth.set)
     decoder = DecodePool(settings.decode_threads)
-    inference = ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="chestxray-infer", initializer=lower_thread_priority
-    )
+    inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chestxray-infer")
     # Big images are decoded at a fraction of their size that still covers the display
     # and the model input; the budget is judged from the header before decoding.
     limits = DecodeLimits(

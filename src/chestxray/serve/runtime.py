@@ -103,22 +103,6 @@ class Admission:
             self._on_change(self.inside)
 
 
-#: How much lower (in nice steps) decode and inference threads run than the event loop.
-WORK_NICENESS = 5
-
-
-def lower_thread_priority(steps: int = WORK_NICENESS) -> None:
-    """Run the calling worker thread (and threads it starts, such as torch's OpenMP pool)
-    at a lower priority than the event loop, so that the loop still gets the CPU at once
-    for /healthz while decoding and inference keep every core busy. Linux threads have
-    their own nice value; elsewhere, and where it is not allowed, nothing changes."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
-    except (AttributeError, OSError):
-        pass
-
-
 def _malloc_trim() -> Callable[[], None]:
     """glibc keeps freed decode buffers in its arenas; malloc_trim gives them back to the OS
     (measured in BENCHMARKS.md). A no-op elsewhere."""
@@ -139,9 +123,7 @@ class DecodePool:
     """At most `threads` decodes at a time; memory is handed back when the pool goes idle."""
 
     def __init__(self, threads: int) -> None:
-        self.executor = ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="chestxray-decode", initializer=lower_thread_priority
-        )
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chestxray-decode")
         self._busy = 0
         self._lock = threading.Lock()
         self._trim = _malloc_trim()
