@@ -305,14 +305,22 @@ def test_serve_workers_get_the_model_settings_and_shared_metrics(tiny_bundle, mo
     from chestxray.serve.app import CONFIG_ENV, app_from_env
     from chestxray.serve.protocol import HeaderTimeoutH11Protocol
 
+    from uvicorn.supervisors import Multiprocess
+
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+
+    def record_instead_of_forking(self):  # keep the config; start no processes
+        seen.update(config=self.config, sockets=self.sockets)
+
+    monkeypatch.setattr(Multiprocess, "run", record_instead_of_forking)
     for name in (CONFIG_ENV, "PROMETHEUS_MULTIPROC_DIR", "CHESTXRAY_HEADER_TIMEOUT_S"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["serve", "--model", str(tiny_bundle), "--workers", "2", "--queue-length", "7",
+    assert main(["serve", "--model", str(tiny_bundle), "--workers", "2", "--queue-length", "7", "--port", "0",
                  "--max-batch", "4", "--header-timeout-s", "3"]) == 0
-    assert seen["app"] == "chestxray.serve.app:app_from_env" and seen["factory"] is True and seen["workers"] == 2
-    assert seen["http"] is HeaderTimeoutH11Protocol and HeaderTimeoutH11Protocol.header_timeout_s == 3.0
+    config = seen["config"]
+    assert config.app == "chestxray.serve.app:app_from_env" and config.factory is True and config.workers == 2
+    assert config.http is HeaderTimeoutH11Protocol and HeaderTimeoutH11Protocol.header_timeout_s == 3.0
+    assert len(seen["sockets"]) == 1  # one listening socket, shared by the workers
     assert os.path.isdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # multiprocess metrics, a fresh folder
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     app = app_from_env()  # what each worker builds

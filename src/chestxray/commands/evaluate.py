@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 from chestxray.commands._common import add_dataset_args, add_model_args, positive_int
+from chestxray.data.index import SPLITS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="per-class AUROC/AUPRC/F1 with patient-bootstrap CIs, curves, report")
     p.add_argument("root", help="dataset root")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate on (default test)")
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

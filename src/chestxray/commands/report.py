@@ -7,6 +7,7 @@ import sys
 
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.commands._common import add_dataset_args, add_model_args, positive_int, resolve_device_arg
+from chestxray.data.index import ALL_SPLITS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", help="dataset root (labels CSV, split lists, images)")
     add_model_args(p, backends=False)
-    p.add_argument(
-        "--split", choices=("train", "val", "test", "all"), default="test", help="split to draw from (default test)"
-    )
+    p.add_argument("--split", choices=ALL_SPLITS, default="test", help="split to draw from (default test)")
     p.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port, bound here rather than by uvicorn so that the
+    URL printed shows the real port when --port 0 let the system pick one, and so that a
+    port in use is a one-line error (uvicorn logs it and exits)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ChestXrayError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -167,10 +184,12 @@ def run(args: argparse.Namespace) -> int:
             "listening on %s: anyone who can reach this address can upload images; the server has no authentication",
             args.host,
         )
+    sock = bind(args.host, args.port)
+    port = int(sock.getsockname()[1])
     shown = f"[{args.host}]" if ":" in args.host else args.host
     workers = f", {args.workers} workers" if args.workers > 1 else ""
     print(
-        f"chestxray serve: model {analyzer.name} ({backend}{workers}) at http://{shown}:{args.port}/ "
+        f"chestxray serve: model {analyzer.name} ({analyzer.variant}{workers}) at http://{shown}:{port}/ "
         f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.",
         file=sys.stderr,
         flush=True,
@@ -179,33 +198,44 @@ def run(args: argparse.Namespace) -> int:
     os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)  # for --workers processes
     common: dict[str, Any] = dict(
         host=args.host,
-        port=args.port,
+        port=port,
         access_log=False,  # our own access line (serve/metrics.py) replaces uvicorn's
         log_level="info",
         server_header=False,
         http=HeaderTimeoutH11Protocol,
         log_config=_log_config(args.access_log, ACCESS_LOG),
     )
-    if args.workers == 1:
-        config = uvicorn.Config(create_app(analyzer, settings=settings), **common)
-        access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
-        if not any(isinstance(f, RedactAccessLog) for f in access.filters):
-            access.addFilter(RedactAccessLog())
-        uvicorn.Server(config).run()
-        return 0
-    del analyzer  # each worker loads its own copy
-    from chestxray.serve.app import CONFIG_ENV
+    try:
+        if args.workers == 1:
+            config = uvicorn.Config(create_app(analyzer, settings=settings), **common)
+            access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
+            if not any(isinstance(f, RedactAccessLog) for f in access.filters):
+                access.addFilter(RedactAccessLog())
+            uvicorn.Server(config).run(sockets=[sock])
+            return 0
+        del analyzer  # each worker loads its own copy
+        from uvicorn.supervisors import Multiprocess
 
-    model = str(args.model) if args.model is not None else None
-    os.environ[CONFIG_ENV] = json.dumps(
-        {"model": model, "backend": backend, "device": device, "settings": settings.to_dict()}
-    )
-    # prometheus-client's multiprocess mode: every worker writes its figures to files here
-    # and /metrics adds them up; a fresh folder per run so old figures never count.
-    metrics_dir = tempfile.mkdtemp(prefix="chestxray-metrics-")
-    atexit.register(shutil.rmtree, metrics_dir, True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    uvicorn.run("chestxray.serve.app:app_from_env", factory=True, workers=args.workers, **common)
+        from chestxray.serve.app import CONFIG_ENV
+
+        model = str(args.model) if args.model is not None else None
+        os.environ[CONFIG_ENV] = json.dumps(
+            {"model": model, "backend": backend, "device": device, "settings": settings.to_dict()}
+        )
+        # prometheus-client's multiprocess mode: every worker writes its figures to files here
+        # and /metrics adds them up; a fresh folder per run so old figures never count.
+        metrics_dir = tempfile.mkdtemp(prefix="chestxray-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        config = uvicorn.Config("chestxray.serve.app:app_from_env", factory=True, workers=args.workers, **common)
+        import inspect
+
+        if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
+            Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()  # type: ignore[call-arg]
+        else:
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
     return 0
 
 

@@ -41,44 +41,73 @@ def split_probabilities(
     return probs, targets, index.frame["patient_id"].iloc[pos].to_numpy(), names
 
 
-def write_curves(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> list[Path]:
-    """ROC and precision-recall curves, one panel per finding (classes without positives skipped)."""
+def curve_figure(
+    kind: str,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    title: str,
+    per_class: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """ROC (`kind` "roc") or precision-recall ("pr") curves as a matplotlib Figure, one panel
+    per finding titled with its AUROC or AUPRC (from `per_class`, the `evaluate_predictions`
+    entries; computed when not given), with a labelled chance line (the diagonal; the
+    prevalence). Classes without positives get an "undefined" panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    if per_class is None:
+        per_class = evaluate_predictions(targets, probs, np.full(len(labels), 0.5), labels, n_boot=0)["per_class"]
+    fig = Figure(figsize=(16, 9), dpi=80)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 5).ravel()
+    for c, name in enumerate(labels):
+        ax = axes[c]
+        y = targets[:, c] > 0.5
+        metric = "AUROC" if kind == "roc" else "AUPRC"
+        ax.set_title(f"{name}: {metric} {_fmt(per_class[name][metric.lower()])}", fontsize=9)
+        if not y.any() or y.all():
+            ax.text(0.5, 0.5, "undefined\n(no positives)" if not y.any() else "undefined", ha="center", va="center")
+            continue
+        if kind == "roc":
+            fpr, tpr, _ = roc_curve(y, probs[:, c])
+            ax.plot(fpr, tpr, label="model")
+            ax.plot([0, 1], [0, 1], ls=":", c="grey", label="chance (AUROC 0.5)")
+            ax.set_xlabel("1 - specificity", fontsize=7)
+            ax.set_ylabel("sensitivity", fontsize=7)
+        else:
+            prec, rec, _ = precision_recall_curve(y, probs[:, c])
+            ax.plot(rec, prec, label="model")
+            ax.axhline(y.mean(), ls=":", c="grey", label=f"chance (prevalence {y.mean():.3f})")
+            ax.set_xlabel("recall", fontsize=7)
+            ax.set_ylabel("precision", fontsize=7)
+        ax.legend(loc="lower right" if kind == "roc" else "upper right", fontsize=6, frameon=False)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    axes[-1].axis("off")
+    fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
+    fig.tight_layout()
+    return fig
+
+
+def write_curves(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    out: Path,
+    title: str,
+    per_class: dict[str, dict[str, Any]] | None = None,
+) -> list[Path]:
+    """roc_curves.png and pr_curves.png (`curve_figure`) in `out`, written atomically."""
     written = []
     for kind in ("roc", "pr"):
-        fig = Figure(figsize=(16, 9), dpi=80)
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(3, 5).ravel()
-        for c, name in enumerate(labels):
-            ax = axes[c]
-            y = targets[:, c] > 0.5
-            ax.set_title(name, fontsize=9)
-            if not y.any() or y.all():
-                ax.text(0.5, 0.5, "undefined\n(no positives)" if not y.any() else "undefined", ha="center", va="center")
-                continue
-            if kind == "roc":
-                fpr, tpr, _ = roc_curve(y, probs[:, c])
-                ax.plot(fpr, tpr)
-                ax.plot([0, 1], [0, 1], ls=":", c="grey")
-                ax.set_xlabel("1 - specificity", fontsize=7)
-                ax.set_ylabel("sensitivity", fontsize=7)
-            else:
-                prec, rec, _ = precision_recall_curve(y, probs[:, c])
-                ax.plot(rec, prec)
-                ax.axhline(y.mean(), ls=":", c="grey")
-                ax.set_xlabel("recall", fontsize=7)
-                ax.set_ylabel("precision", fontsize=7)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1.02)
-        axes[-1].axis("off")
-        fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
-        fig.tight_layout()
-        path = out / f"{kind}_curves.png"
-        atomic_write(path, lambda p, fig=fig: fig.savefig(p, format="png"))
-        written.append(path)
+        fig = curve_figure(kind, targets, probs, labels, title, per_class)
+
+        def save(tmp: Path, fig: Any = fig) -> None:
+            fig.savefig(tmp, format="png")
+
+        written.append(atomic_write(out / f"{kind}_curves.png", save))
     return written
 
 
@@ -135,7 +164,7 @@ def run_evaluation(
         **result,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_curves(targets, probs, analyzer.labels, out, f"{analyzer.name}, {split} split")
+    write_curves(targets, probs, analyzer.labels, out, f"{analyzer.name}, {split} split", result["per_class"])
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     atomic_write_text(out / "report.md", report_markdown(result, analyzer.name, split, str(index.root)))
     return result

@@ -39,10 +39,16 @@ def per_class_auroc(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.array([_auroc(targets[:, c], probs[:, c]) for c in range(targets.shape[1])])
 
 
-def mean_auroc(targets: np.ndarray, probs: np.ndarray) -> float:
-    """Macro mean over the classes where AUROC is defined (NaN if none)."""
-    vals = per_class_auroc(targets, probs)
+def macro_mean(values: Sequence[float | None] | np.ndarray) -> float:
+    """Mean over the classes where the metric is defined (None/NaN left out); NaN if none is."""
+    vals = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+
+
+def mean_auroc(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Macro mean AUROC over the classes where it is defined (NaN if none): the model
+    selection metric of training, evaluation and the int8 comparison."""
+    return macro_mean(per_class_auroc(targets, probs))
 
 
 def elementwise_accuracy(targets: np.ndarray, predicted: np.ndarray) -> float:
@@ -184,8 +190,7 @@ def evaluate_predictions(
         per_class[name] = entry
 
     def macro(key: str) -> float | None:
-        vals = [v[key] for v in per_class.values() if v[key] is not None]
-        return float(np.mean(vals)) if vals else None
+        return _nan_to_none(macro_mean([v[key] for v in per_class.values()]))
 
     out: dict[str, Any] = {
         "n_images": int(len(targets)),

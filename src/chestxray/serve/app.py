@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -51,11 +51,15 @@ from chestxray.serve.schemas import AnalysisOut, ErrorOut, HealthOut, ModelOut, 
 from chestxray.serve.store import Analysis, ResultStore
 from chestxray.serve.uploads import FIELD, UploadError, check_upload_headers, read_file_field
 
+if TYPE_CHECKING:
+    from chestxray.inference.explain import CamResult
+
 T = TypeVar("T")
 
 DEFAULT_MAX_UPLOAD_BYTES = ServeSettings.max_upload_bytes
 ECHO_CHARS = 40  # longest client value quoted back in an error message
 CONFIG_ENV = "CHESTXRAY_SERVE_CONFIG"  # how `--workers N` hands the model and settings to each worker
+CAM_NOTE_HEADER = "X-Grad-CAM-Note"
 access_log = logging.getLogger(ACCESS_LOG)
 UPLOAD_NAME = "upload"  # what predictions call every upload; the client's file name is never used
 STATIC_TYPES = {
@@ -264,7 +268,7 @@ def create_app(
         .decode("utf-8")
         .replace("{{MODEL}}", html.escape(analyzer.name))
         .replace("{{NOTE}}", html.escape(NOT_FOR_CLINICAL_USE))
-        .replace("{{MAX_UPLOAD_MB}}", f"{max_upload_bytes / 2**20:.4g}")
+        .replace("{{MAX_UPLOAD_MIB}}", f"{max_upload_bytes / 2**20:.4g}")
     )
     metrics = ServeMetrics(analyzer.name, backend)
     admission = Admission(settings.queue_length, on_change=metrics.queue_depth.set)
@@ -429,7 +433,7 @@ def create_app(
             raise HTTPException(422, str(exc).replace(finding, shorten(finding))) from None
         return labels[index]
 
-    def heatmap(gray: np.ndarray, finding: str) -> np.ndarray:
+    def heatmap(gray: np.ndarray, finding: str) -> "CamResult":
         from chestxray.inference.explain import explain
 
         try:
@@ -438,19 +442,20 @@ def create_app(
             raise UploadError(422, f"cannot read the image: {exc.reason}") from None
         except ChestXrayError as exc:
             raise HTTPException(422, str(exc)) from None
-        return cams[0].heatmap
+        return cams[0]
 
-    def locked_heatmap(gray: np.ndarray, finding: str) -> np.ndarray:
+    def locked_heatmap(gray: np.ndarray, finding: str) -> "CamResult":
         with lock:
             return heatmap(gray, finding)
 
-    async def cam_png(gray: np.ndarray, finding: str, timings: dict[str, float]) -> bytes:
+    async def cam_png(gray: np.ndarray, finding: str, timings: dict[str, float]) -> tuple[bytes, str | None]:
+        """The overlay PNG and, for a map with no positive value, the note to show instead."""
         loop = asyncio.get_running_loop()
         # Grad-CAM is not batched: one image through the model's hooks on the inference thread.
-        heat = await within_deadline(
+        cam = await within_deadline(
             timed(timings, "inference", loop.run_in_executor(inference, locked_heatmap, gray, finding))
         )
-        return await decoder.run(render.cam_png, gray, heat, display_max_side)
+        return await decoder.run(render.cam_png, gray, cam.heatmap, display_max_side), cam.note
 
     def get_analysis(analysis_id: str) -> Analysis:
         item = store.get(analysis_id)
@@ -458,8 +463,9 @@ def create_app(
             raise HTTPException(404, "unknown or expired analysis; upload the image again")
         return item
 
-    def png(data: bytes) -> Response:
-        return Response(data, media_type="image/png")
+    def png(data: bytes, note: str | None = None) -> Response:
+        # The note ("no positive evidence for X") travels in a header; the viewer shows it.
+        return Response(data, media_type="image/png", headers={CAM_NOTE_HEADER: note} if note else None)
 
     # -- API -------------------------------------------------------------------------
 
@@ -490,6 +496,7 @@ def create_app(
         return ModelOut(
             name=analyzer.name,
             backend=backend,
+            variant=str(getattr(analyzer, "variant", backend)),
             labels=labels,
             thresholds={lab: float(t) for lab, t in zip(labels, analyzer.thresholds)},
             threshold_method=str(getattr(meta, "threshold_method", "") or ""),
@@ -523,7 +530,7 @@ def create_app(
         name = check_finding(finding)
         async with admitted(request) as timings:
             gray = await read_upload(request, timings)
-            return png(await cam_png(gray, name, timings))
+            return png(*await cam_png(gray, name, timings))
 
     @app.post(
         "/api/v1/analyses",
@@ -581,11 +588,11 @@ def create_app(
                 metrics.rejections.labels(reason="queue_full").inc()
                 raise
             try:
-                cached = await cam_png(item.gray, name, {})
+                cached, note = await cam_png(item.gray, name, {})
             finally:
                 admission.leave()
-            store.add_cam(analysis_id, name, cached)
-        return png(cached)
+            store.add_cam(analysis_id, name, cached, note)
+        return png(cached, item.notes.get(name))
 
     @app.delete(
         "/api/v1/analyses/{analysis_id}",

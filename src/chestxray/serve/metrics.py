@@ -19,8 +19,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 ACCESS_LOG = "chestxray.serve.access"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-#: Third-party loggers that may quote upload bytes, DICOM header values or decoder tracebacks.
-QUIET_LOGGERS = ("python_multipart", "multipart", "pydicom", "PIL")
+#: Third-party loggers that may quote upload bytes or decoder tracebacks (pydicom is kept quiet
+#: during each DICOM read by data/images.py, so its records outside a read still pass).
+QUIET_LOGGERS = ("python_multipart", "multipart", "PIL")
 
 
 def multiprocess() -> bool:
