@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from chestxray.data.common import DatasetIndex
 from chestxray.data.images import IMAGE_SUFFIXES
 from chestxray.errors import DatasetError
 from chestxray.labels import FINDINGS, labels_matrix
@@ -177,7 +178,7 @@ def carve_validation(patients: np.ndarray | list[str], fraction: float, seed: in
 
 
 @dataclass
-class NIHIndex:
+class NIHIndex(DatasetIndex):
     """All labelled images of a dataset root, with split, patient and label matrix.
 
     `frame` has one row per image found (or per label row, for a metadata-only root
@@ -199,6 +200,7 @@ class NIHIndex:
     unlisted: int = 0  # label rows in neither split list (left out)
     unlabelled: int = 0  # split-list names without a label row (ignored)
     skipped_missing: int = 0  # missing images dropped because allow_missing was set
+    dataset = "nih"  # registry name (a class attribute, not a field)
 
     def __len__(self) -> int:
         return len(self.frame)

@@ -19,7 +19,7 @@ from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.errors import DatasetError, ImageReadError
 
 if TYPE_CHECKING:
-    from chestxray.data.index import NIHIndex
+    from chestxray.data.common import DatasetIndex
     from chestxray.inference.explain import CamResult
     from chestxray.inference.predict import Analyzer, Prediction
 
@@ -52,7 +52,7 @@ class ReportItem:
         }
 
 
-def choose_examples(index: "NIHIndex", split: str, n: int, seed: int) -> np.ndarray:
+def choose_examples(index: "DatasetIndex", split: str, n: int, seed: int) -> np.ndarray:
     """`n` seeded random row positions of `split` that have an image file (sorted)."""
     if n < 1:
         raise DatasetError(f"--n must be at least 1, got {n}")
@@ -73,18 +73,20 @@ def thumbnail(array: np.ndarray, side: int = THUMB) -> np.ndarray:
 
 
 def build_items(
-    analyzer: "Analyzer", index: "NIHIndex", positions: np.ndarray, progress: bool = False
+    analyzer: "Analyzer", index: "DatasetIndex", positions: np.ndarray, progress: bool = False
 ) -> list[ReportItem]:
     """One Grad-CAM pass per image: the prediction and the map of its top finding."""
     from tqdm.auto import tqdm
 
+    from chestxray.data.harmonise import harmonise
     from chestxray.inference.explain import explain_image, overlay, top_finding
 
     _ = analyzer.model  # ChestXrayError for a backend without a torch model, before any work
     items = []
     for pos in tqdm(positions, desc="report", unit="img", disable=not progress):
         name = str(index.frame["image"].iloc[pos])
-        truth = [f for f, v in zip(index.pathologies, index.labels[pos]) if v >= 0.5]
+        findings, matrix, _ = harmonise(index.dataset, index.pathologies, index.labels[pos : pos + 1])
+        truth = [f for f, v in zip(findings, matrix[0]) if v >= 0.5]  # in the model's vocabulary
         try:
             gray, prediction, cams = explain_image(
                 analyzer, index.frame["path"].iloc[pos], name=name, select=top_finding
@@ -297,7 +299,7 @@ Grad-CAM of each image's most probable finding (red = strongest evidence).</p>
 
 def write_report(
     analyzer: "Analyzer",
-    index: "NIHIndex",
+    index: "DatasetIndex",
     out_dir: str | Path,
     *,
     split: str = "test",
