@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from chestxray.errors import ImageReadError
+from chestxray.errors import DecodeLimitError, ImageReadError
 
 MAX_PIXELS = 50_000_000
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -59,10 +59,6 @@ def source_name(source: object, name: str | None = None, default: str = "<upload
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return default
-
-
-class DecodeLimitError(ImageReadError):
-    """The image would take more memory to decode than the caller's budget allows."""
 
 
 @dataclass(frozen=True)
