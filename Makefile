@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN        := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test browser clean
+.PHONY: setup run test browser clean gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,12 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: the cuda-marked tests, then training throughput eager and compiled.
+gpu-check: setup
+	$(BIN)/python -m pytest -q -m cuda -rs $(PYTEST_ARGS)
+	$(BIN)/python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30
+	$(BIN)/python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --compile
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
