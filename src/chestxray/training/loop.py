@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from chestxray.training.rundir import (
     read_checkpoint,
     remove_new_out,
     save_atomically,
+    save_text,
     writing,
 )
 from chestxray.training.tracking import EpochProgress, Tracker
@@ -216,7 +219,7 @@ def autocast_for(device: torch.device, enabled: bool) -> Any:
 
 
 def training_step(
-    net: nn.Module,
+    net: Callable[[torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
     x: torch.Tensor,
@@ -257,7 +260,7 @@ class Trainer:
         tr_x, tr_y, _ = _split_arrays(self.index, cache, "train")
         va_x, va_y, self.val_groups = _split_arrays(self.index, cache, "val")
         self.val_targets = va_y
-        common = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
+        common: dict[str, Any] = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
         self.train_batches = CacheBatches(
             tr_x,
             tr_y,
@@ -375,12 +378,14 @@ class Trainer:
     def predict_val(self) -> tuple[np.ndarray, float]:
         """Validation probabilities (all ranks' rows, in split order) and mean BCE loss."""
         self.model.eval()
-        rows_all, probs_all, loss_sum = [], [], 0.0
-        for rows, xb, yb in self.val_batches:
+        rows_all: list[np.ndarray] = []
+        probs_all: list[np.ndarray] = []
+        loss_sum = 0.0
+        for batch_rows, xb, yb in self.val_batches:
             with self._autocast():
                 logits = self.model(self._prep(xb)).float()
             loss_sum += float(nn.functional.binary_cross_entropy_with_logits(logits, yb, reduction="sum"))
-            rows_all.append(rows.numpy())
+            rows_all.append(batch_rows.numpy())
             probs_all.append(torch.sigmoid(logits).cpu().numpy())
         rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
         probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(self.labels_names)), np.float32)
@@ -420,7 +425,7 @@ class Trainer:
 
         cfg = self.cfg
         if not resume:
-            save_atomically(self.out / CONFIG, lambda p: p.write_text(dump_yaml(run_record(cfg, self.index))))
+            save_text(self.out / CONFIG, dump_yaml(run_record(cfg, self.index)))
         purge = self.start_epoch * self.steps_per_epoch + 1 if resume else None
         self.tracker = Tracker(
             self.out, {**cfg.to_dict(), "device": str(self.device)}, self.labels_names, cfg.tensorboard, purge
@@ -463,7 +468,7 @@ class Trainer:
                     from safetensors.torch import save_file
 
                     state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-                    save_atomically(self.out / BEST_WEIGHTS, lambda p, state=state: save_file(state, str(p)))
+                    save_atomically(self.out / BEST_WEIGHTS, functools.partial(save_file, state))
             row = dataclasses.asdict(rec)
             row["best"] = improved
             self.history.append(row)
@@ -471,7 +476,7 @@ class Trainer:
                 # The whole log from the history, atomically: no torn line, and no row repeated
                 # when a run that crashed between log and checkpoint is resumed.
                 text = "".join(json.dumps(r) + "\n" for r in self.history)
-                save_atomically(self.out / LOG_FILE, lambda p, text=text: p.write_text(text))
+                save_text(self.out / LOG_FILE, text)
                 print(
                     f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
                     f"val_auroc {macro:.4f}  val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s"

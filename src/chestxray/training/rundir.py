@@ -61,6 +61,10 @@ def save_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
         return atomic_write(path, write)
 
 
+def save_text(path: Path, text: str) -> Path:
+    return save_atomically(path, lambda p: p.write_text(text))
+
+
 def run_files(out: Path) -> list[str]:
     return [name for name in RUN_FILES if (out / name).exists()]
 
