@@ -107,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]
     if config is None and resume and out is not None:
         # `train --out RUN --resume` alone: the run's own options.
         config = next((str(Path(out) / n) for n in LEGACY_CONFIG_NAMES if (Path(out) / n).is_file()), None)
-    options = resolve_options({k: v for k, v in given.items() if k not in _NOT_OPTIONS}, config)
+    explicit = {k: v for k, v in given.items() if k not in _NOT_OPTIONS}
+    options = resolve_options(explicit, config, TrainConfig.option_types())
     if out is not None:
         options["out"] = out
     for key, flag in (("root", "ROOT"), ("out", "--out")):

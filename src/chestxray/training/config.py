@@ -7,18 +7,15 @@ options under `options:`, so `chestxray train --config RUN/config.yaml --out RUN
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chestxray.errors import ChestXrayError
-
-if TYPE_CHECKING:
-    from chestxray.training.loop import TrainConfig
 
 # `--recipe scratch`: the README's and the model card's from-scratch options (random init, every
 # layer trained, AdamW + one-cycle to 1e-3, strong augmentation). `seed` is TrainConfig's defaults.
@@ -76,17 +73,15 @@ def read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def options_from_file(path: str | Path) -> dict[str, Any]:
+def options_from_file(path: str | Path, fields: Mapping[str, str]) -> dict[str, Any]:
     """The options of a config file: a run's config.yaml (`options:`), an old run's config.json
-    (flat), or a hand-written file (flat; `image-size` and `image_size` both accepted)."""
-    from chestxray.training.loop import TrainConfig
-
+    (flat), or a hand-written file (flat; `image-size` and `image_size` both accepted).
+    `fields`: option name -> type annotation (TrainConfig's; passed in, as the loop imports this)."""
     path = Path(path)
     if path.is_dir():
         path = next((path / n for n in LEGACY_CONFIG_NAMES if (path / n).is_file()), path / LEGACY_CONFIG_NAMES[0])
     data = read_mapping(path)
     options = data.get("options", data) if isinstance(data.get("options"), dict) else data
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
     for key, value in options.items():
         name = str(key).replace("-", "_")
@@ -94,7 +89,7 @@ def options_from_file(path: str | Path) -> dict[str, Any]:
             continue  # actions of one invocation, not options of the run
         if name not in fields:
             raise ChestXrayError(f"--config {path}: unknown option {key!r}; known: {', '.join(sorted(fields))}")
-        out[name] = _check_type(path, name, value, str(fields[name].type))
+        out[name] = _check_type(path, name, value, fields[name])
     return out
 
 
@@ -115,21 +110,21 @@ def _check_type(path: Path, name: str, value: Any, annotation: str) -> Any:
     return float(value) if "float" in kinds else value
 
 
-def resolve_options(explicit: dict[str, Any], config_file: str | None) -> dict[str, Any]:
+def resolve_options(explicit: dict[str, Any], config_file: str | None, fields: Mapping[str, str]) -> dict[str, Any]:
     """Merge recipe, config file and explicit flags (see the module docstring)."""
-    from_file = options_from_file(config_file) if config_file else {}
+    from_file = options_from_file(config_file, fields) if config_file else {}
     recipe = explicit.get("recipe", from_file.get("recipe", "seed"))
     if recipe not in RECIPES:
         raise ChestXrayError(f"unknown recipe {recipe!r}; choose {' or '.join(RECIPES)}")
     return {**RECIPES[recipe], **from_file, **explicit, "recipe": recipe}
 
 
-def check_config(cfg: TrainConfig) -> None:
+def check_config(weights: str, freeze: str) -> None:
     """Refuse combinations that train to nothing without a word."""
-    if cfg.weights == "none" and cfg.freeze in ("seed", "head"):
-        frozen = "the stem and layer1" if cfg.freeze == "seed" else "everything but the head"
+    if weights == "none" and freeze in ("seed", "head"):
+        frozen = "the stem and layer1" if freeze == "seed" else "everything but the head"
         raise ChestXrayError(
-            f"--weights none with --freeze {cfg.freeze} keeps {frozen} at random values (it trains to "
+            f"--weights none with --freeze {freeze} keeps {frozen} at random values (it trains to "
             "chance level); use --recipe scratch (all layers, AdamW, one-cycle to 1e-3, strong "
             "augmentation) or at least --freeze all"
         )
@@ -197,8 +192,8 @@ def environment_record() -> dict[str, Any]:
     }
 
 
-def run_record(cfg: TrainConfig, index: Any) -> dict[str, Any]:
-    options = {k: v for k, v in cfg.to_dict().items() if k not in NOT_OPTIONS}
+def run_record(resolved: dict[str, Any], index: Any) -> dict[str, Any]:
+    options = {k: v for k, v in resolved.items() if k not in NOT_OPTIONS}
     # Absolute paths, so that the record re-runs from any working directory.
     for key in ("root", "cache"):
         if options.get(key):

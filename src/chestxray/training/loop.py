@@ -32,6 +32,7 @@ from chestxray.evaluation.thresholds import tune_thresholds
 from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.models.device import resolve_device
 from chestxray.models.registry import create_model, get_spec, train_mode
+from chestxray.training.config import check_config, dump_yaml, run_record
 from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 from chestxray.training.rundir import (
     BEST_WEIGHTS,
@@ -94,6 +95,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def option_types(cls) -> dict[str, str]:
+        """Option name -> annotation, for checking values read from a config file."""
+        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -238,9 +244,7 @@ def training_step(
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        from chestxray.training.config import check_config
-
-        check_config(cfg)
+        check_config(cfg.weights, cfg.freeze)
         if cfg.image_size is None:  # as timm's resolve_data_config: the model's config decides
             cfg = dataclasses.replace(cfg, image_size=get_spec(cfg.model).preprocessing.size)
         self.cfg = cfg
@@ -421,11 +425,9 @@ class Trainer:
         return bundle
 
     def _start_tracking(self, resume: bool) -> None:
-        from chestxray.training.config import dump_yaml, run_record
-
         cfg = self.cfg
         if not resume:
-            save_text(self.out / CONFIG, dump_yaml(run_record(cfg, self.index)))
+            save_text(self.out / CONFIG, dump_yaml(run_record(cfg.to_dict(), self.index)))
         purge = self.start_epoch * self.steps_per_epoch + 1 if resume else None
         self.tracker = Tracker(
             self.out, {**cfg.to_dict(), "device": str(self.device)}, self.labels_names, cfg.tensorboard, purge
