@@ -135,8 +135,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         return buf.getvalue()
     cells = [[_cell(c, r[c]) for c in COLUMNS] for r in table]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -164,8 +164,11 @@ def plot_runs(rows: list[dict[str, Any]], path: Path) -> None:
     ax_auc.axhline(0.5, ls=":", color="grey", label="chance")
     ax_auc.set(xlabel="epoch", ylabel="validation macro AUROC", title="validation AUROC (star: kept epoch)")
     ax_loss.set(xlabel="epoch", ylabel="validation BCE loss", title="validation loss (star: kept epoch)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_auc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_auc.legend(fontsize=8)
     fig.tight_layout()
     from chestxray.io import atomic_write
