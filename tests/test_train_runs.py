@@ -101,6 +101,7 @@ def test_curves_summary_and_config_in_the_run_folder(run_dir, mini_root):
     assert record["data"]["images_found"] == len(list((mini_root / "images").glob("*.png")))
 
 
+@pytest.mark.slow
 def test_rerun_from_config_yaml_gives_identical_weights(run_dir, tmp_path):
     out, _ = run_dir
     err = io.StringIO()
@@ -111,6 +112,29 @@ def test_rerun_from_config_yaml_gives_identical_weights(run_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "b" / "config.yaml").read_text().split("environment:")[0] == (
         (out / "config.yaml").read_text().split("environment:")[0])
+
+
+SAMPLE_ROOT = os.environ.get("CHESTXRAY_SAMPLE_ROOT")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SAMPLE_ROOT, reason="set CHESTXRAY_SAMPLE_ROOT to the 1,350-image NIH sample")
+def test_sample_run_writes_events_curves_summary_config(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", str(SAMPLE_ROOT), "--out", str(out), "--model", "resnet18", "--image-size", "32",
+                   "--recipe", "scratch", "--epochs", "2", "--max-steps", "3", "--log-every", "1", "--device", "cpu",
+                   "--cache", str(tmp_path / "cache"), "--workers", "2"])
+    assert rc == 0, err.getvalue()[-2000:]
+    assert "epoch 2/2  step 3/3" in err.getvalue()
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/auroc_macro")] == [1, 2]
+    assert (out / "curves.png").stat().st_size > 10_000 and "finished" in (out / "summary.md").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["images_found"] == 1_350
 
 
 def test_flags_override_a_config_file(tmp_path, mini_root):
@@ -194,6 +218,7 @@ def test_finished_run_is_not_overwritten(run_dir, tmp_path, mini_root, cache_dir
     assert rc == 2 and not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run(run_dir, tmp_path, mini_root, cache_dir):
     out = tmp_path / "r"
     out.mkdir()
@@ -243,6 +268,7 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, mini_root, cache_dir):
     assert rc == 2 and f"cannot write {locked}" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, mini_root, cache_dir, monkeypatch, capsys):
     real_save = torch.save
     calls = []
