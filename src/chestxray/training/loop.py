@@ -53,7 +53,7 @@ from chestxray.training.tracking import EpochProgress, Tracker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BEST_WEIGHTS", "CHECKPOINT", "LOG_FILE", "TrainConfig", "Trainer", "train", "training_step"]
+__all__ = ["BEST_WEIGHTS", "CHECKPOINT", "LOG_FILE", "TrainConfig", "Trainer", "autocast_for", "train", "training_step"]
 
 
 @dataclass
