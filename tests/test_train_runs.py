@@ -97,8 +97,8 @@ def test_curves_summary_and_config_in_the_run_folder(run_dir, mini_root):
     import hashlib
 
     labels = mini_root / "Data_Entry_2017.csv"
-    assert record["data"]["sha256"][labels.name] == hashlib.sha256(labels.read_bytes()).hexdigest()
-    assert record["data"]["images_found"] == len(list((mini_root / "images").glob("*.png")))
+    assert record["data"][0]["sha256"][labels.name] == hashlib.sha256(labels.read_bytes()).hexdigest()
+    assert record["data"][0]["images_found"] == len(list((mini_root / "images").glob("*.png")))
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_sample_run_writes_events_curves_summary_config(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("val/auroc_macro")] == [1, 2]
     assert (out / "curves.png").stat().st_size > 10_000 and "finished" in (out / "summary.md").read_text()
-    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["images_found"] == 1_350
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"][0]["images_found"] == 1_350
 
 
 def test_flags_override_a_config_file(tmp_path, mini_root):

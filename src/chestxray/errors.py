@@ -30,6 +30,10 @@ class BundleError(ChestXrayError):
     """A model bundle is missing, malformed or does not match its architecture."""
 
 
+class ExportError(ChestXrayError):
+    """Export failed or its check did not pass; nothing was written."""
+
+
 class WeightsUnavailableError(ChestXrayError):
     """Pretrained weights were asked for but cannot be had (offline, missing file)."""
 

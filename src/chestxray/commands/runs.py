@@ -95,6 +95,7 @@ def read_run(run: Path) -> dict[str, Any]:
 
     record = read_run_config(run) or {"options": {}}
     o = record["options"]
+    roots = o.get("root") if isinstance(o.get("root"), list) else [o["root"]] if o.get("root") else []
     history = _history(run)
     kept = min(history, key=lambda h: h["val_loss"]) if history else None
     aurocs = _finite([h.get("val_mean_auroc") for h in history])
@@ -104,7 +105,7 @@ def read_run(run: Path) -> dict[str, Any]:
         "status": "finished" if (run / "model.safetensors").is_file() else "partial",
         "model": o.get("model"),
         "recipe": o.get("recipe", "seed"),
-        "data": Path(str(o["root"])).name if o.get("root") else None,
+        "data": "+".join(Path(str(r)).name for r in roots) if roots else None,
         "image_size": o.get("image_size"),
         "epochs": f"{len(history)}/{o.get('epochs', '?')}",
         "best_epoch": kept["epoch"] if kept else None,

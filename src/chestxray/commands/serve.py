@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import socket
 import sys
 
 from chestxray.commands._common import add_model_args, resolve_device_arg
@@ -66,6 +67,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port, bound here rather than by uvicorn so that the
+    URL printed shows the real port when --port 0 let the system pick one, and so that a
+    port in use is a one-line error (uvicorn logs it and exits)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ChestXrayError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -91,18 +108,23 @@ def run(args: argparse.Namespace) -> int:
             "listening on %s: anyone who can reach this address can upload images; the server has no authentication",
             args.host,
         )
+    sock = bind(args.host, args.port)
+    port = int(sock.getsockname()[1])
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"chestxray serve: model {analyzer.name} ({backend}) at http://{shown}:{args.port}/ "
+        f"chestxray serve: model {analyzer.name} ({analyzer.variant}) at http://{shown}:{port}/ "
         f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.",
         file=sys.stderr,
         flush=True,
     )
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, access_log=args.access_log, log_level="info", server_header=False
+        app, host=args.host, port=port, access_log=args.access_log, log_level="info", server_header=False
     )
     access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
     if not any(isinstance(f, RedactAccessLog) for f in access.filters):
         access.addFilter(RedactAccessLog())
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

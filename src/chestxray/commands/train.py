@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chestxray.commands._common import add_dataset_args, add_device_arg, non_negative_int, positive_int
+from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_device_arg, non_negative_int, positive_int
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
@@ -29,7 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Options may come from `--config FILE` (YAML or JSON, e.g. a run's config.yaml); flags given "
         "here override it. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).",
     )
-    p.add_argument("root", nargs="?", help="dataset root (or `root:` in --config)")
+    p.add_argument(
+        "root",
+        nargs="*",
+        help=ROOT_HELP + "; several train on their union (each dataset's own split, frontal views by default); "
+        "or `root:` in --config",
+    )
     p.add_argument("--out", help="run folder: config.yaml, log.jsonl, curves.png, summary.md, model.safetensors")
     p.add_argument("--config", metavar="FILE", help="options from a YAML/JSON file or a run folder's config")
     p.add_argument("--recipe", choices=["seed", "scratch"], help="seed (default) or scratch: see above")
@@ -86,6 +91,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (options from RUN)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument(
+        "--labels",
+        help="comma-separated findings the model predicts (names as in `chestxray datasets`; "
+        "default: every finding the training data labels, NIH's 14 for NIH alone)",
+    )
+    p.add_argument(
+        "--loader",
+        choices=("auto", "ram", "memmap"),
+        help="hold each split in RAM, or read batches from the cache memmap (auto: by split size and free memory)",
+    )
     add_dataset_args(p)
     for action in p._actions:
         if action.dest != "help":
@@ -108,6 +123,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]
         # `train --out RUN --resume` alone: the run's own options.
         config = next((str(Path(out) / n) for n in LEGACY_CONFIG_NAMES if (Path(out) / n).is_file()), None)
     explicit = {k: v for k, v in given.items() if k not in _NOT_OPTIONS}
+    if "root" in explicit:  # one root, or several trained on their union
+        roots = list(explicit.pop("root"))
+        if roots:
+            explicit["root"] = roots[0] if len(roots) == 1 else roots
     options = resolve_options(explicit, config, TrainConfig.option_types())
     if out is not None:
         options["out"] = out

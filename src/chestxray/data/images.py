@@ -117,7 +117,7 @@ def _read_raster(data: bytes, label: str) -> np.ndarray:
             # PIL's own bomb check warns at ~89 MP; we enforce our lower limit below,
             # from the header, before any pixel is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             _check_pixels(label, *img.size)
             img.load()
             if img.format == "JPEG":  # phone photos of films carry an EXIF rotation
@@ -215,7 +215,11 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
 
 
 class _DropWhileReading(logging.Filter):
-    """Drops pydicom's log records emitted by a thread that is inside `_read_dicom`."""
+    """Drops pydicom's log records emitted by a thread that is inside `_read_dicom`.
+
+    Attached to every logger of the pydicom tree: a filter on the "pydicom" logger alone
+    does not see records of its children (`pydicom.pixels.decoders.base` logs decoder
+    tracebacks), since propagation only consults the ancestors' handlers."""
 
     active = threading.local()
 
@@ -226,11 +230,18 @@ class _DropWhileReading(logging.Filter):
 _PYDICOM_FILTER = _DropWhileReading()
 
 
+def _pydicom_loggers() -> list[logging.Logger]:
+    import pydicom.pixels  # noqa: F401 - creates the decoder loggers before they are looked up
+
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pydicom.")]
+    return [logging.getLogger("pydicom"), *(logging.getLogger(n) for n in names)]
+
+
 @contextlib.contextmanager
 def _quiet_pydicom_log() -> Iterator[None]:
-    logger = logging.getLogger("pydicom")
-    if _PYDICOM_FILTER not in logger.filters:
-        logger.addFilter(_PYDICOM_FILTER)  # per-thread, so other threads' logging is untouched
+    for logger in _pydicom_loggers():
+        if _PYDICOM_FILTER not in logger.filters:
+            logger.addFilter(_PYDICOM_FILTER)  # per-thread, so other threads' logging is untouched
     state = _DropWhileReading.active
     state.depth = getattr(state, "depth", 0) + 1
     try:
@@ -296,18 +307,28 @@ def _int_tag(ds: Any, keyword: str, default: int) -> int:
 
 
 def _pixel_error(ds: Any, exc: Exception) -> str:
-    # Only the exception type and the transfer syntax: exception texts can quote header values.
+    """Why the pixel data did not decode: no decoder for its compression (say which packages
+    add one), or a decoder that ran and failed (corrupt data). Only the exception type and the
+    transfer syntax are named: exception texts can quote header values."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         compressed = syntax is not None and bool(syntax.is_compressed)
     except (ValueError, AttributeError):  # a private or unknown transfer syntax UID
         compressed = False
-    if compressed:
-        return (
-            f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
-            "installing pylibjpeg or python-gdcm adds decoders"
-        )
-    return f"cannot decode DICOM pixel data ({type(exc).__name__})"
+    if syntax is None or not compressed:
+        return f"cannot decode DICOM pixel data: corrupt or truncated ({type(exc).__name__})"
+    try:
+        from pydicom.pixels import get_decoder
+
+        available = get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):  # no decoder exists for this syntax at all
+        available = False
+    if available:
+        return f"corrupt pixel data: the {syntax.name} decoder could not decode it ({type(exc).__name__})"
+    return (
+        f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
+        "installing pylibjpeg or python-gdcm adds decoders"
+    )
 
 
 def _color_dicom_to_gray(arr: np.ndarray) -> np.ndarray:

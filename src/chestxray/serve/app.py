@@ -21,7 +21,7 @@ import html
 import threading
 from collections.abc import Callable
 from importlib.resources import files
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -38,9 +38,13 @@ from chestxray.serve.schemas import AnalysisOut, ErrorOut, HealthOut, ModelOut, 
 from chestxray.serve.store import Analysis, ResultStore
 from chestxray.serve.uploads import FIELD, UploadError, read_file_field
 
+if TYPE_CHECKING:
+    from chestxray.inference.explain import CamResult
+
 T = TypeVar("T")
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+CAM_NOTE_HEADER = "X-Grad-CAM-Note"
 UPLOAD_NAME = "upload"  # what predictions call every upload; the client's file name is never used
 STATIC_TYPES = {
     ".css": "text/css; charset=utf-8",
@@ -88,8 +92,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "PNG image"},
 }
-NOT_FOUND = {404: {"model": ErrorOut, "description": "unknown or expired analysis id"}}
-NO_CAM = {501: {"model": ErrorOut, "description": "the backend has no Grad-CAM (ONNX)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "unknown or expired analysis id"}}
+NO_CAM: dict[int | str, dict[str, Any]] = {
+    501: {"model": ErrorOut, "description": "the backend has no Grad-CAM (ONNX)"}
+}
 
 
 def decode_upload(data: bytes) -> np.ndarray:
@@ -140,7 +146,7 @@ def create_app(
         .decode("utf-8")
         .replace("{{MODEL}}", html.escape(analyzer.name))
         .replace("{{NOTE}}", html.escape(NOT_FOR_CLINICAL_USE))
-        .replace("{{MAX_UPLOAD_MB}}", f"{max_upload_bytes / 2**20:.4g}")
+        .replace("{{MAX_UPLOAD_MIB}}", f"{max_upload_bytes / 2**20:.4g}")
     )
 
     app = FastAPI(
@@ -216,7 +222,7 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
         return labels[index]
 
-    def heatmap(gray: np.ndarray, finding: str) -> np.ndarray:
+    def heatmap(gray: np.ndarray, finding: str) -> "CamResult":
         from chestxray.inference.explain import explain
 
         try:
@@ -225,11 +231,12 @@ def create_app(
             raise UploadError(422, f"cannot read the image: {exc.reason}") from None
         except ChestXrayError as exc:
             raise HTTPException(422, str(exc)) from None
-        return cams[0].heatmap
+        return cams[0]
 
-    async def cam_png(gray: np.ndarray, finding: str) -> bytes:
-        heat = await run_in_threadpool(locked, heatmap, gray, finding)
-        return await run_in_threadpool(render.cam_png, gray, heat, display_max_side)
+    async def cam_png(gray: np.ndarray, finding: str) -> tuple[bytes, str | None]:
+        """The overlay PNG and, for a map with no positive value, the note to show instead."""
+        cam = await run_in_threadpool(locked, heatmap, gray, finding)
+        return await run_in_threadpool(render.cam_png, gray, cam.heatmap, display_max_side), cam.note
 
     def get_analysis(analysis_id: str) -> Analysis:
         item = store.get(analysis_id)
@@ -237,8 +244,9 @@ def create_app(
             raise HTTPException(404, "unknown or expired analysis; upload the image again")
         return item
 
-    def png(data: bytes) -> Response:
-        return Response(data, media_type="image/png")
+    def png(data: bytes, note: str | None = None) -> Response:
+        # The note ("no positive evidence for X") travels in a header; the viewer shows it.
+        return Response(data, media_type="image/png", headers={CAM_NOTE_HEADER: note} if note else None)
 
     # -- API -------------------------------------------------------------------------
 
@@ -252,6 +260,7 @@ def create_app(
         return ModelOut(
             name=analyzer.name,
             backend=backend,
+            variant=str(getattr(analyzer, "variant", backend)),
             labels=labels,
             thresholds={lab: float(t) for lab, t in zip(labels, analyzer.thresholds)},
             threshold_method=str(getattr(meta, "threshold_method", "") or ""),
@@ -283,7 +292,7 @@ def create_app(
         """The Grad-CAM of `finding` laid over the uploaded image (longest side at most 1024 px)."""
         name = check_finding(finding)
         gray = await read_upload(request)
-        return png(await cam_png(gray, name))
+        return png(*await cam_png(gray, name))
 
     @app.post(
         "/api/v1/analyses",
@@ -334,9 +343,9 @@ def create_app(
         name = check_finding(finding)
         cached = item.cams.get(name)
         if cached is None:
-            cached = await cam_png(item.gray, name)
-            store.add_cam(analysis_id, name, cached)
-        return png(cached)
+            cached, note = await cam_png(item.gray, name)
+            store.add_cam(analysis_id, name, cached, note)
+        return png(cached, item.notes.get(name))
 
     @app.delete(
         "/api/v1/analyses/{analysis_id}",

@@ -37,7 +37,13 @@ NOT_OPTIONS = ("out", "config", "resume", "overwrite")
 # A run folder's record, newest name first (config.json: runs made before config.yaml).
 LEGACY_CONFIG_NAMES = ("config.yaml", "config.json")
 # What a value in a config file may be, from TrainConfig's annotations.
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list[str]": (list,),
+}
 
 
 def _yaml() -> Any:
@@ -164,16 +170,21 @@ def _sha256(path: Path) -> str:
 def dataset_record(index: Any) -> dict[str, Any]:
     """Root, file counts and hashes of the label and split files: enough to tell the data changed."""
     root = Path(index.root)
-    files = [index.labels_file] + [root / n for n in ("train_val_list.txt", "test_list.txt") if (root / n).is_file()]
-    summary = index.summary()
+    labels_file = getattr(index, "labels_file", None)
+    files = [Path(labels_file)] if labels_file else []
+    files += [root / n for n in ("train_val_list.txt", "test_list.txt") if (root / n).is_file()]
     return {
+        "dataset": getattr(index, "dataset", "nih"),
         "root": str(root.resolve()),
-        "images_found": summary["images_found"],
-        "images_missing": summary["images_missing"],
-        "label_rows": summary["label_rows"],
-        "splits": {s: v["images"] for s, v in summary["splits"].items()},
-        "sha256": {Path(f).name: _sha256(Path(f)) for f in files},
+        "rows": len(index.frame),
+        "images_found": int(index.frame["path"].notna().sum()),
+        "splits": {s: int(len(index.split_positions(s))) for s in ("train", "val", "test")},
+        "sha256": {_relative(f, root): _sha256(f) for f in files},
     }
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def environment_record() -> dict[str, Any]:
@@ -192,13 +203,26 @@ def environment_record() -> dict[str, Any]:
     }
 
 
-def run_record(resolved: dict[str, Any], index: Any) -> dict[str, Any]:
+def run_record(resolved: dict[str, Any], indexes: list[Any]) -> dict[str, Any]:
     options = {k: v for k, v in resolved.items() if k not in NOT_OPTIONS}
     # Absolute paths, so that the record re-runs from any working directory.
-    for key in ("root", "cache"):
-        if options.get(key):
-            options[key] = str(Path(options[key]).resolve())
-    return {"options": options, "environment": environment_record(), "data": dataset_record(index)}
+    if options.get("cache"):
+        options["cache"] = str(Path(options["cache"]).resolve())
+    options["root"] = (
+        [_absolute_root(r) for r in options["root"]]
+        if isinstance(options["root"], list)
+        else (_absolute_root(options["root"]))
+    )
+    return {"options": options, "environment": environment_record(), "data": [dataset_record(i) for i in indexes]}
+
+
+def _absolute_root(spec: str) -> str:
+    """`NAME:PATH` or a bare path, with the path made absolute."""
+    from chestxray.data.datasets import parse_root
+
+    name, path = parse_root(spec)
+    absolute = str(Path(path).resolve())
+    return absolute if spec == str(path) else f"{name}:{absolute}"
 
 
 def dump_yaml(record: dict[str, Any]) -> str:
