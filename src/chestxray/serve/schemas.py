@@ -61,5 +61,12 @@ class HealthOut(BaseModel):
     model: str
 
 
+class ReadyOut(BaseModel):
+    ready: bool
+    model_loaded: bool
+    queue: int
+    queue_length: int
+
+
 class ErrorOut(BaseModel):
     detail: str
