@@ -351,13 +351,15 @@ class Trainer:
     def predict_val(self) -> tuple[np.ndarray, float]:
         """Validation probabilities (all ranks' rows, in split order) and mean BCE loss."""
         self.model.eval()
-        rows_all, probs_all, loss_sum, known = [], [], 0.0, 0
-        for rows, xb, yb in self.val_batches:
+        rows_all: list[np.ndarray] = []
+        probs_all: list[np.ndarray] = []
+        loss_sum, known = 0.0, 0
+        for rows_t, xb, yb in self.val_batches:
             with self._autocast():
                 logits = self.model(self._prep(xb)).float()
             loss_sum += float(masked_bce_with_logits(logits, yb, reduction="sum"))
             known += int((~torch.isnan(yb)).sum())
-            rows_all.append(rows.numpy())
+            rows_all.append(rows_t.numpy())
             probs_all.append(torch.sigmoid(logits).cpu().numpy())
         rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
         probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(self.labels_names)), np.float32)
