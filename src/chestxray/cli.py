@@ -19,6 +19,7 @@ COMMANDS = (
     "datasets",
     "prepare",
     "train",
+    "runs",
     "evaluate",
     "ensemble",
     "predict",

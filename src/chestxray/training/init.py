@@ -13,16 +13,27 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from chestxray.errors import ChestXrayError
 from chestxray.models.build import build_from_meta
-from chestxray.models.bundle import load_bundle
+from chestxray.models.bundle import load_bundle, read_bundle_meta
 from chestxray.models.registry import ChestClassifier, _get_module, apply_freeze, get_spec
 
 log = logging.getLogger(__name__)
+
+
+def config_for_init(cfg: Any) -> Any:
+    """A TrainConfig with `init` set, completed from the bundle: its architecture, and its input
+    size unless the config gives one. The bundle's weights replace `weights`."""
+    meta = read_bundle_meta(cfg.init)
+    if meta.architecture == "ensemble":
+        raise ChestXrayError(f"--init {cfg.init}: an ensemble bundle cannot be fine-tuned; pass one of its members")
+    size = cfg.image_size if cfg.image_size is not None else meta.preprocessing.size
+    return dataclasses.replace(cfg, model=meta.architecture, image_size=size)
 
 
 @dataclass
