@@ -13,7 +13,19 @@ from collections.abc import Sequence
 from chestxray import NOT_FOR_CLINICAL_USE, __version__
 from chestxray.errors import ChestXrayError
 
-COMMANDS = ("info", "prepare", "train", "evaluate", "ensemble", "predict", "report", "export", "serve", "models")
+COMMANDS = (
+    "info",
+    "prepare",
+    "train",
+    "evaluate",
+    "tune",
+    "ensemble",
+    "predict",
+    "report",
+    "export",
+    "serve",
+    "models",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

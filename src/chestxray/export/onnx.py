@@ -34,7 +34,7 @@ import numpy as np
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
-from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME
+from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME, SCORE_NAME
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ParityReport:
     pairs: int
     reference: str = "PyTorch float32 (eager, CPU)"
     tolerance: float | None = None
+    score_max_rel_diff: float | None = None  # input-check score, |onnx - torch| / torch
 
     @property
     def ok(self) -> bool:
@@ -134,19 +135,40 @@ def _quiet_exporter_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT_OPSET):
-    """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis."""
+def to_onnx_model(
+    model: Any, preprocessing: Preprocessing, opset: int = DEFAULT_OPSET, calibration: Any = None, input_check: Any = None
+):
+    """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis; with the
+    bundle's calibrator on the logits and, when it has an input check, its score as a
+    second output (features taken by the same head hook as the torch backend)."""
     torch = _torch_modules()
+    from chestxray.inference.features import capture_head_input
 
     class WithSigmoid(torch.nn.Module):
         def __init__(self, net: torch.nn.Module) -> None:
             super().__init__()
             self.net = net
+            self.calibrated = calibration is not None
+            if calibration is not None:
+                a, b = calibration.torch_params()
+                self.register_buffer("cal_a", a)
+                self.register_buffer("cal_b", b)
+            self.score = input_check.torch_module() if input_check is not None else None
 
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.net(image))
+        def forward(self, image: torch.Tensor) -> Any:
+            if self.score is None:
+                return self._probs(self.net(image))
+            with capture_head_input(self.net) as store:
+                logits = self.net(image)
+            return self._probs(logits), self.score(store["features"])
+
+        def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+            if self.calibrated:
+                logits = logits * self.cal_a + self.cal_b
+            return torch.sigmoid(logits)
 
     wrapped = WithSigmoid(model).eval().cpu()
+    outputs = [OUTPUT_NAME] + ([SCORE_NAME] if input_check is not None else [])
     size = preprocessing.size
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -159,7 +181,7 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
                 verbose=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=outputs,
                 dynamic_shapes={"image": {0: batch}},
                 external_data=False,
             )
@@ -202,22 +224,31 @@ def check_parity(
     batch: np.ndarray,
     thresholds: Sequence[float],
     tolerance: float | None = DEFAULT_TOLERANCE,
+    calibration: Any = None,
+    input_check: Any = None,
 ) -> ParityReport:
     """Run the check images through onnxruntime (as one batch, then the first alone, which
-    exercises the dynamic batch axis) and through the PyTorch model; compare probabilities."""
+    exercises the dynamic batch axis) and through the PyTorch model; compare probabilities
+    (calibrated, when the bundle has a calibrator) and input-check scores (relative)."""
     from chestxray.inference.predict import TorchBackend
 
-    ref = TorchBackend(model).probabilities(batch)
+    ref, ref_scores = TorchBackend(model, "cpu", calibration, input_check).run(batch)
     inp = session.get_inputs()[0].name
-    full = session.run(None, {inp: batch})[0]
+    outs = session.run(None, {inp: batch})
+    full = outs[0]
     single = session.run(None, {inp: batch[:1]})[0]
     diff = max(float(np.max(np.abs(full - ref))), float(np.max(np.abs(single - ref[:1]))))
+    score_diff = None
+    if ref_scores is not None and len(outs) > 1:
+        score_diff = float(np.max(np.abs(outs[1] - ref_scores) / np.maximum(np.abs(ref_scores), 1e-6)))
     if not np.isfinite(diff):
         diff = float("inf")
     thr = np.asarray(thresholds)[None, :]
     agree = int(np.sum((full >= thr) == (ref >= thr)))
     sizes = sorted({len(batch), 1}, reverse=True)
-    return ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
+    report = ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
+    report.score_max_rel_diff = score_diff
+    return report
 
 
 def file_sha256(path: Path) -> str:
@@ -251,7 +282,9 @@ def metadata_props(
         "metrics": json.dumps(meta.metrics),
         "input": f"{INPUT_NAME}: float32 (N, 1, {size}, {size}), gray in [0, 1]: antialiased bilinear "
         f"resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)",
-        "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'",
+        "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'"
+        + (", calibrated per finding (see 'chestxray' calibration)" if meta.calibration else "")
+        + (f"; {SCORE_NAME}: float32 (N,), the input check's score" if meta.input_check else ""),
         "quantization": quantization,
         "parity": json.dumps(parity.to_dict()),
         "exported": json.dumps(
@@ -339,9 +372,14 @@ def export_bundle(
         f"exporting {meta.name} ({meta.architecture}, {meta.preprocessing.size} px, {len(meta.labels)} labels) "
         f"from {source} at opset {opset}"
     )
-    proto = to_onnx_model(model, meta.preprocessing, opset)
+    from chestxray.inference.calibration import calibration_of
+    from chestxray.inference.input_check import load_input_check
+
+    calibration, input_check = calibration_of(meta), load_input_check(meta, source)
+    proto = to_onnx_model(model, meta.preprocessing, opset, calibration, input_check)
     data = _serialize(proto)
-    parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance)
+    checks = {"calibration": calibration, "input_check": input_check}
+    parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance, **checks)
     say(f"float32 check: {parity.describe()}")
     if not parity.ok:
         raise ExportError(
@@ -365,7 +403,7 @@ def export_bundle(
 
             proto = onnx.load(str(q))
         data = _serialize(proto)
-        parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance=None)
+        parity = check_parity(model, session_for(data), names, batch, meta.thresholds, None, **checks)
         say(f"int8 check: {parity.describe()}")
         quantization = (
             f"int8 static (onnxruntime QDQ, per-channel int8 weights, uint8 activations), "

@@ -103,12 +103,15 @@ def gradcam(
     model_input: np.ndarray,
     select: Sequence[int] | Callable[[np.ndarray], Sequence[int]],
     size: tuple[int, int],
+    calibration: Any = None,
 ) -> CamRun:
     """Grad-CAM maps of several labels of one image from one forward pass.
 
     model_input: the eval preset's (1, S, S) or (1, 1, S, S) float32 array.
     select: label indices, or a function of the probabilities that returns them.
     size: (H, W) of the original image; every map is upsampled to it.
+    calibration: the bundle's Calibration, so the probabilities shown are the calibrated ones
+    (the maps are gradients of the raw logits; a calibrator only rescales them per finding).
     """
     import torch
 
@@ -129,7 +132,10 @@ def gradcam(
         acts = store.get("activations")
         if not isinstance(acts, torch.Tensor):
             raise ChestXrayError("Grad-CAM: the target layer gave no tensor output in the forward pass")
-        probs = torch.sigmoid(logits.detach().float())[0].cpu().numpy().astype(np.float64)
+        if calibration is not None:
+            probs = calibration.apply_logits(logits.detach().float().cpu().numpy())[0]
+        else:
+            probs = torch.sigmoid(logits.detach().float())[0].cpu().numpy().astype(np.float64)
         indices = [int(i) for i in (select(probs) if callable(select) else select)]
         maps = []
         for k, idx in enumerate(indices):
@@ -211,7 +217,7 @@ def explain_image(
     label = source_name(image, name, default="<input>")
     gray, x = analyzer.preprocess(image, label)
     select = wanted if wanted is not None else default_selection(analyzer.thresholds)
-    run = gradcam(model, x, select, gray.shape[:2])
+    run = gradcam(model, x, select, gray.shape[:2], getattr(analyzer.backend, "calibrator", None))
     prediction = Prediction(label, analyzer.name, analyzer.findings_from(run.probabilities))
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams

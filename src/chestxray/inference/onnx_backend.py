@@ -25,6 +25,7 @@ ONNX_FORMAT = "chestxray-onnx"
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+SCORE_NAME = "input_score"  # optional second output: the input check's score (issue 13)
 DEFAULT_ONNX_NAME = "default.onnx"
 INSTALL_HINT = "pip install 'chestxray[infer]' (onnxruntime, no torch needed)"
 
@@ -138,8 +139,12 @@ class OnnxBackend:
         self.session = _session(self.path, threads=threads, providers=providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BundleError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+        if len(inputs) != 1 or not 1 <= len(outputs) <= 2 or outputs[0].name != OUTPUT_NAME:
+            raise BundleError(
+                f"{self.path}: expected one input and the outputs {OUTPUT_NAME} [, {SCORE_NAME}], "
+                f"found {len(inputs)} inputs and {[o.name for o in outputs]}"
+            )
+        self.has_score = len(outputs) == 2 and outputs[1].name == SCORE_NAME
         self.input_name = inputs[0].name
         size = self.info.meta.preprocessing.size
         shape = list(inputs[0].shape)
@@ -155,6 +160,10 @@ class OnnxBackend:
         return self.info.quantization
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, input-check scores or None); a calibrator, if any, is in the graph."""
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ChestXrayError(
@@ -162,6 +171,7 @@ class OnnxBackend:
                 f"got {batch.shape}"
             )
         if batch.shape[0] == 0:
-            return np.zeros((0, len(self.info.meta.labels)), np.float32)
+            return np.zeros((0, len(self.info.meta.labels)), np.float32), None
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run(None, {self.input_name: x})[0]
+        out = self.session.run(None, {self.input_name: x})
+        return out[0], (out[1] if self.has_score else None)

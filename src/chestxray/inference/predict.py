@@ -43,6 +43,9 @@ class Prediction:
     model: str
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
+    # Shown next to the findings, which are still returned (issue 13: input check, DICOM view/body part).
+    warnings: list[str] = field(default_factory=list)
+    threshold_policy: str | None = None  # the bundle's operating point, e.g. "sensitivity=0.90"
 
     @property
     def ok(self) -> bool:
@@ -64,6 +67,8 @@ class Prediction:
             "model": self.model,
             "findings": [f.to_dict() for f in self.findings],
             "error": self.error,
+            "warnings": list(self.warnings),
+            "threshold_policy": self.threshold_policy,
         }
 
 
@@ -78,18 +83,35 @@ class Backend(Protocol):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Any, device: str = "cpu") -> None:
+    def __init__(self, model: Any, device: str = "cpu", calibration: Any = None, input_check: Any = None) -> None:
         import torch
 
         self.model = model
         self.device = torch.device(device)
+        # Calibration acts on the logits (exact, as in the exported graph); see inference/calibration.
+        self.calibrator = calibration  # the Calibration itself, for Grad-CAM's probabilities
+        self.calibration = calibration.torch_params(self.device) if calibration is not None else None
+        self.input_score = input_check.torch_module().to(self.device) if input_check is not None else None
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, input-check scores or None) from one forward pass."""
+        import contextlib
+
         import torch
 
-        with torch.inference_mode():
+        from chestxray.inference.features import capture_head_input
+
+        hook = capture_head_input(self.model) if self.input_score is not None else contextlib.nullcontext({})
+        with torch.inference_mode(), hook as store:
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            return torch.sigmoid(self.model(x).float()).cpu().numpy()
+            logits = self.model(x).float()
+            if self.calibration is not None:
+                logits = logits * self.calibration[0] + self.calibration[1]
+            scores = self.input_score(store["features"]).cpu().numpy() if self.input_score is not None else None
+            return torch.sigmoid(logits).cpu().numpy(), scores
 
 
 def default_bundle_path() -> Path:
@@ -212,13 +234,14 @@ class Analyzer:
             onnx = OnnxBackend(model)
             meta = onnx.info.meta
             return cls(onnx, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
-        from chestxray.models.bundle import load_bundle
+        from chestxray.inference.calibration import calibration_of
+        from chestxray.inference.input_check import load_input_check
+        from chestxray.models.bundle import load_bundle, resolve_bundle_path
 
-        path = Path(model) if model is not None else default_bundle_path()
+        path = resolve_bundle_path(model) if model is not None else default_bundle_path()
         net, meta = load_bundle(path, device=device)
-        return cls(
-            TorchBackend(net, device), meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size
-        )
+        torch_backend = TorchBackend(net, device, calibration_of(meta), load_input_check(meta, path))
+        return cls(torch_backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
 
     @property
     def model(self) -> Any:
@@ -241,6 +264,27 @@ class Analyzer:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.backend.probabilities(batch)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, input-check scores or None): both from one pass."""
+        run = getattr(self.backend, "run", None)
+        return run(batch) if run is not None else (self.backend.probabilities(batch), None)
+
+    @property
+    def threshold_policy(self) -> str | None:
+        op = getattr(self.meta, "operating_point", None) or {}
+        return op.get("policy")
+
+    def warnings_for(self, item: Input, label: str, score: float | None) -> list[str]:
+        """Warnings shown next to an image's findings: the input check, then DICOM header checks."""
+        from chestxray.inference.input_check import OOD_WARNING, dicom_warnings
+
+        out = []
+        if score is not None:
+            cutoff = float(self.meta.input_check["cutoff"])
+            if not np.isfinite(score) or score > cutoff:
+                out.append(f"{OOD_WARNING} (input score {score:.1f} > cut-off {cutoff:.1f})")
+        return out + dicom_warnings(item, label)
 
     def findings_from(self, probs: np.ndarray) -> list[Finding]:
         items = [
@@ -282,13 +326,17 @@ class Analyzer:
                     # Only the type: library messages can quote file contents.
                     errors[i] = f"cannot read this input ({type(exc).__name__})"
                     log.warning("skipped %s: %s", labels[i], errors[i])
-            probs = self.probabilities(np.stack([x for _, x in ready])) if ready else np.zeros((0, len(self.labels)))
-            by_index = {i: p for (i, _), p in zip(ready, probs)}
+            probs, scores = self.run(np.stack([x for _, x in ready])) if ready else (None, None)
+            by_index = {i: k for k, (i, _) in enumerate(ready)}
             for i in chunk:
                 if i in errors:
                     yield Prediction(labels[i], self.name, [], errors[i])
                 else:
-                    yield Prediction(labels[i], self.name, self.findings_from(by_index[i]))
+                    k = by_index[i]
+                    score = float(scores[k]) if scores is not None else None
+                    warn = self.warnings_for(items[i], labels[i], score)
+                    findings = self.findings_from(probs[k])  # type: ignore[index]
+                    yield Prediction(labels[i], self.name, findings, None, warn, self.threshold_policy)
             bar.update(len(chunk))
         bar.close()
 

@@ -193,6 +193,9 @@ def create_app(
             request.stream(),
             max_upload_bytes,
         )
+        from chestxray.inference.input_check import dicom_warnings
+
+        request.state.header_warnings = dicom_warnings(data, UPLOAD_NAME)  # lateral / not chest (DICOM only)
         return await run_in_threadpool(decode_upload, data)
 
     def locked(fn: Callable[..., T], *args: Any) -> T:
@@ -259,6 +262,9 @@ def create_app(
             metrics=dict(getattr(meta, "metrics", {}) or {}),
             training=dict(getattr(meta, "training", {}) or {}),
             grad_cam=has_cam,
+            calibration=getattr(meta, "calibration", None),
+            operating_point=getattr(meta, "operating_point", None),
+            input_check=getattr(meta, "input_check", None),
             max_upload_bytes=max_upload_bytes,
             note=NOT_FOR_CLINICAL_USE,
         )
@@ -270,6 +276,7 @@ def create_app(
         """Findings for one uploaded image, in the shape of `chestxray predict --format json`."""
         gray = await read_upload(request)
         result = await run_in_threadpool(locked, predict, gray)
+        result.warnings += request.state.header_warnings
         return result.to_dict()
 
     @app.post(
@@ -298,6 +305,7 @@ def create_app(
         so that the viewer can fetch the decoded image and Grad-CAM overlays."""
         gray = await read_upload(request)
         result = await run_in_threadpool(locked, predict, gray)
+        result.warnings += request.state.header_warnings
         display = await run_in_threadpool(render.fit, gray, display_max_side)
         key = store.add(Analysis(gray=gray, display=display, prediction=result))
         base = f"/api/v1/analyses/{key}"
