@@ -187,3 +187,43 @@ def test_tune_refuses_patients_shared_with_the_evaluation_split(tiny_bundle, min
     with pytest.raises(ChestXrayError, match="shares .* patients with the val split"):
         retune_bundle(tiny_bundle, index, "all", tmp_path / "x.safetensors", eval_split="val")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_evaluate_writes_calibration_reliability_and_subgroups(tiny_bundle, mini_root, tmp_path, capsys):
+    from chestxray.cli import main
+
+    out = tmp_path / "eval"
+    args = ["evaluate", str(mini_root), "--model", str(tiny_bundle), "--split", "test", "--bootstrap", "50"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "macro ECE" in text and "subgroups:" in text
+    m = json.loads((out / "metrics.json").read_text())
+    cal = m["calibration"]
+    assert cal["calibrator"] is None and "15 equal-width bins" in cal["binning"]
+    assert set(cal["per_class"]) == set(m["per_class"]) and 0 <= cal["macro"]["ece"] <= 1
+    sub = m["subgroups"]["columns"]
+    assert set(sub) == {"sex", "age", "view"} and set(sub["age"]) <= {"<40", "40-59", ">=60"}
+    assert sum(g["n_images"] for g in sub["sex"].values()) == m["n_images"]
+    for groups in sub.values():
+        for g in groups.values():
+            for name, e in g["per_class"].items():
+                whole = m["per_class"][name]["auroc"]
+                if e["auroc"] is not None and whole is not None:
+                    assert e["gap"] == pytest.approx(e["auroc"] - whole)
+                    assert e["below"] == (e["auroc_ci"][1] is not None and e["auroc_ci"][1] < whole)
+    report = (out / "report.md").read_text()
+    assert "## Calibration" in report and "### By age" in report and "ECE binning" in report
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--out", str(tmp_path / "e2"), "--by", "sex"]) == 0
+    assert set(json.loads((tmp_path / "e2" / "metrics.json").read_text())["subgroups"]["columns"]) == {"sex"}
+
+
+def test_age_bands():
+    from chestxray.evaluation.subgroups import age_band, parse_by
+
+    assert [age_band(v) for v in ("39", "040Y", "59", "60", "085Y", "006M", "414", "x")] == [
+        "<40", "40-59", "40-59", ">=60", ">=60", "<40", None, None
+    ]
+    assert parse_by(None, ["sex", "view"]) == ["sex", "view"]
+    with pytest.raises(ValueError, match="unknown subgroup 'race'"):
+        parse_by("sex,race", ["sex"])

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from chestxray.inference.input_check import OOD_WARNING, InputCheck, dicom_warnings, fit_input_check
+from chestxray.inference.input_check import OOD_WARNING, dicom_warnings, fit_input_check, warning_text
 
 
 def test_score_is_the_mahalanobis_distance_under_ledoit_wolf():
@@ -15,25 +15,29 @@ def test_score_is_the_mahalanobis_distance_under_ledoit_wolf():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(60, 40)) @ rng.normal(size=(40, 40))  # rank-deficient-ish, correlated
     val, new = train[:10] + rng.normal(0, 0.1, (10, 40)), rng.normal(0, 5, (5, 40))
-    check = fit_input_check(train, val)
+    other = rng.normal(size=(60, 8))
+    check = fit_input_check({"head": train, "early": other}, {"head": val, "early": other[:10] + 0.1})
+    head = check.parts[0]
     lw = LedoitWolf().fit(train)
     x = new - lw.location_
     exact = np.sqrt(np.einsum("ij,jk,ik->i", x, lw.precision_, x))
-    np.testing.assert_allclose(check.score(new), exact, rtol=2e-3)  # basis stored at float16
-    assert check.cutoff == pytest.approx(1.1 * check.score(val).max())
-    assert np.all(check.score(val) < check.cutoff)
+    np.testing.assert_allclose(head.distance(new), exact, rtol=2e-3)  # basis stored at float16
+    assert head.cutoff == pytest.approx(1.1 * head.distance(val).max())
+    feats = {"head": new, "early": rng.normal(size=(5, 8))}
+    expected = np.maximum(head.distance(new) / head.cutoff, check.parts[1].distance(feats["early"]) / check.parts[1].cutoff)
+    np.testing.assert_allclose(check.score(feats), expected)
+    assert check.cutoff == 1.0 and np.all(check.score({"head": val, "early": other[:10] + 0.1}) < 1.0)
     import torch
 
     with torch.inference_mode():
-        t = check.torch_module()(torch.from_numpy(new.astype(np.float32))).numpy()
-    np.testing.assert_allclose(t, check.score(new), rtol=1e-4)
+        t = check.torch_module()({k: torch.from_numpy(v.astype(np.float32)) for k, v in feats.items()}).numpy()
+    np.testing.assert_allclose(t, check.score(feats), rtol=1e-4)
 
 
 def test_warning_text_and_non_finite_scores():
-    check = InputCheck(np.zeros(2), np.eye(2), np.ones(2), 1.0, 10.0)
-    assert check.warning(5.0) is None
-    assert OOD_WARNING in check.warning(12.5) and "12.5" in check.warning(12.5)
-    assert check.warning(float("nan")) is not None
+    assert warning_text(0.5, 1.0) is None
+    assert OOD_WARNING in warning_text(1.25, 1.0) and "1.25" in warning_text(1.25, 1.0)
+    assert warning_text(float("nan"), 1.0) is not None
 
 
 def _dicom(path, view=None, part=None):
@@ -101,7 +105,8 @@ def test_predict_returns_warnings_and_policy(checked_bundle, sample_images, tmp_
     batch = np.stack([analyzer.preprocess(x)[1] for x in [*sample_images[:2], noise]])
     _, scores = analyzer.run(batch)
     model, _ = load_bundle(checked_bundle)
-    np.testing.assert_allclose(scores, check.score(pooled_features(model, batch)[1]), rtol=1e-4)
+    assert check.layers == ["head", "backbone.layer1"]
+    np.testing.assert_allclose(scores, check.score(pooled_features(model, batch, check.layers)[1]), rtol=1e-4)
     # A cut-off between the scores: the image above it is warned, the others not; findings still given.
     check_cut = float(np.sort(scores)[1] + np.sort(scores)[2]) / 2
     analyzer.meta.input_check["cutoff"] = check_cut

@@ -33,9 +33,12 @@ class RecordingBackend:
     name = "torch"
 
     def __init__(self, model: Any, features: bool = True) -> None:
+        from chestxray.inference.features import input_check_layers
+
         self.model = model
-        self.features: list[np.ndarray] = []
+        self.features: list[dict[str, np.ndarray]] = []
         self.keep = features
+        self.layers = input_check_layers(model) if features else []
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         from chestxray.inference.features import pooled_features
@@ -46,7 +49,7 @@ class RecordingBackend:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch)).to(next(self.model.parameters()).device)
                 return torch.sigmoid(self.model(x).float()).cpu().numpy()
-        logits, feats = pooled_features(self.model, batch)
+        logits, feats = pooled_features(self.model, batch, self.layers)
         self.features.append(feats)
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
@@ -56,7 +59,7 @@ class SplitOutputs:
     probs: np.ndarray  # raw (uncalibrated)
     targets: np.ndarray
     patients: np.ndarray
-    features: np.ndarray | None
+    features: dict[str, np.ndarray] | None
 
 
 def raw_split_outputs(
@@ -68,7 +71,9 @@ def raw_split_outputs(
     backend = RecordingBackend(model, features)
     analyzer = Analyzer(backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, None, 32)
     probs, targets, patients, _ = split_probabilities(analyzer, index, split, progress=progress)
-    feats = np.concatenate(backend.features) if features and backend.features else None
+    feats = None
+    if features and backend.features:
+        feats = {k: np.concatenate([f[k] for f in backend.features]) for k in backend.layers}
     return SplitOutputs(probs, targets, patients, feats)
 
 
@@ -101,8 +106,8 @@ def fit_post_training(
     source: str,
     calibrate: str = DEFAULT_CALIBRATION,
     policy: str = DEFAULT_POLICY,
-    train_features: np.ndarray | None = None,
-    val_features: np.ndarray | None = None,
+    train_features: dict[str, np.ndarray] | None = None,
+    val_features: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Fit calibrator + operating point (+ input check when features are given) into `meta`
     (in place); returns the input check's tensors to store beside the weights."""
@@ -214,19 +219,21 @@ def retune_bundle(
     return path, summary
 
 
-def batch_features(model: Any, batches: Any, prep: Any) -> np.ndarray:
-    """Pooled features of every image a CacheBatches yields (rows, x_uint8, y)."""
+def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]:
+    """The input check's pooled features of every image a CacheBatches yields (rows, x_uint8, y)."""
     import torch
 
-    from chestxray.inference.features import capture_head_input
+    from chestxray.inference.features import capture_features, input_check_layers
 
     model.eval()
-    out = []
-    with torch.inference_mode(), capture_head_input(model) as store:
+    layers = input_check_layers(model)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+    with torch.inference_mode(), capture_features(model, layers) as store:
         for _rows, xb, _yb in batches:
             model(prep(xb))
-            out.append(store["features"].float().cpu().numpy())
-    return np.concatenate(out)
+            for k in layers:
+                out[k].append(store[k].float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def fit_after_training(

@@ -142,7 +142,7 @@ def to_onnx_model(
     bundle's calibrator on the logits and, when it has an input check, its score as a
     second output (features taken by the same head hook as the torch backend)."""
     torch = _torch_modules()
-    from chestxray.inference.features import capture_head_input
+    from chestxray.inference.features import capture_features
 
     class WithSigmoid(torch.nn.Module):
         def __init__(self, net: torch.nn.Module) -> None:
@@ -158,9 +158,9 @@ def to_onnx_model(
         def forward(self, image: torch.Tensor) -> Any:
             if self.score is None:
                 return self._probs(self.net(image))
-            with capture_head_input(self.net) as store:
+            with capture_features(self.net, input_check.layers) as store:
                 logits = self.net(image)
-            return self._probs(logits), self.score(store["features"])
+            return self._probs(logits), self.score(store)
 
         def _probs(self, logits: torch.Tensor) -> torch.Tensor:
             if self.calibrated:

@@ -40,12 +40,53 @@ def capture_head_input(model: Any) -> Iterator[dict[str, Any]]:
         handle.remove()
 
 
-def pooled_features(model: Any, batch: Any) -> tuple[Any, Any]:
-    """(logits, features) of a (N, 1, S, S) float32 numpy batch, as float32 numpy arrays."""
+def pooled_features(model: Any, batch: Any, layers: list[str] | None = None) -> tuple[Any, Any]:
+    """(logits, features) of a (N, 1, S, S) float32 numpy batch, as float32 numpy arrays:
+    features is the head input (N, D), or with `layers` a dict {layer: (N, D)}."""
     import numpy as np
     import torch
 
     device = next(model.parameters()).device
-    with torch.inference_mode(), capture_head_input(model) as store:
+    with torch.inference_mode(), capture_features(model, layers or [HEAD]) as store:
         logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
-    return logits.float().cpu().numpy(), store["features"].float().cpu().numpy()
+    feats = {k: v.float().cpu().numpy() for k, v in store.items()}
+    return logits.float().cpu().numpy(), (feats if layers is not None else feats[HEAD])
+
+
+HEAD = "head"
+# An early stage whose pooled output describes texture and contrast (where photographs, text
+# and noise differ most from radiographs; Lee et al. 2018 score several layers the same way).
+EARLY_STAGES = ("backbone.layer1", "backbone.features.denseblock1")
+
+
+def input_check_layers(model: Any) -> list[str]:
+    """The feature sets the input check scores: the head input, plus an early stage when
+    the architecture has a known one."""
+    names = {n for n, _ in model.named_modules()}
+    return [HEAD] + [n for n in EARLY_STAGES if n in names][:1]
+
+
+@contextlib.contextmanager
+def capture_features(model: Any, layers: list[str]) -> Iterator[dict[str, Any]]:
+    """Like capture_head_input, for several feature sets: "head" (the head input) and named
+    modules, whose outputs are average-pooled over space to (N, C)."""
+    store: dict[str, Any] = {}
+    handles = []
+
+    def head_hook(_m: Any, args: tuple[Any, ...]) -> None:
+        store[HEAD] = args[0].flatten(1)
+
+    try:
+        for name in layers:
+            if name == HEAD:
+                handles.append(head_layer(model).register_forward_pre_hook(head_hook))
+                continue
+
+            def hook(_m: Any, _a: Any, out: Any, name: str = name) -> None:
+                store[name] = out.float().mean(dim=(2, 3)) if out.dim() == 4 else out.flatten(1)
+
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

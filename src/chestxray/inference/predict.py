@@ -92,6 +92,7 @@ class TorchBackend:
         self.calibrator = calibration  # the Calibration itself, for Grad-CAM's probabilities
         self.calibration = calibration.torch_params(self.device) if calibration is not None else None
         self.input_score = input_check.torch_module().to(self.device) if input_check is not None else None
+        self.check_layers = input_check.layers if input_check is not None else []
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)[0]
@@ -102,15 +103,15 @@ class TorchBackend:
 
         import torch
 
-        from chestxray.inference.features import capture_head_input
+        from chestxray.inference.features import capture_features
 
-        hook = capture_head_input(self.model) if self.input_score is not None else contextlib.nullcontext({})
+        hook = capture_features(self.model, self.check_layers) if self.input_score is not None else contextlib.nullcontext({})
         with torch.inference_mode(), hook as store:
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
             logits = self.model(x).float()
             if self.calibration is not None:
                 logits = logits * self.calibration[0] + self.calibration[1]
-            scores = self.input_score(store["features"]).cpu().numpy() if self.input_score is not None else None
+            scores = self.input_score(store).cpu().numpy() if self.input_score is not None else None
             return torch.sigmoid(logits).cpu().numpy(), scores
 
 
@@ -277,13 +278,12 @@ class Analyzer:
 
     def warnings_for(self, item: Input, label: str, score: float | None) -> list[str]:
         """Warnings shown next to an image's findings: the input check, then DICOM header checks."""
-        from chestxray.inference.input_check import OOD_WARNING, dicom_warnings
+        from chestxray.inference.input_check import dicom_warnings, warning_text
 
         out = []
         if score is not None:
-            cutoff = float(self.meta.input_check["cutoff"])
-            if not np.isfinite(score) or score > cutoff:
-                out.append(f"{OOD_WARNING} (input score {score:.1f} > cut-off {cutoff:.1f})")
+            text = warning_text(score, float(self.meta.input_check["cutoff"]))
+            out += [text] if text else []
         return out + dicom_warnings(item, label)
 
     def findings_from(self, probs: np.ndarray) -> list[Finding]:
