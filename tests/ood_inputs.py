@@ -45,7 +45,22 @@ def rendered_text(n: int = 4, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(seed)
-    words = "the quick brown fox jumps over a lazy dog chest radiograph report impression normal".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "chest",
+        "radiograph",
+        "report",
+        "impression",
+        "normal",
+    ]
     out = []
     for i in range(n):
         img = Image.new("L", (512, 512), 255 if i % 2 == 0 else 0)

@@ -24,7 +24,9 @@ def test_score_is_the_mahalanobis_distance_under_ledoit_wolf():
     np.testing.assert_allclose(head.distance(new), exact, rtol=2e-3)  # basis stored at float16
     assert head.cutoff == pytest.approx(1.1 * head.distance(val).max())
     feats = {"head": new, "early": rng.normal(size=(5, 8))}
-    expected = np.maximum(head.distance(new) / head.cutoff, check.parts[1].distance(feats["early"]) / check.parts[1].cutoff)
+    expected = np.maximum(
+        head.distance(new) / head.cutoff, check.parts[1].distance(feats["early"]) / check.parts[1].cutoff
+    )
     np.testing.assert_allclose(check.score(feats), expected)
     assert check.cutoff == 1.0 and np.all(check.score({"head": val, "early": other[:10] + 0.1}) < 1.0)
     import torch

@@ -45,10 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.data.index import load_nih
     from chestxray.errors import DatasetError
     from chestxray.evaluation.evaluate import run_evaluation
+    from chestxray.evaluation.subgroups import parse_by
     from chestxray.inference.predict import Analyzer
     from chestxray.io import atomic_write_text
-
-    from chestxray.evaluation.subgroups import parse_by
 
     try:
         by = parse_by(args.by, ("sex", "age", "view")) if args.by is not None else None
@@ -88,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         if e["below"]
     ]
     if "subgroups" in result:
-        print(f"subgroups: {len(flagged)} finding/subgroup pairs whose CI lies below the overall AUROC"
-              + (f": {', '.join(flagged)}" if flagged else ""))
+        print(
+            f"subgroups: {len(flagged)} finding/subgroup pairs whose CI lies below the overall AUROC"
+            + (f": {', '.join(flagged)}" if flagged else "")
+        )
     if args.boxes is not None:
         from chestxray.evaluation.localization import localization_markdown, score_localization
 

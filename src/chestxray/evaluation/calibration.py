@@ -104,7 +104,9 @@ def fit_temperature(y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
     """(a = 1/T, 0) minimising the validation NLL; T searched on [0.05, 20]."""
     from scipy.optimize import minimize_scalar
 
-    res = minimize_scalar(lambda log_t: _nll(y, z / np.exp(log_t)), bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    res = minimize_scalar(
+        lambda log_t: _nll(y, z / np.exp(log_t)), bounds=(np.log(0.05), np.log(20.0)), method="bounded"
+    )
     return float(np.exp(-res.x)), 0.0
 
 

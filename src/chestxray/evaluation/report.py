@@ -100,7 +100,11 @@ def build_items(
             )
             continue
         run = gradcam(
-            model, x, lambda probs: [int(np.argmax(probs))], gray.shape[:2], getattr(analyzer.backend, "calibrator", None)
+            model,
+            x,
+            lambda probs: [int(np.argmax(probs))],
+            gray.shape[:2],
+            getattr(analyzer.backend, "calibrator", None),
         )
         i = run.indices[0]
         cam = CamResult(analyzer.labels[i], float(run.probabilities[i]), run.maps[0])

@@ -169,12 +169,12 @@ def retune_bundle(
     want_features = input_check_split is not None
     if want_features and getattr(model, "architecture", "") == "ensemble":
         raise ChestXrayError("the input check needs a single model's pooled features, not an ensemble")
-    if want_features and eval_split is not None:
+    if input_check_split is not None and eval_split is not None:
         check_no_overlap(index, input_check_split, eval_index if eval_index is not None else index, eval_split)
     val = raw_split_outputs(model, meta, index, split, want_features, progress)
     source = f"{Path(index.root).name}:{split} ({len(val.probs)} images, {len(set(val.patients))} patients)"
     train_feats = None
-    if want_features:
+    if input_check_split is not None:
         train_feats = raw_split_outputs(model, meta, index, input_check_split, True, progress).features
     extra = fit_post_training(
         model,

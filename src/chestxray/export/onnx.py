@@ -136,7 +136,11 @@ def _quiet_exporter_logs() -> Iterator[None]:
 
 
 def to_onnx_model(
-    model: Any, preprocessing: Preprocessing, opset: int = DEFAULT_OPSET, calibration: Any = None, input_check: Any = None
+    model: Any,
+    preprocessing: Preprocessing,
+    opset: int = DEFAULT_OPSET,
+    calibration: Any = None,
+    input_check: Any = None,
 ):
     """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis; with the
     bundle's calibrator on the logits and, when it has an input check, its score as a
@@ -155,14 +159,14 @@ def to_onnx_model(
                 self.register_buffer("cal_b", b)
             self.score = input_check.torch_module() if input_check is not None else None
 
-        def forward(self, image: torch.Tensor) -> Any:
+        def forward(self, image: Any) -> Any:
             if self.score is None:
                 return self._probs(self.net(image))
             with capture_features(self.net, input_check.layers) as store:
                 logits = self.net(image)
             return self._probs(logits), self.score(store)
 
-        def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        def _probs(self, logits: Any) -> Any:
             if self.calibrated:
                 logits = logits * self.cal_a + self.cal_b
             return torch.sigmoid(logits)
@@ -375,10 +379,11 @@ def export_bundle(
     from chestxray.inference.calibration import calibration_of
     from chestxray.inference.input_check import load_input_check
 
-    calibration, input_check = calibration_of(meta), load_input_check(meta, source)
-    proto = to_onnx_model(model, meta.preprocessing, opset, calibration, input_check)
+    # (`calibration` is this function's int8 image source; the bundle's calibrator is `calibrator`.)
+    calibrator, input_check = calibration_of(meta), load_input_check(meta, source)
+    proto = to_onnx_model(model, meta.preprocessing, opset, calibrator, input_check)
     data = _serialize(proto)
-    checks = {"calibration": calibration, "input_check": input_check}
+    checks = {"calibration": calibrator, "input_check": input_check}
     parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance, **checks)
     say(f"float32 check: {parity.describe()}")
     if not parity.ok:

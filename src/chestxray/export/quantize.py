@@ -121,7 +121,6 @@ def quantize_int8(
         if method == "percentile":
             extra["CalibPercentile"] = 99.999
         quantize_static(
-            nodes_to_exclude=score_only_nodes(prepared),
             str(prepared),
             str(out),
             _reader(list(images), preprocessing, batch_size),
@@ -132,6 +131,7 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
             extra_options=extra,
+            nodes_to_exclude=score_only_nodes(prepared),
         )
     finally:
         prepared.unlink(missing_ok=True)

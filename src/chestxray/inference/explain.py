@@ -218,7 +218,14 @@ def explain_image(
     gray, x = analyzer.preprocess(image, label)
     select = wanted if wanted is not None else default_selection(analyzer.thresholds)
     run = gradcam(model, x, select, gray.shape[:2], getattr(analyzer.backend, "calibrator", None))
-    prediction = Prediction(label, analyzer.name, analyzer.findings_from(run.probabilities))
+    # The input check's score needs the model's features: one more (gradient-free) pass, only when it has one.
+    score = None
+    if getattr(analyzer.backend, "input_score", None) is not None:
+        scores = analyzer.run(x[None])[1]
+        score = float(scores[0]) if scores is not None else None
+    warnings = analyzer.warnings_for(image, label, score)
+    findings_ = analyzer.findings_from(run.probabilities)
+    prediction = Prediction(label, analyzer.name, findings_, None, warnings, analyzer.threshold_policy)
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams
 

@@ -207,17 +207,14 @@ def load_input_check(meta: Any, path: str | os.PathLike | None) -> InputCheck | 
 
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            t = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(TENSOR_PREFIX)}
+            names = list(fh.keys())  # safe_open is not a dict: no `in` on it
+            t = {k: fh.get_tensor(k) for k in names if k.startswith(TENSOR_PREFIX)}
         parts = []
         for entry in d["parts"]:
             layer = str(entry["layer"])
+            mean, basis, scale = (t[f"{TENSOR_PREFIX}{layer}.{k}"] for k in ("mean", "basis", "scale"))
             parts.append(
-                MahalanobisPart(
-                    layer,
-                    *(t[f"{TENSOR_PREFIX}{layer}.{k}"] for k in ("mean", "basis", "scale")),
-                    float(entry["floor"]),
-                    float(entry["distance_cutoff"]),
-                )
+                MahalanobisPart(layer, mean, basis, scale, float(entry["floor"]), float(entry["distance_cutoff"]))
             )
         info = {k: v for k, v in d.items() if k not in ("parts", "cutoff", "method")}
         return InputCheck(parts, info, float(d["cutoff"]))

@@ -105,7 +105,9 @@ class TorchBackend:
 
         from chestxray.inference.features import capture_features
 
-        hook = capture_features(self.model, self.check_layers) if self.input_score is not None else contextlib.nullcontext({})
+        hook: Any = contextlib.nullcontext({})
+        if self.input_score is not None:
+            hook = capture_features(self.model, self.check_layers)
         with torch.inference_mode(), hook as store:
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
             logits = self.model(x).float()

@@ -480,7 +480,14 @@ class Trainer:
         from chestxray.evaluation.tune import fit_after_training  # issue 13: calibrator, operating point, input check
 
         extra = fit_after_training(
-            self.model, meta, probs, self.val_targets, self.train_batches, self.val_batches, self._prep, self.info.enabled
+            self.model,
+            meta,
+            probs,
+            self.val_targets,
+            self.train_batches,
+            self.val_batches,
+            self._prep,
+            self.info.enabled,
         )
         return save_bundle(self.model, meta, self.out / "model.safetensors", extra=extra)
 
