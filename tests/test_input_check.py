@@ -146,3 +146,27 @@ def test_onnx_export_carries_calibration_and_score(checked_bundle, tmp_path, sam
     assert onnx_a.threshold_policy == "youden"
     noise = np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8)
     assert torch_a.predict(noise).warnings == onnx_a.predict(noise).warnings
+
+
+def test_api_returns_warnings_policy_and_model_sections(checked_bundle, tmp_path):
+    import warnings
+
+    from chestxray.inference.predict import Analyzer
+    from chestxray.serve.app import create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    data = _dicom(tmp_path / "lat.dcm", view="LL", part="KNEE").read_bytes()
+    with TestClient(create_app(Analyzer.load(checked_bundle))) as client:
+        r = client.post("/api/v1/predict", files={"file": ("x.dcm", data, "application/dicom")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["threshold_policy"] == "youden" and len(body["findings"]) == 14
+        assert any("lateral" in w for w in body["warnings"]) and any("KNEE" in w for w in body["warnings"])
+        a = client.post("/api/v1/analyses", files={"file": ("x.dcm", data, "application/dicom")}).json()
+        assert a["prediction"]["warnings"] == body["warnings"]
+        model = client.get("/api/v1/model").json()
+        assert model["operating_point"]["policy"] == "youden" and model["input_check"]["cutoff"] == 1.0
+        assert model["calibration"]["method"] == "platt"

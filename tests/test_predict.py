@@ -36,7 +36,7 @@ def analyzer(tiny_bundle):
 
 
 def check_record(rec: dict, model: str = "tiny-test-model") -> None:
-    assert list(rec) == ["file", "model", "findings", "error"]
+    assert list(rec) == ["file", "model", "findings", "error", "warnings", "threshold_policy"]
     assert rec["model"] == model and rec["error"] is None
     assert sorted(f["finding"] for f in rec["findings"]) == sorted(FINDINGS)
     flags = [f["positive"] for f in rec["findings"]]
