@@ -48,6 +48,7 @@ def test_bundled_model_carries_calibrator_policy_and_input_check(analyzer):
 
 @pytest.mark.slow
 def test_non_radiographs_are_warned_and_held_out_radiographs_are_not(analyzer, mini_root):
+    pytest.importorskip("skimage")  # test-only dependency (the `dev` extra)
     from chestxray.samples import sample_images
 
     cutoff = analyzer.meta.input_check["cutoff"]
