@@ -2,11 +2,13 @@
 
   (a) `prepare`: decode an original (1024 px PNG, gray or RGBA), antialiased resize to
       224, store in the uint8 memmap cache (one worker process = one core);
-  (b) cache batches: random batches of 64 rows gathered from the cache memmap and turned
-      into the float (B, 1, 224, 224) tensor the model takes, as the training loop does;
+  (b) cache batches from the memmap: the training loop's `CacheBatches` over
+      `MemmapImages` (the loader a split too big for memory trains with, `--loader memmap`):
+      shuffled batches of 64 rows read from the cache memmap (ascending rows per batch) and
+      turned into the float (B, 1, 224, 224) tensor the model takes;
   (c) seed-style loader: per sample PIL open, convert, torchvision Resize(224) and
       ToTensor, then stacked into batches, on the same originals;
-  plus, for reference, the training loop's own `CacheBatches` (the split held in RAM).
+  (b') the same `CacheBatches` with the split held in RAM (`--loader ram`), side by side.
 
 Rounds are interleaved so that load from other processes hits every loader alike; the
 table gives the median round. Every figure is for one core (torch limited to one thread,
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision import transforms as T
 
     from chestxray.data.cache import PreparedCache, prepare_cache
-    from chestxray.data.loader import CacheBatches, to_model_input
+    from chestxray.data.loader import CacheBatches, MemmapImages, to_model_input
 
     torch.set_num_threads(1)
     originals = sorted(p for p in Path(args.originals).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -95,26 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     big.flush()
     del big
     memmap = np.load(work / "rows.npy", mmap_mode="r")
-    rng = np.random.default_rng(0)
+    labels = np.zeros((len(memmap), 14), np.float32)
+    from_disk = CacheBatches(MemmapImages([(memmap, np.arange(len(memmap)))]), labels, args.batch,
+                             shuffle=True, seed=0, prefetch=0)
+    in_ram = CacheBatches(np.array(memmap), labels, args.batch, shuffle=True, seed=0, prefetch=0)
 
-    def cache_batches() -> int:
-        n = 0
-        for _ in range(args.batches):
-            rows = np.sort(rng.choice(len(memmap), size=args.batch, replace=False))
-            x = to_model_input(torch.from_numpy(np.asarray(memmap[rows])))
-            n += x.shape[0]
-        return n
-
-    in_ram = CacheBatches(np.array(memmap), np.zeros((len(memmap), 14), np.float32), args.batch,
-                          shuffle=True, seed=0, prefetch=0)
-
-    def trainer_batches() -> int:
-        n = 0
-        for step, (_, xb, _) in enumerate(in_ram):
-            n += to_model_input(xb).shape[0]
-            if step + 1 == args.batches:
-                break
-        return n
+    def batches(loader: CacheBatches) -> Callable[[], int]:
+        def run() -> int:
+            n = 0
+            for step, (_, xb, _) in enumerate(loader):
+                n += to_model_input(xb).shape[0]
+                if step + 1 == args.batches:
+                    break
+            return n
+        return run
 
     seed_tf = T.Compose([T.Resize((args.size, args.size)), T.ToTensor()])
 
@@ -133,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     loaders: dict[str, Callable[[], int]] = {
         "(a) prepare: decode + resize + cache, 1 worker": prepare(1),
         f"(a) prepare: same, {os.cpu_count()} workers (all cores)": prepare(os.cpu_count() or 1),
-        f"(b) cache batches: gather {args.batch} memmap rows -> float tensor": cache_batches,
-        "(b') training loop's CacheBatches (split in RAM)": trainer_batches,
+        f"(b) training CacheBatches from the cache memmap (--loader memmap), batch {args.batch}": batches(from_disk),
+        f"(b') training CacheBatches, split in RAM (--loader ram), batch {args.batch}": batches(in_ram),
         "(c) seed-style: PIL open/convert, Resize, ToTensor per sample": seed_style,
     }
     for fn in loaders.values():  # warm-up: imports, page cache, worker start paths

@@ -167,3 +167,29 @@ def test_atomic_write_gives_normal_file_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     assert not list(tmp_path.glob(".x.json.*"))  # no temp file left behind
 
+
+
+def test_cli_choices_come_from_the_source_tuples():
+    """argparse choices are the library's own tuples, not copies that can drift."""
+    import argparse
+
+    from chestxray.cli import build_parser
+    from chestxray.commands.predict import FORMATS
+    from chestxray.data.index import ALL_SPLITS, SPLITS, TUNING_SPLITS
+    from chestxray.export.quantize import CALIBRATION_METHODS
+    from chestxray.inference.predict import BACKENDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    choices = {
+        (name, opt): action.choices
+        for name, p in sub.choices.items()
+        for action in p._actions
+        for opt in action.option_strings
+        if action.choices is not None
+    }
+    assert choices[("evaluate", "--split")] is SPLITS
+    assert choices[("report", "--split")] is ALL_SPLITS
+    assert choices[("ensemble", "--split")] is TUNING_SPLITS and "test" not in TUNING_SPLITS
+    assert choices[("export", "--calibration-method")] is CALIBRATION_METHODS
+    assert choices[("predict", "--format")] is FORMATS
+    assert all(choices[(c, "--backend")] is BACKENDS for c in ("predict", "serve"))

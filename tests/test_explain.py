@@ -169,3 +169,38 @@ def test_overlay_blends_a_colormap_over_the_radiograph():
         overlay(gray, heat[:, :10])
     with pytest.raises(ChestXrayError, match="alpha"):
         overlay(gray, heat, alpha=1.5)
+
+
+def test_no_positive_evidence_is_said_not_painted_blue(tmp_path):
+    """A black image gives the brightness model an all-zero map for every finding: the CLI
+    overlay shows the plain radiograph (no uniform blue tint), its caption and the JSON say
+    "no positive evidence for X"; a map with evidence gets a colour bar below it."""
+    import json
+
+    from PIL import Image
+
+    from chestxray.commands.predict import predict_with_cams, render
+    from chestxray.inference.explain import cam_caption, colour_bar
+
+    a = brightness_analyzer(thresholds=[0.99] * len(FINDINGS))
+    black = np.zeros((40, 56), np.uint8)
+    bright = np.zeros((40, 56), np.uint8)
+    bright[:, 28:] = 255
+    paths = []
+    for name, arr in (("black.png", black), ("bright.png", bright)):
+        Image.fromarray(arr).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    preds = predict_with_cams(a, paths, tmp_path / "cams", ["Mass"], progress=False)
+    records = {r["file"]: r for r in json.loads(render(preds, "json", a.name))}
+    dark, lit = records[str(paths[0])]["overlays"][0], records[str(paths[1])]["overlays"][0]
+    assert dark["note"] == "no positive evidence for Mass" and lit["note"] is None
+    with Image.open(dark["path"]) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert rgb.shape == (40, 56, 3)  # no colour bar for an empty map
+    assert np.array_equal(rgb[..., 0], rgb[..., 2]) and np.array_equal(rgb[..., 1], rgb[..., 2])  # gray, not blue
+    with Image.open(lit["path"]) as im:
+        assert im.height == 40 + colour_bar(56).shape[0] and im.width == 56
+    cam = CamResult("Mass", 0.3, np.zeros((4, 4), np.float32))
+    assert "no positive evidence for Mass" in cam_caption(cam, "m", 0.5)
+    assert "no positive evidence" not in cam_caption(CamResult("Mass", 0.3, np.ones((4, 4), np.float32)), "m")
+    assert "no positive evidence for Mass" in render(preds, "table", a.name)

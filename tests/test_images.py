@@ -288,3 +288,82 @@ def test_bad_dicoms_name_file_and_reason_and_leak_no_tags(tmp_path, gray, caplog
         read_image(dicom_bytes(gray, bits=8))
     for secret in ("Doe", "Jane", "4711"):
         assert secret not in caplog.text
+
+
+def garbage_jpeg2000_dicom() -> bytes:
+    """A Part-10 DICOM whose transfer syntax is JPEG 2000 and whose one fragment is a
+    J2K start-of-codestream marker followed by garbage."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = JPEG2000Lossless
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 16, 16, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(200))])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_corrupt_jpeg2000_dicom_is_quiet_and_called_corrupt(caplog, capfd):
+    """pydicom's child logger (pydicom.pixels.decoders.base) logs the decoder's traceback;
+    nothing of it may reach the logs, and the message must not blame missing decoders
+    when a JPEG 2000 decoder (Pillow) was there and failed."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
+    if not get_decoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 decoder in this environment")
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # what a CLI user's basicConfig sets up
+    root.addHandler(handler)
+    try:
+        with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError) as info:
+            read_image(garbage_jpeg2000_dicom(), name="j2k.dcm")
+    finally:
+        root.removeHandler(handler)
+    assert "corrupt pixel data" in info.value.reason and "JPEG 2000" in info.value.reason
+    assert "pylibjpeg" not in info.value.reason
+    assert [r.name for r in caplog.records if r.name.startswith("pydicom")] == []
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "pydicom" not in err
+    # Another thread's (or a later) pydicom log record still goes through.
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("pydicom.pixels.decoders.base").warning("outside a read")
+    assert "outside a read" in caplog.text
+
+
+def test_a_green_pixel_is_one_gray_from_an_array_a_png_and_the_overlay(tmp_path):
+    """Colour to gray has one owner (`to_gray`, ITU-R 601 luma as PIL's "L"): pure green is
+    150 whichever way it comes in (a channel mean gave 85 for arrays)."""
+    from chestxray.inference.predict import Analyzer
+
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 1] = 255
+    png = tmp_path / "green.png"
+    Image.fromarray(rgb).save(png)
+    rgba = np.concatenate([rgb, np.full((4, 6, 1), 255, np.uint8)], axis=2)
+    grays = {
+        "read_image(png)": read_image(png),
+        "Analyzer.to_gray(png)": Analyzer.to_gray(png),
+        "Analyzer.to_gray(rgb)": Analyzer.to_gray(rgb),
+        "Analyzer.to_gray(rgba)": Analyzer.to_gray(rgba),
+        "Analyzer.to_gray(rgb float)": Analyzer.to_gray(rgb.astype(np.float32) / 255.0),
+    }
+    try:  # the overlay's colormap needs matplotlib (torch extra); the light install has none
+        from chestxray.inference.explain import overlay
+
+        grays["overlay(rgb) at alpha 0"] = overlay(rgb, np.ones((4, 6), np.float32), alpha=0.0)[..., 0]
+    except ModuleNotFoundError as exc:
+        assert exc.name == "matplotlib"
+    for how, gray in grays.items():
+        assert gray.dtype == np.uint8 and gray.shape == (4, 6), how
+        assert set(np.unique(gray).tolist()) == {150}, f"{how}: {np.unique(gray)}"

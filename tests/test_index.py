@@ -257,3 +257,29 @@ def test_full_nih_metadata_official_split():
     assert s["splits"]["test"]["patients"] == 2_797
     assert s["splits"]["test"]["no_finding"] == pytest.approx(0.385, abs=0.001)
     assert s["splits"]["train"]["images"] + s["splits"]["val"]["images"] == 86_524
+
+
+def test_utf8_bom_in_split_lists_keeps_the_first_image(tmp_path, mini_root):
+    """Windows editors start a text file with a UTF-8 BOM; the first listed image must
+    still match its label row (it was silently dropped: 92 of 93)."""
+    root = make_root(tmp_path, mini_root)
+    firsts = []
+    for name in SIDE_FILES:
+        text = (root / name).read_text()
+        firsts.append(text.split()[0])
+        (root / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    index = load_nih(root)
+    assert len(index) == 93 and index.unlabelled == 0
+    names = set(index.frame["image"])
+    assert all(first in names for first in firsts)
+
+
+def test_info_without_pandas_names_the_extra(mini_root, monkeypatch, capsys):
+    import sys
+
+    from chestxray.cli import main
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` raises ImportError
+    assert main(["info", str(mini_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'chestxray[data]'" in err and "pandas" in err

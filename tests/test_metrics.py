@@ -57,3 +57,26 @@ def test_bootstrap_resamples_patients_not_images():
                           n_boot=300, seed=0)["auroc"][:, 0]
     assert ci_rep == pytest.approx(ci_one, abs=1e-9)
     assert ci_one[1] - ci_one[0] > 0.05
+
+
+def test_curve_panels_name_their_score_and_label_the_chance_line():
+    from chestxray.evaluation.evaluate import curve_figure
+    from chestxray.evaluation.metrics import evaluate_predictions
+
+    rng = np.random.default_rng(0)
+    labels = ["A", "B", "C"]
+    targets = (rng.random((60, 3)) < [0.3, 0.5, 0.0]).astype(float)  # C has no positives
+    probs = np.clip(targets * 0.4 + rng.random((60, 3)) * 0.6, 0, 1)
+    per_class = evaluate_predictions(targets, probs, np.full(3, 0.5), labels, n_boot=0)["per_class"]
+    for kind, metric in (("roc", "auroc"), ("pr", "auprc")):
+        axes = curve_figure(kind, targets, probs, labels, "t", per_class).axes
+        for ax, name in zip(axes, labels):
+            score = per_class[name][metric]
+            title = ax.get_title()
+            assert title.startswith(name) and metric.upper() in title
+            assert (f"{score:.3f}" if score is not None else "undefined") in title
+        legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+        assert legend[0] == "model" and legend[1].startswith("chance")
+        if kind == "pr":
+            assert f"prevalence {targets[:, 0].mean():.3f}" in legend[1]
+        assert axes[2].get_legend() is None  # no positives: an "undefined" panel, no curve

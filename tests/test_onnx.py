@@ -355,7 +355,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sample_images, tmp_path):
+def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sample_images, mini_root, tmp_path):
     """Fast guard (no new venv): with torch, onnx, pandas and sklearn made unimportable, the
     CLI still starts (every command module is torch-free at import) and predicts on ONNX."""
     script = tmp_path / "notorch.py"
@@ -370,6 +370,21 @@ def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sam
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-test-model" in proc.stdout and "Atelectasis" in proc.stdout
+    # No --backend, no --model: the packaged int8 default.onnx, said once, in one line.
+    proc = subprocess.run(
+        [sys.executable, str(script), "predict", str(sample_images[0]), "--format", "json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "torch is not installed" in line]
+    assert len(said) == 1 and "ONNX backend" in said[0] and "Traceback" not in proc.stderr
+    record = json.loads(proc.stdout)[0]
+    assert len(record["findings"]) == 14 and record["variant"] == "onnx int8"
+    # A dataset command without pandas names the extra in one line.
+    proc = subprocess.run([sys.executable, str(script), "info", str(mini_root)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "chestxray[data]" in proc.stderr
     proc = subprocess.run(
         [sys.executable, str(script), "export", "--onnx", str(tmp_path / "x.onnx")],
         capture_output=True, text=True, timeout=120,
@@ -427,3 +442,70 @@ def test_infer_extra_installs_and_predicts_without_torch(exported, sample_images
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "torch" in proc.stderr and "Grad-CAM" in proc.stderr
+    # A plain `chestxray predict IMG` (no --backend, no --model) runs the packaged ONNX model.
+    proc = subprocess.run([str(exe), "predict", str(image)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "torch is not installed" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Atelectasis" in proc.stdout
+
+
+# --- the model format comes from the file, not from --backend ------------------------------
+
+
+def test_onnx_model_without_backend_works_in_predict_and_serve(exported, sample_images, tmp_path, monkeypatch):
+    """`--model file.onnx` alone (no --backend) runs on onnxruntime in predict and serve, even
+    renamed without the .onnx suffix; `--backend torch` with an ONNX file is a clear error."""
+    import shutil
+    import warnings
+
+    import uvicorn
+
+    from chestxray.inference.predict import Analyzer
+    from chestxray.serve.app import create_app
+
+    with warnings.catch_warnings():  # Starlette warns about its httpx-based client on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    renamed = tmp_path / "model.bin"
+    shutil.copy(exported[0], renamed)
+    img = str(sample_images[0])
+    want = Analyzer.load(exported[0], backend="onnx").predict(img)
+    for model in (exported[0], renamed):
+        rc, stdout, stderr = run_cli(["predict", "--model", str(model), img, "--format", "json"])
+        assert rc == 0, stderr
+        record = json.loads(stdout)[0]
+        assert record["variant"] == "onnx float32" and "safetensors" not in stderr
+        assert {f["finding"]: f["probability"] for f in record["findings"]} == pytest.approx(
+            {f.finding: f.probability for f in want.findings}, abs=1e-6)
+    analyzer = Analyzer.load(renamed)
+    assert analyzer.backend.name == "onnx"
+    with TestClient(create_app(analyzer)) as client:
+        info = client.get("/api/v1/model").json()
+        assert (info["backend"], info["variant"], info["grad_cam"]) == ("onnx", "onnx float32", False)
+        r = client.post("/api/v1/predict", files={"file": ("u.png", sample_images[0].read_bytes(), "image/png")})
+        assert r.status_code == 200 and r.json()["variant"] == "onnx float32"
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: seen.update(app=server.config.app))
+    rc, _, stderr = run_cli(["serve", "--model", str(exported[0]), "--port", "0"])
+    assert rc == 0 and "(onnx float32)" in stderr
+    assert seen["app"].state.analyzer.backend.name == "onnx"
+    rc, _, stderr = run_cli(["predict", "--backend", "torch", "--model", str(exported[0]), img])
+    assert rc == 2 and "this is an ONNX file; use --backend onnx" in stderr and "Traceback" not in stderr
+    rc, _, stderr = run_cli(["serve", "--backend", "torch", "--model", str(renamed)])
+    assert rc == 2 and "this is an ONNX file" in stderr
+
+
+def test_packaged_default_onnx_is_named_int8(sample_images):
+    """The packaged default.onnx is int8: every output says so beside the model name."""
+    from chestxray.inference.onnx_backend import default_onnx_path
+    from chestxray.inference.predict import Analyzer
+
+    try:
+        path = default_onnx_path()
+    except BundleError:
+        pytest.skip("this install ships no default.onnx")
+    a = Analyzer.load(path)
+    assert a.variant == "onnx int8" and a.backend.quantization.startswith("int8")
+    rc, stdout, _ = run_cli(["predict", "--backend", "onnx", str(sample_images[0])])
+    assert rc == 0 and stdout.splitlines()[0].startswith(f"model {a.name} (onnx int8):")

@@ -36,8 +36,10 @@ def analyzer(tiny_bundle):
 
 
 def check_record(rec: dict, model: str = "tiny-test-model") -> None:
-    assert list(rec) == ["file", "model", "findings", "error", "warnings", "threshold_policy"]
-    assert rec["model"] == model and rec["error"] is None
+    assert [k for k in rec if k != "overlays"] == [
+        "file", "model", "variant", "findings", "error", "warnings", "threshold_policy"
+    ]  # fmt: skip
+    assert rec["model"] == model and rec["error"] is None and rec["variant"] == "pytorch float32"
     assert sorted(f["finding"] for f in rec["findings"]) == sorted(FINDINGS)
     flags = [f["positive"] for f in rec["findings"]]
     assert flags == sorted(flags, reverse=True), "positives first"
@@ -78,7 +80,7 @@ def test_csv_and_table_match_json(capsys, tiny_bundle, sample_images, tmp_path):
     code, csv_text, _ = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "csv", *files)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(csv_text)))
-    assert list(rows[0]) == ["file", "model", "finding", "probability", "threshold", "positive", "error"]
+    assert list(rows[0]) == ["file", "model", "variant", "finding", "probability", "threshold", "positive", "error"]
     assert len(rows) == 3 * 14
     for rec in data:
         mine = [r for r in rows if r["file"] == rec["file"]]
@@ -199,11 +201,17 @@ def test_cam_overlays_at_original_size(capsys, tiny_bundle, mini_root, tmp_path)
         check_record(rec)
         probs = {f["finding"]: f["probability"] for f in rec["findings"]}
         for finding in ("Cardiomegaly", "Infiltration"):
-            name = f"{src.stem}_{finding}_{probs[finding]:.2f}.png"
+            name = f"{src.stem}_png_{finding}_{probs[finding]:.2f}.png"
             want.append(name)
-            with Image.open(cam_dir / name) as im:
-                assert im.mode == "RGB" and im.size == Image.open(src).size
+            with Image.open(cam_dir / name) as im, Image.open(src) as orig:
+                # Original width; the colour bar adds a strip below (unless the map is empty).
+                assert im.mode == "RGB" and im.width == orig.width and im.height >= orig.height
+        # The JSON names each overlay's file.
+        assert [(o["finding"], Path(o["path"]).name) for o in rec["overlays"]] == [
+            (f, f"{src.stem}_png_{f}_{probs[f]:.2f}.png") for f in ("Cardiomegaly", "Infiltration")
+        ]
     assert files == sorted(want)
+    assert f"wrote 4 Grad-CAM overlays to {cam_dir.resolve()}" in err
     # Without --findings: the positives, or the most probable finding when none is positive.
     cam_dir2 = tmp_path / "cams2"
     code, out, _ = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "json",
@@ -211,19 +219,36 @@ def test_cam_overlays_at_original_size(capsys, tiny_bundle, mini_root, tmp_path)
     rec = json.loads(out)[0]
     expected = [f for f in rec["findings"] if f["positive"]] or rec["findings"][:1]
     assert sorted(p.name for p in cam_dir2.iterdir()) == sorted(
-        f"{EXAMPLE.stem}_{f['finding']}_{f['probability']:.2f}.png" for f in expected)
+        f"{EXAMPLE.stem}_png_{f['finding']}_{f['probability']:.2f}.png" for f in expected)
 
 
-def test_cam_stems_stay_unique_and_broken_files_are_skipped(capsys, tiny_bundle, sample_images, tmp_path):
+def test_cam_names_stay_unique_visibly_and_broken_files_are_skipped(capsys, tiny_bundle, sample_images, tmp_path):
+    """a.png and a.dcm, and x/scan.png and y/scan.png, get overlay names that say which
+    input they belong to (no silent "-2")."""
+    from chestxray.commands.predict import overlay_names
+
     for sub in ("x", "y"):
         (tmp_path / "in" / sub).mkdir(parents=True)
         (tmp_path / "in" / sub / "scan.png").write_bytes(sample_images[0].read_bytes())
+    (tmp_path / "in" / "scan.jpg").write_bytes(_jpeg(sample_images[1]))
     (tmp_path / "in" / "bad.png").write_bytes(b"")
-    code, _, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--cam", str(tmp_path / "cams"),
-                           "--findings", "Mass", str(tmp_path / "in"))
+    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--cam", str(tmp_path / "cams"),
+                             "--findings", "Mass", "--format", "json", str(tmp_path / "in"))
     assert code == 1 and "bad.png" in err
     names = sorted(p.name for p in (tmp_path / "cams").iterdir())
-    assert len(names) == 2 and names[0].startswith("scan-2_Mass_") and names[1].startswith("scan_Mass_")
+    assert [n.rsplit("_Mass_", 1)[0] for n in names] == ["scan_jpg", "x_scan_png", "y_scan_png"]
+    listed = {Path(r["file"]).relative_to(tmp_path / "in").as_posix(): r.get("overlays") for r in json.loads(out)}
+    assert listed["bad.png"] is None
+    assert Path(listed["x/scan.png"][0]["path"]).name.startswith("x_scan_png_Mass_")
+    assert overlay_names([Path("a/x.png"), Path("b/x.png"), Path("x.dcm")]) == {
+        "a/x.png": "a_x_png", "b/x.png": "b_x_png", "x.dcm": "x_dcm"}
+
+
+def _jpeg(png: Path) -> bytes:
+    buf = io.BytesIO()
+    with Image.open(png) as im:
+        im.convert("L").save(buf, format="JPEG")
+    return buf.getvalue()
 
 
 def test_argument_errors_exit_2_with_a_message(capsys, tiny_bundle, sample_images, tmp_path):

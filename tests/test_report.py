@@ -76,3 +76,41 @@ def test_cli_and_an_unreadable_image(capsys, tiny_bundle, mini_root, tmp_path):
     assert "unreadable" in (tmp_path / "out" / "index.html").read_text()
     code = main(["report", str(root), "--model", str(tiny_bundle), "--split", "val", "--out", str(tmp_path / "o2")])
     assert code == 2 and "no images" in capsys.readouterr().err
+
+
+def _item(truth, called, error=None):
+    from chestxray.inference.explain import CamResult
+    from chestxray.inference.predict import Finding, Prediction
+    from chestxray.evaluation.report import ReportItem
+
+    findings = [Finding(name, p, 0.5, p >= 0.5) for name, p in called]
+    pred = Prediction("x.png", "m", findings, error)
+    cam = None if error else CamResult(called[0][0], called[0][1], np.ones((8, 8), np.float32))
+    thumb = np.full((64, 64), 128, np.uint8)
+    return ReportItem("x.png", truth, pred, cam, thumb, None if error else np.zeros((64, 64, 3), np.uint8))
+
+
+def test_grid_captions_are_coloured_and_sit_under_their_own_images():
+    from matplotlib.offsetbox import AnchoredOffsetbox
+
+    from chestxray.evaluation.report import caption_runs, grid_figure
+
+    item = _item(["Mass", "Effusion"], [("Mass", 0.9), ("Nodule", 0.7), ("Hernia", 0.1)])
+    runs = [run for line in caption_runs(item) for run in line]
+    assert ("Mass 0.90", "tp") in runs and ("Nodule 0.70", "fp") in runs and ("Effusion", "fn") in runs
+    assert not any(text.startswith("Hernia") for text, _ in runs)  # below threshold: not called
+
+    fig = grid_figure([item] * 6, "m", "six tiles")  # 4 + 2: two rows
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    placed = [(ax, a) for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredOffsetbox)]
+    assert len(placed) == 6
+    image_tops = sorted({round(ax.get_window_extent(renderer).y1) for ax, _ in placed}, reverse=True)
+    assert len(image_tops) == 2
+    for ax, box in placed:
+        img, cap = ax.get_window_extent(renderer), box.get_window_extent(renderer)
+        gap = img.y0 - cap.y1  # display y grows upwards
+        assert 0 <= gap < 10, "the caption starts right under its radiograph"
+        below = [top for top in image_tops if top < img.y0]
+        if below:  # a row below: the caption ends above that row's images
+            assert cap.y0 > below[0]

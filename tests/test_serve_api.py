@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_predict_real_image_same_document_as_predict_json(client, analyzer, png_
     r = client.post("/api/v1/predict", **upload(png_bytes))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"file", "model", "findings", "error", "warnings", "threshold_policy"}
+    assert set(body) == {"file", "model", "variant", "findings", "error", "warnings", "threshold_policy"}
     assert body["file"] == "upload" and SECRET_NAME not in r.text
     assert body["model"] == "tiny-test-model" and body["error"] is None
     # The same numbers as the Python API / `predict --format json` for these bytes.
@@ -365,7 +366,7 @@ def test_openapi_lists_the_endpoints_with_their_models(client):
     assert form["required"] == ["file"] and form["properties"]["file"]["format"] == "binary"
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     schema = spec["components"]["schemas"][ok.rsplit("/", 1)[1]]
-    assert set(schema["properties"]) == {"file", "model", "findings", "error", "warnings", "threshold_policy"}
+    assert set(schema["properties"]) == {"file", "model", "variant", "findings", "error", "warnings", "threshold_policy"}
     assert {"413", "415", "422"} <= set(predict["responses"])
     assert "image/png" in paths["/api/v1/cam"]["post"]["responses"]["200"]["content"]
     assert "/" not in paths and "tiny-test-model" in spec["info"]["description"]
@@ -376,6 +377,9 @@ def test_page_is_self_contained_and_says_not_for_clinical_use(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
     assert "tiny-test-model" in page and NOT_FOR_CLINICAL_USE in page
+    assert page.lower().count("not for clinical use") == 1, "the banner says it once"
+    limit = client.app.state.max_upload_bytes / 2**20
+    assert f"up to {limit:.4g} MiB" in page and " MB " not in page  # the limit is in MiB (2**20 bytes)
     assert 'aria-live="polite"' in page and '<label for="file"' in page
     assert "{{" not in page and "http://" not in page and "https://" not in page
     assert "default-src 'self'" in r.headers["content-security-policy"]
@@ -399,15 +403,40 @@ def test_serve_command_defaults_to_loopback_and_applies_its_options(tiny_bundle,
 
     seen = {}
 
-    def record_instead_of_serving(server):  # keep the config; do not block on a socket
+    def record_instead_of_serving(server, sockets=None):  # keep the config; do not block on a socket
         seen["config"] = server.config
+        seen["port"] = sockets[0].getsockname()[1]
 
     monkeypatch.setattr(uvicorn.Server, "run", record_instead_of_serving)
-    assert main(["serve", "--model", str(tiny_bundle), "--port", "8123", "--max-upload-mb", "3"]) == 0
+    with socket.socket() as probe:  # a port that is free now
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert main(["serve", "--model", str(tiny_bundle), "--port", str(free), "--max-upload-mb", "3"]) == 0
     config = seen["config"]
-    assert (config.host, config.port, config.access_log) == ("127.0.0.1", 8123, False)
+    assert (config.host, config.port, config.access_log, seen["port"]) == ("127.0.0.1", free, False, free)
     assert config.app.state.max_upload_bytes == 3 * 2**20
     assert config.app.state.analyzer.name == "tiny-test-model"
+
+
+def test_serve_port_0_prints_the_port_the_system_chose(tiny_bundle, monkeypatch, capsys):
+    import re
+
+    import uvicorn
+
+    from chestxray.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: seen.update(port=sockets[0].getsockname()[1]))
+    assert main(["serve", "--model", str(tiny_bundle), "--port", "0"]) == 0
+    shown = re.search(r"at http://127\.0\.0\.1:(\d+)/", capsys.readouterr().err)
+    assert shown and int(shown.group(1)) == seen["port"] > 0
+    # A port in use is a one-line error, not uvicorn's exit.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", str(tiny_bundle), "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1 port" in err and "Traceback" not in err
 
 
 def test_serve_command_fails_clearly(tmp_path, capsys):
@@ -453,3 +482,26 @@ def test_onnx_backend_serves_findings_and_says_grad_cam_is_unavailable(tiny_bund
         assert a["cam_url"] is None
         assert c.get(f"/api/v1/analyses/{a['id']}/cam.png", params={"finding": "Effusion"}).status_code == 501
         assert c.get("/static/cam-legend.png").status_code == 404
+
+
+def test_cam_of_an_empty_map_says_no_positive_evidence():
+    """A black image gives the brightness model an all-zero Grad-CAM: the PNG is the plain
+    radiograph (no uniform blue), and a header carries the note the viewer shows."""
+    from cam_helpers import brightness_analyzer
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(buf, format="PNG")
+    black = buf.getvalue()
+    with TestClient(create_app(brightness_analyzer())) as c:
+        r = c.post("/api/v1/cam?finding=Mass", **upload(black))
+        assert r.status_code == 200 and r.headers["x-grad-cam-note"] == "no positive evidence for Mass"
+        rgb = np.asarray(decode_png(r.content).convert("RGB")).astype(int)
+        assert np.array_equal(rgb[..., 0], rgb[..., 2]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+        a = c.post("/api/v1/analyses", **upload(black)).json()
+        for _ in range(2):  # computed, then from the cache: the note stays
+            r = c.get(a["cam_url"], params={"finding": "Mass"})
+            assert r.headers["x-grad-cam-note"] == "no positive evidence for Mass"
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 56), 255, np.uint8)).save(buf, format="PNG")
+        r = c.post("/api/v1/cam?finding=Mass", **upload(buf.getvalue()))
+        assert r.status_code == 200 and "x-grad-cam-note" not in r.headers

@@ -139,6 +139,14 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
                 page.evaluate("() => document.activeElement && document.activeElement.blur()")
                 page.screenshot(path=shot, full_page=True)
 
+            # A failed upload after a good one: the error alone, no stale image or findings under it.
+            page.set_input_files("#file", str(bad))
+            expect(page.get_by_role("alert")).to_contain_text("not a PNG, JPEG or DICOM image")
+            expect(page.locator("#result")).to_be_hidden()
+            expect(page.locator("#findings li")).to_have_count(0)
+            assert page.locator("#xray").get_attribute("src") is None
+            problems[:] = [m for m in problems if "415" not in m]
+
             assert problems == []
             assert all(u.startswith(server_url) or u.startswith(("blob:", "data:")) for u in requests), requests
         finally:

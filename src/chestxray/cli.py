@@ -15,6 +15,7 @@ from chestxray.errors import ChestXrayError
 
 COMMANDS = (
     "info",
+    "datasets",
     "prepare",
     "train",
     "evaluate",

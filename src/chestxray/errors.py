@@ -18,6 +18,11 @@ class ImageReadError(ChestXrayError):
         super().__init__(f"{self.source}: {reason}")
 
 
+class DecodeLimitError(ImageReadError):
+    """The image would take more memory to decode than the caller's budget allows
+    (judged from its header: width x height x channels x bytes per sample)."""
+
+
 class DatasetError(ChestXrayError):
     """The dataset root, its labels file or its split lists are unusable."""
 
@@ -28,6 +33,10 @@ class LabelError(DatasetError):
 
 class BundleError(ChestXrayError):
     """A model bundle is missing, malformed or does not match its architecture."""
+
+
+class ExportError(ChestXrayError):
+    """Export failed or its check did not pass; nothing was written."""
 
 
 class WeightsUnavailableError(ChestXrayError):

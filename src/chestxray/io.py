@@ -6,9 +6,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp_path)`, then rename tmp_path over `path`; no torn files on a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

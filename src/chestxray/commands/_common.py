@@ -65,6 +65,60 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-missing", action="store_true", help="use the images that are present when some listed ones are missing"
     )
+    p.add_argument(
+        "--uncertain",
+        choices=("ignore", "ones", "zeros"),
+        default="ignore",
+        help="CheXpert/MIMIC uncertain (-1) labels: ignore (masked, default), ones or zeros",
+    )
+    p.add_argument(
+        "--views",
+        default=None,
+        help="views to use: 'frontal' (default except for info), 'all', or a list such as PA,AP",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="patients held out for test where a dataset has no official split (default 0.2)",
+    )
+    p.add_argument("--csv-spec", default=None, metavar="FILE", help="JSON/YAML column spec for csv: roots")
+    p.add_argument(
+        "--csv-columns",
+        default=None,
+        metavar="KEY=COL,...",
+        help="csv: column names as flags: path, labels ('|' findings), findings (a;b), patient, study, split, "
+        "view, sex, age, separator, file",
+    )
+    p.add_argument(
+        "--vindr-rule",
+        choices=("any", "majority"),
+        default="any",
+        help="VinDr image label from its three radiologists: any (default) or majority",
+    )
+
+
+def dataset_options(args: argparse.Namespace, *, require_images: bool = True, views: str | None = "frontal"):
+    """The DatasetOptions of a command's dataset flags (`views`: the command's default)."""
+    from chestxray.data.common import DatasetOptions
+
+    return DatasetOptions(
+        val_fraction=args.val_fraction,
+        seed=args.split_seed,
+        test_fraction=args.test_fraction,
+        allow_missing=args.allow_missing,
+        require_images=require_images,
+        uncertain=args.uncertain,
+        vindr_rule=args.vindr_rule,
+        csv_spec=args.csv_spec,
+        csv_columns=args.csv_columns,
+        views=args.views if args.views is not None else views,
+    )
+
+
+ROOT_HELP = (
+    "dataset root: PATH (NIH ChestX-ray14) or NAME:PATH with NAME one of nih, chexpert, mimic, padchest, vindr, csv"
+)
 
 
 def add_model_args(p: argparse.ArgumentParser, backends: bool = True) -> None:

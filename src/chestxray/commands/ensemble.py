@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from chestxray.commands._common import add_dataset_args
+from chestxray.data.index import TUNING_SPLITS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split",
         default="val",
-        choices=["val", "train"],
+        choices=TUNING_SPLITS,
         help="split that tunes the thresholds (default val; never the test split)",
     )
     p.add_argument("--name", default=None, help="model name stored in the bundle")

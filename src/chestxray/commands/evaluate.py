@@ -6,13 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from chestxray.commands._common import add_dataset_args, add_model_args, positive_int
+from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_model_args, dataset_options, positive_int
+from chestxray.data.index import SPLITS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="per-class AUROC/AUPRC/F1 with patient-bootstrap CIs, curves, report")
-    p.add_argument("root", help="dataset root")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("root", help=ROOT_HELP + "; findings shared with the model are scored")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="google2019:FILE",
+        help="score an NIH root against other labels: google2019:FILE, Google's 2019 expert labels "
+        "(google2019_nih-chest-xray-labels.csv[.gz]); --split test or val is Google's own",
+    )
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate on (default test)")
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -31,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         const="",
         default=None,
         metavar="CSV",
-        help="also score Grad-CAM localization against radiologist boxes (default CSV: ROOT/BBox_List_2017.csv)",
+        help="also score Grad-CAM localization against radiologist boxes (default CSV: ROOT/BBox_List_2017.csv; "
+        "for vindr: its train.csv boxes)",
     )
     add_dataset_args(p)
     p.set_defaults(run=run)
@@ -42,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     from chestxray import NOT_FOR_CLINICAL_USE
     from chestxray.commands._common import resolve_device_arg
-    from chestxray.data.index import load_nih
+    from chestxray.data.datasets import open_dataset
     from chestxray.errors import DatasetError
-    from chestxray.evaluation.evaluate import run_evaluation
+    from chestxray.evaluation.evaluate import mapping_lines, run_evaluation
     from chestxray.evaluation.subgroups import parse_by
     from chestxray.inference.predict import Analyzer
     from chestxray.io import atomic_write_text
@@ -55,11 +64,22 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(str(exc)) from None
     device = resolve_device_arg(args.device)
     analyzer = Analyzer.load(args.model, backend="torch", device=device, batch_size=args.batch_size)
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
+    index = open_dataset(args.root, dataset_options(args))
+    if args.labels:
+        kind, _, file = args.labels.partition(":")
+        if kind != "google2019" or not file:
+            raise DatasetError(f"--labels {args.labels!r}: expected google2019:FILE")
+        if index.dataset != "nih":
+            raise DatasetError("--labels google2019:FILE applies to an NIH root")
+        from chestxray.data.datasets.google2019 import with_google_labels
+
+        index = with_google_labels(index, Path(file))
     out = Path(args.out or f"eval-{args.split}")
     result = run_evaluation(
         analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=sys.stderr.isatty(), by=by
     )
+    for line in mapping_lines(result):
+        print(line)
     m = result["macro"]
     ci = m.get("auroc_ci") or [None, None]
     print(f"{analyzer.name} on {args.split} ({result['n_images']} images, {result['n_patients']} patients)")
@@ -94,10 +114,25 @@ def run(args: argparse.Namespace) -> int:
     if args.boxes is not None:
         from chestxray.evaluation.localization import localization_markdown, score_localization
 
-        csv = Path(args.boxes) if args.boxes else Path(args.root) / "BBox_List_2017.csv"
-        if not csv.is_file():
-            raise DatasetError(f"--boxes: {csv} not found")
-        loc = score_localization(analyzer, index, csv, split=args.split, seed=args.seed)
+        if index.dataset == "vindr" and not args.boxes:
+            from chestxray.evaluation.localization import vindr_box_entries
+
+            # The radiologists' boxes of train.csv, in each DICOM's own pixel frame.
+            csv = Path(index.labels_file)  # type: ignore[attr-defined]
+            loc = score_localization(
+                analyzer,
+                index,
+                csv,
+                split=args.split,
+                seed=args.seed,
+                entries=vindr_box_entries(index.root),
+                box_frame=None,
+            )
+        else:
+            csv = Path(args.boxes) if args.boxes else Path(index.root) / "BBox_List_2017.csv"
+            if not csv.is_file():
+                raise DatasetError(f"--boxes: {csv} not found")
+            loc = score_localization(analyzer, index, csv, split=args.split, seed=args.seed)
         result["localization"] = loc
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
         md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from chestxray.export.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, MIN_OPSET
+from chestxray.export.quantize import CALIBRATION_METHODS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,15 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--opset",
         type=int,
-        default=18,
+        default=DEFAULT_OPSET,
         metavar="N",
-        help="ONNX opset, 18 or newer (default 18, which onnxruntime >= 1.14 runs)",
+        help=f"ONNX opset, {MIN_OPSET} or newer (default {DEFAULT_OPSET}, which onnxruntime >= 1.14 runs)",
     )
     p.add_argument(
         "--tolerance",
         type=float,
-        default=1e-4,
-        help="largest allowed |p_onnx - p_torch| on the check images (default 1e-4)",
+        default=DEFAULT_TOLERANCE,
+        help=f"largest allowed |p_onnx - p_torch| on the check images (default {DEFAULT_TOLERANCE:g})",
     )
     p.add_argument(
         "--check-images",
@@ -56,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--calibration-method",
-        choices=("minmax", "percentile", "entropy"),
+        choices=CALIBRATION_METHODS,
         default="minmax",
         help="how activation ranges are chosen (default minmax)",
     )

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from chestxray.inference.predict import Analyzer, Prediction
 
 FORMATS = ("table", "json", "csv")
-CSV_COLUMNS = ("file", "model", "finding", "probability", "threshold", "positive", "error")
+CSV_COLUMNS = ("file", "model", "variant", "finding", "probability", "threshold", "positive", "error")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cam",
         metavar="DIR",
-        help="also write Grad-CAM overlays (original size) to DIR, one PNG per image and finding: "
-        "STEM_FINDING_PROB.png; needs the torch backend",
+        help="also write Grad-CAM overlays (original size, with a colour bar) to DIR, one PNG per image and "
+        "finding, named NAME_EXT_FINDING_PROB.png (x.png -> x_png_Effusion_0.63.png; inputs with the same file "
+        "name in different folders get their folder names in front: a_x_png_..., b_x_png_...); the table and "
+        "the JSON list each overlay's path; needs the torch backend",
     )
     p.add_argument(
         "--findings",
@@ -79,21 +81,25 @@ def run(args: argparse.Namespace) -> int:
         if args.cam:
             predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
         else:
-            predictions = analyzer.predict(files, progress=progress)
-    text = render(predictions, args.format, analyzer.name)
+            predictions = analyzer.predict_many(files, progress=progress)
+    text = render(predictions, args.format, f"{analyzer.name} ({analyzer.variant})")
     if args.out:
         from chestxray.io import atomic_write_text
 
         atomic_write_text(args.out, text)
         print(
-            f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name}. "
+            f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name} "
+            f"({analyzer.variant}). "
             f"{NOT_FOR_CLINICAL_USE}",
             file=sys.stderr,
         )
     else:
         sys.stdout.write(text)
         if args.format != "table":
-            print(f"model {analyzer.name}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+            print(f"model {analyzer.name} ({analyzer.variant}). {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+    if args.cam:
+        written = sum(len(p.overlays or []) for p in predictions)
+        print(f"wrote {written} Grad-CAM overlays to {Path(args.cam).resolve()}", file=sys.stderr)
     failed = [p for p in predictions if not p.ok]
     if failed:
         print(f"chestxray predict: {len(failed)} of {len(predictions)} files could not be read:", file=sys.stderr)
@@ -128,50 +134,72 @@ def predict_with_cams(
     analyzer: "Analyzer", files: Sequence[Path], cam_dir: Path, findings: Sequence[str] | None, progress: bool
 ) -> list["Prediction"]:
     """Predict each file with one Grad-CAM pass and write its overlays; the predictions
-    come from the same forward pass as the maps."""
+    come from the same forward pass as the maps, and list the overlays they wrote."""
     from tqdm.auto import tqdm
 
     from chestxray.errors import ImageReadError
     from chestxray.inference.explain import explain_image, resolve_findings
-    from chestxray.inference.predict import Prediction
 
     resolve_findings(analyzer.labels, findings)  # unknown names fail before any work
     _ = analyzer.model  # a backend without a torch model fails before any work
     cam_dir.mkdir(parents=True, exist_ok=True)
-    stems: dict[str, str] = {}
+    names = overlay_names(files)
     out: list[Prediction] = []
     for path in tqdm(files, desc="predict+cam", unit="img", disable=not progress):
         name = str(path)
         try:
             gray, prediction, cams = explain_image(analyzer, path, findings, name)
         except ImageReadError as exc:
-            out.append(Prediction(name, analyzer.name, [], exc.reason))
+            out.append(analyzer.result(name, error=exc.reason))
             continue
-        stem = unique_stem(path, stems)
+        prediction.overlays = []
         for cam in cams:
-            write_overlay(cam_dir / f"{stem}_{cam.finding}_{cam.probability:.2f}.png", gray, cam, analyzer)
+            target = cam_dir / f"{names[name]}_{cam.finding}_{cam.probability:.2f}.png"
+            write_overlay(target, gray, cam, analyzer)
+            prediction.overlays.append({"finding": cam.finding, "path": str(target), "note": cam.note})
         out.append(prediction)
     return out
 
 
-def unique_stem(path: Path, used: dict[str, str]) -> str:
-    """The file's stem, made unique when two inputs share one (a/x.png, b/x.png)."""
-    stem, k = path.stem, 1
-    while used.get(stem, str(path)) != str(path):
-        k += 1
-        stem = f"{path.stem}-{k}"
-    used[stem] = str(path)
-    return stem
+def overlay_names(files: Sequence[Path]) -> dict[str, str]:
+    """The name each input's overlays start with: its file name with the dot as "_"
+    (x.png -> x_png, so x.png and x.dcm differ), with as many parent folders in front
+    as it takes to tell apart inputs that share a file name (a/x.png -> a_x_png)."""
+    unique = sorted({str(p): p for p in files}.values(), key=str)
+
+    def name(p: Path, depth: int) -> str:
+        parts = [*p.parent.parts[len(p.parent.parts) - depth + 1 :], p.name] if depth > 1 else [p.name]
+        return "_".join(part.replace(".", "_") for part in parts if part not in ("/", "")).strip("_") or "input"
+
+    out: dict[str, str] = {}
+    groups: dict[str, list[Path]] = {}
+    for p in unique:
+        groups.setdefault(p.name, []).append(p)
+    for group in groups.values():
+        depth = 1
+        while len({name(p, depth) for p in group}) < len(group) and depth <= max(len(p.parts) for p in group):
+            depth += 1
+        for p in group:
+            out[str(p)] = name(p, depth)
+    clash = {v for v in out.values() if list(out.values()).count(v) > 1}  # x_y.png vs x/y.png: whole paths
+    for key, value in out.items():
+        if value in clash:
+            out[key] = name(Path(key).resolve(), len(Path(key).resolve().parts))
+    return out
 
 
 def write_overlay(target: Path, gray: Any, cam: Any, analyzer: "Analyzer") -> Path:
+    """The overlay with its caption on top and, when there is a map to read, the colour
+    bar below (as the viewer shows beside its overlays)."""
     from PIL import Image
 
-    from chestxray.inference.explain import cam_caption, draw_caption, overlay
+    from chestxray.inference.explain import cam_caption, draw_caption, overlay, with_colour_bar
     from chestxray.io import atomic_write
 
     threshold = float(analyzer.thresholds[analyzer.labels.index(cam.finding)])
     rgb = draw_caption(overlay(gray, cam.heatmap), cam_caption(cam, analyzer.name, threshold))
+    if cam.has_evidence:
+        rgb = with_colour_bar(rgb)
     return atomic_write(target, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
 
 
@@ -195,12 +223,13 @@ def to_csv(predictions: Sequence["Prediction"]) -> str:
     writer.writerow(CSV_COLUMNS)
     for p in predictions:
         if not p.ok:
-            writer.writerow([p.file, p.model, "", "", "", "", p.error])
+            writer.writerow([p.file, p.model, p.variant, "", "", "", "", p.error])
         for f in p.findings:
             writer.writerow(
                 [
                     p.file,
                     p.model,
+                    p.variant,
                     f.finding,
                     f"{f.probability:.6f}",
                     f"{f.threshold:.6f}",
@@ -227,4 +256,6 @@ def to_table(predictions: Sequence["Prediction"], model_name: str) -> str:
         lines.append(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  positive")
         for f in p.findings:
             lines.append(f"  {f.finding:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'YES' if f.positive else '-'}")
+        for o in p.overlays or []:
+            lines.append(f"  Grad-CAM {o['finding']}: {o['path']}" + (f" ({o['note']})" if o["note"] else ""))
     return "\n".join(lines) + "\n"

@@ -6,14 +6,14 @@ import argparse
 import os
 import sys
 
-from chestxray.commands._common import add_dataset_args
+from chestxray.commands._common import ROOT_HELP, add_dataset_args, dataset_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from chestxray.data.cache import DEFAULT_CACHE_SIZE
 
     p = sub.add_parser("prepare", help="decode and resize every image once into a uint8 cache")
-    p.add_argument("root", help="dataset root")
+    p.add_argument("root", help=ROOT_HELP)
     p.add_argument(
         "--cache",
         default=None,
@@ -37,12 +37,12 @@ MAX_LISTED = 20  # failures printed; all of them are in failed.json
 
 def run(args: argparse.Namespace) -> int:
     from chestxray.data.cache import default_cache_dir, prepare_cache
-    from chestxray.data.index import load_nih
+    from chestxray.data.datasets import open_dataset, parse_root
 
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
+    index = open_dataset(args.root, dataset_options(args))
     if index.skipped_missing:
         print(f"skipped {index.skipped_missing:,} listed images that are missing (--allow-missing)")
-    cache = args.cache or default_cache_dir(args.root)
+    cache = args.cache or default_cache_dir(parse_root(args.root)[1])
     report = prepare_cache(
         list(index.iter_paths()), cache, size=args.size, workers=args.workers, progress=sys.stderr.isatty()
     )

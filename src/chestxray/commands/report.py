@@ -6,7 +6,15 @@ import argparse
 import sys
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands._common import add_dataset_args, add_model_args, positive_int, resolve_device_arg
+from chestxray.commands._common import (
+    ROOT_HELP,
+    add_dataset_args,
+    add_model_args,
+    dataset_options,
+    positive_int,
+    resolve_device_arg,
+)
+from chestxray.data.index import ALL_SPLITS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,11 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "finding. Writes DIR/grid.png, DIR/index.html (self-contained) and "
         "DIR/predictions.json. " + NOT_FOR_CLINICAL_USE,
     )
-    p.add_argument("root", help="dataset root (labels CSV, split lists, images)")
+    p.add_argument("root", help=ROOT_HELP)
     add_model_args(p, backends=False)
-    p.add_argument(
-        "--split", choices=("train", "val", "test", "all"), default="test", help="split to draw from (default test)"
-    )
+    p.add_argument("--split", choices=ALL_SPLITS, default="test", help="split to draw from (default test)")
     p.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -31,13 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chestxray.data.index import load_nih
+    from chestxray.data.datasets import open_dataset
     from chestxray.evaluation.report import write_report
     from chestxray.inference.predict import Analyzer
 
     device = resolve_device_arg(args.device)
     analyzer = Analyzer.load(args.model, backend="torch", device=device)
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
+    index = open_dataset(args.root, dataset_options(args))
     summary = write_report(
         analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed, progress=sys.stderr.isatty()
     )

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
+import json
 import logging
+import os
+import shutil
+import socket
 import sys
+import tempfile
+from typing import TYPE_CHECKING, Any
 
 from chestxray.commands._common import add_model_args, resolve_device_arg
 from chestxray.errors import ChestXrayError
+
+if TYPE_CHECKING:
+    from chestxray.serve.runtime import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +42,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--access-log",
         action="store_true",
-        help="log one line per request (path only: query strings and analysis ids are cut)",
+        help="log one JSON line per request: request id, route template, status, timings (no file "
+        "names, query values or analysis ids)",
+    )
+    g = p.add_argument_group("load limits (per worker)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, each with its own model (default 1; see the README: analyses kept "
+        "for the viewer are only found by the worker that made them, so use 1 for the viewer)",
+    )
+    g.add_argument(
+        "--queue-length",
+        type=int,
+        default=64,
+        help="uploads in progress at once; more get 503 with Retry-After (default 64)",
+    )
+    g.add_argument(
+        "--request-deadline-s",
+        type=float,
+        default=30.0,
+        help="an upload not decoded and analysed within this many seconds gets 503 (default 30)",
+    )
+    g.add_argument("--max-batch", type=int, default=16, help="images per inference batch (default 16; 1: no batching)")
+    g.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long the first request of a batch waits for others (default 5 ms)",
+    )
+    g.add_argument("--decode-threads", type=int, default=None, help="images decoded at once (default: CPU cores)")
+    g.add_argument(
+        "--max-decode-mb",
+        type=float,
+        default=128.0,
+        help="refuse (413) images whose decoded size, width x height x channels x bytes per sample "
+        "from the header, exceeds this many MiB (default 128)",
+    )
+    g.add_argument(
+        "--header-timeout-s", type=float, default=10.0, help="close (408) connections whose request head is slower"
+    )
+    g.add_argument(
+        "--body-timeout-s", type=float, default=60.0, help="answer 408 to uploads whose body takes longer (default 60)"
     )
     p.set_defaults(run=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
+    from chestxray.serve.runtime import ServeSettings
+
+    extra = {} if args.decode_threads is None else {"decode_threads": args.decode_threads}
+    try:
+        return ServeSettings(
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_decode_bytes=int(args.max_decode_mb * 2**20),
+            queue_length=args.queue_length,
+            request_deadline_s=args.request_deadline_s,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+            **extra,
+        )
+    except ValueError as exc:
+        raise ChestXrayError(f"serve: {exc}") from None
 
 
 class RedactAccessLog(logging.Filter):
@@ -66,6 +138,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port, bound here rather than by uvicorn so that the
+    URL printed shows the real port when --port 0 let the system pick one, and so that a
+    port in use is a one-line error (uvicorn logs it and exits)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ChestXrayError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -81,28 +169,86 @@ def run(args: argparse.Namespace) -> int:
         raise ChestXrayError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
     if args.max_upload_mb <= 0:
         raise ChestXrayError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.workers < 1:
+        raise ChestXrayError(f"--workers must be at least 1, got {args.workers}")
+    settings = settings_from_args(args)
     from chestxray.inference.predict import resolve_backend
+    from chestxray.serve.metrics import ACCESS_LOG
+    from chestxray.serve.protocol import HEADER_TIMEOUT_ENV, HeaderTimeoutH11Protocol
 
     backend = resolve_backend(args.model, args.backend)
-    analyzer = Analyzer.load(args.model, backend=backend, device=resolve_device_arg(args.device, backend))
-    app = create_app(analyzer, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    device = resolve_device_arg(args.device, backend)
+    analyzer = Analyzer.load(args.model, backend=backend, device=device)  # fails here, before any worker starts
     if not is_loopback(args.host):
         log.warning(
             "listening on %s: anyone who can reach this address can upload images; the server has no authentication",
             args.host,
         )
+    sock = bind(args.host, args.port)
+    port = int(sock.getsockname()[1])
     shown = f"[{args.host}]" if ":" in args.host else args.host
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
     print(
-        f"chestxray serve: model {analyzer.name} ({backend}) at http://{shown}:{args.port}/ "
+        f"chestxray serve: model {analyzer.name} ({analyzer.variant}{workers}) at http://{shown}:{port}/ "
         f"(API schema /openapi.json). Not for clinical use. Ctrl-C stops.",
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, access_log=args.access_log, log_level="info", server_header=False
+    HeaderTimeoutH11Protocol.header_timeout_s = settings.header_timeout_s
+    os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)  # for --workers processes
+    common: dict[str, Any] = dict(
+        host=args.host,
+        port=port,
+        access_log=False,  # our own access line (serve/metrics.py) replaces uvicorn's
+        log_level="info",
+        server_header=False,
+        http=HeaderTimeoutH11Protocol,
+        log_config=_log_config(args.access_log, ACCESS_LOG),
     )
-    access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
-    if not any(isinstance(f, RedactAccessLog) for f in access.filters):
-        access.addFilter(RedactAccessLog())
-    uvicorn.Server(config).run()
+    try:
+        if args.workers == 1:
+            config = uvicorn.Config(create_app(analyzer, settings=settings), **common)
+            access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
+            if not any(isinstance(f, RedactAccessLog) for f in access.filters):
+                access.addFilter(RedactAccessLog())
+            uvicorn.Server(config).run(sockets=[sock])
+            return 0
+        del analyzer  # each worker loads its own copy
+        from uvicorn.supervisors import Multiprocess
+
+        from chestxray.serve.app import CONFIG_ENV
+
+        model = str(args.model) if args.model is not None else None
+        os.environ[CONFIG_ENV] = json.dumps(
+            {"model": model, "backend": backend, "device": device, "settings": settings.to_dict()}
+        )
+        # prometheus-client's multiprocess mode: every worker writes its figures to files here
+        # and /metrics adds them up; a fresh folder per run so old figures never count.
+        metrics_dir = tempfile.mkdtemp(prefix="chestxray-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        config = uvicorn.Config("chestxray.serve.app:app_from_env", factory=True, workers=args.workers, **common)
+        import inspect
+
+        if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
+            Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()  # type: ignore[call-arg]
+        else:
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
     return 0
+
+
+def _log_config(access_log: bool, logger_name: str) -> dict[str, Any]:
+    """uvicorn's logging setup plus our access logger (on with --access-log); applied in each worker too."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"][logger_name] = {
+        "handlers": ["default"],
+        "level": "INFO" if access_log else "WARNING",
+        "propagate": False,
+    }
+    return config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chestxray.commands._common import add_dataset_args, add_device_arg
+from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_device_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "head trained, BCEWithLogitsLoss, Adam at 1e-5, ReduceLROnPlateau on validation loss, "
         "5 epochs, 224 px. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).",
     )
-    p.add_argument("root", help="dataset root")
+    p.add_argument(
+        "root",
+        nargs="+",
+        help=ROOT_HELP + "; several train on their union (each dataset's own split, frontal views by default)",
+    )
     p.add_argument("--out", required=True, help="run folder: log.jsonl, checkpoint.pt, model.safetensors")
     p.add_argument(
         "--model",
@@ -63,6 +67,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
     p.add_argument("--name", default=None, help="model name stored in the bundle")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated findings the model predicts (names as in `chestxray datasets`; "
+        "default: every finding the training data labels, NIH's 14 for NIH alone)",
+    )
+    p.add_argument(
+        "--loader",
+        choices=("auto", "ram", "memmap"),
+        default="auto",
+        help="hold each split in RAM, or read batches from the cache memmap (auto: by split size and free memory)",
+    )
     add_dataset_args(p)
     p.set_defaults(run=run)
 
@@ -71,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.training.loop import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["root"] = args.root[0] if len(args.root) == 1 else list(args.root)
+    cfg = TrainConfig(**values)
     bundle = train(cfg, resume=args.resume)
     if bundle is not None:
         print(f"bundle written: {bundle}")

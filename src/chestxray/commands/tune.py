@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chestxray.commands._common import add_dataset_args, add_device_arg
+from chestxray.commands._common import add_dataset_args, add_device_arg, dataset_options
 
 
 def policy_arg(text: str) -> str:
@@ -72,14 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from chestxray import NOT_FOR_CLINICAL_USE
     from chestxray.commands._common import resolve_device_arg
-    from chestxray.data.index import load_nih
+    from chestxray.data.datasets import open_dataset
     from chestxray.evaluation.tune import retune_bundle
     from chestxray.inference.predict import default_bundle_path
 
-    index = load_nih(args.root, val_fraction=args.val_fraction, seed=args.split_seed, allow_missing=args.allow_missing)
+    index = open_dataset(args.root, dataset_options(args))
     eval_index = None
     if args.evaluate_root is not None:
-        eval_index = load_nih(args.evaluate_root, val_fraction=args.val_fraction, seed=args.split_seed)
+        eval_index = open_dataset(args.evaluate_root, dataset_options(args))
     path, summary = retune_bundle(
         args.model or default_bundle_path(),
         index,

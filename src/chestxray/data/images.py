@@ -15,13 +15,14 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from chestxray.errors import ImageReadError
+from chestxray.errors import DecodeLimitError, ImageReadError
 
 MAX_PIXELS = 50_000_000
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -60,26 +61,69 @@ def source_name(source: object, name: str | None = None, default: str = "<upload
     return default
 
 
-def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on one decode, judged from the header before any pixel is decoded.
+
+    `max_bytes`: refuse images whose decoded size, width x height x channels x bytes per
+    sample as the header states them, exceeds this (None: only MAX_PIXELS applies).
+    `reduce_to`: images whose shorter side is at least twice this are decoded at an integer
+    fraction of their size that keeps the shorter side >= `reduce_to` (JPEG: by the DCT
+    scaling of `draft`, straight to gray; PNG: `Image.reduce` right after decoding).
+    """
+
+    max_bytes: int | None = None
+    reduce_to: int | None = None
+
+
+def read_image(source: ImageSource, name: str | None = None, limits: DecodeLimits | None = None) -> np.ndarray:
     """Decode `source` (a path, raw bytes or a binary file object) to a HxW uint8 array.
 
     PNG and JPEG in any bit depth and mode (L, RGB, RGBA, palette, 16-bit) and DICOM
     (modality rescale, VOI LUT or window, MONOCHROME1 inverted, any bit depth) all end
     as 8-bit grayscale. `name` is what errors call the input (defaults to the path).
     Raises ImageReadError naming the input and the reason for empty, truncated,
-    oversized (> MAX_PIXELS) or non-image data, and for DICOM without pixel data.
+    oversized (> MAX_PIXELS) or non-image data, and for DICOM without pixel data;
+    DecodeLimitError (a subclass) past `limits.max_bytes`.
     """
     label = source_name(source, name)
     data = _read_bytes(source, label)
+    limits = limits or DecodeLimits()
     if not data:
         raise ImageReadError(label, "empty file")
     if is_dicom_bytes(data[:132]):
-        return _read_dicom(data, label)
+        return _read_dicom(data, label, limits)
     if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
-        return _read_raster(data, label)
+        return _read_raster(data, label, limits)
     if Path(label).suffix.lower() in (".dcm", ".dicom"):
-        return _read_dicom(data, label)  # DICOM without the Part-10 preamble
-    return _read_raster(data, label)
+        return _read_dicom(data, label, limits)  # DICOM without the Part-10 preamble
+    return _read_raster(data, label, limits)
+
+
+def _check_budget(label: str, limits: DecodeLimits, w: int, h: int, channels: int, bits: int) -> None:
+    if limits.max_bytes is None:
+        return
+    cost = w * h * channels * max(1, math.ceil(bits / 8))
+    if cost > limits.max_bytes:
+        raise DecodeLimitError(
+            label,
+            f"image of {w}x{h}, {channels} channel(s) of {bits} bit decodes to {cost / 2**20:.0f} MiB, "
+            f"over the {limits.max_bytes / 2**20:.4g} MiB decode limit",
+        )
+
+
+def _png_header(data: bytes) -> tuple[int, int]:
+    """(channels, bits per sample) from a PNG's IHDR (PIL's mode hides 16-bit colour)."""
+    if len(data) >= 26 and data[12:16] == b"IHDR":
+        bits, color_type = data[24], data[25]
+        return {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color_type, 4), int(bits)
+    return 4, 16  # unknown: assume the dearest
+
+
+def _reduce_factor(w: int, h: int, reduce_to: int | None) -> int:
+    if not reduce_to or reduce_to < 1:
+        return 1
+    return max(1, min(w, h) // reduce_to)
 
 
 def _read_bytes(source: ImageSource, label: str) -> bytes:
@@ -111,15 +155,24 @@ def _check_pixels(label: str, w: int, h: int, what: str = "image") -> None:
         )
 
 
-def _read_raster(data: bytes, label: str) -> np.ndarray:
+def _read_raster(data: bytes, label: str, limits: DecodeLimits) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # PIL's own bomb check warns at ~89 MP; we enforce our lower limit below,
             # from the header, before any pixel is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             _check_pixels(label, *img.size)
+            factor = _reduce_factor(*img.size, limits.reduce_to)
+            if img.format == "JPEG":
+                if factor > 1:  # DCT scaling: decodes at 1/2..1/8 size, luma only
+                    img.draft("L", (img.size[0] // factor, img.size[1] // factor))
+                _check_budget(label, limits, *img.size, len(img.getbands()), int(getattr(img, "bits", 8)))
+            else:
+                _check_budget(label, limits, *img.size, *_png_header(data))
             img.load()
+            if factor > 1 and img.format != "JPEG" and img.mode in ("L", "RGB", "RGBA", "I", "F"):
+                img = img.reduce(factor)
             if img.format == "JPEG":  # phone photos of films carry an EXIF rotation
                 img = ImageOps.exif_transpose(img)
     except ImageReadError:
@@ -180,7 +233,9 @@ def pil_to_gray8(img: Image.Image, label: str = "<image>") -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).copy()
     if mode.startswith("I;16") or mode in ("I", "F"):
         return stretch_to_uint8(np.asarray(img))
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+    if mode == "RGBA":  # PIL's RGBA -> L is the luma of RGB (alpha dropped): no RGB copy needed
+        return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+    if mode in ("LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA").convert("RGB")
     try:
         return np.asarray(img.convert("L"), dtype=np.uint8).copy()
@@ -201,13 +256,13 @@ def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.clip(np.rint(out), 0, 255), nan=0.0).astype(np.uint8)
 
 
-def _read_dicom(data: bytes, label: str) -> np.ndarray:
+def _read_dicom(data: bytes, label: str, limits: DecodeLimits | None = None) -> np.ndarray:
     # pydicom reports odd header values by quoting them, through both `warnings` and its
     # logger: keep them out of every log (they can hold patient data).
     with warnings.catch_warnings(), _quiet_pydicom_log():
         warnings.simplefilter("ignore")
         try:
-            return _decode_dicom(data, label)
+            return _decode_dicom(data, label, limits or DecodeLimits())
         except ImageReadError:
             raise
         except Exception as exc:  # malformed headers raise many types (VR, struct, length errors)
@@ -215,7 +270,11 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
 
 
 class _DropWhileReading(logging.Filter):
-    """Drops pydicom's log records emitted by a thread that is inside `_read_dicom`."""
+    """Drops pydicom's log records emitted by a thread that is inside `_read_dicom`.
+
+    Attached to every logger of the pydicom tree: a filter on the "pydicom" logger alone
+    does not see records of its children (`pydicom.pixels.decoders.base` logs decoder
+    tracebacks), since propagation only consults the ancestors' handlers."""
 
     active = threading.local()
 
@@ -226,11 +285,18 @@ class _DropWhileReading(logging.Filter):
 _PYDICOM_FILTER = _DropWhileReading()
 
 
+def _pydicom_loggers() -> list[logging.Logger]:
+    import pydicom.pixels  # noqa: F401 - creates the decoder loggers before they are looked up
+
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pydicom.")]
+    return [logging.getLogger("pydicom"), *(logging.getLogger(n) for n in names)]
+
+
 @contextlib.contextmanager
 def _quiet_pydicom_log() -> Iterator[None]:
-    logger = logging.getLogger("pydicom")
-    if _PYDICOM_FILTER not in logger.filters:
-        logger.addFilter(_PYDICOM_FILTER)  # per-thread, so other threads' logging is untouched
+    for logger in _pydicom_loggers():
+        if _PYDICOM_FILTER not in logger.filters:
+            logger.addFilter(_PYDICOM_FILTER)  # per-thread, so other threads' logging is untouched
     state = _DropWhileReading.active
     state.depth = getattr(state, "depth", 0) + 1
     try:
@@ -239,7 +305,7 @@ def _quiet_pydicom_log() -> Iterator[None]:
         state.depth -= 1
 
 
-def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -252,6 +318,8 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
     if rows <= 0 or cols <= 0:
         raise ImageReadError(label, "DICOM file has no valid Rows/Columns")
     _check_pixels(label, cols, rows * frames, "DICOM pixel data")
+    samples, bits = max(1, _int_tag(ds, "SamplesPerPixel", 1)), max(1, _int_tag(ds, "BitsAllocated", 16))
+    _check_budget(label, limits, cols, rows * frames, samples, bits)
     _ensure_transfer_syntax(ds)
     try:
         arr = ds.pixel_array
@@ -296,18 +364,28 @@ def _int_tag(ds: Any, keyword: str, default: int) -> int:
 
 
 def _pixel_error(ds: Any, exc: Exception) -> str:
-    # Only the exception type and the transfer syntax: exception texts can quote header values.
+    """Why the pixel data did not decode: no decoder for its compression (say which packages
+    add one), or a decoder that ran and failed (corrupt data). Only the exception type and the
+    transfer syntax are named: exception texts can quote header values."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         compressed = syntax is not None and bool(syntax.is_compressed)
     except (ValueError, AttributeError):  # a private or unknown transfer syntax UID
         compressed = False
-    if compressed:
-        return (
-            f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
-            "installing pylibjpeg or python-gdcm adds decoders"
-        )
-    return f"cannot decode DICOM pixel data ({type(exc).__name__})"
+    if syntax is None or not compressed:
+        return f"cannot decode DICOM pixel data: corrupt or truncated ({type(exc).__name__})"
+    try:
+        from pydicom.pixels import get_decoder
+
+        available = get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):  # no decoder exists for this syntax at all
+        available = False
+    if available:
+        return f"corrupt pixel data: the {syntax.name} decoder could not decode it ({type(exc).__name__})"
+    return (
+        f"cannot decode DICOM pixel data compressed as {syntax.name} ({type(exc).__name__}); "
+        "installing pylibjpeg or python-gdcm adds decoders"
+    )
 
 
 def _color_dicom_to_gray(arr: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from chestxray.data.common import DatasetIndex
 from chestxray.data.images import IMAGE_SUFFIXES
 from chestxray.errors import DatasetError
 from chestxray.labels import FINDINGS, labels_matrix
@@ -37,6 +38,8 @@ LABEL_FILES = (
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
+ALL_SPLITS = (*SPLITS, "all")  # what split_positions takes
+TUNING_SPLITS = ("val", "train")  # where thresholds may be tuned: never the test split
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 
@@ -49,10 +52,21 @@ def find_labels_file(root: Path) -> Path:
     raise DatasetError(f"{root}: no labels file found; expected one of {', '.join(LABEL_FILES)} in the root")
 
 
+PANDAS_HINT = "reading a dataset root needs pandas, which is not installed: pip install 'chestxray[data]'"
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError:
+        raise DatasetError(PANDAS_HINT) from None
+    return pandas
+
+
 def read_labels_table(path: Path) -> "pd.DataFrame":
     """Read the labels CSV into a DataFrame with columns image, labels_text, patient_id
     (plus view, age, sex when present) and `line`, the CSV line number of each row."""
-    import pandas as pd
+    pd = _pandas()
 
     try:
         # index_col=False: the first release ends every line with a comma; without it a
@@ -96,11 +110,13 @@ def _patient_key(value: str) -> str:
 
 
 def read_split_list(path: Path) -> list[str]:
-    """The image names of an official split list, one per line."""
+    """The image names of an official split list, one per line. A UTF-8 byte-order mark
+    (Windows editors write one) is dropped, as the CSV reader does, so that the first
+    name still matches its label row."""
     if not path.is_file():
         raise DatasetError(f"{path}: official split list not found")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: cannot read split list ({exc})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -162,7 +178,7 @@ def carve_validation(patients: np.ndarray | list[str], fraction: float, seed: in
 
 
 @dataclass
-class NIHIndex:
+class NIHIndex(DatasetIndex):
     """All labelled images of a dataset root, with split, patient and label matrix.
 
     `frame` has one row per image found (or per label row, for a metadata-only root
@@ -184,6 +200,7 @@ class NIHIndex:
     unlisted: int = 0  # label rows in neither split list (left out)
     unlabelled: int = 0  # split-list names without a label row (ignored)
     skipped_missing: int = 0  # missing images dropped because allow_missing was set
+    dataset = "nih"  # registry name (a class attribute, not a field)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -269,6 +286,7 @@ def load_nih(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root is not a directory")
+    _pandas()  # before any work: the index is a pandas DataFrame
     labels_file = find_labels_file(root)
     table = read_labels_table(labels_file)
     n_rows = len(table)

@@ -51,7 +51,7 @@ class Preprocessing:
             raise ChestXrayError(f"preprocessing: missing or bad field ({exc!r}) in {d!r}") from None
         if size < 8 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ChestXrayError(f"preprocessing: invalid values in {d!r}")
-        return cls(size=size, mean=mean, std=std)  # type: ignore[arg-type]
+        return cls(size=size, mean=mean, std=std)
 
 
 def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
@@ -66,7 +66,7 @@ def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape == (size, size):
         return image
     # PIL widens the filter support when shrinking, i.e. it antialiases.
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 @dataclass

@@ -71,9 +71,10 @@ def write_reliability(targets: np.ndarray, probs: np.ndarray, labels: list[str],
 
     from chestxray.io import atomic_write
 
-    fig = Figure(figsize=(16, 9), dpi=80)
+    rows = max(1, -(-len(labels) // 5))
+    fig = Figure(figsize=(16, 3 * rows), dpi=80)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 5).ravel()
+    axes = np.atleast_1d(fig.subplots(rows, 5)).ravel()
     for c, name in enumerate(labels):
         ax = axes[c]
         r = reliability_bins(targets[:, c], probs[:, c])
@@ -128,15 +129,18 @@ def fit_calibration(
     back to temperature for that finding."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    y_all = np.asarray(targets, dtype=np.float64) > 0.5
+    t_all = np.asarray(targets, dtype=np.float64)
+    labelled = ~np.isnan(t_all)  # an external dataset may not label some findings (NaN)
+    y_all = t_all > 0.5
     z_all = logits_of(probs)
     a, b = np.ones(len(labels)), np.zeros(len(labels))
     identity, fallback = [], []
     for c, name in enumerate(labels):
-        y, z = y_all[:, c].astype(np.float64), z_all[:, c]
+        keep = labelled[:, c]
+        y, z = y_all[keep, c].astype(np.float64), z_all[keep, c]
         if method == "none":
             continue
-        if y.all() or not y.any():
+        if len(y) == 0 or y.all() or not y.any():
             identity.append(name)
             continue
         fit = fit_platt(y, z) if method == "platt" else None
@@ -145,15 +149,18 @@ def fit_calibration(
         a[c], b[c] = fit or fit_temperature(y, z)
     cal = Calibration(method, list(labels), a, b)
     after = cal.apply_logits(z_all)
+    rows = labelled.all(axis=1)
     cal.info = {
         "fitted_on": fitted_on,
         "images": int(len(y_all)),
         "identity_for": identity,
         "temperature_fallback_for": fallback,
-        "fit_split_ece_macro": {
-            "before": calibration_metrics(y_all, np.asarray(probs), labels)["macro"]["ece"],
-            "after": calibration_metrics(y_all, after, labels)["macro"]["ece"],
-        },
+        "fit_split_ece_macro": {  # on the images labelled for every finding
+            "before": calibration_metrics(y_all[rows], np.asarray(probs)[rows], labels)["macro"]["ece"],
+            "after": calibration_metrics(y_all[rows], after[rows], labels)["macro"]["ece"],
+        }
+        if rows.any()
+        else {},
         "ece_binning": ECE_BINNING,
     }
     return cal

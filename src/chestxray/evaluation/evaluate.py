@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,8 @@ from chestxray.evaluation.metrics import evaluate_predictions
 from chestxray.io import atomic_write, atomic_write_text
 
 
-def split_probabilities(
-    analyzer: Any, index: Any, split: str, progress: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(probabilities, targets, patient ids, image names) of one split, read from the images
-    through the analyzer's own preprocessing (exactly what `predict` does)."""
+def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """(row positions, probabilities in the model's label order, predictions) of one split."""
     from chestxray.errors import ChestXrayError
 
     pos = index.split_positions(split)
@@ -32,53 +31,154 @@ def split_probabilities(
             f"{len(bad)} images of the {split} split could not be read, e.g. {bad[0].file}: {bad[0].error}"
         )
     probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
-    # Targets in the model's label order (a bundle may order or subset its labels).
-    unknown = [lab for lab in analyzer.labels if lab not in index.pathologies]
-    if unknown:
-        raise ChestXrayError(f"model {analyzer.name} predicts {unknown}, which {index.root} does not label")
-    cols = [list(index.pathologies).index(lab) for lab in analyzer.labels]
-    targets = index.labels[pos][:, cols]
+    return pos, probs, names
+
+
+def split_probabilities(
+    analyzer: Any, index: Any, split: str, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(probabilities, targets, patient ids, image names) of one split, read from the images
+    through the analyzer's own preprocessing (exactly what `predict` does). Targets are in the
+    model's label order (a bundle may order or subset its labels), harmonised from the
+    dataset's own names; NaN where the dataset does not label a finding."""
+    from chestxray.data.harmonise import targets_for
+    from chestxray.errors import ChestXrayError
+
+    pos, probs, names = _predict_split(analyzer, index, split, progress)
+    targets, sources = targets_for(index.dataset, index.pathologies, index.labels[pos], analyzer.labels)
+    if not sources:
+        raise ChestXrayError(
+            f"model {analyzer.name} predicts none of the findings {index.dataset}:{index.root} labels "
+            f"({', '.join(index.pathologies[:8])}...); see `chestxray datasets`"
+        )
     return probs, targets, index.frame["patient_id"].iloc[pos].to_numpy(), names
 
 
-def write_curves(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> list[Path]:
-    """ROC and precision-recall curves, one panel per finding (classes without positives skipped)."""
+@dataclass
+class ScoringPlan:
+    """Which findings of a dataset a model is scored on, and how."""
+
+    labels: list[str]  # the findings scored (vocabulary names)
+    columns: list[list[int]]  # model outputs per scored finding (several: their maximum)
+    thresholds: np.ndarray
+    mapping: dict[str, str]  # scored finding -> where its labels and scores come from
+    model_only: list[str]  # the model predicts them, the dataset does not label them
+    dataset_only: list[str]  # the dataset labels them (own names), the model cannot score them
+    identity: bool  # the dataset's own names are the model's labels (e.g. NIH and an NIH model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scored": self.mapping,
+            "not_scored_model_only": self.model_only,
+            "not_scored_dataset_only": self.dataset_only,
+        }
+
+
+def scoring_plan(model_labels: list[str], thresholds: Any, index: Any) -> ScoringPlan:
+    """Model findings the dataset labels (after harmonisation), then findings derived from
+    model outputs (`harmonise.DERIVED`, e.g. Nodule or mass = max(Nodule, Mass); threshold:
+    the lowest of its parts'), in model order."""
+    from chestxray.data.harmonise import DERIVED, mapping_for
+
+    mapping = mapping_for(index.dataset, index.pathologies)
+    sources: dict[str, list[str]] = {}
+    for own, target in mapping.items():
+        if target is not None:
+            sources.setdefault(target, []).append(own)
+    thresholds = np.asarray(thresholds, dtype=float)
+    labels, columns, notes = [], [], {}
+    for j, lab in enumerate(model_labels):
+        if lab in sources:
+            labels.append(lab)
+            columns.append([j])
+            notes[lab] = " + ".join(sources[lab])
+    for target, parts in DERIVED.items():
+        if target in sources and target not in labels and all(p in model_labels for p in parts):
+            labels.append(target)
+            columns.append([model_labels.index(p) for p in parts])
+            notes[target] = f"{' + '.join(sources[target])} (model: max of {', '.join(parts)})"
+    scored_own = {own for lab in labels for own in sources[lab]}
+    return ScoringPlan(
+        labels=labels,
+        columns=columns,
+        thresholds=np.array([thresholds[cols].min() for cols in columns]),
+        mapping=notes,
+        model_only=[lab for lab in model_labels if lab not in sources],
+        dataset_only=[own for own, t in mapping.items() if t is not None and own not in scored_own],
+        identity=list(index.pathologies) == list(model_labels),
+    )
+
+
+def curve_figure(
+    kind: str,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    title: str,
+    per_class: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """ROC (`kind` "roc") or precision-recall ("pr") curves as a matplotlib Figure, one panel
+    per finding titled with its AUROC or AUPRC (from `per_class`, the `evaluate_predictions`
+    entries; computed when not given), with a labelled chance line (the diagonal; the
+    prevalence). Classes without positives get an "undefined" panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    if per_class is None:
+        per_class = evaluate_predictions(targets, probs, np.full(len(labels), 0.5), labels, n_boot=0)["per_class"]
+    rows = max(1, math.ceil(len(labels) / 5))  # 3 x 5 for NIH's 14; more or fewer for other label sets
+    fig = Figure(figsize=(16, 3 * rows), dpi=80)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 5, squeeze=False).ravel()
+    for c, name in enumerate(labels):
+        ax = axes[c]
+        known = ~np.isnan(np.asarray(targets[:, c], dtype=float))  # images that label this finding
+        y, p = targets[known, c] > 0.5, probs[known, c]
+        metric = "AUROC" if kind == "roc" else "AUPRC"
+        ax.set_title(f"{name}: {metric} {_fmt(per_class[name][metric.lower()])}", fontsize=9)
+        if not y.any() or y.all():
+            ax.text(0.5, 0.5, "undefined\n(no positives)" if not y.any() else "undefined", ha="center", va="center")
+            continue
+        if kind == "roc":
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label="model")
+            ax.plot([0, 1], [0, 1], ls=":", c="grey", label="chance (AUROC 0.5)")
+            ax.set_xlabel("1 - specificity", fontsize=7)
+            ax.set_ylabel("sensitivity", fontsize=7)
+        else:
+            prec, rec, _ = precision_recall_curve(y, p)
+            ax.plot(rec, prec, label="model")
+            ax.axhline(y.mean(), ls=":", c="grey", label=f"chance (prevalence {y.mean():.3f})")
+            ax.set_xlabel("recall", fontsize=7)
+            ax.set_ylabel("precision", fontsize=7)
+        ax.legend(loc="lower right" if kind == "roc" else "upper right", fontsize=6, frameon=False)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    for ax in axes[len(labels) :]:
+        ax.axis("off")
+    fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
+    fig.tight_layout()
+    return fig
+
+
+def write_curves(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    out: Path,
+    title: str,
+    per_class: dict[str, dict[str, Any]] | None = None,
+) -> list[Path]:
+    """roc_curves.png and pr_curves.png (`curve_figure`) in `out`, written atomically."""
     written = []
     for kind in ("roc", "pr"):
-        fig = Figure(figsize=(16, 9), dpi=80)
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(3, 5).ravel()
-        for c, name in enumerate(labels):
-            ax = axes[c]
-            y = targets[:, c] > 0.5
-            ax.set_title(name, fontsize=9)
-            if not y.any() or y.all():
-                ax.text(0.5, 0.5, "undefined\n(no positives)" if not y.any() else "undefined", ha="center", va="center")
-                continue
-            if kind == "roc":
-                fpr, tpr, _ = roc_curve(y, probs[:, c])
-                ax.plot(fpr, tpr)
-                ax.plot([0, 1], [0, 1], ls=":", c="grey")
-                ax.set_xlabel("1 - specificity", fontsize=7)
-                ax.set_ylabel("sensitivity", fontsize=7)
-            else:
-                prec, rec, _ = precision_recall_curve(y, probs[:, c])
-                ax.plot(rec, prec)
-                ax.axhline(y.mean(), ls=":", c="grey")
-                ax.set_xlabel("recall", fontsize=7)
-                ax.set_ylabel("precision", fontsize=7)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1.02)
-        axes[-1].axis("off")
-        fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
-        fig.tight_layout()
-        path = out / f"{kind}_curves.png"
-        atomic_write(path, lambda p, fig=fig: fig.savefig(p, format="png"))
-        written.append(path)
+        fig = curve_figure(kind, targets, probs, labels, title, per_class)
+
+        def save(tmp: Path, fig: Any = fig) -> None:
+            fig.savefig(tmp, format="png")
+
+        written.append(atomic_write(out / f"{kind}_curves.png", save))
     return written
 
 
@@ -116,6 +216,8 @@ def report_markdown(result: dict[str, Any], model_name: str, split: str, root: s
             f"{_fmt(e['auprc'])}{_ci(e.get('auprc_ci'))} | {e['threshold']:.3f} | {_fmt(e['f1'])} | "
             f"{_fmt(e['precision'])} | {_fmt(e['recall'])} | {_fmt(e['specificity'])} |"
         )
+    if result.get("label_mapping"):
+        lines += ["", "## Label mapping", "", *[f"    {line}" for line in mapping_lines(result)]]
     lines += ["", "Curves: `roc_curves.png`, `pr_curves.png`.", ""]
     if "calibration" in result:
         lines += calibration_markdown(result)
@@ -152,13 +254,23 @@ def run_evaluation(
     by: list[str] | None = None,
 ) -> dict[str, Any]:
     """`by`: subgroup columns (sex, age, view); None = every one the labels file has."""
+    from chestxray.data.harmonise import harmonise
+    from chestxray.errors import ChestXrayError
     from chestxray.evaluation.calibration import calibration_metrics, write_reliability
     from chestxray.evaluation.subgroups import evaluate_subgroups, subgroups_markdown
 
-    probs, targets, groups, _ = split_probabilities(analyzer, index, split, progress=progress)
-    result = evaluate_predictions(
-        targets, probs, analyzer.thresholds, analyzer.labels, groups=groups, n_boot=n_boot, seed=seed
-    )
+    plan = scoring_plan(list(analyzer.labels), analyzer.thresholds, index)
+    if not plan.labels:
+        raise ChestXrayError(
+            f"model {analyzer.name} shares no finding with {index.dataset}:{index.root} "
+            f"(it labels {', '.join(index.pathologies[:8])}...); see `chestxray datasets`"
+        )
+    pos, model_probs, _ = _predict_split(analyzer, index, split, progress)
+    findings, matrix, _ = harmonise(index.dataset, index.pathologies, index.labels[pos])
+    targets = matrix[:, [findings.index(f) for f in plan.labels]]
+    probs = np.stack([model_probs[:, cols].max(axis=1) for cols in plan.columns], axis=1)
+    groups = index.frame["patient_id"].iloc[pos].to_numpy()
+    result = evaluate_predictions(targets, probs, plan.thresholds, plan.labels, groups=groups, n_boot=n_boot, seed=seed)
     result = {
         "model": analyzer.name,
         "split": split,
@@ -168,22 +280,39 @@ def run_evaluation(
     }
     meta = analyzer.meta
     calibrator = (getattr(meta, "calibration", None) or {}).get("method")
-    result["calibration"] = {"calibrator": calibrator, **calibration_metrics(targets, probs, analyzer.labels)}
+    result["calibration"] = {"calibrator": calibrator, **calibration_metrics(targets, probs, plan.labels)}
     if getattr(meta, "operating_point", None):
         result["operating_point"] = {k: meta.operating_point.get(k) for k in ("policy", "tuned_on")}
-    frame = index.frame.iloc[index.split_positions(split)]
+    if not plan.identity:
+        result["dataset"] = index.dataset
+        result["label_mapping"] = plan.to_dict()
+    frame = index.frame.iloc[pos]
     columns = [c for c in ("sex", "age", "view") if c in frame.columns] if by is None else by
     if columns:
         result["subgroups"] = evaluate_subgroups(
-            targets, probs, groups, frame, analyzer.labels, columns, result, n_boot=n_boot, seed=seed
+            targets, probs, groups, frame, plan.labels, columns, result, n_boot=n_boot, seed=seed
         )
     out.mkdir(parents=True, exist_ok=True)
     title = f"{analyzer.name}, {split} split"
-    write_curves(targets, probs, analyzer.labels, out, title)
-    write_reliability(targets, probs, analyzer.labels, out, title)
+    write_curves(targets, probs, plan.labels, out, title, result["per_class"])
+    write_reliability(targets, probs, plan.labels, out, title)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     md = report_markdown(result, analyzer.name, split, str(index.root))
     if "subgroups" in result:
-        md += "\n" + subgroups_markdown(result["subgroups"], analyzer.labels)
+        md += "\n" + subgroups_markdown(result["subgroups"], plan.labels)
     atomic_write_text(out / "report.md", md)
     return result
+
+
+def mapping_lines(result: dict[str, Any]) -> list[str]:
+    """How an external dataset's labels were matched to the model's findings (for printing)."""
+    m = result.get("label_mapping")
+    if not m:
+        return []
+    lines = [f"findings scored on {result['dataset']} (finding <- dataset label):"]
+    lines += [f"  {k:<22} <- {v}" for k, v in m["scored"].items()]
+    if m["not_scored_model_only"]:
+        lines.append("not scored, not labelled by the dataset: " + ", ".join(m["not_scored_model_only"]))
+    if m["not_scored_dataset_only"]:
+        lines.append("not scored, not predicted by the model: " + ", ".join(m["not_scored_dataset_only"]))
+    return lines

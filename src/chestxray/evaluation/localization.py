@@ -36,7 +36,7 @@ from chestxray.errors import DatasetError, ImageReadError, LabelError
 from chestxray.labels import canonical_finding
 
 if TYPE_CHECKING:
-    from chestxray.data.index import NIHIndex
+    from chestxray.data.common import DatasetIndex
     from chestxray.inference.predict import Analyzer
 
 BOX_FRAME = 1024  # NIH box coordinates refer to the 1024 x 1024 originals
@@ -110,6 +110,26 @@ def read_boxes(path: str | os.PathLike) -> list[BoxEntry]:
         if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
             raise DatasetError(f"{p}: line {lineno}: box needs finite coordinates and positive size: {cells[2:6]}")
         out.append(BoxEntry(cells[0], finding, Box(x, y, w, h)))
+    return out
+
+
+def vindr_box_entries(root: str | os.PathLike) -> list[BoxEntry]:
+    """VinDr-CXR radiologist boxes (train.csv, original pixel coordinates), one per reader and
+    box, under the common vocabulary's finding names (`data.harmonise`); unmapped classes
+    (Other lesion) are left out."""
+    from chestxray.data.datasets.vindr import NO_FINDING, read_vindr_rows
+    from chestxray.data.harmonise import mapping_for
+
+    _, rows = read_vindr_rows(Path(root))
+    boxed = rows[(rows["class_name"] != NO_FINDING)].dropna(subset=["x_min", "y_min", "x_max", "y_max"])
+    names = mapping_for("vindr", sorted(set(boxed["class_name"])))
+    out = []
+    for image, cls, x0, y0, x1, y1 in boxed[["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"]].itertuples(
+        index=False
+    ):
+        finding = names.get(cls)
+        if finding is not None and x1 > x0 and y1 > y0:
+            out.append(BoxEntry(str(image), finding, Box(float(x0), float(y0), float(x1 - x0), float(y1 - y0))))
     return out
 
 
@@ -203,7 +223,7 @@ def summarise(scores: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def score_localization(
     analyzer: "Analyzer",
-    index: "NIHIndex",
+    index: "DatasetIndex",
     boxes_csv: str | os.PathLike,
     split: str | None = None,
     seed: int = 0,
@@ -212,16 +232,20 @@ def score_localization(
     iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS,
     random_draws: int = DEFAULT_RANDOM_DRAWS,
     progress: bool = False,
+    entries: list[BoxEntry] | None = None,
+    box_frame: int | None = BOX_FRAME,
 ) -> dict[str, Any]:
     """Grad-CAM localization scores of `analyzer` on the boxed images of `index`
-    (one `split`, or all when None), next to a seeded random-map baseline. JSON-able."""
+    (one `split`, or all when None), next to a seeded random-map baseline. JSON-able.
+    `entries` replaces the CSV's boxes (another dataset's); `box_frame` None means boxes are
+    in each image's own pixel frame (VinDr) rather than NIH's 1024 px."""
     from tqdm.auto import tqdm
 
     from chestxray.inference.explain import gradcam
 
     if not 0.0 < threshold <= 1.0:
         raise DatasetError(f"localization threshold must lie in (0, 1], got {threshold}")
-    entries = read_boxes(boxes_csv)
+    entries = read_boxes(boxes_csv) if entries is None else entries
     frame = index.frame
     positions = index.split_positions(split) if split is not None else np.arange(len(frame))
     paths = {str(frame["image"].iloc[i]): frame["path"].iloc[i] for i in positions if frame["path"].iloc[i] is not None}
@@ -253,7 +277,7 @@ def score_localization(
         grid = run.grid
         scored_images += 1
         maps = dict(zip(findings, run.maps))
-        sy, sx = gray.shape[0] / BOX_FRAME, gray.shape[1] / BOX_FRAME
+        sy, sx = (gray.shape[0] / box_frame, gray.shape[1] / box_frame) if box_frame else (1.0, 1.0)
         for e in boxes:
             truth = e.box.scaled(sx, sy)
             cam_scores[e.finding].append(
@@ -291,7 +315,7 @@ def score_localization(
             "iobb_thresholds": list(iobb_thresholds),
             "connectivity": 8,
             "pointing": "maximum of the map inside the box",
-            "box_frame": BOX_FRAME,
+            "box_frame": box_frame or "image pixels",
             "random": {
                 "kind": "uniform noise on the CAM grid, bilinear upsampled",
                 "grid": list(grid) if grid else None,

@@ -35,19 +35,40 @@ def _auprc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
     return float(average_precision_score(pos, p, sample_weight=w))
 
 
+def _known(y: np.ndarray) -> np.ndarray:
+    """Rows where a label is known (NaN = unknown: scored on the images that label it)."""
+    return ~np.isnan(y)
+
+
 def per_class_auroc(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    return np.array([_auroc(targets[:, c], probs[:, c]) for c in range(targets.shape[1])])
+    targets = np.asarray(targets, dtype=np.float64)
+    out = []
+    for c in range(targets.shape[1]):
+        k = _known(targets[:, c])
+        out.append(_auroc(targets[k, c], probs[k, c]))
+    return np.array(out)
 
 
-def mean_auroc(targets: np.ndarray, probs: np.ndarray) -> float:
-    """Macro mean over the classes where AUROC is defined (NaN if none)."""
-    vals = per_class_auroc(targets, probs)
+def macro_mean(values: Sequence[float | None] | np.ndarray) -> float:
+    """Mean over the classes where the metric is defined (None/NaN left out); NaN if none is."""
+    vals = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
 
 
+def mean_auroc(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Macro mean AUROC over the classes where it is defined (NaN if none): the model
+    selection metric of training, evaluation and the int8 comparison."""
+    return macro_mean(per_class_auroc(targets, probs))
+
+
 def elementwise_accuracy(targets: np.ndarray, predicted: np.ndarray) -> float:
-    """Share of (image, finding) cells predicted right: the seed's 94.7% metric."""
-    return float(((predicted > 0.5) == (targets > 0.5)).mean()) if targets.size else float("nan")
+    """Share of (image, finding) cells predicted right: the seed's 94.7% metric. Cells with an
+    unknown label (NaN) are not counted."""
+    targets = np.asarray(targets, dtype=np.float64)
+    known = _known(targets)
+    if not known.any():
+        return float("nan")
+    return float(((predicted > 0.5) == (targets > 0.5))[known].mean())
 
 
 def _confusion(y: np.ndarray, yhat: np.ndarray) -> dict[str, float | None]:
@@ -127,7 +148,8 @@ def bootstrap_ci(
         counts = np.stack([np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)) for _ in range(nb)])
         w = counts[:, inverse].astype(np.float64)
         for c in range(n_classes):
-            auroc[b0 : b0 + nb, c], auprc[b0 : b0 + nb, c] = weighted_auroc_auprc(targets[:, c], probs[:, c], w)
+            k = _known(targets[:, c])
+            auroc[b0 : b0 + nb, c], auprc[b0 : b0 + nb, c] = weighted_auroc_auprc(targets[k, c], probs[k, c], w[:, k])
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
 
     def pct(a: np.ndarray) -> np.ndarray:
@@ -167,15 +189,18 @@ def evaluate_predictions(
     ci = bootstrap_ci(targets, probs, groups, n_boot=n_boot, seed=seed) if groups is not None and n_boot > 0 else None
     per_class: dict[str, Any] = {}
     for c, name in enumerate(labels):
-        y = targets[:, c]
+        known = _known(targets[:, c])  # a finding is scored on the images that label it
+        y, p = targets[known, c], probs[known, c]
         entry: dict[str, Any] = {
             "support": int(y.sum()),
             "prevalence": float(y.mean()) if len(y) else None,
             "threshold": float(thresholds[c]),
-            "auroc": _nan_to_none(_auroc(y, probs[:, c])),
-            "auprc": _nan_to_none(_auprc(y, probs[:, c])),
-            **_confusion(y, predicted[:, c]),
+            "auroc": _nan_to_none(_auroc(y, p)),
+            "auprc": _nan_to_none(_auprc(y, p)),
+            **_confusion(y, predicted[known, c]),
         }
+        if not known.all():
+            entry["labelled"] = int(known.sum())
         if ci is not None:
             entry["auroc_ci"] = [_nan_to_none(v) for v in ci["auroc"][:, c]]
             entry["auprc_ci"] = [_nan_to_none(v) for v in ci["auprc"][:, c]]
@@ -184,8 +209,7 @@ def evaluate_predictions(
         per_class[name] = entry
 
     def macro(key: str) -> float | None:
-        vals = [v[key] for v in per_class.values() if v[key] is not None]
-        return float(np.mean(vals)) if vals else None
+        return _nan_to_none(macro_mean([v[key] for v in per_class.values()]))
 
     out: dict[str, Any] = {
         "n_images": int(len(targets)),

@@ -19,7 +19,7 @@ from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.errors import DatasetError, ImageReadError
 
 if TYPE_CHECKING:
-    from chestxray.data.index import NIHIndex
+    from chestxray.data.common import DatasetIndex
     from chestxray.inference.explain import CamResult
     from chestxray.inference.predict import Analyzer, Prediction
 
@@ -47,11 +47,12 @@ class ReportItem:
             "predicted": self.predicted,
             "missed": [t for t in self.truth if t not in self.predicted],
             "cam_finding": self.cam.finding if self.cam else None,
+            "cam_note": self.cam.note if self.cam else None,
             "prediction": self.prediction.to_dict(),
         }
 
 
-def choose_examples(index: "NIHIndex", split: str, n: int, seed: int) -> np.ndarray:
+def choose_examples(index: "DatasetIndex", split: str, n: int, seed: int) -> np.ndarray:
     """`n` seeded random row positions of `split` that have an image file (sorted)."""
     if n < 1:
         raise DatasetError(f"--n must be at least 1, got {n}")
@@ -67,91 +68,170 @@ def thumbnail(array: np.ndarray, side: int = THUMB) -> np.ndarray:
     from PIL import Image
 
     img = Image.fromarray(np.ascontiguousarray(array))
-    img.thumbnail((side, side), Image.LANCZOS)
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
     return np.asarray(img)
 
 
 def build_items(
-    analyzer: "Analyzer", index: "NIHIndex", positions: np.ndarray, progress: bool = False
+    analyzer: "Analyzer", index: "DatasetIndex", positions: np.ndarray, progress: bool = False
 ) -> list[ReportItem]:
     """One Grad-CAM pass per image: the prediction and the map of its top finding."""
     from tqdm.auto import tqdm
 
-    from chestxray.inference.explain import CamResult, gradcam, overlay
-    from chestxray.inference.predict import Prediction
+    from chestxray.data.harmonise import harmonise
+    from chestxray.inference.explain import explain_image, overlay, top_finding
 
-    model = analyzer.model  # ChestXrayError for a backend without a torch model
+    _ = analyzer.model  # ChestXrayError for a backend without a torch model, before any work
     items = []
     for pos in tqdm(positions, desc="report", unit="img", disable=not progress):
         name = str(index.frame["image"].iloc[pos])
-        truth = [f for f, v in zip(index.pathologies, index.labels[pos]) if v >= 0.5]
+        findings, matrix, _ = harmonise(index.dataset, index.pathologies, index.labels[pos : pos + 1])
+        truth = [f for f, v in zip(findings, matrix[0]) if v >= 0.5]  # in the model's vocabulary
         try:
-            gray, x = analyzer.preprocess(index.frame["path"].iloc[pos], name)
+            gray, prediction, cams = explain_image(
+                analyzer, index.frame["path"].iloc[pos], name=name, select=top_finding
+            )
         except ImageReadError as exc:
             items.append(
                 ReportItem(
                     name,
                     truth,
-                    Prediction(name, analyzer.name, [], exc.reason),
+                    analyzer.result(name, error=exc.reason),
                     None,
                     np.zeros((THUMB, THUMB), np.uint8),
                     None,
                 )
             )
             continue
-        run = gradcam(
-            model,
-            x,
-            lambda probs: [int(np.argmax(probs))],
-            gray.shape[:2],
-            getattr(analyzer.backend, "calibrator", None),
-        )
-        i = run.indices[0]
-        cam = CamResult(analyzer.labels[i], float(run.probabilities[i]), run.maps[0])
-        prediction = Prediction(name, analyzer.name, analyzer.findings_from(run.probabilities))
+        cam = cams[0]
         items.append(ReportItem(name, truth, prediction, cam, thumbnail(gray), thumbnail(overlay(gray, cam.heatmap))))
     return items
 
 
-def _label_line(title: str, names: list[str], width: int = 44) -> str:
-    return "\n".join(textwrap.wrap(f"{title}: {', '.join(names) if names else 'No Finding'}", width)) or title
+#: The HTML page's classes and their colours in the grid: true positive, false positive, missed.
+CAPTION_COLOURS = {"": "#222222", "tp": "#11772b", "fp": "#b3261e", "fn": "#a05a00"}
+CAPTION_WIDTH = 44  # characters per caption line in a tile
 
 
-def render_grid(items: list[ReportItem], model_name: str, subtitle: str) -> bytes:
-    """PNG bytes of the grid: per tile the radiograph, the Grad-CAM overlay, and text."""
+def caption_runs(item: ReportItem) -> list[list[tuple[str, str]]]:
+    """A tile's caption as lines of (text, class) runs, class "" (plain), "tp", "fp" or "fn",
+    with the HTML page's meaning: predicted findings green when true, red when not;
+    missed true findings orange."""
+    truth, predicted = set(item.truth), set(item.predicted)
+    lines: list[list[tuple[str, str]]] = [[(line, "")] for line in _wrap("true", item.truth or ["No Finding"])]
+    if not item.prediction.ok:
+        return lines
+    called = [
+        (f"{f.finding} {f.probability:.2f}", "tp" if f.finding in truth else "fp") for f in item.prediction.positives
+    ]
+    if len(called) > MAX_LISTED:
+        called = [*called[:MAX_LISTED], (f"+{len(called) - MAX_LISTED} more", "")]
+    lines += _wrap_runs("predicted:", called or [("none", "")])
+    missed = [(t, "fn") for t in item.truth if t not in predicted]
+    lines += _wrap_runs("missed:", missed or [("none", "")])
+    return lines
+
+
+def _wrap(title: str, names: list[str]) -> list[str]:
+    return textwrap.wrap(f"{title}: {', '.join(names)}", CAPTION_WIDTH) or [title]
+
+
+def _wrap_runs(title: str, runs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    lines: list[list[tuple[str, str]]] = [[(title, "")]]
+    used = len(title)
+    for text, cls in runs:
+        if used + 1 + len(text) > CAPTION_WIDTH and len(lines[-1]) > 1:
+            lines.append([("  ", "")])
+            used = 2
+        lines[-1].append((text, cls))
+        used += 1 + len(text)
+    return lines
+
+
+def grid_figure(items: list[ReportItem], model_name: str, subtitle: str) -> Any:
+    """The grid as a matplotlib Figure: per tile the radiograph and its Grad-CAM overlay,
+    and right under them, within the tile, the caption coloured as on the HTML page."""
+    from matplotlib.artist import Artist
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea, VPacker
 
     cols = min(4, len(items))
     rows = -(-len(items) // cols)
-    fig = Figure(figsize=(4.6 * cols, 3.5 * rows + 0.7), dpi=100)
+    tile_h = 3.9
+    fig = Figure(figsize=(4.6 * cols, tile_h * rows + 0.7), dpi=100)
     FigureCanvasAgg(fig)
-    head, body = fig.subfigures(2, 1, height_ratios=[0.7, 3.5 * rows])
+    parts = fig.subfigures(2, 1, height_ratios=[0.7, tile_h * rows], squeeze=False)
+    head, body = parts[0, 0], parts[1, 0]
     head.text(0.5, 0.5, f"{model_name}: {subtitle}\n{NOT_FOR_CLINICAL_USE}", ha="center", va="center", fontsize=11)
+    head.text(
+        0.99,
+        0.05,
+        "predicted: green = also true, red = not true; missed: orange",
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color="#555555",
+    )
     subfigs = np.atleast_1d(body.subfigures(rows, cols, squeeze=False).ravel())
     for sf, item in zip(subfigs, items):
-        ax_img, ax_cam = sf.subplots(1, 2)
+        # Images on top; the caption hangs from the radiograph's lower edge, in the band kept
+        # free below (not at the tile's bottom, where it would sit nearer the next row).
+        grid = sf.add_gridspec(2, 2, height_ratios=[2.3, 1.0], left=0.02, right=0.98, top=0.93, bottom=0.02)
+        grid.update(wspace=0.04, hspace=0.02)
+        ax_img, ax_cam = sf.add_subplot(grid[0, 0]), sf.add_subplot(grid[0, 1])
         for ax in (ax_img, ax_cam):
             ax.set_axis_off()
         ax_img.imshow(item.thumb, cmap="gray", vmin=0, vmax=255)
         ax_img.set_title(item.image, fontsize=8)
         if item.cam_thumb is not None and item.cam is not None:
             ax_cam.imshow(item.cam_thumb)
-            ax_cam.set_title(f"Grad-CAM {item.cam.finding} {item.cam.probability:.2f}", fontsize=8)
+            note = f"\n{item.cam.note}" if item.cam.note else ""
+            ax_cam.set_title(f"Grad-CAM {item.cam.finding} {item.cam.probability:.2f}{note}", fontsize=8)
         else:
             ax_cam.text(
                 0.5, 0.5, f"unreadable:\n{item.prediction.error}", ha="center", va="center", fontsize=7, wrap=True
             )
-        predicted = [f"{f.finding} {f.probability:.2f}" for f in item.prediction.positives[:MAX_LISTED]]
-        if len(item.prediction.positives) > MAX_LISTED:
-            predicted.append(f"+{len(item.prediction.positives) - MAX_LISTED} more")
-        text = _label_line("true", item.truth) + "\n" + _label_line("predicted", predicted)
-        sf.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=7.5, family="monospace")
-        sf.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.3, wspace=0.04)
+        lines: list[Artist] = [
+            HPacker(
+                children=[
+                    TextArea(
+                        text,
+                        textprops={
+                            "fontsize": 7.5,
+                            "family": "monospace",
+                            "color": CAPTION_COLOURS[cls],
+                            "fontweight": "bold" if cls == "tp" else "normal",
+                            "fontstyle": "italic" if cls == "fn" else "normal",
+                        },
+                    )
+                    for text, cls in line
+                ],
+                pad=0,
+                sep=4,
+            )
+            for line in caption_runs(item)
+        ]
+        box = AnchoredOffsetbox(
+            loc="upper left",
+            child=VPacker(children=lines, pad=0, sep=2, align="left"),
+            bbox_to_anchor=(0.0, 0.0),
+            bbox_transform=ax_img.transAxes,
+            frameon=False,
+            pad=0.1,
+            borderpad=0.3,
+        )
+        box.set_clip_on(False)
+        ax_img.add_artist(box)
     for sf in subfigs[len(items) :]:
         sf.set_visible(False)
+    return fig
+
+
+def render_grid(items: list[ReportItem], model_name: str, subtitle: str) -> bytes:
+    """PNG bytes of `grid_figure`."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    grid_figure(items, model_name, subtitle).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -178,6 +258,8 @@ def render_html(items: list[ReportItem], model_name: str, subtitle: str, grid_na
         if item.cam_thumb is not None and item.cam is not None:
             imgs += f'<img alt="Grad-CAM of {e(item.cam.finding)}" src="{_png_data_uri(item.cam_thumb)}">'
             cam_line = f"Grad-CAM: {e(item.cam.finding)} ({item.cam.probability:.2f})"
+            if item.cam.note:
+                cam_line += f" &mdash; {e(item.cam.note)}"
         else:
             cam_line = f'<span class="fp">unreadable: {e(item.prediction.error or "")}</span>'
         cards.append(
@@ -217,7 +299,7 @@ Grad-CAM of each image's most probable finding (red = strongest evidence).</p>
 
 def write_report(
     analyzer: "Analyzer",
-    index: "NIHIndex",
+    index: "DatasetIndex",
     out_dir: str | Path,
     *,
     split: str = "test",

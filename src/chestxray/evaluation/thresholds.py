@@ -50,7 +50,8 @@ def best_f1_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, f
 
 
 def tune_thresholds(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> ThresholdResult:
-    """Per-class F1-optimal thresholds for (N, C) probabilities and 0/1 targets."""
+    """Per-class F1-optimal thresholds for (N, C) probabilities and 0/1 targets; NaN targets
+    (unknown) are left out of their class's search."""
     probs, targets = np.asarray(probs), np.asarray(targets)
     if probs.shape != targets.shape or probs.ndim != 2 or probs.shape[1] != len(labels):
         raise ValueError(f"probs {probs.shape} and targets {targets.shape} must both be (N, {len(labels)})")
@@ -58,10 +59,11 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str
     f1 = np.full(len(labels), np.nan)
     fallback: list[str] = []
     for c, name in enumerate(labels):
-        if targets[:, c].sum() == 0:
+        known = ~np.isnan(targets[:, c].astype(np.float64))
+        if targets[known, c].sum() == 0:
             fallback.append(name)
             continue
-        out[c], f1[c] = best_f1_threshold(probs[:, c], targets[:, c])
+        out[c], f1[c] = best_f1_threshold(probs[known, c], targets[known, c])
     if fallback:
         log.warning(
             "no positive validation example for %s: threshold set to %.2f", ", ".join(fallback), FALLBACK_THRESHOLD
@@ -149,8 +151,9 @@ def tune_operating_point(
     per: dict[str, dict] = {}
     fallback = []
     for c, name in enumerate(labels):
+        keep = ~np.isnan(np.asarray(targets[:, c], dtype=np.float64))  # unlabelled (NaN) rows left out
         try:
-            entry = policy_threshold(probs[:, c], targets[:, c], policy)
+            entry = policy_threshold(probs[keep, c], targets[keep, c], policy)
         except ValueError:
             fallback.append(name)
             per[name] = {"threshold": FALLBACK_THRESHOLD, "sensitivity": None, "specificity": None, "reached": False}

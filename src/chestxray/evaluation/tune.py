@@ -123,13 +123,15 @@ def fit_post_training(
         f"policy {policy} per finding on the {calibrate}-calibrated scores of {source}; "
         f"fallback {op['fallback_0.5']} -> 0.5 (no positive or no negative there)"
     )
+    rows = ~np.isnan(np.asarray(val_targets, dtype=np.float64)).any(axis=1)
     meta.metrics = {
         **(meta.metrics or {}),
-        "calibration_on_fit_split": {
-            "before": calibration_metrics(val_targets, val_probs, meta.labels)["macro"],
-            "after": calibration_metrics(val_targets, calibrated, meta.labels)["macro"],
-        },
     }
+    if rows.any():
+        meta.metrics["calibration_on_fit_split"] = {
+            "before": calibration_metrics(val_targets[rows], val_probs[rows], meta.labels)["macro"],
+            "after": calibration_metrics(val_targets[rows], calibrated[rows], meta.labels)["macro"],
+        }
     if train_features is None or val_features is None:
         return {}
     check = fit_input_check(train_features, val_features, info={"fitted_on": source})

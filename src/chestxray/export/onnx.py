@@ -33,8 +33,15 @@ import numpy as np
 
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
-from chestxray.errors import ChestXrayError
-from chestxray.inference.onnx_backend import INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME, SCORE_NAME
+from chestxray.errors import BundleError, ExportError
+from chestxray.inference.onnx_backend import (
+    INPUT_NAME,
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    OUTPUT_NAME,
+    SCORE_NAME,
+    ort_session,
+)
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 log = logging.getLogger(__name__)
@@ -42,10 +49,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # torch.onnx's exporter starts at 18; onnx's converter cannot take it lower
 DEFAULT_TOLERANCE = 1e-4
-
-
-class ExportError(ChestXrayError):
-    """Export failed or its check did not pass; nothing was written."""
 
 
 @dataclass
@@ -145,7 +148,9 @@ def to_onnx_model(
     """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis; with the
     bundle's calibrator on the logits and, when it has an input check, its score as a
     second output (features taken by the same head hook as the torch backend)."""
-    torch = _torch_modules()
+    _torch_modules()
+    import torch
+
     from chestxray.inference.features import capture_features
 
     class WithSigmoid(torch.nn.Module):
@@ -191,6 +196,8 @@ def to_onnx_model(
             )
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: {exc}") from None
+    if program is None:  # only with dynamo=False, which is never used here
+        raise ExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
@@ -207,18 +214,12 @@ def to_onnx_model(
     return proto
 
 
-def session_for(model_bytes: bytes):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+def session_for(model_bytes: bytes) -> Any:
+    """An onnxruntime session on the exported graph (the backend's own set-up)."""
     try:
-        return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own exception types
-        raise ExportError(
-            f"onnxruntime {ort.__version__} cannot run the exported graph "
-            f"({type(exc).__name__}: {str(exc)[:300]}); try a lower --opset"
-        ) from None
+        return ort_session(model_bytes)
+    except BundleError as exc:
+        raise ExportError(f"{exc}; try a lower --opset") from None
 
 
 def check_parity(
@@ -392,7 +393,7 @@ def export_bundle(
             f"{tolerance:.0e} on {', '.join(parity.images)}; {out} was not written"
         )
     quantization, float_parity = "none (float32)", None
-    if int8:
+    if int8 and calibration is not None:  # None was refused above
         from chestxray.export.quantize import calibration_images, quantize_int8
 
         float_parity = parity

@@ -105,11 +105,9 @@ def quantize_int8(
         raise ChestXrayError(
             f"int8 quantization needs onnx and onnxruntime ({exc}): pip install 'chestxray[export]'"
         ) from None
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
+    methods = dict(
+        zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Percentile, CalibrationMethod.Entropy))
+    )
     if method not in methods:
         raise ChestXrayError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
     float_model, out = Path(float_model), Path(out)
@@ -209,30 +207,25 @@ def compare_auroc(
     outcome on the split are left out of the mean (AUROC is undefined there).
     """
     from chestxray.data.index import load_nih
-    from chestxray.evaluation.metrics import per_class_auroc
+    from chestxray.evaluation.evaluate import split_probabilities
+    from chestxray.evaluation.metrics import macro_mean, per_class_auroc
 
     if not analyzers:
         raise ChestXrayError("compare_auroc: no models to compare")
     reference = reference or next(iter(analyzers))
     index = load_nih(root, allow_missing=allow_missing)
-    pos = index.split_positions(split)
-    if len(pos) == 0:
-        raise ChestXrayError(f"{root}: the {split} split has no images")
-    paths = [Path(p) for p in index.frame["path"].iloc[pos]]
-    targets = index.labels[pos]
+    labels = list(next(iter(analyzers.values())).labels)
     per_class: dict[str, list[float | None]] = {}
     mean: dict[str, float] = {}
+    images = 0
     for name, analyzer in analyzers.items():
-        if list(analyzer.labels) != list(index.pathologies):
-            raise ChestXrayError(f"{name}: label order {analyzer.labels} differs from the dataset's")
-        preds = analyzer.predict(paths, progress=progress)
-        bad = [p.file for p in preds if not p.ok]
-        if bad:
-            raise ChestXrayError(f"{name}: {len(bad)} images could not be read, e.g. {bad[0]}")
-        probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
-        auc = np.asarray(per_class_auroc(targets, probs), dtype=np.float64)
+        if list(analyzer.labels) != labels:
+            raise ChestXrayError(f"{name}: label order {analyzer.labels} differs from {labels}")
+        probs, targets, _, names = split_probabilities(analyzer, index, split, progress=progress)
+        images = len(names)
+        auc = per_class_auroc(targets, probs)
         per_class[name] = [None if not np.isfinite(a) else float(a) for a in auc]
-        if not np.isfinite(auc).any():
+        mean[name] = macro_mean(auc)
+        if not np.isfinite(mean[name]):
             raise ChestXrayError(f"{root}: no finding has both positive and negative images in the {split} split")
-        mean[name] = float(np.nanmean(auc))
-    return AurocComparison(len(paths), list(index.pathologies), per_class, mean, reference)
+    return AurocComparison(images, labels, per_class, mean, reference)

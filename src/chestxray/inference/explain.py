@@ -60,6 +60,20 @@ class CamResult:
     probability: float
     heatmap: np.ndarray  # float32, H x W of the original image, values in [0, 1]
 
+    @property
+    def has_evidence(self) -> bool:
+        """False when no region raised the score (the ReLU'd map is all zeros)."""
+        return bool(np.any(self.heatmap > 0))
+
+    @property
+    def note(self) -> str | None:
+        """What to say instead of showing a flat map, or None when there is a map to show."""
+        return None if self.has_evidence else no_evidence_text(self.finding)
+
+
+def no_evidence_text(finding: str) -> str:
+    return f"no positive evidence for {finding}"
+
 
 @dataclass
 class CamRun:
@@ -193,7 +207,12 @@ def resolve_findings(labels: Sequence[str], findings: Sequence[str] | None) -> l
     return out
 
 
-def default_selection(thresholds: Sequence[float]) -> Callable[[np.ndarray], list[int]]:
+def top_finding(probs: np.ndarray) -> list[int]:
+    """The single most probable finding (the report's choice)."""
+    return [int(np.argmax(probs))]
+
+
+def default_selection(thresholds: Sequence[float] | np.ndarray) -> Callable[[np.ndarray], list[int]]:
     """The positive findings (most probable first), or the single most probable one."""
     thr = np.asarray(thresholds, dtype=np.float64)
 
@@ -207,25 +226,35 @@ def default_selection(thresholds: Sequence[float]) -> Callable[[np.ndarray], lis
 
 
 def explain_image(
-    analyzer: "Analyzer", image: "Input", findings: Sequence[str] | None = None, name: str | None = None
+    analyzer: "Analyzer",
+    image: "Input",
+    findings: Sequence[str] | None = None,
+    name: str | None = None,
+    *,
+    select: Callable[[np.ndarray], Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, "Prediction", list[CamResult]]:
-    """As `explain`, plus the decoded gray image (H x W uint8) the maps belong to."""
-    from chestxray.inference.predict import Prediction
+    """As `explain`, plus the decoded gray image (H x W uint8) the maps belong to: the one
+    "preprocess -> Grad-CAM -> Prediction" path of the CLI, the server and the report.
+    `select` (a function of the probabilities, e.g. `top_finding`) replaces the default
+    choice when `findings` is None."""
 
     model = analyzer.model  # ChestXrayError for a backend without a torch model
     wanted = resolve_findings(analyzer.labels, findings)
     label = source_name(image, name, default="<input>")
     gray, x = analyzer.preprocess(image, label)
-    select = wanted if wanted is not None else default_selection(analyzer.thresholds)
-    run = gradcam(model, x, select, gray.shape[:2], getattr(analyzer.backend, "calibrator", None))
+    chosen: Sequence[int] | Callable[[np.ndarray], Sequence[int]]
+    if wanted is not None:
+        chosen = wanted
+    else:
+        chosen = select if select is not None else default_selection(analyzer.thresholds)
+    run = gradcam(model, x, chosen, gray.shape[:2], getattr(analyzer.backend, "calibrator", None))
     # The input check's score needs the model's features: one more (gradient-free) pass, only when it has one.
     score = None
     if getattr(analyzer.backend, "input_score", None) is not None:
         scores = analyzer.run(x[None])[1]
         score = float(scores[0]) if scores is not None else None
     warnings = analyzer.warnings_for(image, label, score)
-    findings_ = analyzer.findings_from(run.probabilities)
-    prediction = Prediction(label, analyzer.name, findings_, None, warnings, analyzer.threshold_policy)
+    prediction = analyzer.result(label, analyzer.findings_from(run.probabilities), warnings=warnings)
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams
 
@@ -251,12 +280,15 @@ def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
 
 def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
     """The heat map in a colormap (jet: blue = 0, red = 1) blended over the radiograph:
-    H x W x 3 uint8, same size as `gray`."""
+    H x W x 3 uint8, same size as `gray`. A map with no positive value gives the plain
+    radiograph (a uniform blue tint would look like a bug); say `no_evidence_text` beside it."""
     gray = to_gray(np.asarray(gray))
     if gray.shape != heatmap.shape:
         raise ChestXrayError(f"overlay: image {gray.shape} and heat map {heatmap.shape} differ in size")
     if not 0.0 <= alpha <= 1.0:
         raise ChestXrayError(f"overlay: alpha must lie in [0, 1], got {alpha}")
+    if not np.any(np.nan_to_num(heatmap) > 0):
+        return np.repeat(gray[..., None], 3, axis=2)
     codes = np.rint(np.clip(np.nan_to_num(heatmap), 0.0, 1.0) * 255.0).astype(np.uint8)
     heat = _colormap_lut()[codes]
     base = gray.astype(np.float32)[..., None]
@@ -290,4 +322,33 @@ def draw_caption(rgb: np.ndarray, text: str) -> np.ndarray:
 
 def cam_caption(cam: CamResult, model_name: str, threshold: float | None = None) -> str:
     thr = f" (threshold {threshold:.2f})" if threshold is not None else ""
-    return f"{cam.finding} {cam.probability:.2f}{thr} | Grad-CAM | {model_name} | not for clinical use"
+    what = f"Grad-CAM: {cam.note}" if cam.note else "Grad-CAM"
+    return f"{cam.finding} {cam.probability:.2f}{thr} | {what} | {model_name} | not for clinical use"
+
+
+def colour_bar(width: int, height: int | None = None) -> np.ndarray:
+    """The overlay's colour scale as an RGB strip (H x W x 3 uint8) with its ends named,
+    the same LUT as `overlay` and the viewer's legend: blue = no evidence, red = strongest."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h = height or max(18, min(60, width // 30))
+    lut = _colormap_lut()
+    strip = np.repeat(lut[np.linspace(0, 255, width).astype(np.int64)][None], h, axis=0)
+    img = Image.fromarray(np.clip(np.rint(strip), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=max(8, int(h * 0.6)))
+    except TypeError:  # Pillow < 10.1 has a single bitmap size
+        font = ImageFont.load_default()
+    pad = max(2, h // 5)
+    right = "strongest evidence (1)"
+    draw.text((pad, pad // 2), "no evidence (0)", fill=(255, 255, 255), font=font)
+    r = draw.textbbox((0, 0), right, font=font)[2]
+    draw.text((width - r - pad, pad // 2), right, fill=(255, 255, 255), font=font)
+    return np.asarray(img)
+
+
+def with_colour_bar(rgb: np.ndarray) -> np.ndarray:
+    """`rgb` with the colour scale appended below it, as the viewer shows beside its overlays."""
+    bar = colour_bar(rgb.shape[1])
+    return np.concatenate([np.asarray(rgb, dtype=np.uint8), bar], axis=0)

@@ -90,17 +90,24 @@ def resolve_onnx_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def _session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """The one onnxruntime session set-up (inference, the export check, int8 checks): a file
+    or serialized bytes; BundleError naming the source when onnxruntime cannot load it."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
+    source = model if isinstance(model, bytes) else str(model)
+    what = "the serialized graph" if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise BundleError(f"{path}: onnxruntime cannot load this file ({type(exc).__name__}: {exc})") from None
+        raise BundleError(
+            f"{what}: onnxruntime cannot load this file ({type(exc).__name__}: {str(exc)[:300]}; "
+            f"onnxruntime {ort.__version__})"
+        ) from None
 
 
 def info_from_props(props: dict[str, str], source: str) -> OnnxInfo:
@@ -123,7 +130,7 @@ def info_from_props(props: dict[str, str], source: str) -> OnnxInfo:
 def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
     """The chestxray metadata of an ONNX file (read with onnxruntime; no onnx package needed)."""
     p = resolve_onnx_path(path)
-    session = _session(p, threads=1)
+    session = ort_session(p, threads=1)
     return info_from_props(dict(session.get_modelmeta().custom_metadata_map), str(p))
 
 
@@ -133,10 +140,10 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(
-        self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None
+        self, path: str | os.PathLike | None, *, threads: int | None = None, providers: list[str] | None = None
     ) -> None:
         self.path = resolve_onnx_path(path)
-        self.session = _session(self.path, threads=threads, providers=providers)
+        self.session = ort_session(self.path, threads=threads, providers=providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or not 1 <= len(outputs) <= 2 or outputs[0].name != OUTPUT_NAME:

@@ -43,6 +43,9 @@ class Prediction:
     model: str
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
+    variant: str = ""  # which build of the model gave the numbers, e.g. "onnx int8" (see Analyzer.variant)
+    # Grad-CAM overlays written for this image (predict --cam): finding, path, note.
+    overlays: list[dict[str, Any]] | None = None
     # Shown next to the findings, which are still returned (issue 13: input check, DICOM view/body part).
     warnings: list[str] = field(default_factory=list)
     threshold_policy: str | None = None  # the bundle's operating point, e.g. "sensitivity=0.90"
@@ -62,14 +65,18 @@ class Prediction:
         raise KeyError(finding)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "file": self.file,
             "model": self.model,
+            "variant": self.variant,
             "findings": [f.to_dict() for f in self.findings],
             "error": self.error,
             "warnings": list(self.warnings),
             "threshold_policy": self.threshold_policy,
         }
+        if self.overlays is not None:
+            out["overlays"] = self.overlays
+        return out
 
 
 class Backend(Protocol):
@@ -133,7 +140,10 @@ BACKENDS = ("auto", "torch", "onnx")
 def torch_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import hook that refuses torch, or a broken install
+        return False
 
 
 def sniff_model_format(path: str | os.PathLike) -> str | None:
@@ -247,6 +257,34 @@ class Analyzer:
         return cls(torch_backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
 
     @property
+    def variant(self) -> str:
+        """Which build of the model runs: "pytorch float32", "onnx float32" or "onnx int8".
+        The packaged default.onnx is int8: its probabilities differ from the PyTorch
+        model's by up to about 0.03, so outputs name the variant beside the model name."""
+        if self.backend.name != "onnx":
+            return f"{self.backend.name if self.backend.name != 'torch' else 'pytorch'} float32"
+        quantization = str(getattr(self.backend, "quantization", "none"))
+        return "onnx int8" if quantization.startswith("int8") else "onnx float32"
+
+    def result(
+        self,
+        name: str,
+        findings: list[Finding] | None = None,
+        error: str | None = None,
+        warnings: list[str] | None = None,
+    ) -> Prediction:
+        """A Prediction of this model (name, variant and threshold policy filled in)."""
+        return Prediction(
+            name,
+            self.name,
+            findings or [],
+            error,
+            variant=self.variant,
+            warnings=list(warnings or []),
+            threshold_policy=self.threshold_policy,
+        )
+
+    @property
     def model(self) -> Any:
         """The torch module (torch backend only), e.g. for Grad-CAM."""
         model = getattr(self.backend, "model", None)
@@ -302,15 +340,25 @@ class Analyzer:
         Inputs are paths, raw bytes or gray arrays. An unreadable input gives a
         Prediction with `error` set; the others still finish.
         """
-        single = isinstance(inputs, (str, os.PathLike, bytes, np.ndarray))
-        items: list[Input] = [inputs] if single else list(inputs)  # type: ignore[list-item]
-        labels = list(names) if names is not None else [self._label(x, i) for i, x in enumerate(items)]
-        results = list(self.iter_predict(items, labels, progress=progress))
-        return results[0] if single else results
+        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)):
+            return self.predict_many([inputs], names=names, progress=progress)[0]
+        return self.predict_many(list(inputs), names=names, progress=progress)
+
+    def predict_many(
+        self, inputs: Sequence[Input], *, names: Sequence[str] | None = None, progress: bool = False
+    ) -> list[Prediction]:
+        """As `predict` for a sequence, typed as a list."""
+        if names is None:
+            names = [self._label(x, i) for i, x in enumerate(inputs)]
+        return list(self.iter_predict(inputs, names, progress=progress))
 
     def iter_predict(
-        self, items: Sequence[Input], labels: Sequence[str], progress: bool = False
+        self, items: Sequence[Input], names: Sequence[str], progress: bool = False
     ) -> Iterator[Prediction]:
+        """Predictions of `items` in order, in batches; `names` are what each result (and
+        each error) calls its input, e.g. the file names."""
+        if len(names) != len(items):
+            raise ChestXrayError(f"iter_predict: {len(items)} inputs but {len(names)} names")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
@@ -320,25 +368,24 @@ class Analyzer:
             errors: dict[int, str] = {}
             for i in chunk:
                 try:
-                    ready.append((i, self.preprocess(items[i], labels[i])[1]))
+                    ready.append((i, self.preprocess(items[i], names[i])[1]))
                 except ImageReadError as exc:
                     errors[i] = exc.reason
-                    log.warning("skipped %s: %s", labels[i], exc.reason)
+                    log.warning("skipped %s: %s", names[i], exc.reason)
                 except Exception as exc:  # one odd input must not lose the others' results
                     # Only the type: library messages can quote file contents.
                     errors[i] = f"cannot read this input ({type(exc).__name__})"
-                    log.warning("skipped %s: %s", labels[i], errors[i])
+                    log.warning("skipped %s: %s", names[i], errors[i])
             probs, scores = self.run(np.stack([x for _, x in ready])) if ready else (None, None)
             by_index = {i: k for k, (i, _) in enumerate(ready)}
             for i in chunk:
                 if i in errors:
-                    yield Prediction(labels[i], self.name, [], errors[i])
+                    yield self.result(names[i], error=errors[i])
                 else:
                     k = by_index[i]
                     score = float(scores[k]) if scores is not None else None
-                    warn = self.warnings_for(items[i], labels[i], score)
-                    findings = self.findings_from(probs[k])  # type: ignore[index]
-                    yield Prediction(labels[i], self.name, findings, None, warn, self.threshold_policy)
+                    warn = self.warnings_for(items[i], names[i], score)
+                    yield self.result(names[i], self.findings_from(probs[k]), warnings=warn)  # type: ignore[index]
             bar.update(len(chunk))
         bar.close()
 

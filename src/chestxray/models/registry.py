@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ FREEZE_POLICIES = ("seed", "all", "head")
 
 class InputNormalize(nn.Module):
     """gray [0, 1] (N, 1, H, W) -> 3 channels normalised with the backbone's mean/std."""
+
+    mean: torch.Tensor  # buffers, typed for the checker (register_buffer is untyped)
+    std: torch.Tensor
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -152,8 +156,7 @@ def _with_imagenet(spec: ModelSpec, num_classes: int) -> nn.Module:
             f"They download from {url} into $TORCH_HOME. Offline, pass --weights none "
             "(random initialisation) or --weights FILE (a local .pth or .safetensors state dict)."
         ) from None
-    head = _get_module(backbone, spec.head)
-    _set_module(backbone, spec.head, nn.Linear(head.in_features, num_classes))
+    _set_module(backbone, spec.head, nn.Linear(_head(backbone, spec).in_features, num_classes))
     return backbone
 
 
@@ -165,14 +168,14 @@ def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> Non
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        state: dict[str, Any] = load_file(str(path))
     else:
         # weights_only: a state dict of tensors, never arbitrary pickled objects.
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     head_prefix = spec.head + "."
-    head_shape = _get_module(backbone, spec.head).weight.shape
+    head_shape = _head(backbone, spec).weight.shape
     state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and v.shape[0] != head_shape[0])}
     result = backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
@@ -188,6 +191,13 @@ def _get_module(root: nn.Module, dotted: str) -> nn.Module:
     for part in dotted.split("."):
         mod = getattr(mod, part)
     return mod
+
+
+def _head(backbone: nn.Module, spec: ModelSpec) -> nn.Linear:
+    head = _get_module(backbone, spec.head)
+    if not isinstance(head, nn.Linear):  # every registered family ends in one linear layer
+        raise WeightsUnavailableError(f"{spec.name}: {spec.head} is a {type(head).__name__}, not a linear head")
+    return head
 
 
 def _set_module(root: nn.Module, dotted: str, value: nn.Module) -> None:

@@ -24,8 +24,8 @@ def fit(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     if (h, w) == image.shape[:2]:
         return image
     if image.dtype == np.uint8:
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-    resized = Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize((w, h), Image.BILINEAR)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    resized = Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
 
 

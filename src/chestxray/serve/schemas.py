@@ -19,6 +19,9 @@ class PredictionOut(BaseModel):
 
     file: str = Field(description='always "upload": the client\'s file name is never used or echoed')
     model: str
+    variant: str = Field(
+        "", description='the build that ran: "pytorch float32", "onnx float32" or "onnx int8" (the packaged ONNX model)'
+    )
     findings: list[FindingOut] = Field(description="positives first, then by probability")
     error: str | None = None
     warnings: list[str] = Field(
@@ -47,6 +50,7 @@ class AnalysisOut(BaseModel):
 class ModelOut(BaseModel):
     name: str
     backend: str
+    variant: str = Field(description='"pytorch float32", "onnx float32" or "onnx int8"')
     labels: list[str]
     thresholds: dict[str, float]
     threshold_method: str
@@ -66,6 +70,13 @@ class ModelOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     model: str
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    model_loaded: bool
+    queue: int
+    queue_length: int
 
 
 class ErrorOut(BaseModel):

@@ -25,6 +25,7 @@ class Analysis:
     display: np.ndarray  # downscaled copy for the browser
     prediction: Prediction
     cams: dict[str, bytes] = field(default_factory=dict)  # finding -> overlay PNG
+    notes: dict[str, str] = field(default_factory=dict)  # finding -> "no positive evidence for X"
     created: float = 0.0
 
     @property
@@ -64,11 +65,13 @@ class ResultStore:
                 self._items.move_to_end(key)
             return item
 
-    def add_cam(self, key: str, finding: str, png: bytes) -> None:
+    def add_cam(self, key: str, finding: str, png: bytes, note: str | None = None) -> None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 item.cams[finding] = png
+                if note:
+                    item.notes[finding] = note
                 self._shrink()
 
     def remove(self, key: str) -> bool:

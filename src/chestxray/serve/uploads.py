@@ -11,6 +11,8 @@ a bytearray. The client's file name is read by the parser but never stored.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -19,15 +21,23 @@ FIELD = "file"
 #: Room for the multipart envelope (boundaries, part headers, small extra fields).
 FORM_OVERHEAD = 64 * 1024
 MAX_PARTS = 8
+#: Longest part header line kept by the parser: a long client file name is read and ignored,
+#: not refused (python-multipart's default of 4 KiB made it a "malformed" body).
+MAX_PART_HEADER = 64 * 1024
+
+
+class BodyTimeout(Exception):
+    """The client did not send its body within the limit."""
 
 
 class UploadError(Exception):
     """A bad upload: `status` is the HTTP status to answer with, `message` says why."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 class _FileCollector:
@@ -92,41 +102,78 @@ def _too_large(max_bytes: int) -> str:
     return f"the upload is larger than the server's limit of {max_bytes / 2**20:.4g} MiB"
 
 
-async def read_file_field(
-    content_type: str | None,
-    content_length: str | None,
-    stream: AsyncIterator[bytes],
-    max_bytes: int,
-    field: str = FIELD,
+def check_upload_headers(
+    content_type: str | None, content_length: str | None, max_bytes: int, field: str = FIELD
 ) -> bytes:
-    """The bytes of form field `field` of a multipart/form-data body, read from `stream`.
-
-    Raises UploadError: 415 if the body is not multipart, 413 past `max_bytes` (checked
-    on Content-Length first, then while reading), 422 if the field is missing or
-    repeated, 400 if the multipart body is malformed or cut short.
-    """
+    """The multipart boundary, after the checks that need no body: 415 if not multipart,
+    400 without a boundary, 413 when Content-Length is already past the limit."""
     mime, params = parse_options_header(content_type)
     if mime != b"multipart/form-data":
         raise UploadError(415, f"send the image as multipart/form-data in the form field {field!r}")
     boundary = params.get(b"boundary")
     if not boundary:
         raise UploadError(400, "multipart/form-data without a boundary")
-    body_limit = max_bytes + FORM_OVERHEAD
-    if content_length is not None and content_length.strip().isdigit() and int(content_length) > body_limit:
+    length = (content_length or "").strip()
+    if length.isdigit() and int(length) > max_bytes + FORM_OVERHEAD:
         raise UploadError(413, _too_large(max_bytes))
-    collector = _FileCollector(field, max_bytes)
+    return boundary
+
+
+def _parser(boundary: bytes, collector: _FileCollector) -> MultipartParser:
     try:
-        parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+        return MultipartParser(boundary, collector.callbacks(), max_header_size=MAX_PART_HEADER)  # type: ignore[arg-type]
+    except TypeError:  # python-multipart < 0.0.19 has no header size limit to raise
+        return MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+
+
+async def read_file_field(
+    content_type: str | None,
+    content_length: str | None,
+    stream: AsyncIterator[bytes],
+    max_bytes: int,
+    field: str = FIELD,
+    timeout_s: float | None = None,
+) -> bytes:
+    """The bytes of form field `field` of a multipart/form-data body, read from `stream`.
+
+    Raises UploadError: 415 if the body is not multipart, 413 past `max_bytes` (checked
+    on Content-Length first, then while reading), 422 if the field is missing or
+    repeated, 400 if the multipart body is malformed or cut short, 408 (with
+    `Connection: close`) when the whole body has not arrived within `timeout_s` seconds;
+    what was read so far is dropped.
+    """
+    boundary = check_upload_headers(content_type, content_length, max_bytes, field)
+    body_limit = max_bytes + FORM_OVERHEAD
+    collector = _FileCollector(field, max_bytes)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    chunks = stream.__aiter__()
+    try:
+        parser = _parser(boundary, collector)
         total = 0
-        async for chunk in stream:
+        while True:
+            try:
+                if deadline is None:
+                    chunk = await chunks.__anext__()
+                else:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
             total += len(chunk)
             if total > body_limit:
-                raise UploadError(413, _too_large(max_bytes))
+                raise UploadError(413, _too_large(max_bytes), {"Connection": "close"})
             if chunk:
                 parser.write(chunk)
         parser.finalize()
     except UploadError:
+        collector.data = bytearray()
         raise
+    except BodyTimeout:
+        collector.data = bytearray()  # drop the half-read upload now, not when the client goes
+        raise UploadError(
+            408, f"the upload did not arrive within {timeout_s:g} s; send it again", {"Connection": "close"}
+        ) from None
     except Exception as exc:  # python-multipart's parse errors (several types)
         raise UploadError(400, f"malformed multipart/form-data body ({type(exc).__name__})") from None
     if collector.seen == 0:

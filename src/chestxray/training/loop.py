@@ -30,6 +30,8 @@ from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.models.device import resolve_device
 from chestxray.models.registry import create_model, train_mode
 from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
+from chestxray.training.losses import MaskedBCEWithLogitsLoss, masked_bce_with_logits
+from chestxray.training.multidata import dataset_label, describe, load_parts, root_list, split_data
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ LOG_FILE = "log.jsonl"
 class TrainConfig:
     """Defaults are the seed recipe: ResNet-50, layer2-4 + head, Adam 1e-5, plateau, 5 epochs."""
 
-    root: str
+    root: str | list[str]  # one dataset root or several (NAME:PATH; a bare path is NIH)
     out: str
     model: str = "resnet50"
     weights: str = "imagenet"
@@ -70,6 +72,14 @@ class TrainConfig:
     channels_last: bool = True  # on GPU
     max_steps: int | None = None  # per epoch, for smoke tests
     name: str | None = None
+    labels: str | None = None  # comma-separated findings; default: every finding the data labels
+    views: str | None = None  # default frontal
+    uncertain: str = "ignore"  # CheXpert/MIMIC -1: ignore (masked) | ones | zeros
+    test_fraction: float = 0.2
+    csv_spec: str | None = None
+    csv_columns: str | None = None
+    vindr_rule: str = "any"
+    loader: str = "auto"  # auto | ram | memmap (the split read from the cache memmap per batch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,56 +103,6 @@ def rank_device(name: str, info: DistInfo) -> torch.device:
     if name.startswith("cuda") and info.enabled:
         return torch.device("cuda", info.local_rank)
     return torch.device(name)
-
-
-def _loader_data(cfg: TrainConfig, info: DistInfo):
-    from chestxray.data.cache import PreparedCache, default_cache_dir, prepare_cache
-    from chestxray.data.index import load_nih
-
-    index = load_nih(cfg.root, val_fraction=cfg.val_fraction, seed=cfg.split_seed, allow_missing=cfg.allow_missing)
-    cache_dir = Path(cfg.cache) if cfg.cache else default_cache_dir(cfg.root)
-
-    def ready() -> bool:
-        try:
-            cache = PreparedCache.open(cache_dir, cfg.image_size)
-        except ChestXrayError:
-            return False
-        return cache.names == index.frame["image"].tolist() and bool(cache.done.all())
-
-    # Only rank 0 prepares (others would race on the same files); the rest wait for it.
-    if info.is_main and not ready():
-        log.info("preparing a %dpx cache in %s", cfg.image_size, cache_dir)
-        prepare_cache(
-            list(index.iter_paths()), cache_dir, cfg.image_size, workers=cfg.workers, progress=sys.stderr.isatty()
-        )
-    barrier(info)
-    return index, PreparedCache.open(cache_dir, cfg.image_size)
-
-
-def _split_arrays(index, cache, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 images, labels and patient ids of one split, from the cache. Images that failed
-    to decode at prepare time are left out with a warning rather than stopping the run."""
-    pos = index.split_positions(split)
-    names = index.frame["image"].iloc[pos].tolist()
-    lookup = {n: i for i, n in enumerate(cache.names)}
-    keep = np.array([n in lookup and bool(cache.done[lookup[n]]) for n in names], dtype=bool)
-    if not keep.all():
-        bad = [n for n, k in zip(names, keep) if not k]
-        log.warning(
-            "%s split: %d images are not in the cache (failed to decode?), left out, e.g. %s",
-            split,
-            len(bad),
-            ", ".join(bad[:3]),
-        )
-    pos = pos[keep]
-    if len(pos) == 0:
-        raise ChestXrayError(f"the {split} split of {index.root} has no usable images")
-    rows = np.array([lookup[n] for n in np.asarray(names)[keep]], dtype=np.int64)
-    # Read the memmap in ascending row order (sequential I/O), then restore split order.
-    order = np.argsort(rows)
-    images = np.empty((len(rows),) + cache.images.shape[1:], dtype=np.uint8)
-    images[order] = cache.images[rows[order]]
-    return images, index.labels[pos], index.frame["patient_id"].iloc[pos].to_numpy()
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -176,9 +136,10 @@ def _pos_weight(cfg: TrainConfig, labels: np.ndarray) -> torch.Tensor | None:
         return None
     if cfg.pos_weight != "balanced":
         raise ChestXrayError(f"unknown --pos-weight {cfg.pos_weight!r}; choose none or balanced")
-    pos = labels.sum(0)
+    pos = np.nansum(labels, 0)
+    known = np.isfinite(labels).sum(0)  # unknown labels count as neither
     # negatives / positives per class, capped so a class with 1-2 positives cannot dominate.
-    return torch.tensor(np.clip((len(labels) - pos) / np.maximum(pos, 1), 1.0, 50.0), dtype=torch.float32)
+    return torch.tensor(np.clip((known - pos) / np.maximum(pos, 1), 1.0, 50.0), dtype=torch.float32)
 
 
 def sanity_check_batch(x: torch.Tensor, y: torch.Tensor, size: int, n_classes: int) -> None:
@@ -188,8 +149,8 @@ def sanity_check_batch(x: torch.Tensor, y: torch.Tensor, size: int, n_classes: i
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0 or hi - lo < 1e-3:
         raise ChestXrayError(f"first batch pixel range [{lo:.3f}, {hi:.3f}] is not a [0, 1] image range")
-    if y.shape[1] != n_classes or not torch.all((y == 0) | (y == 1)):
-        raise ChestXrayError(f"first batch labels are not 0/1 with {n_classes} columns")
+    if y.shape[1] != n_classes or not torch.all((y == 0) | (y == 1) | torch.isnan(y)):
+        raise ChestXrayError(f"first batch labels are not 0/1/unknown with {n_classes} columns")
 
 
 def training_step(
@@ -222,11 +183,11 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.index, cache = _loader_data(cfg, self.info)
-        self.labels_names = list(self.index.pathologies)
-        tr_x, tr_y, _ = _split_arrays(self.index, cache, "train")
-        va_x, va_y, self.val_groups = _split_arrays(self.index, cache, "val")
-        self.val_targets = va_y
+        self.parts, self.labels_names = load_parts(cfg, self.info)
+        train_data, val_data = split_data(self.parts, "train", cfg.loader), split_data(self.parts, "val", cfg.loader)
+        tr_x, tr_y = train_data.images, train_data.targets
+        va_x, va_y, self.val_groups = val_data.images, val_data.targets, val_data.groups
+        self.val_targets, self.val_sources = va_y, val_data.sources
         common = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
         self.train_batches = CacheBatches(
             tr_x,
@@ -241,7 +202,13 @@ class Trainer:
         # Random init must not depend on, or change, the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.model = create_model(cfg.model, weights=cfg.weights, freeze=cfg.freeze, image_size=cfg.image_size)
+            self.model = create_model(
+                cfg.model,
+                num_classes=len(self.labels_names),
+                weights=cfg.weights,
+                freeze=cfg.freeze,
+                image_size=cfg.image_size,
+            )
         self.model.to(self.device)
         if self.on_gpu and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -251,7 +218,8 @@ class Trainer:
         self.steps_per_epoch = steps
         self.scheduler = make_scheduler(cfg, self.optimizer, steps)
         pw = _pos_weight(cfg, tr_y)
-        self.criterion = nn.BCEWithLogitsLoss(pos_weight=pw.to(self.device) if pw is not None else None)
+        # Masked: a label a dataset does not give (NaN) adds nothing to the loss.
+        self.criterion = MaskedBCEWithLogitsLoss(pos_weight=pw.to(self.device) if pw is not None else None)
         aug = AugmentConfig.preset(cfg.augment)
         self.augment = BatchAugment(aug, seed=cfg.seed, device=self.device) if aug else None
         self.net: nn.Module = self.model
@@ -353,19 +321,30 @@ class Trainer:
     def predict_val(self) -> tuple[np.ndarray, float]:
         """Validation probabilities (all ranks' rows, in split order) and mean BCE loss."""
         self.model.eval()
-        rows_all, probs_all, loss_sum = [], [], 0.0
+        rows_all, probs_all, loss_sum, known = [], [], 0.0, 0
         for rows, xb, yb in self.val_batches:
             with self._autocast():
                 logits = self.model(self._prep(xb)).float()
-            loss_sum += float(nn.functional.binary_cross_entropy_with_logits(logits, yb, reduction="sum"))
+            loss_sum += float(masked_bce_with_logits(logits, yb, reduction="sum"))
+            known += int((~torch.isnan(yb)).sum())
             rows_all.append(rows.numpy())
             probs_all.append(torch.sigmoid(logits).cpu().numpy())
         rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
         probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(self.labels_names)), np.float32)
         full = gather_rows(rows, probs, self.n_val, self.info)
-        # Unweighted BCE per element, summed over ranks: comparable across runs and weights.
-        loss = all_mean(loss_sum, self.info) * self.info.world_size / (self.n_val * len(self.labels_names))
+        # Unweighted BCE per known element, summed over ranks: comparable across runs and weights.
+        total_known = all_mean(float(known), self.info) * self.info.world_size
+        loss = all_mean(loss_sum, self.info) * self.info.world_size / max(total_known, 1.0)
         return full, loss
+
+    def auroc_by_dataset(self, probs: np.ndarray) -> dict[str, float | None]:
+        """Mean validation AUROC of each dataset's own validation part (None where undefined)."""
+        out: dict[str, float | None] = {}
+        for part in self.parts:
+            rows = self.val_sources == part.spec
+            auroc = per_class_auroc(self.val_targets[rows], probs[rows]) if rows.any() else np.array([np.nan])
+            out[part.spec] = float(np.nanmean(auroc)) if np.isfinite(auroc).any() else None
+        return out
 
     def run(self, resume: bool = False) -> Path | None:
         cfg = self.cfg
@@ -393,6 +372,7 @@ class Trainer:
             auroc = per_class_auroc(self.val_targets, probs)
             mean_auroc = float(np.nanmean(auroc)) if np.isfinite(auroc).any() else None
             acc = elementwise_accuracy(self.val_targets, probs >= 0.5)
+            by_dataset = self.auroc_by_dataset(probs)
             if self.scheduler is not None and cfg.schedule == "plateau":
                 self.scheduler.step(val_loss)
             rec = EpochRecord(
@@ -404,6 +384,7 @@ class Trainer:
                 self.optimizer.param_groups[0]["lr"],
                 time.perf_counter() - t0,
                 ips,
+                extra={"val_auroc_by_dataset": by_dataset} if len(self.parts) > 1 else {},
             )
             improved = val_loss < self.best_loss
             if improved:
@@ -422,7 +403,12 @@ class Trainer:
                 print(
                     f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
                     f"val_auroc {mean_auroc if mean_auroc is not None else float('nan'):.4f}  "
-                    f"val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s" + ("  *best" if improved else ""),
+                    f"val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s"
+                    + "".join(
+                        f"  {k} {v:.4f}" if v is not None else f"  {k} undefined"
+                        for k, v in (by_dataset.items() if len(self.parts) > 1 else ())
+                    )
+                    + ("  *best" if improved else ""),
                     flush=True,
                 )
             self.save_checkpoint(epoch)
@@ -430,6 +416,34 @@ class Trainer:
         bundle = self.finish()
         shutdown(self.info)
         return bundle
+
+    def dataset_names(self) -> list[str]:
+        return [dataset_label(spec) for spec in root_list(self.cfg.root)]
+
+    def data_summary(self) -> dict[str, Any]:
+        """What the bundle says about its training data (as before for one NIH root)."""
+        if len(self.parts) == 1 and self.parts[0].index.dataset == "nih":
+            summary = self.parts[0].index.summary()  # type: ignore[attr-defined]
+            return {
+                "dataset_root": self.dataset_names()[0],
+                "labels_file": summary["labels_file"],
+                "split": {
+                    "train": "official train_val minus validation patients",
+                    "validation": summary["validation"],
+                    "test": "official test_list.txt (not used)",
+                },
+                "images": {s: summary["splits"][s]["images"] for s in ("train", "val")},
+                "patients": {s: summary["splits"][s]["patients"] for s in ("train", "val")},
+            }
+        datasets = describe(self.parts)
+        return {
+            "datasets": datasets,
+            "split": "each dataset's own train and validation split; validation is their union",
+            "views": self.cfg.views or "frontal",
+            "uncertain": self.cfg.uncertain,
+            "images": {s: sum(d["images"][s] for d in datasets.values()) for s in ("train", "val")},
+            "patients": {s: sum(d["patients"][s] for d in datasets.values()) for s in ("train", "val")},
+        }
 
     def finish(self) -> Path | None:
         """Best weights -> validation probabilities -> thresholds -> bundle (rank 0 writes)."""
@@ -449,27 +463,30 @@ class Trainer:
         )
         val_metrics["loss"] = val_loss
         val_metrics["threshold_fallback"] = tuned.fallback
-        summary = self.index.summary()
+        if len(self.parts) > 1:
+            val_metrics["by_dataset"] = {
+                key: evaluate_predictions(
+                    self.val_targets[self.val_sources == part.spec],
+                    probs[self.val_sources == part.spec],
+                    tuned.thresholds,
+                    self.labels_names,
+                    groups=None,
+                    n_boot=0,
+                )
+                for key, part in zip(self.dataset_names(), self.parts)
+            }
         meta = BundleMeta(
             architecture=self.cfg.model,
             labels=self.labels_names,
             preprocessing=self.model.preprocessing,
             thresholds=[float(t) for t in tuned.thresholds],
-            name=self.cfg.name or f"{self.cfg.model}-{Path(self.cfg.root).resolve().name}",
+            name=self.cfg.name or f"{self.cfg.model}-" + "+".join(self.dataset_names()).replace(":", "-"),
             threshold_method=(
                 "per-class F1-optimal on the validation split (exact search over distinct "
                 f"scores); fallback {tuned.fallback} -> 0.5 (no validation positive)"
             ),
             training={
-                "dataset_root": Path(self.cfg.root).resolve().name,
-                "labels_file": summary["labels_file"],
-                "split": {
-                    "train": "official train_val minus validation patients",
-                    "validation": summary["validation"],
-                    "test": "official test_list.txt (not used)",
-                },
-                "images": {s: summary["splits"][s]["images"] for s in ("train", "val")},
-                "patients": {s: summary["splits"][s]["patients"] for s in ("train", "val")},
+                **self.data_summary(),
                 "best_epoch": self.best_epoch + 1,
                 "epochs_run": len(self.history),
                 "recipe": {k: v for k, v in self.cfg.to_dict().items() if k not in ("root", "out", "cache")},

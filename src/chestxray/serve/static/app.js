@@ -14,6 +14,7 @@
   let current = null;        // the analysis response
   let active = null;         // finding whose overlay is shown
   let camUrls = new Map();   // finding -> object URL of its overlay PNG
+  let camNotes = new Map();  // finding -> "no positive evidence for X" (an empty map)
   let busy = false;
 
   const pct = (p) => `${(100 * p).toFixed(1)}%`;
@@ -36,11 +37,22 @@
   function resetOverlays() {
     for (const url of camUrls.values()) URL.revokeObjectURL(url);
     camUrls = new Map();
+    camNotes = new Map();
     active = null;
     els.overlay.hidden = true;
     els.overlay.removeAttribute("src");
     els.legend.hidden = true;
     els.caption.textContent = "Radiograph as decoded by the server.";
+  }
+
+  // After a failed upload nothing of the previous image may stay on screen under the error.
+  async function clearResult() {
+    await forgetCurrent();
+    resetOverlays();
+    els.result.hidden = true;
+    els.xray.removeAttribute("src");
+    els.findings.replaceChildren();
+    els.summary.textContent = "";
   }
 
   async function forgetCurrent() {
@@ -61,8 +73,10 @@
     try {
       const resp = await fetch("/api/v1/analyses", { method: "POST", body: form });
       if (!resp.ok) {
+        const reason = await errorText(resp);
+        await clearResult();
         say("");
-        fail(`The image could not be analysed: ${await errorText(resp)}`);
+        fail(`The image could not be analysed: ${reason}`);
         return;
       }
       const analysis = await resp.json();
@@ -74,6 +88,7 @@
       els.result.hidden = false;
       say(summaryText(analysis.prediction));
     } catch (err) {
+      await clearResult();
       say("");
       fail(`The server could not be reached (${err.message}).`);
     } finally {
@@ -197,6 +212,8 @@
       try {
         const resp = await fetch(`${current.cam_url}?finding=${encodeURIComponent(name)}`);
         if (!resp.ok) throw new Error(await errorText(resp));
+        const note = resp.headers.get("X-Grad-CAM-Note");
+        if (note) camNotes.set(name, note);
         url = URL.createObjectURL(await resp.blob());
       } catch (err) {
         if (active === name) { active = null; button.setAttribute("aria-pressed", "false"); }
@@ -214,9 +231,12 @@
     els.overlay.src = url;
     els.overlay.alt = `Grad-CAM for ${name} laid over the radiograph`;
     els.overlay.hidden = false;
+    const note = camNotes.get(name);
     if (!els.legendScale.getAttribute("src")) els.legendScale.src = "/static/cam-legend.png";
-    els.legend.hidden = false;
-    els.caption.textContent = `Grad-CAM for ${name} (${pct(finding.probability)}): where the image raised this score.`;
+    els.legend.hidden = Boolean(note);  // an empty map has nothing to read off the scale
+    els.caption.textContent = note
+      ? `Grad-CAM for ${name} (${pct(finding.probability)}): ${note}; nothing in the image raised this score.`
+      : `Grad-CAM for ${name} (${pct(finding.probability)}): where the image raised this score.`;
     say(`Grad-CAM for ${name} shown.`);
   }
 
@@ -250,10 +270,7 @@
 
   els.file.addEventListener("change", () => analyse(els.file.files[0]));
   els.forget.addEventListener("click", async () => {
-    await forgetCurrent();
-    resetOverlays();
-    els.result.hidden = true;
-    els.xray.removeAttribute("src");
+    await clearResult();
     say("The image was forgotten by the server and this page.");
     els.file.focus();
   });

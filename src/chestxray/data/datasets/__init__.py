@@ -1,0 +1,123 @@
+"""The dataset registry: `NAME:PATH` -> a reader -> one common index (`data.common`).
+
+A bare path means NIH ChestX-ray14, as before. Readers import pandas lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chestxray.data.common import DatasetIndex, DatasetOptions, filter_views
+from chestxray.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Reader:
+    name: str
+    title: str
+    layout: str
+    read: Callable[[Path, DatasetOptions], DatasetIndex]
+    has_laterals: bool = False
+
+
+def _nih(root: Path, opts: DatasetOptions) -> DatasetIndex:
+    from chestxray.data.datasets.nih import read_nih
+
+    return read_nih(root, opts)
+
+
+def _chexpert(root: Path, opts: DatasetOptions) -> DatasetIndex:
+    from chestxray.data.datasets.chexpert import read_chexpert
+
+    return read_chexpert(root, opts)
+
+
+def _mimic(root: Path, opts: DatasetOptions) -> DatasetIndex:
+    from chestxray.data.datasets.mimic import read_mimic
+
+    return read_mimic(root, opts)
+
+
+def _padchest(root: Path, opts: DatasetOptions) -> DatasetIndex:
+    from chestxray.data.datasets.padchest import read_padchest
+
+    return read_padchest(root, opts)
+
+
+def _vindr(root: Path, opts: DatasetOptions) -> DatasetIndex:
+    from chestxray.data.datasets.vindr import read_vindr
+
+    return read_vindr(root, opts)
+
+
+def _csv(root: Path, opts: DatasetOptions) -> DatasetIndex:
+    from chestxray.data.datasets.table import read_table
+
+    return read_table(root, opts)
+
+
+READERS: dict[str, Reader] = {
+    r.name: r
+    for r in (
+        Reader("nih", "NIH ChestX-ray14", "Data_Entry_2017*.csv, train_val_list.txt, test_list.txt, PNGs below", _nih),
+        Reader(
+            "chexpert",
+            "CheXpert v1.0 / v1.0-small",
+            "CheXpert-v1.0-small/train.csv, valid.csv (Path relative to ROOT), JPEGs",
+            _chexpert,
+            has_laterals=True,
+        ),
+        Reader(
+            "mimic",
+            "MIMIC-CXR-JPG 2.0.0 / 2.1.0",
+            "mimic-cxr-2.0.0-{chexpert,metadata,split}.csv.gz, files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg",
+            _mimic,
+            has_laterals=True,
+        ),
+        Reader(
+            "padchest",
+            "PadChest",
+            "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz), 16-bit PNGs in ImageDir folders",
+            _padchest,
+            has_laterals=True,
+        ),
+        Reader(
+            "vindr",
+            "VinDr-CXR (VinBigData challenge)",
+            "train.csv (one row per finding and reader), train/<image_id>.dicom",
+            _vindr,
+        ),
+        Reader(
+            "csv",
+            "any labelled spreadsheet",
+            "a CSV (path column + finding columns or a '|' column), optional dataset.json",
+            _csv,
+        ),
+    )
+}
+_SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_]+):(.+)$")
+
+
+def parse_root(text: str) -> tuple[str, Path]:
+    """`NAME:PATH` -> (name, path); a bare path is NIH. An unknown NAME is an error unless
+    the whole text is an existing path (a folder may contain a colon)."""
+    m = _SPEC.match(text.strip())
+    if m and not Path(text).exists():
+        name = m.group(1).lower()
+        if name not in READERS:
+            raise DatasetError(f"unknown dataset {m.group(1)!r} in {text!r}; known: {', '.join(READERS)} (NAME:PATH)")
+        return name, Path(m.group(2))
+    return "nih", Path(text)
+
+
+def open_dataset(text: str, opts: DatasetOptions | None = None) -> DatasetIndex:
+    """Read a `NAME:PATH` root into the common index, filtered by `opts.views`."""
+    opts = opts or DatasetOptions()
+    name, root = parse_root(text)
+    if not root.exists():
+        raise DatasetError(f"{name}:{root}: dataset root not found")
+    index = READERS[name].read(root, opts)
+    return filter_views(index, opts.views)
