@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.commands._bulk import add_bulk_args, check_bulk_args, run_bulk, setup
 from chestxray.commands._common import add_model_args, positive_int, resolve_device_arg
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
     from chestxray.inference.predict import Analyzer, Prediction
 
-FORMATS = ("table", "json", "csv")
-CSV_COLUMNS = ("file", "model", "variant", "finding", "probability", "threshold", "positive", "error")
+FORMATS = ("table", "json", "csv", "jsonl", "parquet")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,11 +36,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(positives first), per image. Folders are searched recursively. Exit status 1 when "
         "some files could not be read (they are reported; the others finish). " + NOT_FOR_CLINICAL_USE,
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders and/or globs (quoted)")
     add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="output format (default table); csv, jsonl and parquet stream to --out as results arrive",
+    )
     p.add_argument("--out", metavar="FILE", help="write the output to FILE (atomically) instead of stdout")
+    add_bulk_args(p)
     p.add_argument(
         "--cam",
         metavar="DIR",
@@ -61,27 +67,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chestxray.data.images import IMAGE_SUFFIXES
-    from chestxray.inference.predict import Analyzer, collect_inputs
+    from chestxray.inference.inputs import Shard, iter_inputs
+    from chestxray.inference.predict import Analyzer
 
     findings = parse_findings(args.findings)
     if findings is not None and not args.cam:
         raise ChestXrayError("--findings only applies with --cam DIR")
-    files = collect_inputs(args.paths)
-    if not files:
-        raise ChestXrayError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.paths)}")
+    if not args.paths and not args.from_list:
+        raise ChestXrayError("give image files or folders (PATH...) or --from-list FILE")
+    check_bulk_args(args)
     from chestxray.inference.predict import resolve_backend
 
     backend = resolve_backend(args.model, args.backend)
     if args.cam and backend != "torch":
         raise ChestXrayError("--cam needs the torch backend (Grad-CAM takes gradients of the network)")
     device = resolve_device_arg(args.device, backend)
+    if not args.cam:
+        info, device = setup(args, device)  # also starts the decoders' fork server early
+        # Decoder processes use the other cores: one inference thread avoids oversubscribing them.
+        threads = 1 if args.workers != 0 else None
+        analyzer = Analyzer.load(
+            args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads
+        )
+        with quiet_skip_warnings():  # failures are listed once, at the end
+            return run_bulk(args, analyzer, info, render)
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard)]
+    if not files:
+        raise ChestXrayError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.paths)}")
     analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
     with quiet_skip_warnings():  # failures are listed once, at the end
-        if args.cam:
-            predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
-        else:
-            predictions = analyzer.predict_many(files, progress=progress)
+        predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
     text = render(predictions, args.format, f"{analyzer.name} ({analyzer.variant})")
     if args.out:
         from chestxray.io import atomic_write_text
@@ -218,25 +235,13 @@ def render(predictions: Sequence["Prediction"], fmt: str, model_name: str) -> st
 
 def to_csv(predictions: Sequence["Prediction"]) -> str:
     """Long format: one row per image and finding; a failed image has one row with its error."""
+    from chestxray.inference.outputs import CSV_COLUMNS, csv_rows
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for p in predictions:
-        if not p.ok:
-            writer.writerow([p.file, p.model, p.variant, "", "", "", "", p.error])
-        for f in p.findings:
-            writer.writerow(
-                [
-                    p.file,
-                    p.model,
-                    p.variant,
-                    f.finding,
-                    f"{f.probability:.6f}",
-                    f"{f.threshold:.6f}",
-                    "true" if f.positive else "false",
-                    "",
-                ]
-            )
+        writer.writerows(csv_rows(p.to_dict()))
     return buf.getvalue()
 
 

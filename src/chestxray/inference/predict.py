@@ -18,6 +18,7 @@ import numpy as np
 from chestxray.data.images import IMAGE_SUFFIXES, to_gray
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import BundleError, ChestXrayError, ImageReadError
+from chestxray.inference.inputs import InputFile
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ class TorchBackend:
         if self.input_score is not None:
             hook = capture_features(self.model, self.check_layers)
         with torch.inference_mode(), hook as store:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            # A tensor is used as is: the bulk pipeline hands over batches already on the GPU.
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+            x = x.to(self.device)
             logits = self.model(x).float()
             if self.calibration is not None:
                 logits = logits * self.calibration[0] + self.calibration[1]
@@ -234,17 +237,23 @@ class Analyzer:
 
     @classmethod
     def load(
-        cls, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "cpu", batch_size: int = 16
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        backend: str = "auto",
+        device: str = "cpu",
+        batch_size: int = 16,
+        threads: int | None = None,
     ) -> "Analyzer":
         """`model`: a bundle (.safetensors or a run folder), an exported .onnx file, or None
         for the bundled model. `backend`: "auto" (from the file; without torch, ONNX),
-        "torch" or "onnx"."""
+        "torch" or "onnx". `threads`: onnxruntime intra-op threads (None: its default)."""
         backend = resolve_backend(model, backend)
         if backend == "onnx":
             from chestxray.inference.onnx_backend import OnnxBackend
 
             # None: the packaged default.onnx, or an error telling how to export one.
-            onnx = OnnxBackend(model)
+            onnx = OnnxBackend(model, threads=threads)
             meta = onnx.info.meta
             return cls(onnx, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
         from chestxray.inference.calibration import calibration_of
@@ -345,12 +354,52 @@ class Analyzer:
         return self.predict_many(list(inputs), names=names, progress=progress)
 
     def predict_many(
-        self, inputs: Sequence[Input], *, names: Sequence[str] | None = None, progress: bool = False
+        self,
+        inputs: Sequence[Input],
+        *,
+        names: Sequence[str] | None = None,
+        progress: bool = False,
+        workers: int | None = 0,
     ) -> list[Prediction]:
-        """As `predict` for a sequence, typed as a list."""
+        """As `predict` for a sequence, typed as a list. With `workers` (None: all cores, or
+        N) and file paths as inputs, files are decoded by the bulk pipeline's worker
+        processes (inference/pipeline.py); 0 (the default): in this process."""
+        if workers != 0 and names is None and all(isinstance(x, (str, os.PathLike)) for x in inputs):
+            files = (InputFile.of(os.fspath(x)) for x in inputs)  # type: ignore[arg-type]
+            return [p for _, p in self.predict_files(files, workers=workers)]
         if names is None:
             names = [self._label(x, i) for i, x in enumerate(inputs)]
         return list(self.iter_predict(inputs, names, progress=progress))
+
+    def iter_files(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        workers: int | None = None,
+        batch_size: int | None = None,
+        from_list: str | None = None,
+    ) -> Iterator[Prediction]:
+        """Findings for files, folders and globs, lazily and in input order, decoded by
+        `workers` processes (None: all cores; 0: this process). For archives of any size:
+        memory stays bounded; an unreadable file gives a Prediction with `error`."""
+        from chestxray.inference.inputs import iter_inputs
+
+        for _, p in self.predict_files(iter_inputs(paths, from_list), workers=workers, batch_size=batch_size):
+            yield p
+
+    def predict_files(
+        self, files: Iterable[InputFile], *, workers: int | None = None, batch_size: int | None = None
+    ) -> Iterator[tuple[InputFile, Prediction]]:
+        """(file, Prediction) through the streaming pipeline (inference/pipeline.py)."""
+        from chestxray.inference.pipeline import iter_probabilities
+
+        items = iter_probabilities(self, files, workers=workers, batch_size=batch_size, with_scores=True)
+        for f, probs, score, error in items:
+            if probs is None:
+                yield f, self.result(f.path, error=error)
+            else:
+                warnings = self.warnings_for(f.path, f.path, score)
+                yield f, self.result(f.path, self.findings_from(probs), warnings=warnings)
 
     def iter_predict(
         self, items: Sequence[Input], names: Sequence[str], progress: bool = False

@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
+# The process-group helpers live one floor down so that sharded inference can share them.
+from chestxray.models.distributed import DistInfo, barrier, init_distributed, shutdown
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Join the process group that torchrun describes in the environment (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+__all__ = ["DistInfo", "all_mean", "barrier", "gather_rows", "init_distributed", "shutdown"]
 
 
 def all_mean(value: float, info: DistInfo) -> float:
@@ -61,13 +34,3 @@ def gather_rows(rows: np.ndarray, values: np.ndarray, n_total: int, info: DistIn
     for r, v in pieces:
         out[r] = v
     return out
-
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()

@@ -1,0 +1,121 @@
+"""Lazy input listing for bulk prediction: folders, globs and list files, one file at a time.
+
+The order is deterministic (the same as `collect_inputs`: each folder's entries sorted by
+name, sub-folders walked where they sort), so a shard, a resumed run and a merge all agree
+on which file is the k-th. Only one folder's names are held at a time, never the archive's.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from chestxray.data.images import IMAGE_SUFFIXES
+from chestxray.errors import ChestXrayError
+
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file to predict and the identity `--resume` matches on (path, size, mtime)."""
+
+    path: str
+    size: int = -1  # -1: could not stat (missing); the decoder then gives the error row
+    mtime_ns: int = -1
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.path, self.size, self.mtime_ns)
+
+    @classmethod
+    def of(cls, path: str) -> "InputFile":
+        try:
+            st = os.stat(path)  # follows symlinks: the target's size and time
+        except OSError:
+            return cls(path)
+        return cls(path, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the files whose position k in the listing has k % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        try:
+            i, n = (int(t) for t in text.split("/"))
+        except ValueError:
+            raise ChestXrayError(f"--shard expects I/N, e.g. 0/4, got {text!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise ChestXrayError(f"--shard {text}: need 0 <= I < N (I counts from 0, like $SLURM_ARRAY_TASK_ID)")
+        return cls(i, n)
+
+    def within(self, sub: "Shard") -> "Shard":
+        """Split this shard again (e.g. a job-array task into torchrun ranks)."""
+        return Shard(self.index + self.count * sub.index, self.count * sub.count)
+
+
+def _walk(folder: str) -> Iterator[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise ChestXrayError(f"{folder}: cannot list this folder ({exc.strerror or type(exc).__name__})") from None
+    for e in entries:
+        if e.is_dir():  # follows symlinks, as Path.rglob does not; a linked folder is listed once
+            yield from _walk(e.path)
+        elif e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file():
+            yield e.path
+
+
+def _expand(arg: str) -> Iterator[str]:
+    if os.path.isdir(arg):
+        yield from _walk(arg)
+    elif not os.path.exists(arg) and GLOB_CHARS & set(arg):
+        # glob has no sorted lazy form; one pattern's matches are held, not the archive's.
+        for match in sorted(glob.glob(arg, recursive=True)):
+            if os.path.isdir(match):
+                yield from _walk(match)
+            elif match.lower().endswith(IMAGE_SUFFIXES):
+                yield match
+    else:
+        yield arg  # kept as given: a missing or unreadable file gets an error row
+
+
+def _read_list(list_file: str) -> Iterator[str]:
+    if not os.path.isfile(list_file):
+        raise ChestXrayError(f"{list_file}: no such list file")
+    with open(list_file, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def iter_paths(paths: Iterable[str | os.PathLike], from_list: str | None = None) -> Iterator[str]:
+    """Every input path, lazily: PATH arguments (files, folders, globs), then --from-list's
+    lines (each may again be a file, folder or glob)."""
+    for p in paths:
+        yield from _expand(os.fspath(p))
+    if from_list is not None:
+        for p in _read_list(from_list):
+            yield from _expand(p)
+
+
+def iter_inputs(
+    paths: Iterable[str | os.PathLike], from_list: str | None = None, shard: Shard = Shard()
+) -> Iterator[InputFile]:
+    """This shard's files with their size and mtime; only the shard's own files are stat'ed."""
+    for k, p in enumerate(iter_paths(paths, from_list)):
+        if k % shard.count == shard.index:
+            yield InputFile.of(p)
+
+
+def count_inputs(paths: Iterable[str | os.PathLike], from_list: str | None = None, shard: Shard = Shard()) -> int:
+    """How many files `iter_inputs` will give (a listing pass without stat, for the ETA)."""
+    return sum(1 for k, _ in enumerate(iter_paths(paths, from_list)) if k % shard.count == shard.index)

@@ -1,0 +1,319 @@
+"""Streaming, resumable result files for bulk prediction (CSV, JSON Lines, Parquet).
+
+While a run goes, every result is appended to a journal next to the output, OUT.partial
+(JSON Lines whatever the final format: one record per file with its path, size and mtime,
+flushed after each batch). `--resume` reads the journal back, drops a torn last line, and
+skips the files whose (path, size, mtime) it already holds. At the end the journal is
+converted, streaming, into the requested format and renamed over OUT in one step
+(`chestxray.io.atomic_write`); then the journal is removed. Under torchrun every rank keeps
+its own journal and rank 0 merges them into one output.
+
+Rows are in input order (the listing order; with shards, merged back into it). A resumed
+run equals an uninterrupted one when the files did not change in between; a file that
+changed is predicted again and its new row goes to the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from chestxray.errors import ChestXrayError
+from chestxray.inference.inputs import InputFile
+
+if TYPE_CHECKING:
+    from chestxray.inference.predict import Prediction
+
+STREAM_FORMATS = ("csv", "jsonl", "parquet")
+CSV_COLUMNS = ("file", "model", "variant", "finding", "probability", "threshold", "positive", "error")
+Record = dict[str, Any]
+
+
+def to_record(file: InputFile, prediction: "Prediction") -> Record:
+    """The journal/JSON Lines record: the prediction's JSON plus the file's size and mtime."""
+    rec = prediction.to_dict()
+    return {"file": rec.pop("file"), "size": file.size, "mtime_ns": file.mtime_ns, **rec}
+
+
+def record_key(rec: Record) -> tuple[str, int, int]:
+    return (rec["file"], int(rec.get("size", -1)), int(rec.get("mtime_ns", -1)))
+
+
+def csv_rows(rec: Record) -> Iterator[list[str]]:
+    """Long format: one row per finding; a failed image has one row with its error."""
+    variant = rec.get("variant", "")
+    if rec.get("error"):
+        yield [rec["file"], rec["model"], variant, "", "", "", "", rec["error"]]
+    for f in rec.get("findings", ()):
+        yield [
+            rec["file"],
+            rec["model"],
+            variant,
+            f["finding"],
+            f"{f['probability']:.6f}",
+            f"{f['threshold']:.6f}",
+            "true" if f["positive"] else "false",
+            "",
+        ]
+
+
+# ---- the journal ----------------------------------------------------------------------
+
+
+def journal_path(out: Path, rank: int = 0, world: int = 1) -> Path:
+    return out.with_name(f"{out.name}.partial" if world == 1 else f"{out.name}.part{rank}of{world}.partial")
+
+
+def read_journal(path: Path) -> tuple[list[tuple[tuple[str, int, int], str]], int]:
+    """(key, model) of each record of a journal up to its last complete line, and that
+    line's end offset (a kill -9 can leave half a line; it is cut off on resume). Only the
+    keys are kept, not the records: memory stays small for a long journal."""
+    keys: list[tuple[tuple[str, int, int], str]] = []
+    end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break
+            keys.append((record_key(rec), str(rec.get("model"))))
+            end += len(line)
+    return keys, end
+
+
+def iter_journal(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.endswith(b"\n"):
+                yield json.loads(line)
+
+
+class Journal:
+    """OUT.partial, appended as results arrive. With `resume`, the records already there
+    are kept (their keys in `done`) and new ones appended after them."""
+
+    def __init__(self, path: Path, *, resume: bool, model_name: str) -> None:
+        self.path = path
+        self.done: dict[str, tuple[str, int, int]] = {}
+        self.stale: set[tuple[str, int, int]] = set()
+        self.matched: set[str] = set()
+        self.written = 0
+        if path.exists() and not resume:
+            raise ChestXrayError(
+                f"{path} holds an interrupted run: pass --resume to continue it, or delete it to start over"
+            )
+        if path.exists():
+            keys, end = read_journal(path)
+            for key, model in keys:
+                if model != model_name:
+                    raise ChestXrayError(
+                        f"{path}: was written by model {model!r}, this run uses {model_name!r}; "
+                        "resume with the same model or write to a new --out"
+                    )
+                self.done[key[0]] = key
+            with open(path, "r+b") as f:
+                f.truncate(end)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f: IO[bytes] = open(path, "ab")  # noqa: SIM115  # stays open for the whole run; closed in close/abort
+
+    def skip(self, file: InputFile) -> bool:
+        """True when this file's result is already in the journal; a changed file (same
+        path, other size or mtime) is predicted again and its old record dropped."""
+        old = self.done.get(file.path)
+        if old is None:
+            return False
+        if old == file.key:
+            self.matched.add(file.path)
+            return True
+        self.stale.add(old)
+        return False
+
+    def append(self, records: Sequence[Record]) -> None:
+        if records:
+            self._f.write(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+            self._f.flush()
+            self.written += len(records)
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        # Records of files changed or gone since the interrupted run: rewrite without them.
+        if self.stale or len(self.matched) < len(self.done):
+            keep_old = {self.done[p] for p in self.matched}
+            old_keys = set(self.done.values())
+            rows = (r for r in iter_journal(self.path) if record_key(r) not in old_keys or record_key(r) in keep_old)
+            from chestxray.io import atomic_write
+
+            atomic_write(self.path, lambda tmp: write_jsonl(tmp, rows))
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+# ---- final files -----------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: Iterable[Record]) -> None:
+    with open(path, "wb") as f:
+        for rec in records:
+            f.write(json.dumps(rec).encode() + b"\n")
+
+
+def write_csv(path: Path, records: Iterable[Record]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for rec in records:
+            writer.writerows(csv_rows(rec))
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ChestXrayError("--format parquet needs pyarrow: pip install 'chestxray[archive]'") from None
+    return pyarrow
+
+
+def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], batch_rows: int = 4096) -> None:
+    """One row per file: file, size, mtime_ns, model, variant, error, one probability column per
+    finding and `positives` (the positive findings); thresholds in the schema metadata."""
+    pa = _pyarrow()
+    fields = [
+        pa.field("file", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("mtime_ns", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("variant", pa.string()),
+        pa.field("error", pa.string()),
+        *(pa.field(label, pa.float64()) for label in labels),
+        pa.field("positives", pa.list_(pa.string())),
+    ]
+    thresholds: dict[str, float] = {}
+    schema = pa.schema(fields)
+    with pa.parquet.ParquetWriter(str(path), schema) as writer:
+        batch: list[Record] = []
+
+        def flush() -> None:
+            cols: dict[str, list[Any]] = {f.name: [] for f in fields}
+            for rec in batch:
+                probs = {f["finding"]: f["probability"] for f in rec.get("findings", ())}
+                for f in rec.get("findings", ()):
+                    thresholds.setdefault(f["finding"], f["threshold"])
+                for key in ("file", "size", "mtime_ns", "model", "variant", "error"):
+                    cols[key].append(rec.get(key))
+                for label in labels:
+                    cols[label].append(probs.get(label))
+                cols["positives"].append([f["finding"] for f in rec.get("findings", ()) if f["positive"]])
+            writer.write_table(pa.table(cols, schema=schema))
+            batch.clear()
+
+        for rec in records:
+            batch.append(rec)
+            if len(batch) >= batch_rows:
+                flush()
+        if batch or not thresholds:
+            flush()
+        writer.add_key_value_metadata({"chestxray.thresholds": json.dumps(thresholds)})
+
+
+def interleave(parts: Sequence[Iterable[Record]]) -> Iterator[Record]:
+    """Round-robin over the ranks' records: shard r holds listing positions k with
+    k % n == r, so this restores the listing order."""
+    iters = [iter(p) for p in parts]
+    while iters:
+        alive = []
+        for it in iters:
+            rec = next(it, None)
+            if rec is not None:
+                yield rec
+                alive.append(it)
+        iters = alive
+
+
+class Summary:
+    """Counts of a finished output, and the first failures to show."""
+
+    def __init__(self, show: int = 20) -> None:
+        self.total = self.errors = self.duplicates = 0
+        self.failures: list[tuple[str, str]] = []
+        self.show = show
+
+    def see(self, records: Iterable[Record], seen: set[str]) -> Iterator[Record]:
+        for rec in records:
+            if rec["file"] in seen:
+                self.duplicates += 1  # the same path twice in the listing: one row
+                continue
+            seen.add(rec["file"])
+            self.total += 1
+            if rec.get("error"):
+                self.errors += 1
+                if len(self.failures) < self.show:
+                    self.failures.append((rec["file"], rec["error"]))
+            yield rec
+
+
+def finalize(out: Path, fmt: str, journals: Sequence[Path], labels: Sequence[str]) -> Summary:
+    """Write OUT from the journals (interleaved, one row per path) in one atomic step,
+    then remove the journals."""
+    from chestxray.io import atomic_write
+
+    summary = Summary()
+    records = summary.see(interleave([iter_journal(j) for j in journals]), set())
+    if fmt == "jsonl":
+        atomic_write(out, lambda tmp: write_jsonl(tmp, records))
+    elif fmt == "csv":
+        atomic_write(out, lambda tmp: write_csv(tmp, records))
+    elif fmt == "parquet":
+        atomic_write(out, lambda tmp: write_parquet(tmp, records, labels))
+    else:
+        raise ChestXrayError(f"unknown streaming format {fmt!r}; choose one of {', '.join(STREAM_FORMATS)}")
+    for j in journals:
+        j.unlink(missing_ok=True)
+    return summary
+
+
+def complete_output_keys(out: Path, fmt: str) -> set[tuple[str, int, int]] | set[str]:
+    """What a finished OUT holds: (path, size, mtime) keys for JSON Lines and Parquet; only
+    paths for CSV (its columns stay those of `predict --format csv`)."""
+    if fmt == "jsonl":
+        return {record_key(r) for r in iter_journal(out)}
+    if fmt == "parquet":
+        table = _pyarrow().parquet.read_table(str(out), columns=["file", "size", "mtime_ns"])
+        cols = table.to_pydict()
+        return set(zip(cols["file"], cols["size"], cols["mtime_ns"]))
+    with open(out, newline="") as f:
+        return {row["file"] for row in csv.DictReader(f)}
+
+
+class StdoutWriter:
+    """CSV or JSON Lines to stdout, row by row as results arrive."""
+
+    def __init__(self, fmt: str, stream: IO[str]) -> None:
+        if fmt not in ("csv", "jsonl"):
+            raise ChestXrayError(f"--format {fmt} needs --out FILE")
+        self.fmt, self.stream = fmt, stream
+        self._csv = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(CSV_COLUMNS)
+
+    def write(self, records: Sequence[Record]) -> None:
+        buf = io.StringIO() if self._csv is None else None
+        for rec in records:
+            if self._csv is not None:
+                self._csv.writerows(csv_rows(rec))
+            else:
+                assert buf is not None
+                buf.write(json.dumps(rec) + "\n")
+        if buf is not None:
+            self.stream.write(buf.getvalue())
+        self.stream.flush()

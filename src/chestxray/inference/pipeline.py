@@ -1,0 +1,392 @@
+"""Streaming batch prediction: decode in worker processes, infer in batches, yield in order.
+
+    files (lazy) -> chunks of --batch-size -> worker pool: Analyzer.preprocess per file
+    (bounded window of chunks in flight) -> Analyzer.probabilities per batch -> findings
+
+Results come back in input order. Memory is bounded by the window (prefetch x batch
+images), never by the number of files. A file that cannot be read gives an error row; a
+decoder process that dies is replaced and only the file that killed it gets an error row.
+On CUDA, each batch is copied into a pinned buffer and sent to the GPU on a side stream
+while the previous batch computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import IO, Any, Protocol, TypeVar
+
+import numpy as np
+
+from chestxray.errors import ImageReadError
+from chestxray.inference.inputs import InputFile
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Predictor(Protocol):
+    """What the pipeline uses of an `Analyzer` (named structurally: the Analyzer's module
+    builds on this one, so this one cannot import it)."""
+
+    name: str
+    batch_size: int
+    backend: Any
+
+    def preprocess(self, image: Any, name: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def probabilities(self, batch: Any) -> np.ndarray: ...
+
+
+# (the chunk's model inputs stacked, or None when none could be read; {index in chunk: error})
+Decoded = tuple["np.ndarray | None", dict[int, str]]
+CRASHED = "the image decoder crashed on this file"
+TASK_FILES = 4  # files per worker task
+PRELOAD = ["chestxray.inference.predict", "chestxray.inference.pipeline"]
+
+
+def default_workers(local_processes: int = 1) -> int:
+    """All cores this process may use, shared among the processes on this machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_processes))
+
+
+def safe_preprocess(analyzer: Predictor, path: str) -> tuple["np.ndarray | None", str | None]:
+    """(model input, None) or (None, reason): one bad file must not lose its batch."""
+    try:
+        return analyzer.preprocess(path, path)[1], None
+    except ImageReadError as exc:
+        return None, exc.reason
+    except Exception as exc:
+        # Only the type: library messages can quote file contents.
+        return None, f"cannot read this input ({type(exc).__name__})"
+
+
+def decode_chunk(analyzer: Predictor, paths: list[str]) -> Decoded:
+    xs: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        x, err = safe_preprocess(analyzer, path)
+        if err is not None:
+            errors[i] = err
+        else:
+            xs.append(x)  # type: ignore[arg-type]
+    return (np.stack(xs) if xs else None), errors
+
+
+_WORKER: Predictor | None = None
+
+
+def _init_worker(decoder: Predictor, parent: int) -> None:
+    global _WORKER
+    _WORKER = decoder
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(pid: int) -> None:
+    """A worker outlives a parent killed with -9 (nobody sends it the stop sentinel): poll
+    for the parent and leave when it is gone."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+
+
+def _worker_decode(paths: list[str]) -> Decoded:
+    assert _WORKER is not None  # set by the pool initializer
+    return decode_chunk(_WORKER, paths)
+
+
+def decoder_copy(analyzer: Predictor) -> Predictor:
+    """The Analyzer without its network, to send to worker processes: they only run
+    `preprocess`, so whatever the Analyzer does there applies unchanged."""
+    clone = copy.copy(analyzer)
+    clone.backend = None  # a session/model does not pickle, and workers need none
+    return clone
+
+
+def mp_context() -> Any:
+    """forkserver: workers never inherit this process's onnxruntime/torch/gloo threads, and
+    the server imports the decoder's modules once, so each worker starts without importing."""
+    if sys.platform == "win32":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the fork server now: its imports then overlap the model load."""
+    if sys.platform != "win32":
+        from multiprocessing import forkserver
+
+        mp_context()
+        forkserver.ensure_running()
+
+
+class DecodePool:
+    """Ordered, bounded map of chunks of files -> Decoded, over worker processes
+    (`workers` 0: in this process)."""
+
+    def __init__(self, analyzer: Predictor, workers: int, prefetch: int | None = None) -> None:
+        self.analyzer = analyzer
+        self.workers = workers
+        self.prefetch = prefetch or max(2, 2 * workers)
+        self._decoder = decoder_copy(analyzer) if workers > 0 else analyzer
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "DecodePool":
+        if self.workers > 0:
+            self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _start(self) -> None:
+        self._pool = ProcessPoolExecutor(
+            self.workers, mp_context=mp_context(), initializer=_init_worker, initargs=(self._decoder, os.getpid())
+        )
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._start()
+
+    def _submit(self, chunk: list[InputFile]) -> list[tuple[int, "Future[Decoded]"]] | None:
+        if self._pool is None:
+            return None  # decoded lazily, in order, in _collect
+        # Small tasks: both workers start at once and the run's tail (one task) stays short.
+        return [
+            (k, self._pool.submit(_worker_decode, [f.path for f in chunk[k : k + TASK_FILES]]))
+            for k in range(0, len(chunk), TASK_FILES)
+        ]
+
+    def _collect(self, chunk: list[InputFile], tasks: list[tuple[int, "Future[Decoded]"]] | None) -> Decoded:
+        if tasks is None:
+            return decode_chunk(self._decoder, [f.path for f in chunk])
+        xs: list[np.ndarray] = []
+        errors: dict[int, str] = {}
+        try:
+            for k, fut in tasks:
+                x, errs = fut.result()
+                if x is not None:
+                    xs.append(x)
+                errors.update({k + i: e for i, e in errs.items()})
+        except BrokenProcessPool:
+            return self._one_by_one(chunk)
+        return (np.concatenate(xs) if xs else None), errors
+
+    def _one_by_one(self, chunk: list[InputFile]) -> Decoded:
+        """A worker died (a decoder crash, the OOM killer): redo this chunk file by file in a
+        fresh pool, so only the file that kills a worker gets an error row."""
+        log.warning("a decoder process died; retrying %d files one at a time", len(chunk))
+        xs: list[np.ndarray] = []
+        errors: dict[int, str] = {}
+        for i, f in enumerate(chunk):
+            self._restart()
+            assert self._pool is not None
+            try:
+                x, err = self._pool.submit(_worker_decode, [f.path]).result()
+            except BrokenProcessPool:
+                errors[i] = CRASHED
+                continue
+            if err:
+                errors[i] = err[0]
+            else:
+                xs.append(x[0])  # type: ignore[index]
+        self._restart()
+        return (np.stack(xs) if xs else None), errors
+
+    def map(self, chunks: Iterable[list[InputFile]]) -> Iterator[tuple[list[InputFile], Decoded]]:
+        window: deque[tuple[list[InputFile], list[tuple[int, Future[Decoded]]] | None]] = deque()
+        for chunk in chunks:
+            window.append((chunk, self._submit(chunk)))
+            if len(window) >= self.prefetch:
+                c, fut = window.popleft()
+                yield c, self._collect(c, fut)
+        while window:
+            c, fut = window.popleft()
+            yield c, self._collect(c, fut)
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for f in items:
+        chunk.append(f)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class CudaStager:
+    """Pinned host buffers and a copy stream: batch k+1 travels to the GPU while batch k
+    computes. Two buffers, each reused only after its last copy finished."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.buffers: list[Any] = [None, None]
+        self.events: list[Any] = [None, None]
+        self.k = 0
+
+    def __call__(self, x: np.ndarray) -> tuple[Any, Any]:
+        torch = self.torch
+        slot, self.k = self.k % 2, self.k + 1
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+        buf = self.buffers[slot]
+        if buf is None or buf.shape[0] < x.shape[0] or buf.shape[1:] != x.shape[1:]:
+            buf = self.buffers[slot] = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        host = buf[: x.shape[0]]
+        host.numpy()[...] = x
+        event = torch.cuda.Event()
+        with torch.cuda.stream(self.stream):
+            dev = host.to(self.device, non_blocking=True)
+            event.record(self.stream)
+        dev.record_stream(torch.cuda.current_stream(self.device))
+        self.events[slot] = event
+        return dev, event
+
+    def ready(self, staged: tuple[Any, Any]) -> Any:
+        dev, event = staged
+        self.torch.cuda.current_stream(self.device).wait_event(event)  # queued on the GPU, no host wait
+        return dev
+
+
+def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
+    device = getattr(analyzer.backend, "device", None)
+    if device is None or getattr(device, "type", None) != "cuda":
+        return None
+    return CudaStager(device)
+
+
+def iter_probabilities(
+    analyzer: Predictor,
+    files: Iterable[InputFile],
+    *,
+    workers: int | None = None,
+    batch_size: int | None = None,
+    prefetch: int | None = None,
+    with_scores: bool = False,
+) -> Iterator[Any]:
+    """(file, probabilities, None) or (file, None, error) for every file, in input order.
+    `workers`: decoder processes (None: all cores; 0: decode in this process).
+    `with_scores`: (file, probabilities, input-check score or None, error) instead, from the
+    same forward pass (`Analyzer.run`; issue 13's input check).
+    `Analyzer.predict_files` turns these into Predictions."""
+    workers = default_workers() if workers is None else workers
+    size = batch_size or analyzer.batch_size
+    stager = _cuda_stager(analyzer)
+
+    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str]) -> Iterator[Any]:
+        scores: Any = None
+        if staged is None:
+            probs: Any = ()
+        elif with_scores and hasattr(analyzer, "run"):
+            probs, scores = analyzer.run(stager.ready(staged) if stager is not None else staged)
+        else:
+            probs = analyzer.probabilities(stager.ready(staged) if stager is not None else staged)
+        it = iter(probs)
+        k = 0
+        for i, f in enumerate(chunk):
+            if i in errors:
+                yield (f, None, None, errors[i]) if with_scores else (f, None, errors[i])
+            else:
+                score = None if scores is None else float(scores[k])
+                k += 1
+                yield (f, next(it), score, None) if with_scores else (f, next(it), None)
+
+    chunks = chunked(files, size)
+    first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
+    if len(first) < 2:
+        workers = 0  # one batch in all: starting worker processes would cost more than it saves
+    pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
+    with DecodePool(analyzer, workers, prefetch) as pool:
+        for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
+            staged = stager(x) if (stager is not None and x is not None) else x
+            if pending is not None:
+                yield from finish(*pending)  # computes while this chunk's copy is in flight
+            pending = (chunk, staged, errors)
+        if pending is not None:
+            yield from finish(*pending)
+
+
+class Progress:
+    """A tqdm bar (images/s, ETA) on a terminal; otherwise one log line every `every_s` s."""
+
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        tty: bool | None = None,
+        every_s: float = 30.0,
+        desc: str = "predict",
+        stream: IO[str] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.every_s, self.enabled = total, desc, every_s, enabled
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.done = self.errors = 0
+        self.start = self.last = time.monotonic()
+        self.bar: Any = None
+        if enabled and self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=desc, file=self.stream, smoothing=0.1)
+
+    def update(self, n: int = 1, errors: int = 0) -> None:
+        self.done += n
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(n)
+            if errors:
+                self.bar.set_postfix(errors=self.errors, refresh=False)
+        elif self.enabled and self.every_s > 0 and time.monotonic() - self.last >= self.every_s:
+            self.log_line()
+
+    def log_line(self) -> None:
+        now = time.monotonic()
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        eta = ""
+        if self.total is not None and rate > 0:
+            left = max(self.total - self.done, 0) / rate
+            eta = f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        print(
+            f"{self.desc}: {self.done}{of} images, {rate:.1f} img/s, {self.errors} errors{eta}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.every_s > 0 and self.last > self.start:
+            self.log_line()  # a closing line only for runs long enough to have logged before

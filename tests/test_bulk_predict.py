@@ -1,0 +1,249 @@
+"""Bulk predict (issue 15): the streaming pipeline, resumable outputs, shards, torchrun merge.
+
+Runs on the packaged int8 default.onnx (128 px, onnxruntime) over real NIH images, linked
+many times into a temporary folder so that runs have several batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chestxray.cli import main
+
+pytest.importorskip("onnxruntime")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ONNX = ["--backend", "onnx"]
+
+
+def link_folder(folder: Path, sources: list[Path], copies: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k in range(copies):
+        for src in sources:
+            dst = folder / f"c{k:03d}_{src.name}"
+            dst.symlink_to(src.resolve())
+            out.append(dst)
+    return sorted(out)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(SRC) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pipeline_in_order_and_equal_to_the_serial_path(sample_images, tmp_path):
+    """Worker processes, several batches, results in input order and the same numbers."""
+    from chestxray.inference.predict import Analyzer
+
+    files = link_folder(tmp_path / "f", sample_images, 2)
+    analyzer = Analyzer.load(backend="onnx", batch_size=3)
+    serial = analyzer.predict([str(f) for f in files])
+    bulk = list(analyzer.iter_files([tmp_path / "f"], workers=2, batch_size=3))
+    assert [p.file for p in bulk] == [str(f) for f in files]
+    listed = analyzer.predict_many([str(f) for f in files], workers=2)  # the list API, same pipeline
+    assert [p.to_dict() for p in listed] == [p.to_dict() for p in bulk]
+    assert bulk[0].variant == "onnx int8"
+    for a, b in zip(serial, bulk):
+        assert [(f.finding, f.positive) for f in a.findings] == [(f.finding, f.positive) for f in b.findings]
+        assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-6)
+
+
+def test_broken_files_among_good_ones_give_error_rows_and_exit_1(capsys, sample_images, tmp_path):
+    folder = tmp_path / "mixed"
+    good = link_folder(folder, sample_images[:4], 2)
+    (folder / "a_empty.png").write_bytes(b"")
+    (folder / "b_text.png").write_text("not an image\n")
+    (folder / "c_truncated.png").write_bytes(sample_images[0].read_bytes()[:500])
+    out = tmp_path / "res.csv"
+    code, stdout, err = run_cli(capsys, "predict", *ONNX, str(folder), "--workers", "2", "--batch-size", "2",
+                                "--format", "csv", "--out", str(out))
+    assert code == 1 and stdout == ""
+    rows = list(csv.DictReader(out.open()))
+    errors = {Path(r["file"]).name: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"a_empty.png", "b_text.png", "c_truncated.png"}
+    assert errors["a_empty.png"] == "empty file" and "truncated" in errors["c_truncated.png"]
+    assert {r["file"] for r in rows if not r["error"]} == {str(g) for g in good}
+    assert len(rows) == 3 + 14 * len(good)
+    assert "3 of 11 files could not be read" in err and "b_text.png" in err
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_kill_9_halfway_then_resume_equals_an_uninterrupted_run(capsys, original_png, rgba_png, tmp_path):
+    originals = sorted(original_png.parent.glob("*.png"))  # 1024 px: slow enough to stop halfway
+    folder = tmp_path / "archive"
+    files = link_folder(folder, originals, 16)
+    args = ["predict", *ONNX, str(folder), "--format", "jsonl", "--workers", "1", "--batch-size", "4",
+            "--no-progress"]
+    ref = tmp_path / "ref.jsonl"
+    assert run_cli(capsys, *args, "--out", str(ref))[0] == 0
+    out = tmp_path / "out.jsonl"
+    journal = tmp_path / "out.jsonl.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "chestxray.cli", *args, "--out", str(out)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = journal.read_bytes().count(b"\n")
+    assert not out.exists() and 8 <= done < len(files), "the run was not stopped halfway"
+    # A torn last line, as a kill in the middle of a write leaves.
+    with journal.open("ab") as f:
+        f.write(b'{"file": "half a reco')
+    code, _, err = run_cli(capsys, *args, "--out", str(out))
+    assert code == 2 and "--resume" in err  # never silently overwritten
+    code, _, err = run_cli(capsys, *args, "--out", str(out), "--resume")
+    assert code == 0, err
+    assert out.read_bytes() == ref.read_bytes()
+    assert [r["file"] for r in jsonl(out)] == [str(f) for f in files]
+    assert not journal.exists()
+    # Resuming a finished output does no work; a new file in the folder is refused clearly.
+    assert run_cli(capsys, *args, "--out", str(out), "--resume")[0] == 0
+    (folder / "zzz.png").symlink_to(originals[0])
+    code, _, err = run_cli(capsys, *args, "--out", str(out), "--resume")
+    assert code == 2 and "1 listed files are not in it" in err
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_resume_skips_by_path_size_and_mtime(capsys, sample_images, tmp_path, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "f"
+    files = link_folder(folder, sample_images[:3], 3)
+    base = ["predict", *ONNX, str(folder), "--format", fmt, "--workers", "0", "--batch-size", "2"]
+    ref, out = tmp_path / f"ref.{fmt}", tmp_path / f"out.{fmt}"
+    assert run_cli(capsys, *base, "--out", str(ref))[0] == 0
+    # An interrupted run: the journal of the first 5 files (made by a run over those only).
+    run_cli(capsys, "predict", *ONNX, *[str(f) for f in files[:5]], "--format", "jsonl", "--workers", "0",
+            "--out", str(tmp_path / "first.jsonl"))
+    lines = (tmp_path / "first.jsonl").read_text().splitlines(keepends=True)
+    # The 3rd file changed since (another mtime): it must be predicted again, once.
+    stale = json.loads(lines[2])
+    stale["mtime_ns"] -= 10**9
+    lines[2] = json.dumps(stale) + "\n"
+    Path(str(out) + ".partial").write_text("".join(lines))
+    code, _, err = run_cli(capsys, *base, "--out", str(out), "--resume")
+    assert code == 0, err
+    if fmt == "csv":
+        got = list(csv.DictReader(out.open()))
+        want = list(csv.DictReader(ref.open()))
+        key = lambda r: (r["file"], r["finding"])  # noqa: E731
+        assert sorted(got, key=key) == sorted(want, key=key)
+        assert len({r["file"] for r in got}) == len(files)
+    else:
+        import pyarrow.parquet as pq
+
+        got, want = pq.read_table(out).to_pylist(), pq.read_table(ref).to_pylist()
+        assert sorted(got, key=lambda r: r["file"]) == sorted(want, key=lambda r: r["file"])
+        assert len(got) == len(files) and set(want[0]) >= {"file", "size", "mtime_ns", "Effusion", "positives"}
+
+
+def test_shards_split_the_listing(capsys, sample_images, tmp_path):
+    files = link_folder(tmp_path / "f", sample_images[:5], 1)
+    got = []
+    for i in range(3):
+        code, out, _ = run_cli(capsys, "predict", *ONNX, str(tmp_path / "f"), "--shard", f"{i}/3",
+                               "--format", "jsonl", "--workers", "0")
+        assert code == 0
+        got.append([r["file"] for r in map(json.loads, out.splitlines())])
+    assert got[0] == [str(files[0]), str(files[3])]
+    assert sorted(sum(got, [])) == [str(f) for f in files]
+    code, _, err = run_cli(capsys, "predict", *ONNX, str(tmp_path / "f"), "--shard", "3/3")
+    assert code == 2 and "--shard" in err
+
+
+def test_from_list_and_globs(capsys, sample_images, tmp_path):
+    files = link_folder(tmp_path / "f", sample_images[:2], 2)  # c000_* then c001_*
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# one file\n{files[0]}\n")
+    code, out, _ = run_cli(capsys, "predict", *ONNX, str(tmp_path / "f" / "c001_*.png"), "--from-list",
+                           str(listing), "--format", "jsonl")
+    assert code == 0
+    assert [r["file"] for r in map(json.loads, out.splitlines())] == [str(f) for f in (files[2], files[3], files[0])]
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_merge_every_file_exactly_once(capsys, sample_images, tmp_path):
+    pytest.importorskip("torch")
+    files = link_folder(tmp_path / "f", sample_images[:6], 2)
+    (tmp_path / "f" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nno")
+    listing = sorted([str(f) for f in files] + [str(tmp_path / "f" / "broken.png")])
+    ref = tmp_path / "ref.jsonl"
+    base = ["predict", *ONNX, str(tmp_path / "f"), "--format", "jsonl", "--workers", "0", "--batch-size", "2"]
+    assert run_cli(capsys, *base, "--out", str(ref))[0] == 1
+    out = tmp_path / "merged.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "chestxray.cli", *base, "--out", str(out)],
+        env=env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the broken file: exit 1 from every rank
+    rows = jsonl(out)
+    assert [r["file"] for r in rows] == listing  # every file once, in the listing order
+    assert out.read_text() == ref.read_text()  # the same as one process
+    assert [r["file"] for r in rows if r["error"]] == [str(tmp_path / "f" / "broken.png")]
+    assert not list(tmp_path.glob("merged.jsonl.part*"))
+    assert proc.stderr.count("wrote 13 predictions") == 1  # rank 0 alone merges and reports
+
+
+class CrashOn:
+    """A stand-in Analyzer whose decoder process dies (like a segfault) on one file name."""
+
+    name, batch_size, backend = "crash-test", 4, None
+
+    def preprocess(self, image, name=None):
+        import numpy as np
+
+        if "crash" in str(image):
+            os._exit(1)
+        return None, np.full((1, 4, 4), float(len(str(image))), np.float32)
+
+    def probabilities(self, batch):
+        return batch.reshape(len(batch), -1)[:, :2]
+
+
+def test_a_worker_that_dies_costs_one_error_row(tmp_path):
+    from chestxray.inference.inputs import InputFile
+    from chestxray.inference.pipeline import CRASHED, iter_probabilities
+
+    files = [InputFile(str(tmp_path / f"{k:02d}{'crash' if k == 5 else ''}.png")) for k in range(10)]
+    got = list(iter_probabilities(CrashOn(), files, workers=2, batch_size=4))
+    assert [f.path for f, _, _ in got] == [f.path for f in files]
+    assert [e for _, _, e in got] == [CRASHED if k == 5 else None for k in range(10)]
+    assert all(p[0] == len(f.path) for f, p, e in got if e is None)
+
+
+def test_resume_refuses_a_journal_of_another_model(capsys, sample_images, tmp_path):
+    out = tmp_path / "out.jsonl"
+    rec = {"file": str(sample_images[0]), "size": 1, "mtime_ns": 1, "model": "some-other-model", "findings": [],
+           "error": None}
+    Path(str(out) + ".partial").write_text(json.dumps(rec) + "\n")
+    code, _, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--format", "jsonl", "--out", str(out),
+                           "--resume")
+    assert code == 2 and "some-other-model" in err and not out.exists()
+    code, _, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--resume")
+    assert code == 2 and "--resume needs --out" in err
