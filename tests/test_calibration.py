@@ -189,6 +189,7 @@ def test_tune_refuses_patients_shared_with_the_evaluation_split(tiny_bundle, min
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_writes_calibration_reliability_and_subgroups(tiny_bundle, mini_root, tmp_path, capsys):
     from chestxray.cli import main
 
