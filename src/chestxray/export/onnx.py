@@ -382,7 +382,8 @@ def export_bundle(
 
     # (`calibration` is this function's int8 image source; the bundle's calibrator is `calibrator`.)
     calibrator, input_check = calibration_of(meta), load_input_check(meta, source)
-    proto = to_onnx_model(model, meta.preprocessing, opset, calibrator, input_check)
+    extras = {k: v for k, v in (("calibration", calibrator), ("input_check", input_check)) if v is not None}
+    proto = to_onnx_model(model, meta.preprocessing, opset, **extras)
     data = _serialize(proto)
     checks = {"calibration": calibrator, "input_check": input_check}
     parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance, **checks)
