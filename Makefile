@@ -10,7 +10,7 @@ FLOORS_VENV ?= .venv-floors
 # backend and the REST API on it. All torch-free.
 FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py
 
-.PHONY: setup run test lint floors browser clean
+.PHONY: setup run test lint floors browser clean gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,12 @@ browser:
 
 test: setup browser lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: the cuda-marked tests, then training throughput eager and compiled.
+gpu-check: setup
+	$(BIN)/python -m pytest -q -m cuda -rs $(PYTEST_ARGS)
+	$(BIN)/python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30
+	$(BIN)/python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --compile
 
 # ruff (lint and format check) and mypy on src/, configured in pyproject.toml.
 lint: setup

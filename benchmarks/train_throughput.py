@@ -15,7 +15,7 @@ Both use `chestxray.training.loop.training_step`, so the gap is what the data pa
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import platform
 import time
@@ -26,7 +26,7 @@ import torch
 from chestxray.data.loader import CacheBatches, to_model_input
 from chestxray.data.transforms import AugmentConfig, BatchAugment
 from chestxray.models.registry import create_model, train_mode
-from chestxray.training.loop import training_step
+from chestxray.training.loop import autocast_for, training_step
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,7 +66,7 @@ def main() -> None:
     net = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     crit = torch.nn.BCEWithLogitsLoss()
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu and args.amp else contextlib.nullcontext
+    amp = functools.partial(autocast_for, device, gpu and args.amp)  # the training loop's own bf16 policy
     aug_cfg = AugmentConfig.preset(args.augment)
     augment = BatchAugment(aug_cfg, seed=0, device=device) if aug_cfg else None
     s, b = args.image_size, args.batch_size

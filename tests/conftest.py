@@ -65,3 +65,20 @@ def tiny_bundle(tmp_path_factory) -> Path:
         training={"data": "none (random weights, for tests)"},
     )
     return save_bundle(model, meta, tmp_path_factory.mktemp("bundle") / "tiny.safetensors")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda`-marked tests need a CUDA GPU: skipped, saying so, where there is none."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    try:
+        import torch
+
+        available = torch.cuda.is_available()
+    except ImportError:
+        available = False
+    if not available:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a machine with one)")
+        for item in marked:
+            item.add_marker(skip)

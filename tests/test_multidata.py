@@ -93,7 +93,9 @@ def test_train_on_nih_and_chexpert_fixture(tmp_path, mini_root, capsys):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     by = log[0]["extra"]["val_auroc_by_dataset"]
     assert set(by) == {str(mini_root), f"chexpert:{DATA / 'chexpert-mini'}"}
-    meta = json.loads((out / "config.json").read_text())
+    import yaml
+
+    meta = yaml.safe_load((out / "config.yaml").read_text())["options"]  # config.yaml replaced config.json
     assert meta["root"] == [str(mini_root), f"chexpert:{DATA / 'chexpert-mini'}"]
     from chestxray.models.bundle import read_bundle_meta
 

@@ -157,6 +157,7 @@ def test_cuda_requested_without_cuda_is_a_clean_error(mini_root, capsys, tmp_pat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["evaluate", str(mini_root), "--device", "cuda", "--out", str(tmp_path)]) == 2
-    assert main(["train", str(mini_root), "--out", str(tmp_path / "run"), "--device", "cuda", "--weights", "none"]) == 2
+    assert main(["train", str(mini_root), "--out", str(tmp_path / "run"), "--device", "cuda", "--weights", "none",
+                 "--freeze", "all"]) == 2
     err = capsys.readouterr().err
     assert err.count("CUDA") >= 2 and "Traceback" not in err

@@ -176,7 +176,7 @@ def test_no_patient_on_two_sides(mini_root):
 
 def test_cli_train_then_evaluate(tmp_path, mini_root, cache_dir, capsys):
     run = tmp_path / "run"
-    rc = main(["train", str(mini_root), "--out", str(run), "--weights", "none", "--model", "resnet18",
+    rc = main(["train", str(mini_root), "--out", str(run), "--weights", "none", "--freeze", "all", "--model", "resnet18",
                "--epochs", "1", "--image-size", "32", "--cache", str(cache_dir), "--val-fraction", "0.3"])
     assert rc == 0 and (run / "model.safetensors").is_file()
     rc = main(["evaluate", "--model", str(run), str(mini_root), "--split", "test", "--out", str(tmp_path / "ev"),

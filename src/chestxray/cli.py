@@ -18,6 +18,7 @@ COMMANDS = (
     "datasets",
     "prepare",
     "train",
+    "runs",
     "evaluate",
     "tune",
     "ensemble",

@@ -41,3 +41,7 @@ class ExportError(ChestXrayError):
 
 class WeightsUnavailableError(ChestXrayError):
     """Pretrained weights were asked for but cannot be had (offline, missing file)."""
+
+
+class OutputError(ChestXrayError):
+    """An output file or folder cannot be written (permissions, not a folder, disk full)."""

@@ -1,10 +1,21 @@
-"""`chestxray train ROOT --out RUN`: the seed recipe by default, every part an option."""
+"""`chestxray train ROOT --out RUN`: the seed recipe by default, every part an option, options
+also from a file (`--config run.yaml`, flags win), and `--recipe scratch` for random init."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_device_arg
+from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_device_arg, non_negative_int, positive_int
+from chestxray.errors import ChestXrayError
+
+if TYPE_CHECKING:
+    from chestxray.training.loop import TrainConfig
+
+# Parsed with every default suppressed, so that `args` holds only the flags actually given and
+# they can override a --config file; the real defaults are TrainConfig's (and the recipe's).
+_NOT_OPTIONS = ("command", "verbose", "run", "config", "resume", "overwrite")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,84 +24,123 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a classifier from a prepared cache (seed recipe by default)",
         description="Defaults are the seed recipe: ResNet-50 with ImageNet weights, layer2-layer4 and the "
         "head trained, BCEWithLogitsLoss, Adam at 1e-5, ReduceLROnPlateau on validation loss, "
-        "5 epochs, 224 px. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).",
+        "5 epochs, the model's own input size (224 px). `--recipe scratch` trains from random weights "
+        "(all layers, AdamW, one-cycle to 1e-3, weight decay 1e-4, strong augmentation, 30 epochs). "
+        "Options may come from `--config FILE` (YAML or JSON, e.g. a run's config.yaml); flags given "
+        "here override it. Run under `torchrun --nproc_per_node N` for multi-GPU (DDP).",
     )
     p.add_argument(
         "root",
-        nargs="+",
-        help=ROOT_HELP + "; several train on their union (each dataset's own split, frontal views by default)",
+        nargs="*",
+        help=ROOT_HELP + "; several train on their union (each dataset's own split, frontal views by default); "
+        "or `root:` in --config",
     )
-    p.add_argument("--out", required=True, help="run folder: log.jsonl, checkpoint.pt, model.safetensors")
+    p.add_argument("--out", help="run folder: config.yaml, log.jsonl, curves.png, summary.md, model.safetensors")
+    p.add_argument("--config", metavar="FILE", help="options from a YAML/JSON file or a run folder's config")
+    p.add_argument("--recipe", choices=["seed", "scratch"], help="seed (default) or scratch: see above")
     p.add_argument(
-        "--model",
-        default="resnet50",
-        help="architecture: resnet50, densenet121, resnet18, or timm/<name> (see `chestxray models`)",
+        "--model", help="architecture: resnet50 (default), densenet121, resnet18, or timm/<name> (`chestxray models`)"
     )
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="'imagenet' (torchvision download), 'none' (random init) or a state-dict FILE",
-    )
+    p.add_argument("--weights", help="'imagenet' (default; torchvision download), 'none' (random init) or a FILE")
     p.add_argument(
         "--freeze",
-        default="seed",
         choices=["seed", "all", "head"],
-        help="seed: train layer2-layer4 + head; all: train everything; head: head only (default seed)",
+        help="seed (default): train layer2-layer4 + head; all: train everything; head: head only",
     )
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (peak for onecycle)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
-    p.add_argument("--schedule", default="plateau", choices=["plateau", "onecycle", "cosine", "none"])
-    p.add_argument("--plateau-patience", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--epochs", type=positive_int, help="default 5 (scratch: 30)")
+    p.add_argument("--batch-size", type=positive_int, help="default 32")
+    p.add_argument("--lr", type=float, help="learning rate (peak for onecycle; default 1e-5, scratch 1e-3)")
+    p.add_argument("--weight-decay", type=float, help="default 0 (scratch 1e-4)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default adam (scratch adamw)")
+    p.add_argument(
+        "--schedule", choices=["plateau", "onecycle", "cosine", "none"], help="default plateau (scratch onecycle)"
+    )
+    p.add_argument("--plateau-patience", type=int, help="default 1")
+    p.add_argument(
+        "--image-size", type=positive_int, help="input size in px (default: the model's own, 224 for torchvision)"
+    )
     p.add_argument(
         "--augment",
-        default="none",
         choices=["none", "seed", "strong"],
         help="on-device augmentation: seed = rotation 10, h-flip, brightness/contrast; "
-        "strong = rotation, scale, shift, contrast (default none)",
+        "strong = rotation, scale, shift, contrast (default none; scratch strong)",
     )
     p.add_argument(
         "--pos-weight",
-        default="none",
         choices=["none", "balanced"],
-        help="positive-class weighting of the loss (balanced = negatives/positives, capped at 50)",
+        help="positive-class weighting of the loss (balanced = negatives/positives, capped at 50; default none)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default 0")
     add_device_arg(p, default="auto")
-    p.add_argument("--workers", type=int, default=2, help="processes for preparing a missing cache")
-    p.add_argument("--cache", default=None, help="prepared cache folder (default as in `chestxray prepare`)")
+    p.add_argument("--workers", type=int, help="processes for preparing a missing cache (default 2)")
+    p.add_argument("--cache", help="prepared cache folder (default as in `chestxray prepare`)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
-    p.add_argument("--name", default=None, help="model name stored in the bundle")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--max-steps", type=positive_int, help="cap steps per epoch (smoke tests)")
+    p.add_argument("--name", help="model name stored in the bundle")
+    p.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="TensorBoard event files in RUN/tensorboard (default: on when tensorboard is installed)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=non_negative_int,
+        metavar="N",
+        help="without a terminal, a progress line every N steps (default 50; 0: none)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (options from RUN)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument(
         "--labels",
-        default=None,
         help="comma-separated findings the model predicts (names as in `chestxray datasets`; "
         "default: every finding the training data labels, NIH's 14 for NIH alone)",
     )
     p.add_argument(
         "--loader",
         choices=("auto", "ram", "memmap"),
-        default="auto",
         help="hold each split in RAM, or read batches from the cache memmap (auto: by split size and free memory)",
     )
     add_dataset_args(p)
+    for action in p._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from chestxray.training.loop import TrainConfig, train
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]:
+    """The run's options (recipe < --config < flags given) and the resume / overwrite actions."""
+    from chestxray.training.config import LEGACY_CONFIG_NAMES, resolve_options
+    from chestxray.training.loop import TrainConfig
 
-    fields = TrainConfig.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["root"] = args.root[0] if len(args.root) == 1 else list(args.root)
-    cfg = TrainConfig(**values)
-    bundle = train(cfg, resume=args.resume)
+    given = vars(args)
+    resume, overwrite = bool(given.get("resume")), bool(given.get("overwrite"))
+    if resume and overwrite:
+        raise ChestXrayError("--resume and --overwrite contradict each other; pass one")
+    config = given.get("config")
+    out = given.get("out")
+    if config is None and resume and out is not None:
+        # `train --out RUN --resume` alone: the run's own options.
+        config = next((str(Path(out) / n) for n in LEGACY_CONFIG_NAMES if (Path(out) / n).is_file()), None)
+    explicit = {k: v for k, v in given.items() if k not in _NOT_OPTIONS}
+    if "root" in explicit:  # one root, or several trained on their union
+        roots = list(explicit.pop("root"))
+        if roots:
+            explicit["root"] = roots[0] if len(roots) == 1 else roots
+    options = resolve_options(explicit, config, TrainConfig.option_types())
+    if out is not None:
+        options["out"] = out
+    for key, flag in (("root", "ROOT"), ("out", "--out")):
+        if options.get(key) is None:
+            raise ChestXrayError(f"no {flag} given (on the command line or in --config)")
+    return TrainConfig(**options), resume, overwrite
+
+
+def run(args: argparse.Namespace) -> int:
+    from chestxray.training.loop import train
+
+    cfg, resume, overwrite = config_from_args(args)
+    bundle = train(cfg, resume=resume, overwrite=overwrite)
     if bundle is not None:
-        print(f"bundle written: {bundle}")
+        print(f"bundle written: {bundle}; also {bundle.parent / 'curves.png'}, {bundle.parent / 'summary.md'}")
     return 0

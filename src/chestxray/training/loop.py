@@ -1,17 +1,20 @@
 """The training loop: cache -> device batches -> augment on device -> model, with
 checkpoints each epoch (atomic), exact resume, best-by-validation-loss selection,
 threshold tuning and a bundle at the end. Runs on CPU, one GPU, or under torchrun (DDP).
+The run folder's rules live in `rundir`, options files and recipes in `config`, and
+TensorBoard / curves / summary / progress lines in `tracking`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,26 +26,41 @@ from torch import nn
 from chestxray.data.loader import CacheBatches, to_model_input
 from chestxray.data.transforms import AugmentConfig, BatchAugment
 from chestxray.errors import ChestXrayError
-from chestxray.evaluation.metrics import elementwise_accuracy, per_class_auroc
+from chestxray.evaluation.metrics import elementwise_accuracy, mean_auroc, per_class_auroc
 from chestxray.evaluation.thresholds import tune_thresholds
-from chestxray.io import atomic_write, atomic_write_text
 from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.models.device import resolve_device
-from chestxray.models.registry import create_model, train_mode
+from chestxray.models.registry import create_model, get_spec, train_mode
+from chestxray.training.config import check_config, dump_yaml, run_record
 from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 from chestxray.training.losses import MaskedBCEWithLogitsLoss, masked_bce_with_logits
 from chestxray.training.multidata import dataset_label, describe, load_parts, root_list, split_data
+from chestxray.training.rundir import (
+    BEST_WEIGHTS,
+    BUNDLE,
+    CHECKPOINT,
+    CONFIG,
+    LOG_FILE,
+    check_out,
+    clear_run,
+    make_out,
+    read_checkpoint,
+    remove_new_out,
+    save_atomically,
+    save_text,
+    writing,
+)
+from chestxray.training.tracking import EpochProgress, Tracker
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-BEST_WEIGHTS = "best.safetensors"
-LOG_FILE = "log.jsonl"
+__all__ = ["BEST_WEIGHTS", "CHECKPOINT", "LOG_FILE", "TrainConfig", "Trainer", "autocast_for", "train", "training_step"]
 
 
 @dataclass
 class TrainConfig:
-    """Defaults are the seed recipe: ResNet-50, layer2-4 + head, Adam 1e-5, plateau, 5 epochs."""
+    """Defaults are the seed recipe: ResNet-50, layer2-4 + head, Adam 1e-5, plateau, 5 epochs.
+    `training.config.RECIPES` holds the others (`--recipe scratch`)."""
 
     root: str | list[str]  # one dataset root or several (NAME:PATH; a bare path is NIH)
     out: str
@@ -57,7 +75,7 @@ class TrainConfig:
     schedule: str = "plateau"  # plateau | onecycle | cosine | none
     plateau_factor: float = 0.1
     plateau_patience: int = 1
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's own input size (224 for torchvision, timm's config)
     augment: str = "none"  # none | seed | strong
     pos_weight: str = "none"  # none | balanced
     seed: int = 0
@@ -80,9 +98,17 @@ class TrainConfig:
     csv_columns: str | None = None
     vindr_rule: str = "any"
     loader: str = "auto"  # auto | ram | memmap (the split read from the cache memmap per batch)
+    recipe: str = "seed"  # recorded; the options it implies are resolved by training.config
+    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
+    log_every: int = 50  # progress line every N steps when stderr is not a terminal (0: never)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def option_types(cls) -> dict[str, str]:
+        """Option name -> annotation, for checking values read from a config file."""
+        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -153,8 +179,15 @@ def sanity_check_batch(x: torch.Tensor, y: torch.Tensor, size: int, n_classes: i
         raise ChestXrayError(f"first batch labels are not 0/1/unknown with {n_classes} columns")
 
 
+def autocast_for(device: torch.device, enabled: bool) -> Any:
+    """bf16 autocast on `device` (the GPU path; also runs on CPU, where tests exercise it)."""
+    if enabled:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def training_step(
-    net: nn.Module,
+    net: Callable[[torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
     x: torch.Tensor,
@@ -173,8 +206,13 @@ def training_step(
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        check_config(cfg.weights, cfg.freeze)
+        if cfg.image_size is None:  # as timm's resolve_data_config: the model's config decides
+            cfg = dataclasses.replace(cfg, image_size=get_spec(cfg.model).preprocessing.size)
         self.cfg = cfg
+        self.size: int = int(cfg.image_size or 0)
         self.out = Path(cfg.out)
+        self.tracker: Tracker | None = None
         device = resolve_device(cfg.device)
         self.info = init_distributed(device)
         self.device = rank_device(device, self.info)
@@ -188,7 +226,7 @@ class Trainer:
         tr_x, tr_y = train_data.images, train_data.targets
         va_x, va_y, self.val_groups = val_data.images, val_data.targets, val_data.groups
         self.val_targets, self.val_sources = va_y, val_data.sources
-        common = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
+        common: dict[str, Any] = dict(rank=self.info.rank, world_size=self.info.world_size, device=self.device)
         self.train_batches = CacheBatches(
             tr_x,
             tr_y,
@@ -233,9 +271,7 @@ class Trainer:
         self.n_train, self.n_val = len(tr_x), len(va_x)
 
     def _autocast(self):
-        if self.on_gpu and self.cfg.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.on_gpu and self.cfg.amp)
 
     def _prep(self, x_u8: torch.Tensor) -> torch.Tensor:
         x = to_model_input(x_u8)
@@ -257,14 +293,13 @@ class Trainer:
             "history": json.dumps(self.history),
             "args": json.dumps(self.cfg.to_dict()),
         }
-        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        save_atomically(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        self.checkpointed = True
 
     def load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
-        if not path.is_file():
-            raise ChestXrayError(f"--resume: no checkpoint at {path}")
         # weights_only: tensors, numbers and strings only; no arbitrary pickled objects.
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_checkpoint(path, self.device)
         saved = json.loads(state["args"])
         for key in ("model", "image_size", "freeze", "epochs", "batch_size", "seed", "augment", "schedule"):
             if saved.get(key) != getattr(self.cfg, key):
@@ -283,20 +318,12 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
-        from tqdm.auto import tqdm
-
         train_mode(self.model)
         self.train_batches.set_epoch(epoch)
         if self.augment is not None:
             self.augment.reseed(self.cfg.seed * 100_003 + epoch)
         total, count, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-            unit="batch",
-            disable=not (self.info.is_main and sys.stderr.isatty()),
-            leave=False,
-        )
+        bar = EpochProgress(self.steps_per_epoch, epoch, self.cfg.epochs, self.cfg.log_every, self.info.is_main)
         for step, (_, xb, yb) in enumerate(self.train_batches):
             if step >= self.steps_per_epoch:
                 break
@@ -304,14 +331,17 @@ class Trainer:
             if self.augment is not None:
                 x = self.augment(x)
             if epoch == self.start_epoch and step == 0:
-                sanity_check_batch(x, yb, self.cfg.image_size, len(self.labels_names))
+                sanity_check_batch(x, yb, self.size, len(self.labels_names))
             loss = training_step(self.forward, self.optimizer, self.criterion, x, yb, self._autocast())
             if self.scheduler is not None and self.cfg.schedule != "plateau":
                 self.scheduler.step()
-            total += float(loss.detach()) * len(yb)
+            step_loss = float(loss.detach())
+            total += step_loss * len(yb)
             count += len(yb)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            bar.update(len(yb), total / max(count, 1))
+            if self.tracker is not None:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.tracker.step(epoch * self.steps_per_epoch + step + 1, step_loss, lr)
         bar.close()
         seconds = time.perf_counter() - start
         loss_mean = all_mean(total / max(count, 1), self.info)
@@ -321,13 +351,15 @@ class Trainer:
     def predict_val(self) -> tuple[np.ndarray, float]:
         """Validation probabilities (all ranks' rows, in split order) and mean BCE loss."""
         self.model.eval()
-        rows_all, probs_all, loss_sum, known = [], [], 0.0, 0
-        for rows, xb, yb in self.val_batches:
+        rows_all: list[np.ndarray] = []
+        probs_all: list[np.ndarray] = []
+        loss_sum, known = 0.0, 0
+        for rows_t, xb, yb in self.val_batches:
             with self._autocast():
                 logits = self.model(self._prep(xb)).float()
             loss_sum += float(masked_bce_with_logits(logits, yb, reduction="sum"))
             known += int((~torch.isnan(yb)).sum())
-            rows_all.append(rows.numpy())
+            rows_all.append(rows_t.numpy())
             probs_all.append(torch.sigmoid(logits).cpu().numpy())
         rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
         probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(self.labels_names)), np.float32)
@@ -346,31 +378,58 @@ class Trainer:
             out[part.spec] = float(np.nanmean(auroc)) if np.isfinite(auroc).any() else None
         return out
 
-    def run(self, resume: bool = False) -> Path | None:
+    def run(self, resume: bool = False, overwrite: bool = False) -> Path | None:
+        """Train, checkpointing each epoch. Refuses to replace a run unless `overwrite`; a run
+        folder this call created is removed again if it fails before its first checkpoint."""
+        check_out(self.out, resume, overwrite)
+        self.setup()  # data and model first: a bad option fails before the folder exists
+        created, self.checkpointed = False, False
+        try:
+            if self.info.is_main:
+                created = make_out(self.out)
+                if overwrite and not resume:
+                    clear_run(self.out)
+            if resume:
+                self.load_checkpoint()
+            if self.info.is_main:
+                self._start_tracking(resume)
+            bundle = self._epochs()
+        except BaseException:
+            if created and not self.checkpointed:
+                remove_new_out(self.out)
+            raise
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+        shutdown(self.info)
+        return bundle
+
+    def _start_tracking(self, resume: bool) -> None:
         cfg = self.cfg
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.setup()
-        if resume:
-            self.load_checkpoint()
-        elif self.info.is_main:
-            (self.out / LOG_FILE).unlink(missing_ok=True)
-            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        if self.info.is_main:
-            log.info(
-                "training %s on %d images, validating on %d (%s, %d process(es))",
-                cfg.model,
-                self.n_train,
-                self.n_val,
-                self.device,
-                self.info.world_size,
-            )
+        if not resume:
+            save_text(self.out / CONFIG, dump_yaml(run_record(cfg.to_dict(), [part.index for part in self.parts])))
+        purge = self.start_epoch * self.steps_per_epoch + 1 if resume else None
+        self.tracker = Tracker(
+            self.out, {**cfg.to_dict(), "device": str(self.device)}, self.labels_names, cfg.tensorboard, purge
+        )
+        log.info(
+            "training %s at %d px on %d images, validating on %d (%s, %d process(es))",
+            cfg.model,
+            self.size,
+            self.n_train,
+            self.n_val,
+            self.device,
+            self.info.world_size,
+        )
+
+    def _epochs(self) -> Path | None:
+        cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             train_loss, ips = self.train_epoch(epoch)
             probs, val_loss = self.predict_val()
             auroc = per_class_auroc(self.val_targets, probs)
-            mean_auroc = float(np.nanmean(auroc)) if np.isfinite(auroc).any() else None
+            macro = mean_auroc(self.val_targets, probs)
             acc = elementwise_accuracy(self.val_targets, probs >= 0.5)
             by_dataset = self.auroc_by_dataset(probs)
             if self.scheduler is not None and cfg.schedule == "plateau":
@@ -379,7 +438,7 @@ class Trainer:
                 epoch + 1,
                 train_loss,
                 val_loss,
-                mean_auroc,
+                macro if math.isfinite(macro) else None,
                 acc,
                 self.optimizer.param_groups[0]["lr"],
                 time.perf_counter() - t0,
@@ -393,17 +452,18 @@ class Trainer:
                     from safetensors.torch import save_file
 
                     state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-                    atomic_write(self.out / BEST_WEIGHTS, lambda p, state=state: save_file(state, str(p)))
+                    save_atomically(self.out / BEST_WEIGHTS, functools.partial(save_file, state))
             row = dataclasses.asdict(rec)
             row["best"] = improved
             self.history.append(row)
             if self.info.is_main:
-                with open(self.out / LOG_FILE, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                # The whole log from the history, atomically: no torn line, and no row repeated
+                # when a run that crashed between log and checkpoint is resumed.
+                text = "".join(json.dumps(r) + "\n" for r in self.history)
+                save_text(self.out / LOG_FILE, text)
                 print(
                     f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                    f"val_auroc {mean_auroc if mean_auroc is not None else float('nan'):.4f}  "
-                    f"val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s"
+                    f"val_auroc {macro:.4f}  val_acc {acc:.4f}  lr {rec.lr:.2e}  {ips:.1f} img/s"
                     + "".join(
                         f"  {k} {v:.4f}" if v is not None else f"  {k} undefined"
                         for k, v in (by_dataset.items() if len(self.parts) > 1 else ())
@@ -411,11 +471,17 @@ class Trainer:
                     + ("  *best" if improved else ""),
                     flush=True,
                 )
+                self._track_epoch(row, auroc)
             self.save_checkpoint(epoch)
             barrier(self.info)
-        bundle = self.finish()
-        shutdown(self.info)
-        return bundle
+        return self.finish()
+
+    def _track_epoch(self, row: dict[str, Any], auroc: np.ndarray) -> None:
+        if self.tracker is None:
+            return
+        memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_gpu else None
+        self.tracker.epoch(row, auroc, memory)
+        self.tracker.write_files(self.history, self.best_epoch)
 
     def dataset_names(self) -> list[str]:
         return [dataset_label(spec) for spec in root_list(self.cfg.root)]
@@ -506,8 +572,13 @@ class Trainer:
             self._prep,
             self.info.enabled,
         )
-        return save_bundle(self.model, meta, self.out / "model.safetensors", extra=extra)
+        with writing(self.out / BUNDLE):
+            bundle = save_bundle(self.model, meta, self.out / BUNDLE, extra=extra)
+        if self.tracker is not None:
+            self.tracker.roc_images(self.val_targets, probs, self.best_epoch + 1)
+            self.tracker.write_files(self.history, self.best_epoch, final=val_metrics)
+        return bundle
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
-    return Trainer(cfg).run(resume=resume)
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path | None:
+    return Trainer(cfg).run(resume=resume, overwrite=overwrite)
