@@ -36,7 +36,9 @@ def analyzer(tiny_bundle):
 
 
 def check_record(rec: dict, model: str = "tiny-test-model") -> None:
-    assert [k for k in rec if k != "overlays"] == ["file", "model", "variant", "findings", "error"]
+    assert [k for k in rec if k != "overlays"] == [
+        "file", "model", "variant", "findings", "error", "warnings", "threshold_policy"
+    ]  # fmt: skip
     assert rec["model"] == model and rec["error"] is None and rec["variant"] == "pytorch float32"
     assert sorted(f["finding"] for f in rec["findings"]) == sorted(FINDINGS)
     flags = [f["positive"] for f in rec["findings"]]

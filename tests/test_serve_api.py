@@ -73,7 +73,7 @@ def test_predict_real_image_same_document_as_predict_json(client, analyzer, png_
     r = client.post("/api/v1/predict", **upload(png_bytes))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"file", "model", "variant", "findings", "error"}
+    assert set(body) == {"file", "model", "variant", "findings", "error", "warnings", "threshold_policy"}
     assert body["file"] == "upload" and SECRET_NAME not in r.text
     assert body["model"] == "tiny-test-model" and body["error"] is None
     # The same numbers as the Python API / `predict --format json` for these bytes.
@@ -366,7 +366,7 @@ def test_openapi_lists_the_endpoints_with_their_models(client):
     assert form["required"] == ["file"] and form["properties"]["file"]["format"] == "binary"
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     schema = spec["components"]["schemas"][ok.rsplit("/", 1)[1]]
-    assert set(schema["properties"]) == {"file", "model", "variant", "findings", "error"}
+    assert set(schema["properties"]) == {"file", "model", "variant", "findings", "error", "warnings", "threshold_policy"}
     assert {"413", "415", "422"} <= set(predict["responses"])
     assert "image/png" in paths["/api/v1/cam"]["post"]["responses"]["200"]["content"]
     assert "/" not in paths and "tiny-test-model" in spec["info"]["description"]

@@ -21,6 +21,7 @@ COMMANDS = (
     "train",
     "runs",
     "evaluate",
+    "tune",
     "ensemble",
     "predict",
     "report",

@@ -24,6 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--by",
+        default=None,
+        metavar="COLS",
+        help="subgroups: any of sex,age,view (age bands <40, 40-59, >=60), or none; "
+        "default: every one the labels file has",
+    )
     add_model_args(p, backends=False)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument(
@@ -47,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.data.datasets import open_dataset
     from chestxray.errors import DatasetError
     from chestxray.evaluation.evaluate import mapping_lines, run_evaluation
+    from chestxray.evaluation.subgroups import parse_by
     from chestxray.inference.predict import Analyzer
     from chestxray.io import atomic_write_text
 
+    try:
+        by = parse_by(args.by, ("sex", "age", "view")) if args.by is not None else None
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     device = resolve_device_arg(args.device)
     analyzer = Analyzer.load(args.model, backend="torch", device=device, batch_size=args.batch_size)
     index = open_dataset(args.root, dataset_options(args))
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         index = with_google_labels(index, Path(file))
     out = Path(args.out or f"eval-{args.split}")
     result = run_evaluation(
-        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=sys.stderr.isatty()
+        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=sys.stderr.isatty(), by=by
     )
     for line in mapping_lines(result):
         print(line)
@@ -81,6 +93,24 @@ def run(args: argparse.Namespace) -> int:
     for name, e in result["per_class"].items():
         auc = "undefined" if e["auroc"] is None else f"{e['auroc']:.3f}"
         print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}")
+    cal = result["calibration"]
+    print(
+        f"calibration ({cal['calibrator'] or 'none in the bundle'}): macro Brier {cal['macro']['brier']:.4f}, "
+        f"macro ECE {cal['macro']['ece']:.4f} ({cal['binning']})"
+    )
+    flagged = [
+        f"{name} {column}={g}"
+        for column, groups in result.get("subgroups", {}).get("columns", {}).items()
+        for g, entry in groups.items()
+        if isinstance(entry, dict) and "per_class" in entry
+        for name, e in entry["per_class"].items()
+        if e["below"]
+    ]
+    if "subgroups" in result:
+        print(
+            f"subgroups: {len(flagged)} finding/subgroup pairs whose CI lies below the overall AUROC"
+            + (f": {', '.join(flagged)}" if flagged else "")
+        )
     if args.boxes is not None:
         from chestxray.evaluation.localization import localization_markdown, score_localization
 
@@ -108,6 +138,6 @@ def run(args: argparse.Namespace) -> int:
         md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)
         atomic_write_text(out / "report.md", md)
         print(localization_markdown(loc))
-    print(f"wrote {out}/metrics.json, report.md, roc_curves.png, pr_curves.png")
+    print(f"wrote {out}/metrics.json, report.md, roc_curves.png, pr_curves.png, reliability.png")
     print(NOT_FOR_CLINICAL_USE)
     return 0

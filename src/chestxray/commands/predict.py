@@ -304,7 +304,9 @@ def to_csv(predictions: Sequence["Prediction"]) -> str:
 
 def to_table(predictions: Sequence["Prediction"], model_name: str) -> str:
     ok = sum(p.ok for p in predictions)
-    lines = [f"model {model_name}: {ok} of {len(predictions)} images analysed", NOT_FOR_CLINICAL_USE]
+    policy = next((p.threshold_policy for p in predictions if p.threshold_policy), None)
+    head = f"model {model_name}: {ok} of {len(predictions)} images analysed"
+    lines = [head + (f" (thresholds: policy {policy})" if policy else ""), NOT_FOR_CLINICAL_USE]
     for p in predictions:
         lines += ["", p.file]
         if not p.ok:
@@ -312,6 +314,7 @@ def to_table(predictions: Sequence["Prediction"], model_name: str) -> str:
             continue
         positives = [f.finding for f in p.positives]
         lines.append(f"  positive: {', '.join(positives) if positives else 'none'}")
+        lines += [f"  warning: {w}" for w in p.warnings]
         lines.append(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  positive")
         for f in p.findings:
             lines.append(f"  {f.finding:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'YES' if f.positive else '-'}")

@@ -219,14 +219,45 @@ def report_markdown(result: dict[str, Any], model_name: str, split: str, root: s
     if result.get("label_mapping"):
         lines += ["", "## Label mapping", "", *[f"    {line}" for line in mapping_lines(result)]]
     lines += ["", "Curves: `roc_curves.png`, `pr_curves.png`.", ""]
+    if "calibration" in result:
+        lines += calibration_markdown(result)
     return "\n".join(lines)
 
 
+def calibration_markdown(result: dict[str, Any]) -> list[str]:
+    cal = result["calibration"]
+    m = cal["macro"]
+    lines = [
+        "## Calibration",
+        "",
+        f"Probabilities {'after the bundle calibrator (' + cal['calibrator'] + ')' if cal['calibrator'] else 'as the model gives them (no calibrator in the bundle)'}. "
+        f"Macro Brier score {m['brier']:.4f}, macro expected calibration error (ECE) {m['ece']:.4f}; "
+        f"ECE binning: {cal['binning']}. Reliability diagram: `reliability.png`.",
+    ]
+    op = result.get("operating_point")
+    if op:
+        lines += ["", f"Thresholds: policy `{op['policy']}`, tuned on {op.get('tuned_on') or 'validation'}."]
+    lines += ["", "| finding | Brier | ECE |", "|---|---:|---:|"]
+    for name, e in cal["per_class"].items():
+        lines.append(f"| {name} | {e['brier']:.4f} | {e['ece']:.4f} |")
+    return [*lines, ""]
+
+
 def run_evaluation(
-    analyzer: Any, index: Any, split: str, out: Path, n_boot: int = 1000, seed: int = 0, progress: bool = False
+    analyzer: Any,
+    index: Any,
+    split: str,
+    out: Path,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+    by: list[str] | None = None,
 ) -> dict[str, Any]:
+    """`by`: subgroup columns (sex, age, view); None = every one the labels file has."""
     from chestxray.data.harmonise import harmonise
     from chestxray.errors import ChestXrayError
+    from chestxray.evaluation.calibration import calibration_metrics, write_reliability
+    from chestxray.evaluation.subgroups import evaluate_subgroups, subgroups_markdown
 
     plan = scoring_plan(list(analyzer.labels), analyzer.thresholds, index)
     if not plan.labels:
@@ -247,13 +278,29 @@ def run_evaluation(
         "note": NOT_FOR_CLINICAL_USE,
         **result,
     }
+    meta = analyzer.meta
+    calibrator = (getattr(meta, "calibration", None) or {}).get("method")
+    result["calibration"] = {"calibrator": calibrator, **calibration_metrics(targets, probs, plan.labels)}
+    if getattr(meta, "operating_point", None):
+        result["operating_point"] = {k: meta.operating_point.get(k) for k in ("policy", "tuned_on")}
     if not plan.identity:
         result["dataset"] = index.dataset
         result["label_mapping"] = plan.to_dict()
+    frame = index.frame.iloc[pos]
+    columns = [c for c in ("sex", "age", "view") if c in frame.columns] if by is None else by
+    if columns:
+        result["subgroups"] = evaluate_subgroups(
+            targets, probs, groups, frame, plan.labels, columns, result, n_boot=n_boot, seed=seed
+        )
     out.mkdir(parents=True, exist_ok=True)
-    write_curves(targets, probs, plan.labels, out, f"{analyzer.name}, {split} split", result["per_class"])
+    title = f"{analyzer.name}, {split} split"
+    write_curves(targets, probs, plan.labels, out, title, result["per_class"])
+    write_reliability(targets, probs, plan.labels, out, title)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "report.md", report_markdown(result, analyzer.name, split, str(index.root)))
+    md = report_markdown(result, analyzer.name, split, str(index.root))
+    if "subgroups" in result:
+        md += "\n" + subgroups_markdown(result["subgroups"], plan.labels)
+    atomic_write_text(out / "report.md", md)
     return result
 
 

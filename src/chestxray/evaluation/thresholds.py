@@ -69,3 +69,103 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str
             "no positive validation example for %s: threshold set to %.2f", ", ".join(fallback), FALLBACK_THRESHOLD
         )
     return ThresholdResult(np.clip(out, 0.0, 1.0), f1, fallback)
+
+
+# Operating points (issue 13): a named policy per finding, on validation.
+POLICY_HELP = "f1 | youden | sensitivity=0.90 | specificity=0.95 | ppv=0.80 (per finding, on validation)"
+
+
+def parse_policy(text: str) -> tuple[str, float | None]:
+    """'f1', 'youden', or 'sensitivity|specificity|ppv=VALUE' -> (kind, value)."""
+    kind, _, value = text.strip().partition("=")
+    kind = kind.strip().lower()
+    if kind in ("f1", "youden") and not value:
+        return kind, None
+    if kind in ("sensitivity", "specificity", "ppv") and value:
+        try:
+            v = float(value)
+        except ValueError:
+            v = -1.0
+        if 0.0 < v < 1.0:
+            return kind, v
+    raise ValueError(f"threshold policy {text!r}: expected {POLICY_HELP}, with a value strictly between 0 and 1")
+
+
+def _cuts(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct cut, from "nothing positive" down to "everything positive":
+    (thresholds, sensitivity, specificity, ppv). Thresholds sit midway between distinct
+    scores, so "positive iff p >= threshold" has a margin on both sides."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, t = scores[order], targets[order]
+    last = np.r_[s[1:] != s[:-1], True]
+    tp, fp = np.cumsum(t)[last], np.cumsum(~t)[last]
+    idx = np.flatnonzero(last)
+    lower = np.r_[s[idx[:-1] + 1], max(0.0, s[-1] - 1e-6)]
+    thr = np.r_[min(1.0, (s[0] + 1.0) / 2.0), (s[idx] + lower) / 2.0]
+    tp, fp = np.r_[0, tp], np.r_[0, fp]
+    n_pos, n_neg = max(int(t.sum()), 1), max(int((~t).sum()), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ppv = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan)
+    return thr, tp / n_pos, 1.0 - fp / n_neg, ppv
+
+
+def policy_threshold(scores: np.ndarray, targets: np.ndarray, policy: str) -> dict[str, float | bool]:
+    """One finding's threshold under `policy`, with the validation sensitivity and
+    specificity it achieves, and whether the policy's target was reached."""
+    kind, value = parse_policy(policy)
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(targets) > 0.5
+    if not y.any() or y.all():
+        raise ValueError("needs positive and negative examples")
+    thr, sens, spec, ppv = _cuts(scores, y)
+    reached = True
+    if kind == "f1":
+        t, _ = best_f1_threshold(scores, y)
+        k = int(np.argmin(np.abs(thr - t)))
+        thr = thr.copy()
+        thr[k] = t
+    elif kind == "youden":
+        k = int(np.argmax(sens + spec - 1.0))
+    elif kind == "sensitivity":
+        k = int(np.flatnonzero(sens >= value)[0])  # the most specific cut that reaches it
+    elif kind == "specificity":
+        k = int(np.flatnonzero(spec >= value)[-1])  # the most sensitive cut that keeps it
+    else:
+        ok = np.flatnonzero(np.nan_to_num(ppv, nan=-1.0) >= value)
+        reached = len(ok) > 0
+        k = int(ok[-1]) if reached else int(np.nanargmax(ppv))
+    return {
+        "threshold": float(np.clip(thr[k], 0.0, 1.0)),
+        "sensitivity": float(sens[k]),
+        "specificity": float(spec[k]),
+        "reached": bool(reached),
+    }
+
+
+def tune_operating_point(
+    probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], policy: str, source: str = ""
+) -> tuple[np.ndarray, dict]:
+    """Per-finding thresholds under `policy` and the bundle's `operating_point` record."""
+    parse_policy(policy)
+    out = np.full(len(labels), FALLBACK_THRESHOLD)
+    per: dict[str, dict] = {}
+    fallback = []
+    for c, name in enumerate(labels):
+        keep = ~np.isnan(np.asarray(targets[:, c], dtype=np.float64))  # unlabelled (NaN) rows left out
+        try:
+            entry = policy_threshold(probs[keep, c], targets[keep, c], policy)
+        except ValueError:
+            fallback.append(name)
+            per[name] = {"threshold": FALLBACK_THRESHOLD, "sensitivity": None, "specificity": None, "reached": False}
+            continue
+        out[c] = entry["threshold"]
+        per[name] = entry
+    record = {
+        "policy": policy,
+        "tuned_on": source,
+        "images": int(len(probs)),
+        "per_finding": per,
+        "fallback_0.5": fallback,
+        "not_reached": [n for n, e in per.items() if not e["reached"] and n not in fallback],
+    }
+    return out, record

@@ -39,6 +39,7 @@ from chestxray.inference.onnx_backend import (
     ONNX_FORMAT,
     ONNX_FORMAT_VERSION,
     OUTPUT_NAME,
+    SCORE_NAME,
     ort_session,
 )
 from chestxray.io import file_sha256
@@ -62,6 +63,7 @@ class ParityReport:
     pairs: int
     reference: str = "PyTorch float32 (eager, CPU)"
     tolerance: float | None = None
+    score_max_rel_diff: float | None = None  # input-check score, |onnx - torch| / torch
 
     @property
     def ok(self) -> bool:
@@ -137,25 +139,59 @@ def _quiet_exporter_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT_OPSET):
-    """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis."""
+def to_onnx_model(
+    model: Any,
+    preprocessing: Preprocessing,
+    opset: int = DEFAULT_OPSET,
+    calibration: Any = None,
+    input_check: Any = None,
+):
+    """The torch model + sigmoid as an onnx.ModelProto with a dynamic batch axis; with the
+    bundle's calibrator on the logits and, when it has an input check, its score as a
+    second output (features taken by the same head hook as the torch backend)."""
     _torch_modules()
     import torch
+
+    from chestxray.inference.features import HEAD, capture_features
+    from chestxray.models.ensemble import ARCHITECTURE as ENSEMBLE
 
     class WithSigmoid(torch.nn.Module):
         def __init__(self, net: torch.nn.Module) -> None:
             super().__init__()
             self.net = net
+            self.calibrated = calibration is not None
+            if calibration is not None:
+                a, b = calibration.torch_params()
+                self.register_buffer("cal_a", a)
+                self.register_buffer("cal_b", b)
+            self.score = input_check.torch_module() if input_check is not None else None
+            # One network: its pooled feature vector as an output too, for `Analyzer.embed` without torch.
+            self.features = getattr(net, "architecture", ENSEMBLE) != ENSEMBLE
 
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.net(image))
+        def forward(self, image: Any) -> Any:
+            layers = ([HEAD] if self.features else []) + (list(input_check.layers) if self.score is not None else [])
+            if not layers:
+                return self._probs(self.net(image))
+            with capture_features(self.net, list(dict.fromkeys(layers))) as store:
+                logits = self.net(image)
+            outs = [self._probs(logits)]
+            if self.features:
+                outs.append(store[HEAD])
+            if self.score is not None:
+                outs.append(self.score(store))
+            return tuple(outs)
 
-    wrapped: Any = WithSigmoid(model)
-    output_names = [OUTPUT_NAME]
-    if getattr(model, "architecture", "ensemble") != "ensemble":
-        # One network: also expose its pooled feature vector, for `Analyzer.embed` without torch.
-        wrapped, output_names = _with_features(model), [OUTPUT_NAME, FEATURES_NAME]
-    wrapped = wrapped.eval().cpu()
+        def _probs(self, logits: Any) -> Any:
+            if self.calibrated:
+                logits = logits * self.cal_a + self.cal_b
+            return torch.sigmoid(logits)
+
+    wrapped = WithSigmoid(model).eval().cpu()
+    outputs = (
+        [OUTPUT_NAME]
+        + ([FEATURES_NAME] if wrapped.features else [])
+        + ([SCORE_NAME] if wrapped.score is not None else [])
+    )
     size = preprocessing.size
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -168,7 +204,7 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
                 verbose=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=output_names,
+                output_names=outputs,
                 dynamic_shapes={"image": {0: batch}},
                 external_data=False,
             )
@@ -192,26 +228,6 @@ def to_onnx_model(model: Any, preprocessing: Preprocessing, opset: int = DEFAULT
     return proto
 
 
-def _with_features(model: Any) -> Any:
-    """model -> (probabilities, features): the body gives the feature vector, the head its logits."""
-    import torch
-
-    from chestxray.models.registry import split_head
-
-    body, head = split_head(model)
-
-    class WithFeatures(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.head = body, head
-
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = self.body(image)
-            return torch.sigmoid(self.head(features)), features
-
-    return WithFeatures()
-
-
 def session_for(model_bytes: bytes) -> Any:
     """An onnxruntime session on the exported graph (the backend's own set-up)."""
     try:
@@ -227,22 +243,31 @@ def check_parity(
     batch: np.ndarray,
     thresholds: Sequence[float],
     tolerance: float | None = DEFAULT_TOLERANCE,
+    calibration: Any = None,
+    input_check: Any = None,
 ) -> ParityReport:
     """Run the check images through onnxruntime (as one batch, then the first alone, which
-    exercises the dynamic batch axis) and through the PyTorch model; compare probabilities."""
+    exercises the dynamic batch axis) and through the PyTorch model; compare probabilities
+    (calibrated, when the bundle has a calibrator) and input-check scores (relative)."""
     from chestxray.inference.predict import TorchBackend
 
-    ref = TorchBackend(model).probabilities(batch)
+    ref, ref_scores = TorchBackend(model, "cpu", calibration, input_check).run(batch)
     inp = session.get_inputs()[0].name
-    full = session.run(None, {inp: batch})[0]
+    outs = session.run(None, {inp: batch})
+    full = outs[0]
     single = session.run(None, {inp: batch[:1]})[0]
     diff = max(float(np.max(np.abs(full - ref))), float(np.max(np.abs(single - ref[:1]))))
+    score_diff = None
+    if ref_scores is not None and len(outs) > 1:
+        score_diff = float(np.max(np.abs(outs[1] - ref_scores) / np.maximum(np.abs(ref_scores), 1e-6)))
     if not np.isfinite(diff):
         diff = float("inf")
     thr = np.asarray(thresholds)[None, :]
     agree = int(np.sum((full >= thr) == (ref >= thr)))
     sizes = sorted({len(batch), 1}, reverse=True)
-    return ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
+    report = ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
+    report.score_max_rel_diff = score_diff
+    return report
 
 
 def metadata_props(
@@ -268,10 +293,12 @@ def metadata_props(
         "metrics": json.dumps(meta.metrics),
         "input": f"{INPUT_NAME}: float32 (N, 1, {size}, {size}), gray in [0, 1]: "
         + ("centre crop to square, " if meta.preprocessing.crop == "center" else "")
-        + f"antialiased bilinear resize to {size} x {size}, then /255 (chestxray.data.transforms.EvalPreset)"
+        + f"resize to {size} x {size} ({meta.preprocessing.resize}), then /255 (chestxray.data.transforms.EvalPreset)"
         + (f"; the graph then applies {meta.preprocessing.scaling}" if meta.preprocessing.scaling else ""),
         "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'"
-        + ("" if meta.architecture == "ensemble" else f"; {FEATURES_NAME}: float32 (N, D), pooled feature vector"),
+        + (", calibrated per finding (see 'chestxray' calibration)" if meta.calibration else "")
+        + ("" if meta.architecture == "ensemble" else f"; {FEATURES_NAME}: float32 (N, D), pooled feature vector")
+        + (f"; {SCORE_NAME}: float32 (N,), the input check's score" if meta.input_check else ""),
         "quantization": quantization,
         "parity": json.dumps(parity.to_dict()),
         "exported": json.dumps(
@@ -359,9 +386,16 @@ def export_bundle(
         f"exporting {meta.name} ({meta.architecture}, {meta.preprocessing.size} px, {len(meta.labels)} labels) "
         f"from {source} at opset {opset}"
     )
-    proto = to_onnx_model(model, meta.preprocessing, opset)
+    from chestxray.inference.calibration import calibration_of
+    from chestxray.inference.input_check import load_input_check
+
+    # (`calibration` is this function's int8 image source; the bundle's calibrator is `calibrator`.)
+    calibrator, input_check = calibration_of(meta), load_input_check(meta, source)
+    extras = {k: v for k, v in (("calibration", calibrator), ("input_check", input_check)) if v is not None}
+    proto = to_onnx_model(model, meta.preprocessing, opset, **extras)
     data = _serialize(proto)
-    parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance)
+    checks = {"calibration": calibrator, "input_check": input_check}
+    parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance, **checks)
     say(f"float32 check: {parity.describe()}")
     if not parity.ok:
         raise ExportError(
@@ -385,7 +419,7 @@ def export_bundle(
 
             proto = onnx.load(str(q))
         data = _serialize(proto)
-        parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance=None)
+        parity = check_parity(model, session_for(data), names, batch, meta.thresholds, None, **checks)
         say(f"int8 check: {parity.describe()}")
         quantization = (
             f"int8 static (onnxruntime QDQ, per-channel int8 weights, uint8 activations), "

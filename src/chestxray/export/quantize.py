@@ -129,12 +129,36 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
             extra_options=extra,
+            nodes_to_exclude=score_only_nodes(prepared),
         )
     finally:
         prepared.unlink(missing_ok=True)
         for aux in out.parent.glob("augmented_model*.onnx"):  # left by some onnxruntime versions
             aux.unlink(missing_ok=True)
     return out
+
+
+def score_only_nodes(path: Path) -> list[str]:
+    """Nodes that feed only the input-check score (the second output, if any): kept in
+    float32, since int8 would coarsen a distance whose cut-off was set in float."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if len(graph.output) < 2:
+        return []
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def ancestors(name: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [name]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                stack.extend(node.input)
+        return seen
+
+    return sorted(ancestors(graph.output[1].name) - ancestors(graph.output[0].name))
 
 
 @dataclass

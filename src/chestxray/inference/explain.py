@@ -118,12 +118,15 @@ def gradcam(
     model_input: np.ndarray,
     select: Sequence[int] | Callable[[np.ndarray], Sequence[int]],
     size: tuple[int, int],
+    calibration: Any = None,
 ) -> CamRun:
     """Grad-CAM maps of several labels of one image from one forward pass.
 
     model_input: the eval preset's (1, S, S) or (1, 1, S, S) float32 array.
     select: label indices, or a function of the probabilities that returns them.
     size: (H, W) of the original image; every map is upsampled to it.
+    calibration: the bundle's Calibration, so the probabilities shown are the calibrated ones
+    (the maps are gradients of the raw logits; a calibrator only rescales them per finding).
     """
     import torch
 
@@ -144,7 +147,10 @@ def gradcam(
         acts = store.get("activations")
         if not isinstance(acts, torch.Tensor):
             raise ChestXrayError("Grad-CAM: the target layer gave no tensor output in the forward pass")
-        probs = torch.sigmoid(logits.detach().float())[0].cpu().numpy().astype(np.float64)
+        if calibration is not None:
+            probs = calibration.apply_logits(logits.detach().float().cpu().numpy())[0]
+        else:
+            probs = torch.sigmoid(logits.detach().float())[0].cpu().numpy().astype(np.float64)
         indices = [int(i) for i in (select(probs) if callable(select) else select)]
         maps = []
         for k, idx in enumerate(indices):
@@ -257,10 +263,17 @@ def explain_image(
         chosen = select if select is not None else default_selection(analyzer.thresholds)
     crop = analyzer.preprocessing.crop == "center"
     side = min(gray.shape[:2])
-    run = gradcam(model, x, chosen, (side, side) if crop else gray.shape[:2])
+    size = (side, side) if crop else gray.shape[:2]
+    run = gradcam(model, x, chosen, size, getattr(analyzer.backend, "calibrator", None))
     if crop:  # the model saw the centred square only
         run.maps = [uncrop_map(m, gray.shape[:2]) for m in run.maps]
-    prediction = analyzer.result(label, analyzer.findings_from(run.probabilities))
+    # The input check's score needs the model's features: one more (gradient-free) pass, only when it has one.
+    score = None
+    if getattr(analyzer.backend, "input_score", None) is not None:
+        scores = analyzer.run(x[None])[1]
+        score = float(scores[0]) if scores is not None else None
+    warnings = analyzer.warnings_for(image, label, score)
+    prediction = analyzer.result(label, analyzer.findings_from(run.probabilities), warnings=warnings)
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams
 

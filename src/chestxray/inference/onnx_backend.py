@@ -25,7 +25,8 @@ ONNX_FORMAT = "chestxray-onnx"
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-FEATURES_NAME = "features"  # optional second output: the pooled feature vector (N, D)
+FEATURES_NAME = "features"  # optional output: the pooled feature vector (N, D) (issue 12)
+SCORE_NAME = "input_score"  # optional output: the input check's score (issue 13)
 DEFAULT_ONNX_NAME = "default.onnx"
 INSTALL_HINT = "pip install 'chestxray[infer]' (onnxruntime, no torch needed)"
 
@@ -146,14 +147,21 @@ class OnnxBackend:
         self.session = ort_session(self.path, threads=threads, providers=providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        extra = [o.name for o in outputs[1:]]
-        if len(inputs) != 1 or not outputs or extra not in ([], [FEATURES_NAME]):
+        names = [o.name for o in outputs]
+        extra = names[1:]
+        if (
+            len(inputs) != 1
+            or not names
+            or names[0] != OUTPUT_NAME
+            or any(n not in (FEATURES_NAME, SCORE_NAME) for n in extra)
+            or len(set(extra)) != len(extra)
+        ):
             raise BundleError(
-                f"{self.path}: expected one input and the outputs probabilities[, features], found "
-                f"{len(inputs)} inputs and outputs {[o.name for o in outputs]}"
+                f"{self.path}: expected one input and the outputs {OUTPUT_NAME} [, {FEATURES_NAME}] [, {SCORE_NAME}], "
+                f"found {len(inputs)} inputs and {names}"
             )
-        self.has_features = extra == [FEATURES_NAME]
-        self.output_name = outputs[0].name
+        self.has_score = SCORE_NAME in extra
+        self.has_features = FEATURES_NAME in extra
         self.input_name = inputs[0].name
         size = self.info.meta.preprocessing.size
         shape = list(inputs[0].shape)
@@ -169,6 +177,10 @@ class OnnxBackend:
         return self.info.quantization
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, input-check scores or None); a calibrator, if any, is in the graph."""
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ChestXrayError(
@@ -176,9 +188,11 @@ class OnnxBackend:
                 f"got {batch.shape}"
             )
         if batch.shape[0] == 0:
-            return np.zeros((0, len(self.info.meta.labels)), np.float32)
+            return np.zeros((0, len(self.info.meta.labels)), np.float32), None
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        wanted = [OUTPUT_NAME] + ([SCORE_NAME] if self.has_score else [])
+        out = self.session.run(wanted, {self.input_name: x})
+        return out[0], (out[1] if self.has_score else None)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """(N, D) pooled feature vectors, from the graph's "features" output."""

@@ -292,27 +292,34 @@ def iter_probabilities(
     workers: int | None = None,
     batch_size: int | None = None,
     prefetch: int | None = None,
-) -> Iterator[tuple[InputFile, "np.ndarray | None", str | None]]:
+    with_scores: bool = False,
+) -> Iterator[Any]:
     """(file, probabilities, None) or (file, None, error) for every file, in input order.
     `workers`: decoder processes (None: all cores; 0: decode in this process).
+    `with_scores`: (file, probabilities, input-check score or None, error) instead, from the
+    same forward pass (`Analyzer.run`; issue 13's input check).
     `Analyzer.predict_files` turns these into Predictions."""
     workers = default_workers() if workers is None else workers
     size = batch_size or analyzer.batch_size
     stager = _cuda_stager(analyzer)
 
-    def finish(
-        chunk: list[InputFile], staged: Any, errors: dict[int, str]
-    ) -> Iterator[tuple[InputFile, np.ndarray | None, str | None]]:
+    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str]) -> Iterator[Any]:
+        scores: Any = None
         if staged is None:
             probs: Any = ()
+        elif with_scores and hasattr(analyzer, "run"):
+            probs, scores = analyzer.run(stager.ready(staged) if stager is not None else staged)
         else:
             probs = analyzer.probabilities(stager.ready(staged) if stager is not None else staged)
         it = iter(probs)
+        k = 0
         for i, f in enumerate(chunk):
             if i in errors:
-                yield f, None, errors[i]
+                yield (f, None, None, errors[i]) if with_scores else (f, None, errors[i])
             else:
-                yield f, next(it), None
+                score = None if scores is None else float(scores[k])
+                k += 1
+                yield (f, next(it), score, None) if with_scores else (f, next(it), None)
 
     chunks = chunked(files, size)
     first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]

@@ -47,6 +47,9 @@ class Prediction:
     variant: str = ""  # which build of the model gave the numbers, e.g. "onnx int8" (see Analyzer.variant)
     # Grad-CAM overlays written for this image (predict --cam): finding, path, note.
     overlays: list[dict[str, Any]] | None = None
+    # Shown next to the findings, which are still returned (issue 13: input check, DICOM view/body part).
+    warnings: list[str] = field(default_factory=list)
+    threshold_policy: str | None = None  # the bundle's operating point, e.g. "sensitivity=0.90"
 
     @property
     def ok(self) -> bool:
@@ -69,6 +72,8 @@ class Prediction:
             "variant": self.variant,
             "findings": [f.to_dict() for f in self.findings],
             "error": self.error,
+            "warnings": list(self.warnings),
+            "threshold_policy": self.threshold_policy,
         }
         if self.overlays is not None:
             out["overlays"] = self.overlays
@@ -96,31 +101,46 @@ class Backend(Protocol):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Any, device: str = "cpu") -> None:
+    def __init__(self, model: Any, device: str = "cpu", calibration: Any = None, input_check: Any = None) -> None:
         import torch
 
         self.model = model
         self.device = torch.device(device)
+        # Calibration acts on the logits (exact, as in the exported graph); see inference/calibration.
+        self.calibrator = calibration  # the Calibration itself, for Grad-CAM's probabilities
+        self.calibration = calibration.torch_params(self.device) if calibration is not None else None
+        self.input_score = input_check.torch_module().to(self.device) if input_check is not None else None
+        self.check_layers = input_check.layers if input_check is not None else []
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, input-check scores or None) from one forward pass."""
+        import contextlib
+
         import torch
 
-        with torch.inference_mode():
+        from chestxray.inference.features import capture_features
+
+        hook: Any = contextlib.nullcontext({})
+        if self.input_score is not None:
+            hook = capture_features(self.model, self.check_layers)
+        with torch.inference_mode(), hook as store:
             # A tensor is used as is: the bulk pipeline hands over batches already on the GPU.
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
             x = x.to(self.device)
-            return torch.sigmoid(self.model(x).float()).cpu().numpy()
+            logits = self.model(x).float()
+            if self.calibration is not None:
+                logits = logits * self.calibration[0] + self.calibration[1]
+            scores = self.input_score(store).cpu().numpy() if self.input_score is not None else None
+            return torch.sigmoid(logits).cpu().numpy(), scores
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, S, S) -> (N, D) pooled feature vectors (the final layer's input)."""
-        import torch
+        from chestxray.inference.features import pooled_features
 
-        from chestxray.models.registry import split_head
-
-        body, _ = split_head(self.model)
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            return body(x).float().cpu().numpy()
+        return pooled_features(self.model, batch)[1]
 
 
 def default_bundle_path() -> Path:
@@ -252,13 +272,14 @@ class Analyzer:
             onnx = OnnxBackend(model, threads=threads)
             meta = onnx.info.meta
             return cls(onnx, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
-        from chestxray.models.bundle import load_bundle
+        from chestxray.inference.calibration import calibration_of
+        from chestxray.inference.input_check import load_input_check
+        from chestxray.models.bundle import load_bundle, resolve_bundle_path
 
-        path = Path(model) if model is not None else default_bundle_path()
+        path = resolve_bundle_path(model) if model is not None else default_bundle_path()
         net, meta = load_bundle(path, device=device)
-        return cls(
-            TorchBackend(net, device), meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size
-        )
+        torch_backend = TorchBackend(net, device, calibration_of(meta), load_input_check(meta, path))
+        return cls(torch_backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
 
     @property
     def variant(self) -> str:
@@ -270,9 +291,23 @@ class Analyzer:
         quantization = str(getattr(self.backend, "quantization", "none"))
         return "onnx int8" if quantization.startswith("int8") else "onnx float32"
 
-    def result(self, name: str, findings: list[Finding] | None = None, error: str | None = None) -> Prediction:
-        """A Prediction of this model (name and variant filled in)."""
-        return Prediction(name, self.name, findings or [], error, variant=self.variant)
+    def result(
+        self,
+        name: str,
+        findings: list[Finding] | None = None,
+        error: str | None = None,
+        warnings: list[str] | None = None,
+    ) -> Prediction:
+        """A Prediction of this model (name, variant and threshold policy filled in)."""
+        return Prediction(
+            name,
+            self.name,
+            findings or [],
+            error,
+            variant=self.variant,
+            warnings=list(warnings or []),
+            threshold_policy=self.threshold_policy,
+        )
 
     @property
     def model(self) -> Any:
@@ -295,6 +330,26 @@ class Analyzer:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.backend.probabilities(batch)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, input-check scores or None): both from one pass."""
+        run = getattr(self.backend, "run", None)
+        return run(batch) if run is not None else (self.backend.probabilities(batch), None)
+
+    @property
+    def threshold_policy(self) -> str | None:
+        op = getattr(self.meta, "operating_point", None) or {}
+        return op.get("policy")
+
+    def warnings_for(self, item: Input, label: str, score: float | None) -> list[str]:
+        """Warnings shown next to an image's findings: the input check, then DICOM header checks."""
+        from chestxray.inference.input_check import dicom_warnings, warning_text
+
+        out = []
+        if score is not None:
+            text = warning_text(score, float(self.meta.input_check["cutoff"]))
+            out += [text] if text else []
+        return out + dicom_warnings(item, label)
 
     def findings_from(self, probs: np.ndarray) -> list[Finding]:
         items = [
@@ -354,11 +409,13 @@ class Analyzer:
         """(file, Prediction) through the streaming pipeline (inference/pipeline.py)."""
         from chestxray.inference.pipeline import iter_probabilities
 
-        for f, probs, error in iter_probabilities(self, files, workers=workers, batch_size=batch_size):
+        items = iter_probabilities(self, files, workers=workers, batch_size=batch_size, with_scores=True)
+        for f, probs, score, error in items:
             if probs is None:
                 yield f, self.result(f.path, error=error)
             else:
-                yield f, self.result(f.path, self.findings_from(probs))
+                warnings = self.warnings_for(f.path, f.path, score)
+                yield f, self.result(f.path, self.findings_from(probs), warnings=warnings)
 
     def iter_predict(
         self, items: Sequence[Input], names: Sequence[str], progress: bool = False
@@ -384,13 +441,16 @@ class Analyzer:
                     # Only the type: library messages can quote file contents.
                     errors[i] = f"cannot read this input ({type(exc).__name__})"
                     log.warning("skipped %s: %s", names[i], errors[i])
-            probs = self.probabilities(np.stack([x for _, x in ready])) if ready else np.zeros((0, len(self.labels)))
-            by_index = {i: p for (i, _), p in zip(ready, probs)}
+            probs, scores = self.run(np.stack([x for _, x in ready])) if ready else (None, None)
+            by_index = {i: k for k, (i, _) in enumerate(ready)}
             for i in chunk:
                 if i in errors:
                     yield self.result(names[i], error=errors[i])
                 else:
-                    yield self.result(names[i], self.findings_from(by_index[i]))
+                    k = by_index[i]
+                    score = float(scores[k]) if scores is not None else None
+                    warn = self.warnings_for(items[i], names[i], score)
+                    yield self.result(names[i], self.findings_from(probs[k]), warnings=warn)  # type: ignore[index]
             bar.update(len(chunk))
         bar.close()
 

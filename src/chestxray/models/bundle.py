@@ -43,8 +43,14 @@ class BundleMeta:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     notes: str = "Research and teaching use only. Not a medical device."
+    # Issue 13, optional (old bundles have none; serialised only when set): the per-finding
+    # calibrator, the operating point's policy and validation figures, the input check.
+    calibration: dict[str, Any] | None = None
+    operating_point: dict[str, Any] | None = None
+    input_check: dict[str, Any] | None = None
 
     def to_json(self) -> str:
+        optional = {k: getattr(self, k) for k in OPTIONAL_SECTIONS if getattr(self, k) is not None}
         return json.dumps(
             {
                 "format": FORMAT,
@@ -60,6 +66,7 @@ class BundleMeta:
                 "versions": self.versions,
                 "created": self.created,
                 "notes": self.notes,
+                **optional,
             },
             default=_json_default,
         )
@@ -102,7 +109,20 @@ class BundleMeta:
             versions=d.get("versions", {}) or {},
             created=str(d.get("created", "")),
             notes=str(d.get("notes", "")),
+            **{k: _optional_section(d, k, source) for k in OPTIONAL_SECTIONS},
         )
+
+
+OPTIONAL_SECTIONS = ("calibration", "operating_point", "input_check")
+# Tensors stored beside the weights (e.g. "input_check.basis"); not part of the network.
+EXTRA_TENSOR_PREFIXES = ("input_check.",)
+
+
+def _optional_section(d: dict[str, Any], key: str, source: str) -> dict[str, Any] | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise BundleError(f"{source}: metadata field {key!r} must be an object")
+    return value
 
 
 def _json_default(obj: Any) -> Any:
@@ -155,8 +175,11 @@ def read_bundle_meta(path: str | os.PathLike) -> BundleMeta:
     return BundleMeta.from_json(meta[META_KEY], str(p))
 
 
-def save_bundle(model: Any, meta: BundleMeta, path: str | os.PathLike, *, half: bool = False) -> Path:
-    """Write weights + metadata atomically. `half` stores float tensors as float16."""
+def save_bundle(
+    model: Any, meta: BundleMeta, path: str | os.PathLike, *, half: bool = False, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write weights + metadata atomically. `half` stores float tensors as float16.
+    `extra`: named arrays stored beside the weights (prefixes in EXTRA_TENSOR_PREFIXES)."""
     import torch
     from safetensors.torch import save_file
 
@@ -174,6 +197,10 @@ def save_bundle(model: Any, meta: BundleMeta, path: str | os.PathLike, *, half: 
         if half and v.is_floating_point():
             v = v.to(torch.float16)
         state[k] = v.contiguous()
+    for k, v in (extra or {}).items():
+        if not k.startswith(EXTRA_TENSOR_PREFIXES):
+            raise BundleError(f"save_bundle: extra tensor {k!r} needs one of the prefixes {EXTRA_TENSOR_PREFIXES}")
+        state[k] = torch.as_tensor(np.ascontiguousarray(v))
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: meta.to_json()}))
 
 
@@ -190,7 +217,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu"):  # -> (ChestClass
         model = build_from_meta(meta.architecture, len(meta.labels), meta.preprocessing, meta.training.get("members"))
     except Exception as exc:
         raise BundleError(f"{p}: cannot build architecture {meta.architecture!r} ({exc})") from None
-    state = load_file(str(p))
+    state = {k: v for k, v in load_file(str(p)).items() if not k.startswith(EXTRA_TENSOR_PREFIXES)}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -7,7 +7,6 @@ and ONNX export share one definition of preprocessing.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -59,11 +58,6 @@ class ChestClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled feature vector (N, D): what the final layer takes."""
-        body, _ = split_head(self)
-        return body(x)
 
 
 @dataclass(frozen=True)
@@ -215,27 +209,6 @@ def _head(backbone: nn.Module, spec: ModelSpec) -> nn.Linear:
 def _set_module(root: nn.Module, dotted: str, value: nn.Module) -> None:
     *parents, last = dotted.split(".")
     setattr(_get_module(root, ".".join(parents)) if parents else root, last, value)
-
-
-def _replaced(root: nn.Module, dotted: str, value: nn.Module) -> nn.Module:
-    """A shallow copy of `root` with the submodule at `dotted` swapped for `value`; every
-    other module, parameter and buffer is shared, not copied."""
-    first, _, rest = dotted.partition(".")
-    clone = copy.copy(root)
-    clone._modules = dict(root._modules)
-    child = root._modules[first]
-    clone._modules[first] = _replaced(child, rest, value) if rest and child is not None else value
-    return clone
-
-
-def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(body, head) of a classifier: body(x) is the pooled feature vector (N, D) that the
-    final layer takes, head(body(x)) == model(x). Shares the model's weights."""
-    if getattr(model, "architecture", None) == "ensemble" or not isinstance(model, ChestClassifier):
-        raise ChestXrayError("feature vectors are defined for one network; an ensemble has one per member")
-    spec = get_spec(model.architecture)
-    body = nn.Sequential(model.normalize, _replaced(model.backbone, spec.head, nn.Identity()), nn.Flatten(1))
-    return body, _get_module(model.backbone, spec.head)
 
 
 def apply_freeze(model: ChestClassifier, policy: str) -> None:

@@ -414,6 +414,9 @@ def create_app(
                 timeout_s=settings.body_timeout_s,
             ),
         )
+        from chestxray.inference.input_check import dicom_warnings
+
+        request.state.header_warnings = dicom_warnings(data, UPLOAD_NAME)  # lateral / not chest (DICOM only)
         return await within_deadline(timed(timings, "decode", decoder.run(decode, data)))
 
     async def predict(gray: np.ndarray, timings: dict[str, float]) -> Prediction:
@@ -504,6 +507,9 @@ def create_app(
             metrics=dict(getattr(meta, "metrics", {}) or {}),
             training=dict(getattr(meta, "training", {}) or {}),
             grad_cam=has_cam,
+            calibration=getattr(meta, "calibration", None),
+            operating_point=getattr(meta, "operating_point", None),
+            input_check=getattr(meta, "input_check", None),
             max_upload_bytes=max_upload_bytes,
             note=NOT_FOR_CLINICAL_USE,
         )
@@ -516,6 +522,7 @@ def create_app(
         async with admitted(request) as timings:
             gray = await read_upload(request, timings)
             result = await predict(gray, timings)
+        result.warnings += request.state.header_warnings
         return result.to_dict()
 
     @app.post(
@@ -546,6 +553,7 @@ def create_app(
         async with admitted(request) as timings:
             gray = await read_upload(request, timings)
             result = await predict(gray, timings)
+            result.warnings += request.state.header_warnings
             display = await decoder.run(render.fit, gray, display_max_side)
         key = store.add(Analysis(gray=gray, display=display, prediction=result))
         base = f"/api/v1/analyses/{key}"

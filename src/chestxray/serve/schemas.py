@@ -24,6 +24,12 @@ class PredictionOut(BaseModel):
     )
     findings: list[FindingOut] = Field(description="positives first, then by probability")
     error: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="shown next to the findings: the input is unlike the training X-rays (with its score), "
+        "or its DICOM header says lateral view / not chest",
+    )
+    threshold_policy: str | None = Field(default=None, description="how the thresholds were chosen, e.g. f1")
 
 
 class AnalysisOut(BaseModel):
@@ -52,6 +58,11 @@ class ModelOut(BaseModel):
     metrics: dict[str, Any]
     training: dict[str, Any]
     grad_cam: bool = Field(description="whether the /cam endpoints are available")
+    calibration: dict[str, Any] | None = Field(default=None, description="the per-finding calibrator, if any")
+    operating_point: dict[str, Any] | None = Field(
+        default=None, description="threshold policy and the validation sensitivity/specificity it achieved"
+    )
+    input_check: dict[str, Any] | None = Field(default=None, description="the input check's cut-off and provenance")
     max_upload_bytes: int
     note: str
 

@@ -583,8 +583,20 @@ class Trainer:
             },
             metrics={"validation": val_metrics},
         )
+        from chestxray.evaluation.tune import fit_after_training  # issue 13: calibrator, operating point, input check
+
+        extra = fit_after_training(
+            self.model,
+            meta,
+            probs,
+            self.val_targets,
+            self.train_batches,
+            self.val_batches,
+            self._prep,
+            self.info.enabled,
+        )
         with writing(self.out / BUNDLE):
-            bundle = save_bundle(self.model, meta, self.out / BUNDLE)
+            bundle = save_bundle(self.model, meta, self.out / BUNDLE, extra=extra)
         if self.tracker is not None:
             self.tracker.roc_images(self.val_targets, probs, self.best_epoch + 1)
             self.tracker.write_files(self.history, self.best_epoch, final=val_metrics)

@@ -9,6 +9,7 @@
     xray: $("xray"), overlay: $("overlay"), caption: $("caption"), legend: $("legend"), legendScale: $("legend-scale"),
     findings: $("findings"), summary: $("summary"), forget: $("forget"), camHint: $("cam-hint"),
     heading: $("findings-heading"), facts: $("model-facts"),
+    warnings: $("warnings"), policy: $("policy"),
   };
   let current = null;        // the analysis response
   let active = null;         // finding whose overlay is shown
@@ -122,6 +123,14 @@
     const camAvailable = Boolean(analysis.cam_url);
     els.camHint.hidden = !camAvailable;
     els.summary.textContent = summaryText(prediction);
+    // Warnings (input unlike the training X-rays, lateral or non-chest DICOM) sit next to the findings.
+    const warnings = prediction.warnings || [];
+    els.warnings.replaceChildren(...warnings.map((w) => {
+      const li = document.createElement("li"); li.textContent = `Warning: ${w}`; return li;
+    }));
+    els.warnings.hidden = warnings.length === 0;
+    els.policy.textContent = prediction.threshold_policy
+      ? `Thresholds: operating point "${prediction.threshold_policy}" (chosen on validation data).` : "";
     els.findings.replaceChildren();
     for (const f of prediction.findings) {
       const li = document.createElement("li");
@@ -242,6 +251,9 @@
         ["Input", `${m.preprocessing.size} × ${m.preprocessing.size} px, grayscale`],
         ["Thresholds", m.threshold_method || "from the bundle"],
       ];
+      if (m.operating_point) facts.push(["Threshold policy", m.operating_point.policy]);
+      if (m.calibration) facts.push(["Calibration", `${m.calibration.method} (fitted on ${m.calibration.fitted_on || "validation"})`]);
+      if (m.input_check) facts.push(["Input check cut-off", m.input_check.cutoff.toFixed(1)]);
       for (const [k, v] of Object.entries(m.metrics || {})) {
         if (typeof v === "number") facts.push([k, Number.isInteger(v) ? String(v) : v.toFixed(3)]);
       }
