@@ -253,13 +253,14 @@ def check_parity(
 
     ref, ref_scores = TorchBackend(model, "cpu", calibration, input_check).run(batch)
     inp = session.get_inputs()[0].name
-    outs = session.run(None, {inp: batch})
-    full = outs[0]
-    single = session.run(None, {inp: batch[:1]})[0]
+    # Outputs by name: the graph may also give features and the input check's score.
+    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {inp: batch})))
+    full = outs[OUTPUT_NAME]
+    single = session.run([OUTPUT_NAME], {inp: batch[:1]})[0]
     diff = max(float(np.max(np.abs(full - ref))), float(np.max(np.abs(single - ref[:1]))))
     score_diff = None
-    if ref_scores is not None and len(outs) > 1:
-        score_diff = float(np.max(np.abs(outs[1] - ref_scores) / np.maximum(np.abs(ref_scores), 1e-6)))
+    if ref_scores is not None and SCORE_NAME in outs:
+        score_diff = float(np.max(np.abs(outs[SCORE_NAME] - ref_scores) / np.maximum(np.abs(ref_scores), 1e-6)))
     if not np.isfinite(diff):
         diff = float("inf")
     thr = np.asarray(thresholds)[None, :]

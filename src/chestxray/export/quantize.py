@@ -21,7 +21,7 @@ import numpy as np
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
-from chestxray.inference.onnx_backend import INPUT_NAME
+from chestxray.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME, SCORE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,13 @@ def quantize_int8(
 
 
 def score_only_nodes(path: Path) -> list[str]:
-    """Nodes that feed only the input-check score (the second output, if any): kept in
-    float32, since int8 would coarsen a distance whose cut-off was set in float."""
+    """Nodes that feed only the input-check score output (if any), not the probabilities:
+    kept in float32, since int8 would coarsen a distance whose cut-off was set in float."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    if len(graph.output) < 2:
+    names = [o.name for o in graph.output]
+    if SCORE_NAME not in names:
         return []
     producer = {out: node for node in graph.node for out in node.output}
 
@@ -158,7 +159,7 @@ def score_only_nodes(path: Path) -> list[str]:
                 stack.extend(node.input)
         return seen
 
-    return sorted(ancestors(graph.output[1].name) - ancestors(graph.output[0].name))
+    return sorted(ancestors(SCORE_NAME) - ancestors(OUTPUT_NAME))
 
 
 @dataclass
