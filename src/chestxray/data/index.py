@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,31 +201,9 @@ class NIHIndex(DatasetIndex):
     skipped_missing: int = 0  # missing images dropped because allow_missing was set
     dataset = "nih"  # registry name (a class attribute, not a field)
 
-    def __len__(self) -> int:
-        return len(self.frame)
-
     @property
     def images_found(self) -> int:
         return int(self.frame["path"].notna().sum())
-
-    def split_positions(self, split: str) -> np.ndarray:
-        """Row positions (into frame / labels) of one split: train, val, test or all."""
-        if split == "all":
-            return np.arange(len(self.frame))
-        if split not in SPLITS:
-            raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or 'all'")
-        return np.flatnonzero(self.frame["split"].to_numpy() == split)
-
-    def patient_overlap(self) -> dict[str, int]:
-        """Number of patients shared by each pair of splits (all zero when sound)."""
-        groups = {s: set(self.frame.loc[self.frame["split"] == s, "patient_id"]) for s in SPLITS}
-        return {f"{a}-{b}": len(groups[a] & groups[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
-
-    def iter_paths(self) -> Iterator[tuple[str, Path]]:
-        """(image name, path) of every row whose file was found, in frame order."""
-        for name, path in zip(self.frame["image"], self.frame["path"]):
-            if isinstance(path, str):
-                yield name, Path(path)
 
     def summary(self) -> dict[str, Any]:
         """What `chestxray info` prints: counts, splits, prevalence, overlap."""
