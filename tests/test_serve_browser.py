@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,19 +31,15 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_bundle) -> Iterator[str]:
-    """The real app on uvicorn, in a thread, on a free loopback port."""
+@contextmanager
+def serve_in_thread(app: object) -> Iterator[str]:
+    """Run `app` on uvicorn in a thread on a free loopback port; yields its base URL."""
     import uvicorn
 
-    from chestxray.inference.predict import Analyzer
-    from chestxray.serve.app import create_app
-
-    app = create_app(Analyzer.load(tiny_bundle))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))  # type: ignore[arg-type]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -56,6 +53,16 @@ def server_url(tiny_bundle) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_bundle) -> Iterator[str]:
+    """The real app with a tiny model."""
+    from chestxray.inference.predict import Analyzer
+    from chestxray.serve.app import create_app
+
+    with serve_in_thread(create_app(Analyzer.load(tiny_bundle))) as url:
+        yield url
 
 
 def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path):

@@ -3,10 +3,7 @@ the findings, and the threshold policy, for the bundled model."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, EXAMPLE
+from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
 
 pytestmark = [
     pytest.mark.browser,
@@ -26,28 +23,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def bundled_url() -> Iterator[str]:
-    import uvicorn
-
     from chestxray.inference.predict import Analyzer
     from chestxray.serve.app import create_app
 
-    app = create_app(Analyzer.load())
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(create_app(Analyzer.load())) as url:
+        yield url
 
 
 def test_viewer_shows_the_warning_and_the_policy(bundled_url, tmp_path):

@@ -25,6 +25,8 @@ from PIL import Image
 DATA = Path(__file__).resolve().parent
 NIH = DATA / "nih-mini"
 
+# The layouts below are written from each dataset's published description, on purpose not
+# from the readers' own constants, so a reader that got a name wrong fails on its fixture.
 CHEXPERT_COLUMNS = [
     "No Finding",
     "Enlarged Cardiomediastinum",

@@ -141,6 +141,14 @@ def _run_bulk(
     predictions = [p for _, p in _predict(analyzer, files, workers, args.batch_size, progress)]
     progress.close()
     _check_any(len(predictions), args)
+    return emit(args, analyzer, predictions, render)
+
+
+def emit(
+    args: argparse.Namespace, analyzer: "Analyzer", predictions: list["Prediction"], render: Callable[..., str]
+) -> int:
+    """Write a finished list of predictions (table/json/csv) to --out or stdout, then list the
+    unreadable files; the exit status is 1 when there were any."""
     text = render(predictions, args.format, _label(analyzer))
     if args.out:
         from chestxray.io import atomic_write_text
@@ -155,6 +163,9 @@ def _run_bulk(
         sys.stdout.write(text)
         if args.format != "table":
             print(f"model {_label(analyzer)}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
+    if getattr(args, "cam", None):
+        written = sum(len(p.overlays or []) for p in predictions)
+        print(f"wrote {written} Grad-CAM overlays to {Path(args.cam).resolve()}", file=sys.stderr)
     return _report_failures([(p.file, p.error) for p in predictions if p.error], len(predictions))
 
 

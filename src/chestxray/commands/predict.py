@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands._bulk import add_bulk_args, check_bulk_args, run_bulk, setup
+from chestxray.commands._bulk import add_bulk_args, check_bulk_args, emit, run_bulk, setup
 from chestxray.commands._common import add_model_args, positive_int, resolve_device_arg
 from chestxray.errors import ChestXrayError
 
@@ -115,31 +115,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
     with quiet_skip_warnings():  # failures are listed once, at the end
         predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
-    text = render(predictions, args.format, f"{analyzer.name} ({analyzer.variant})")
-    if args.out:
-        from chestxray.io import atomic_write_text
-
-        atomic_write_text(args.out, text)
-        print(
-            f"wrote {len(predictions)} predictions ({args.format}) to {args.out}; model {analyzer.name} "
-            f"({analyzer.variant}). "
-            f"{NOT_FOR_CLINICAL_USE}",
-            file=sys.stderr,
-        )
-    else:
-        sys.stdout.write(text)
-        if args.format != "table":
-            print(f"model {analyzer.name} ({analyzer.variant}). {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
-    if args.cam:
-        written = sum(len(p.overlays or []) for p in predictions)
-        print(f"wrote {written} Grad-CAM overlays to {Path(args.cam).resolve()}", file=sys.stderr)
-    failed = [p for p in predictions if not p.ok]
-    if failed:
-        print(f"chestxray predict: {len(failed)} of {len(predictions)} files could not be read:", file=sys.stderr)
-        for p in failed:
-            print(f"  {p.file}: {p.error}", file=sys.stderr)
-        return 1
-    return 0
+    return emit(args, analyzer, predictions, render)
 
 
 FEATURE_SUFFIXES = (".npy", ".csv", ".parquet")
