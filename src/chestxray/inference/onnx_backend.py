@@ -139,6 +139,7 @@ class OnnxBackend:
     """(N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities, on onnxruntime."""
 
     name = "onnx"
+    concurrent_runs = True  # one session serves concurrent run() calls (the bulk pipeline's tail)
 
     def __init__(
         self, path: str | os.PathLike | None, *, threads: int | None = None, providers: list[str] | None = None

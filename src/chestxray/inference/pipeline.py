@@ -151,6 +151,7 @@ class DecodePool:
         self.prefetch = prefetch or max(2, 2 * workers)
         self._decoder = decoder_copy(analyzer) if workers > 0 else analyzer
         self._pool: ProcessPoolExecutor | None = None
+        self.draining = False  # every chunk submitted: the decoders run out of work
 
     def __enter__(self) -> "DecodePool":
         if self.workers > 0:
@@ -219,11 +220,13 @@ class DecodePool:
 
     def map(self, chunks: Iterable[list[InputFile]]) -> Iterator[tuple[list[InputFile], Decoded]]:
         window: deque[tuple[list[InputFile], list[tuple[int, Future[Decoded]]] | None]] = deque()
+        self.draining = False
         for chunk in chunks:
             window.append((chunk, self._submit(chunk)))
             if len(window) >= self.prefetch:
                 c, fut = window.popleft()
                 yield c, self._collect(c, fut)
+        self.draining = True
         while window:
             c, fut = window.popleft()
             yield c, self._collect(c, fut)
@@ -303,14 +306,21 @@ def iter_probabilities(
     size = batch_size or analyzer.batch_size
     stager = _cuda_stager(analyzer)
 
-    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str]) -> Iterator[Any]:
+    split = _tail_splitter(analyzer, workers, stager)
+
+    def infer(x: Any, tail: bool) -> tuple[Any, Any]:
+        if tail and split is not None:
+            return split(x, with_scores)
+        if with_scores and hasattr(analyzer, "run"):
+            return analyzer.run(x)
+        return analyzer.probabilities(x), None
+
+    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str], tail: bool = False) -> Iterator[Any]:
         scores: Any = None
         if staged is None:
             probs: Any = ()
-        elif with_scores and hasattr(analyzer, "run"):
-            probs, scores = analyzer.run(stager.ready(staged) if stager is not None else staged)
         else:
-            probs = analyzer.probabilities(stager.ready(staged) if stager is not None else staged)
+            probs, scores = infer(stager.ready(staged) if stager is not None else staged, tail)
         it = iter(probs)
         k = 0
         for i, f in enumerate(chunk):
@@ -326,14 +336,54 @@ def iter_probabilities(
     if len(first) < 2:
         workers = 0  # one batch in all: starting worker processes would cost more than it saves
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
-    with DecodePool(analyzer, workers, prefetch) as pool:
-        for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
-            staged = stager(x) if (stager is not None and x is not None) else x
+    try:
+        with DecodePool(analyzer, workers, prefetch) as pool:
+            for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
+                if stager is None:  # CPU: infer each chunk as soon as it is decoded
+                    yield from finish(chunk, x, errors, tail=pool.draining)
+                    continue
+                staged = stager(x) if x is not None else x
+                if pending is not None:
+                    yield from finish(*pending)  # computes while this chunk's copy is in flight
+                pending = (chunk, staged, errors)
             if pending is not None:
-                yield from finish(*pending)  # computes while this chunk's copy is in flight
-            pending = (chunk, staged, errors)
-        if pending is not None:
-            yield from finish(*pending)
+                yield from finish(*pending)
+    finally:
+        if split is not None:
+            split.close()
+
+
+class _TailSplitter:
+    """Once every file has gone to the decoders they fall idle while the main process still
+    infers the last batches on one core: split each batch over threads to use those cores
+    (one onnxruntime session runs concurrent calls; each call releases the GIL)."""
+
+    def __init__(self, analyzer: Predictor, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.analyzer = analyzer
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="chestxray-infer")
+
+    def __call__(self, x: np.ndarray, with_scores: bool) -> tuple[np.ndarray, "np.ndarray | None"]:
+        parts = [p for p in np.array_split(x, min(self.threads, len(x))) if len(p)]
+        run = getattr(self.analyzer, "run", None) if with_scores else None
+        if run is None:
+            probs = list(self.pool.map(self.analyzer.probabilities, parts))
+            return np.concatenate(probs), None
+        outs = list(self.pool.map(run, parts))
+        scores = [s for _, s in outs]
+        joined = None if any(s is None for s in scores) else np.concatenate(scores)
+        return np.concatenate([p for p, _ in outs]), joined
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _tail_splitter(analyzer: Predictor, workers: int, stager: Any) -> _TailSplitter | None:
+    if workers < 1 or stager is not None or not getattr(analyzer.backend, "concurrent_runs", False):
+        return None
+    return _TailSplitter(analyzer, max(2, min(workers + 1, default_workers())))
 
 
 class Progress:
