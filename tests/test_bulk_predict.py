@@ -301,3 +301,30 @@ def test_main_process_memory_stays_flat_over_thousands_of_files(tmp_path):
         tracemalloc.stop()
     assert ok == n
     assert growth / (n - 300 - n // 3) < 100, f"{growth} bytes more for {n - 300 - n // 3} files"
+
+
+STDIN_SCRIPT = """
+import multiprocessing, sys
+from chestxray.inference.inputs import iter_inputs
+from chestxray.inference.predict import Analyzer
+
+files = sys.argv[1:]
+analyzer = Analyzer.load(backend="onnx", batch_size=2)
+decoders = set()
+for f, p in analyzer.predict_files(iter_inputs(files), workers=2):
+    decoders |= {c.pid for c in multiprocessing.active_children() if "forkserver" not in (c.name or "")}
+    print(p.file, p.ok, p.error)
+listed = analyzer.predict_many(files, workers=2)
+print("decoders", len(decoders), "listed ok", sum(p.ok for p in listed))
+"""
+
+
+def test_worker_pool_from_a_script_piped_to_python_stdin(sample_images):
+    """`python - < script.py`: __main__ has no file for the decoder processes to re-run."""
+    files = [str(f) for f in sample_images[:6]]
+    proc = subprocess.run([sys.executable, "-", *files], input=STDIN_SCRIPT, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[:-1] == [f"{f} True None" for f in files]
+    assert lines[-1] == "decoders 2 listed ok 6"

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
 from typing import IO, Any, Protocol, TypeVar
 
@@ -141,6 +142,24 @@ def start_worker_server() -> None:
         forkserver.ensure_running()
 
 
+@contextmanager
+def main_script_hidden() -> Iterator[None]:
+    """Worker processes started by forkserver or spawn first re-run the caller's main script
+    from its `__file__`. A script piped to `python -` has none on disk ("<stdin>"), so every
+    worker would die. They need nothing from it (their task function lives in this module):
+    hide that name while they start, as for `python -c`."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not isinstance(path, str) or getattr(main, "__spec__", None) is not None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 class DecodePool:
     """Ordered, bounded map of chunks of files -> Decoded, over worker processes
     (`workers` 0: in this process)."""
@@ -177,10 +196,11 @@ class DecodePool:
         if self._pool is None:
             return None  # decoded lazily, in order, in _collect
         # Small tasks: both workers start at once and the run's tail (one task) stays short.
-        return [
-            (k, self._pool.submit(_worker_decode, [f.path for f in chunk[k : k + TASK_FILES]]))
-            for k in range(0, len(chunk), TASK_FILES)
-        ]
+        with main_script_hidden():  # the pool starts (or replaces) its workers in submit()
+            return [
+                (k, self._pool.submit(_worker_decode, [f.path for f in chunk[k : k + TASK_FILES]]))
+                for k in range(0, len(chunk), TASK_FILES)
+            ]
 
     def _collect(self, chunk: list[InputFile], tasks: list[tuple[int, "Future[Decoded]"]] | None) -> Decoded:
         if tasks is None:
@@ -207,7 +227,9 @@ class DecodePool:
             self._restart()
             assert self._pool is not None
             try:
-                x, err = self._pool.submit(_worker_decode, [f.path]).result()
+                with main_script_hidden():
+                    task = self._pool.submit(_worker_decode, [f.path])
+                x, err = task.result()
             except BrokenProcessPool:
                 errors[i] = CRASHED
                 continue
