@@ -328,3 +328,29 @@ def test_worker_pool_from_a_script_piped_to_python_stdin(sample_images):
     lines = proc.stdout.splitlines()
     assert lines[:-1] == [f"{f} True None" for f in files]
     assert lines[-1] == "decoders 2 listed ok 6"
+
+
+def test_dataset_roots_are_inputs(capsys, mini_root, tmp_path):
+    """--dataset ROOT [--split]: a root as evaluate takes it (NIH path or NAME:PATH), its images
+    listed from the index in its order, each row naming the file."""
+    test_names = set(mini_root.joinpath("test_list.txt").read_text().split())
+    out = tmp_path / "nih.jsonl"
+    code, _, err = run_cli(capsys, "predict", *ONNX, "--dataset", str(mini_root), "--split", "test", "--workers", "2",
+                           "--format", "jsonl", "--out", str(out))
+    assert code == 0, err
+    rows = jsonl(out)
+    assert {Path(r["file"]).name for r in rows} == test_names and len(rows) == len(test_names)
+    assert all(Path(r["file"]).is_file() and r["findings"] and not r["error"] for r in rows)
+
+    chexpert = mini_root.parent / "chexpert-mini"
+    with open(chexpert / "CheXpert-v1.0-small" / "valid.csv", newline="") as f:
+        frontal = [str(chexpert / r["Path"]) for r in csv.DictReader(f) if r["Frontal/Lateral"] == "Frontal"]
+    code, stdout, _ = run_cli(capsys, "predict", *ONNX, "--dataset", f"chexpert:{chexpert}", "--split", "val",
+                              "--format", "jsonl", "--no-progress")
+    assert code == 0
+    assert [json.loads(line)["file"] for line in stdout.splitlines()] == frontal  # valid.csv's order
+
+    code, _, err = run_cli(capsys, "predict", *ONNX, "--dataset", f"chexpert:{tmp_path / 'nowhere'}")
+    assert code == 2 and "dataset root not found" in err
+    code, _, err = run_cli(capsys, "predict", *ONNX, str(mini_root / "images"), "--split", "val")
+    assert code == 2 and "--split only applies with --dataset" in err

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands._common import non_negative_int
+from chestxray.commands._common import ROOT_HELP, add_dataset_args, dataset_options, non_negative_int
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
@@ -28,7 +28,23 @@ DIST_TIMEOUT_S = 7 * 24 * 3600
 
 
 def add_bulk_args(p: argparse.ArgumentParser) -> None:
+    from chestxray.data.index import ALL_SPLITS
+
     p.add_argument("--from-list", metavar="FILE", help="also predict the paths listed in FILE, one per line")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help=f"also predict the images of a {ROOT_HELP} (read from its index, in its order; frontal views unless "
+        "--views says otherwise); may be repeated",
+    )
+    p.add_argument(
+        "--split",
+        choices=ALL_SPLITS,
+        default=None,
+        help="with --dataset: only this split (default all; val is carved as in train/evaluate)",
+    )
     p.add_argument(
         "--workers",
         type=non_negative_int,
@@ -50,6 +66,22 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="without a terminal: one progress line every S seconds on stderr (default 30; 0: none)",
     )
+
+
+def add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    """The dataset options of every command that opens a root (views, val carve, csv spec...)."""
+    add_dataset_args(p)
+
+
+def listed_datasets(args: argparse.Namespace) -> list[list[str]]:
+    """The image paths of each --dataset root (its split), read once before the model loads
+    so that a wrong root fails at once."""
+    if args.split is not None and not args.dataset:
+        raise ChestXrayError("--split only applies with --dataset ROOT")
+    from chestxray.inference.inputs import dataset_paths
+
+    opts = dataset_options(args)
+    return [dataset_paths(spec, args.split or "all", opts) for spec in args.dataset]
 
 
 def check_bulk_args(args: argparse.Namespace) -> None:
@@ -83,7 +115,7 @@ def _may_be_many(args: argparse.Namespace) -> bool:
     server early. A few named files are decoded in-process anyway."""
     return (
         bool(args.from_list)
-        or len(args.paths) > args.batch_size
+        or sum(len(d) for d in args.listed_datasets) + len(args.paths) > args.batch_size
         or any(os.path.isdir(p) or not os.path.exists(p) for p in args.paths)
     )
 
@@ -116,11 +148,11 @@ def _run_bulk(
     from chestxray.inference.pipeline import Progress, chunked
 
     shard = (Shard.parse(args.shard) if args.shard else Shard()).within(Shard(info.rank, info.world_size))
-    files = iter_inputs(args.paths, args.from_list, shard)
+    files = iter_inputs(args.paths, args.from_list, shard, args.listed_datasets)
     want_progress = not args.no_progress
     tty = sys.stderr.isatty()
     # The ETA needs a total: one extra listing pass (names only, no stat).
-    total = count_inputs(args.paths, args.from_list, shard) if want_progress else None
+    total = count_inputs(args.paths, args.from_list, shard, args.listed_datasets) if want_progress else None
     if args.out and args.format in ("csv", "jsonl", "parquet"):
         return _to_file(args, analyzer, info, files, workers, total)
     progress = Progress(total, tty=tty, every_s=args.progress_every, enabled=want_progress and total != 1)
@@ -135,12 +167,12 @@ def _run_bulk(
             failed += [(p.file, p.error) for _, p in batch if p.error]
             n += len(batch)
         progress.close()
-        _check_any(n, args)
+        check_any(n, args)
         print(f"model {_label(analyzer)}. {NOT_FOR_CLINICAL_USE}", file=sys.stderr)
         return _report_failures(failed, n)
     predictions = [p for _, p in _predict(analyzer, files, workers, args.batch_size, progress)]
     progress.close()
-    _check_any(len(predictions), args)
+    check_any(len(predictions), args)
     return emit(args, analyzer, predictions, render)
 
 
@@ -182,11 +214,11 @@ def _label(analyzer: "Analyzer") -> str:
     return f"{analyzer.name} ({analyzer.variant})"
 
 
-def _check_any(n: int, args: argparse.Namespace) -> None:
+def check_any(n: int, args: argparse.Namespace) -> None:
     if n == 0:
         from chestxray.data.images import IMAGE_SUFFIXES
 
-        where = ", ".join(list(args.paths) + ([args.from_list] if args.from_list else []))
+        where = ", ".join(list(args.paths) + ([args.from_list] if args.from_list else []) + list(args.dataset))
         raise ChestXrayError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {where}")
 
 
@@ -241,7 +273,7 @@ def _to_file(
         if info.is_main:
             for part in parts:
                 part.unlink(missing_ok=True)
-        _check_any(0, args)
+        check_any(0, args)
     errors = 0
     if info.is_main:
         summary = finalize(out, args.format, parts, analyzer.labels)

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands._bulk import add_bulk_args, check_bulk_args, emit, run_bulk, setup
+from chestxray.commands._bulk import (
+    add_bulk_args,
+    add_dataset_flags,
+    check_any,
+    check_bulk_args,
+    emit,
+    listed_datasets,
+    run_bulk,
+    setup,
+)
 from chestxray.commands._common import add_model_args, positive_int, resolve_device_arg
 from chestxray.errors import ChestXrayError
 
@@ -47,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", metavar="FILE", help="write the output to FILE (atomically) instead of stdout")
     add_bulk_args(p)
+    add_dataset_flags(p)
     p.add_argument(
         "--cam",
         metavar="DIR",
@@ -72,16 +82,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chestxray.data.images import IMAGE_SUFFIXES
     from chestxray.inference.inputs import Shard, iter_inputs
     from chestxray.inference.predict import Analyzer
 
     findings = parse_findings(args.findings)
     if findings is not None and not args.cam:
         raise ChestXrayError("--findings only applies with --cam DIR")
-    if not args.paths and not args.from_list:
-        raise ChestXrayError("give image files or folders (PATH...) or --from-list FILE")
+    if not args.paths and not args.from_list and not args.dataset:
+        raise ChestXrayError("give image files or folders (PATH...), --from-list FILE or --dataset ROOT")
     check_bulk_args(args)
+    args.listed_datasets = listed_datasets(args)
     from chestxray.inference.predict import resolve_backend
 
     backend = resolve_backend(args.model, args.backend)
@@ -92,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
         if args.cam:
             raise ChestXrayError("--features writes feature vectors instead of findings; it does not take --cam")
         shard = Shard.parse(args.shard) if args.shard else Shard()
-        feature_files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard)]
+        feature_files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard, args.listed_datasets)]
         if not feature_files:
-            raise ChestXrayError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.paths)}")
+            check_any(0, args)
         analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
         progress = not args.no_progress and len(feature_files) > 1 and sys.stderr.isatty()
         return write_features(analyzer, feature_files, Path(args.features), progress)
@@ -108,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
         with quiet_skip_warnings():  # failures are listed once, at the end
             return run_bulk(args, analyzer, info, render)
     shard = Shard.parse(args.shard) if args.shard else Shard()
-    files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard)]
+    files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard, args.listed_datasets)]
     if not files:
-        raise ChestXrayError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.paths)}")
+        check_any(0, args)
     analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
     with quiet_skip_warnings():  # failures are listed once, at the end

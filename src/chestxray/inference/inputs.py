@@ -1,19 +1,25 @@
-"""Lazy input listing for bulk prediction: folders, globs and list files, one file at a time.
+"""Lazy input listing for bulk prediction: folders, globs, list files and dataset roots,
+one file at a time.
 
 The order is deterministic (the same as `collect_inputs`: each folder's entries sorted by
-name, sub-folders walked where they sort), so a shard, a resumed run and a merge all agree
-on which file is the k-th. Only one folder's names are held at a time, never the archive's.
+name, sub-folders walked where they sort; a dataset's images in its index's order), so a
+shard, a resumed run and a merge all agree on which file is the k-th. Only one folder's
+names are held at a time, never the archive's; a dataset root holds its index's paths.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from chestxray.data.images import IMAGE_SUFFIXES
 from chestxray.errors import ChestXrayError
+
+if TYPE_CHECKING:
+    from chestxray.data.common import DatasetOptions
 
 GLOB_CHARS = frozenset("*?[")
 
@@ -101,25 +107,49 @@ def _read_list(list_file: str) -> Iterator[str]:
                 yield line
 
 
-def iter_paths(paths: Iterable[str | os.PathLike], from_list: str | None = None) -> Iterator[str]:
+def dataset_paths(spec: str, split: str = "all", options: "DatasetOptions | None" = None) -> list[str]:
+    """The image paths of a dataset root (`NAME:PATH` or an NIH path, as `evaluate` takes it)
+    in one split ("all": every row), in the index's order. The index is read (its label
+    files, no image decoded); only the paths are kept."""
+    from chestxray.data.datasets import open_dataset
+
+    index = open_dataset(spec, options)
+    paths = index.frame["path"].to_numpy()[index.split_positions(split)]
+    return [p for p in paths if isinstance(p, str)]  # None: listed but missing (with --allow-missing)
+
+
+def iter_paths(
+    paths: Iterable[str | os.PathLike], from_list: str | None = None, datasets: Sequence[Sequence[str]] = ()
+) -> Iterator[str]:
     """Every input path, lazily: PATH arguments (files, folders, globs), then --from-list's
-    lines (each may again be a file, folder or glob)."""
+    lines (each may again be a file, folder or glob), then each dataset's image paths
+    (`dataset_paths`)."""
     for p in paths:
         yield from _expand(os.fspath(p))
     if from_list is not None:
         for p in _read_list(from_list):
             yield from _expand(p)
+    for dataset in datasets:
+        yield from dataset
 
 
 def iter_inputs(
-    paths: Iterable[str | os.PathLike], from_list: str | None = None, shard: Shard = Shard()
+    paths: Iterable[str | os.PathLike],
+    from_list: str | None = None,
+    shard: Shard = Shard(),
+    datasets: Sequence[Sequence[str]] = (),
 ) -> Iterator[InputFile]:
     """This shard's files with their size and mtime; only the shard's own files are stat'ed."""
-    for k, p in enumerate(iter_paths(paths, from_list)):
+    for k, p in enumerate(iter_paths(paths, from_list, datasets)):
         if k % shard.count == shard.index:
             yield InputFile.of(p)
 
 
-def count_inputs(paths: Iterable[str | os.PathLike], from_list: str | None = None, shard: Shard = Shard()) -> int:
+def count_inputs(
+    paths: Iterable[str | os.PathLike],
+    from_list: str | None = None,
+    shard: Shard = Shard(),
+    datasets: Sequence[Sequence[str]] = (),
+) -> int:
     """How many files `iter_inputs` will give (a listing pass without stat, for the ETA)."""
-    return sum(1 for k, _ in enumerate(iter_paths(paths, from_list)) if k % shard.count == shard.index)
+    return sum(1 for k, _ in enumerate(iter_paths(paths, from_list, datasets)) if k % shard.count == shard.index)
