@@ -53,7 +53,8 @@ class Predictor(Protocol):
 Decoded = tuple["np.ndarray | None", dict[int, str]]
 CRASHED = "the image decoder crashed on this file"
 TASK_FILES = 4  # files per worker task
-PRELOAD = ["chestxray.inference.predict", "chestxray.inference.pipeline"]
+# Imported once by the fork server, not by each worker (PIL's decoders: else on the first file).
+PRELOAD = ["chestxray.inference.predict", "chestxray.inference.pipeline", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"]
 
 
 def default_workers(local_processes: int = 1) -> int:
