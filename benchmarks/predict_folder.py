@@ -234,9 +234,13 @@ def big_run(work: Path, sources: list[Path], n: int, seconds: float, workers: in
             batch_recs = []
         now = time.perf_counter()
         if now - last >= 10:
-            pids = [os.getpid()] + [c.pid for c in multiprocessing.active_children() if c.pid]
+            kids = sorted(c.pid for c in multiprocessing.active_children()
+                          if c.pid and "forkserver" not in (c.name or ""))
             windows.append({"t": round(now - start, 1), "done": done, "img_s": round((done - last_done) / (now - last), 1),
-                            "rss_mib": round(rss_mib(pids), 1)})
+                            "rss_mib": round(rss_mib([os.getpid(), *kids]), 1),
+                            "rss_main_mib": round(rss_mib([os.getpid()]), 1),
+                            "rss_workers_mib": [round(rss_mib([k]), 1) for k in kids],
+                            "load_1min": round(os.getloadavg()[0], 2)})
             log(f"  big: {windows[-1]}")
             last, last_done = now, done
         if seconds and now - start >= seconds:
@@ -261,6 +265,8 @@ def big_run(work: Path, sources: list[Path], n: int, seconds: float, workers: in
             "first_third_img_s": round(statistics.mean(rates[: max(1, len(rates) // 3)]), 1) if rates else None,
             "last_third_img_s": round(statistics.mean(rates[-max(1, len(rates) // 3):]), 1) if rates else None,
             "rss_mib_min": min(rss) if rss else None, "rss_mib_max": max(rss) if rss else None,
+            "rss_main_mib_first_last": [steady[0]["rss_main_mib"], steady[-1]["rss_main_mib"]] if steady else None,
+            "rss_workers_mib_first_last": [steady[0]["rss_workers_mib"], steady[-1]["rss_workers_mib"]] if steady else None,
             "finalize_csv_s_for_n_records": round(finalize_s, 1), "windows": windows}
 
 
