@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,13 @@ class Finding:
     positive: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy cost ~0.6 ms per image in bulk predict's main process.
+        return {
+            "finding": self.finding,
+            "probability": self.probability,
+            "threshold": self.threshold,
+            "positive": self.positive,
+        }
 
 
 @dataclass
