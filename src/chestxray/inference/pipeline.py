@@ -53,8 +53,15 @@ class Predictor(Protocol):
 Decoded = tuple["np.ndarray | None", dict[int, str]]
 CRASHED = "the image decoder crashed on this file"
 TASK_FILES = 4  # files per worker task
-# Imported once by the fork server, not by each worker (PIL's decoders: else on the first file).
-PRELOAD = ["chestxray.inference.predict", "chestxray.inference.pipeline", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"]
+# Imported once by the fork server, not by each worker: the decoder's modules, the bundle
+# metadata class its pickle names, and PIL's decoders (else loaded on the first file).
+PRELOAD = [
+    "chestxray.inference.predict",
+    "chestxray.inference.pipeline",
+    "chestxray.models.bundle",
+    "PIL.PngImagePlugin",
+    "PIL.JpegImagePlugin",
+]
 
 
 def default_workers(local_processes: int = 1) -> int:
