@@ -354,3 +354,35 @@ def test_dataset_roots_are_inputs(capsys, mini_root, tmp_path):
     assert code == 2 and "dataset root not found" in err
     code, _, err = run_cli(capsys, "predict", *ONNX, str(mini_root / "images"), "--split", "val")
     assert code == 2 and "--split only applies with --dataset" in err
+
+
+def _pb(field: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (enough to write an ONNX file's metadata by hand)."""
+    n, size = len(data), b""
+    while True:
+        size += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return bytes([field << 3 | 2]) + size + data
+
+
+def test_onnx_metadata_read_without_a_session_and_a_late_load_error(capsys, sample_images, tmp_path):
+    """Bulk predict starts its decoders on the metadata alone while the session loads: the
+    metadata equal onnxruntime's, and a file whose graph cannot load still fails with one
+    line and leaves no partial output behind."""
+    from chestxray.inference.onnx_backend import default_onnx_path, ort_session, read_onnx_props
+
+    props = read_onnx_props(default_onnx_path())
+    assert props == dict(ort_session(default_onnx_path()).get_modelmeta().custom_metadata_map)
+    assert read_onnx_props(sample_images[0]) is None  # not protobuf: the session path decides
+
+    broken = tmp_path / "nograph.onnx"  # chestxray's metadata, no graph
+    broken.write_bytes(bytes([8, 7]) + b"".join(_pb(14, _pb(1, k.encode()) + _pb(2, v.encode()))
+                                               for k, v in props.items()))
+    assert read_onnx_props(broken) == props
+    link_folder(tmp_path / "f", sample_images, 6)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli(capsys, "predict", *ONNX, "--model", str(broken), str(tmp_path / "f"), "--workers", "2",
+                           "--format", "jsonl", "--out", str(out))
+    assert code == 2 and "onnxruntime cannot load this file" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))

@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         info, device = setup(args, device)  # also starts the decoders' fork server early
         # Decoder processes use the other cores: one inference thread avoids oversubscribing them.
         threads = 1 if args.workers != 0 else None
+        # ONNX: the session loads in a thread while the decoders start on the first files.
         analyzer = Analyzer.load(
-            args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads
+            args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads, background=True
         )
         with quiet_skip_warnings():  # failures are listed once, at the end
             return run_bulk(args, analyzer, info, render)

@@ -156,6 +156,8 @@ class Journal:
 
     def abort(self) -> None:
         self._f.close()
+        if not self.written and not self.done:
+            self.path.unlink(missing_ok=True)  # nothing to resume (e.g. the model failed to load)
 
 
 # ---- final files -----------------------------------------------------------------------

@@ -266,16 +266,22 @@ class Analyzer:
         device: str = "cpu",
         batch_size: int = 16,
         threads: int | None = None,
+        background: bool = False,
     ) -> "Analyzer":
         """`model`: a bundle (.safetensors or a run folder), an exported .onnx file, or None
         for the bundled model. `backend`: "auto" (from the file; without torch, ONNX),
-        "torch" or "onnx". `threads`: onnxruntime intra-op threads (None: its default)."""
+        "torch" or "onnx". `threads`: onnxruntime intra-op threads (None: its default).
+        `background` (ONNX): return at once, with the metadata read, while the session is
+        built in a thread (the first inference waits for it): bulk predict's decoders start
+        meanwhile; an error in the file shows at the first inference."""
         backend = resolve_backend(model, backend)
         if backend == "onnx":
-            from chestxray.inference.onnx_backend import OnnxBackend
+            from chestxray.inference.onnx_backend import OnnxBackend, loading_onnx_backend
 
             # None: the packaged default.onnx, or an error telling how to export one.
-            onnx = OnnxBackend(model, threads=threads)
+            onnx: Any = loading_onnx_backend(model, threads) if background else None
+            if onnx is None:
+                onnx = OnnxBackend(model, threads=threads)
             meta = onnx.info.meta
             return cls(onnx, meta.labels, meta.thresholds, meta.preprocessing, meta.name, meta, batch_size)
         from chestxray.inference.calibration import calibration_of
