@@ -317,7 +317,7 @@ def iter_probabilities(
             if i in errors:
                 yield (f, None, None, errors[i]) if with_scores else (f, None, errors[i])
             else:
-                score = None if scores is None else float(scores[k])
+                score = None if scores is None else scores[k]  # a record of the checks (Analyzer.run)
                 k += 1
                 yield (f, next(it), score, None) if with_scores else (f, next(it), None)
 
