@@ -102,6 +102,30 @@ def main() -> int:
     real = np.concatenate([checks[k] for k in ("held-out radiographs", "untouched originals") if k in checks])
     real_warned = float(np.mean((real["score"] > cut) | (real["turn"] != 0)))
 
+    # Orientation: the template's gain (best alternative - upright correlation) against a
+    # symmetry statistic (top-bottom minus left-right mirror correlation of the thumbnail),
+    # as AUROC of held-out radiographs against each turned group.
+    separation: dict[str, dict[str, float]] = {}
+    if analyzer.orientation is not None:
+        from chestxray.inference.orientation import thumbnails
+
+        def orientation_stats(items: list) -> tuple[np.ndarray, np.ndarray]:
+            x = np.stack([analyzer.preprocess(g)[1] for _, g in items])
+            _, best, upright = analyzer.orientation.assess(x)
+            t = thumbnails(x).reshape(len(x), 32, 32)
+            symmetry = (t * t[:, ::-1, :]).mean((1, 2)) - (t * t[:, :, ::-1]).mean((1, 2))
+            return best - upright, symmetry
+
+        base = orientation_stats(groups["held-out radiographs"])
+        turned = ("rotated radiographs", "upside-down radiographs", "rotated clockwise radiographs")
+        for k in turned:
+            other = orientation_stats(groups[k])
+            yy = np.r_[np.zeros(len(base[0])), np.ones(len(other[0]))]
+            separation[k] = {
+                "template_gain_auroc": float(roc_auc_score(yy, np.r_[base[0], other[0]])),
+                "symmetry_auroc": float(roc_auc_score(yy, np.r_[base[1], other[1]])),
+            }
+
     # Cost: the score alone on captured features, and whole predictions with / without it.
     batch = np.stack([analyzer.preprocess(g)[1] for _, g in held[:16]])
     model = analyzer.model
@@ -135,6 +159,7 @@ def main() -> int:
         "auroc_heldout_vs_nonradiographs": auroc,
         "warned": warned,
         "real_radiographs_warned_either_check": real_warned,
+        "orientation_separation": separation or None,
         "orientation": {k: v for k, v in (analyzer.meta.orientation or {}).items() if k != "template"},
         "non_radiographs_not_warned": missed,
         "score_percentiles": {k: [float(np.percentile(v, q)) for q in (0, 50, 100)] for k, v in scores.items()},
