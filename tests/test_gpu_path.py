@@ -159,3 +159,33 @@ def test_ddp_nccl_two_gpus(tmp_path, mini_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["weights"] == r1["weights"] and r0["val_loss"] == pytest.approx(r1["val_loss"])
+
+
+@pytest.mark.cuda
+def test_cuda_bulk_predict_pinned_side_stream_matches_cpu(tiny_bundle, mini_root, tmp_path):
+    """Bulk predict on CUDA (pinned buffers, copies on a side stream overlapping compute)
+    gives the CPU's probabilities, in input order, with broken files still error rows."""
+    from chestxray.inference.inputs import InputFile
+    from chestxray.inference.predict import Analyzer
+
+    files = sorted((mini_root / "images").glob("*.png"))[:23]  # 6 batches of 4, the last short
+    broken = tmp_path / "not-an-image.png"
+    broken.write_bytes(b"not a PNG")
+    inputs = [InputFile.of(str(f)) for f in files]
+    inputs.insert(5, InputFile.of(str(broken)))
+
+    def run(device: str, workers: int) -> list:
+        a = Analyzer.load(tiny_bundle, backend="torch", device=device)
+        return list(a.predict_files(iter(inputs), workers=workers, batch_size=4))
+
+    cpu = run("cpu", 0)
+    for workers in (0, 2):
+        gpu = run("cuda", workers)
+        assert [f.path for f, _ in gpu] == [f.path for f, _ in cpu]
+        for (_, p), (_, q) in zip(gpu, cpu):
+            assert (p.error is None) == (q.error is None)
+            if p.error is None:
+                got = {x.finding: x.probability for x in p.findings}
+                want = {x.finding: x.probability for x in q.findings}
+                assert got == pytest.approx(want, abs=2e-3)  # cuDNN's TF32 convolutions
+    assert sum(p.error is not None for _, p in cpu) == 1
