@@ -22,11 +22,11 @@ step() {
     [ "$rc" -eq 0 ] || status=1
 }
 
-step env 60 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; \
+step env 30 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; \
 $PY -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name(0))'"
-step pytest_cuda 180 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_gpu_path.py
-step train_eager 90 "$PY" benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --json
-step train_compile 140 "$PY" benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --compile --json
-TAIL=40 step predict_folder 150 "$PY" benchmarks/predict_folder.py --device cuda --count "$COUNT" --rounds 1 \
+step pytest_cuda 150 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_gpu_path.py
+step train_eager 70 "$PY" benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --json
+step train_compile 120 "$PY" benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --compile --json
+TAIL=40 step predict_folder 140 "$PY" benchmarks/predict_folder.py --device cuda --count "$COUNT" --rounds 1 \
     --backends torch,onnx --json
 exit $status
