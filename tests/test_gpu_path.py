@@ -92,26 +92,46 @@ def test_compiled_training_step_matches_eager_on_cpu():
 
 
 # ---- CUDA (skipped without a GPU; see tests/conftest.py) -------------------------------------
+@contextlib.contextmanager
+def _no_tf32():
+    """Exact float32 on the GPU: cuDNN's default TF32 convolutions round to 10 bits, and eager
+    and compiled graphs pick different algorithms (layouts), so their TF32 results differ by
+    ~1e-3, which batch norm over a 1x1 map of 4 images amplifies. Measured on an H100."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.cuda
 def test_cuda_bf16_channels_last_step_matches_cpu():
     ref_model = _model()
-    ref = _steps(ref_model, ref_model, contextlib.nullcontext)
+    ref = _steps(ref_model, ref_model, contextlib.nullcontext, n=3)
     model = _model("cuda").to(memory_format=torch.channels_last)
+    before = model.fc.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = _batch(device="cuda")
     x = x.contiguous(memory_format=torch.channels_last)
     crit = torch.nn.BCEWithLogitsLoss()
-    got = [float(training_step(model, opt, crit, x, y, autocast_for(torch.device("cuda"), True))) for _ in range(2)]
-    assert got == pytest.approx(ref, abs=0.02)
+    got = [float(training_step(model, opt, crit, x, y, autocast_for(torch.device("cuda"), True))) for _ in range(3)]
+    # The first loss is the same forward pass in bf16 vs float32; after that the two runs take
+    # different steps (bf16 gradients), so only the trend is compared: both learn the batch.
+    assert got[0] == pytest.approx(ref[0], abs=0.02)
+    assert got[2] < got[0] and ref[2] < ref[0]
+    assert model.fc.weight.dtype == torch.float32 and not torch.equal(before, model.fc.weight)
 
 
 @pytest.mark.cuda
 def test_cuda_compiled_step_matches_eager():
-    ref_model = _model("cuda")
-    ref = _steps(ref_model, ref_model, contextlib.nullcontext, n=3, device="cuda")
-    model = _model("cuda")
-    got = _steps(model, torch.compile(model), contextlib.nullcontext, n=3, device="cuda")
+    with _no_tf32():
+        ref_model = _model("cuda")
+        ref = _steps(ref_model, ref_model, contextlib.nullcontext, n=3, device="cuda")
+        model = _model("cuda")
+        got = _steps(model, torch.compile(model), contextlib.nullcontext, n=3, device="cuda")
     assert got == pytest.approx(ref, rel=1e-3, abs=1e-4)
+    assert got[2] < got[0]
 
 
 @pytest.mark.cuda
