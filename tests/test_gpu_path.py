@@ -132,9 +132,9 @@ def test_cuda_compiled_step_matches_eager():
         ref = _steps(ref_model, ref_model, contextlib.nullcontext, n=3, device="cuda")
         model = _model("cuda")
         got = _steps(model, torch.compile(model), contextlib.nullcontext, n=3, device="cuda")
-    # The first loss is one forward pass: equal to 1e-3 (all that was measured). The steps after it drift apart (0.3% by the
-    # third on an H100), as batch norm over 4-image 1x1 maps amplifies the compiled graph's
-    # different float reduction order; both runs must still learn the batch.
+    # The first loss is one forward pass: equal to 1e-3, as measured on an H100. The steps after
+    # it drift apart (0.3% by the third), as batch norm over 4-image 1x1 maps amplifies the
+    # compiled graph's different float reduction order; both runs must still learn the batch.
     assert got[0] == pytest.approx(ref[0], rel=1e-3)
     assert got == pytest.approx(ref, rel=1e-2)
     assert got[2] < got[0] and ref[2] < ref[0]
