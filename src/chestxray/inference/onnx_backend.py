@@ -10,6 +10,7 @@ a feature of the torch backend.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -144,7 +145,8 @@ class OnnxBackend:
         self, path: str | os.PathLike | None, *, threads: int | None = None, providers: list[str] | None = None
     ) -> None:
         self.path = resolve_onnx_path(path)
-        self.session = ort_session(self.path, threads=threads, providers=providers)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.session = ort_session(self.path, threads=threads, providers=self.providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = [o.name for o in outputs]
@@ -171,6 +173,13 @@ class OnnxBackend:
         if isinstance(n_out, int) and n_out != len(self.info.meta.labels):
             raise BundleError(f"{self.path}: graph gives {n_out} outputs for {len(self.info.meta.labels)} labels")
         self.input_shape = (1, size, size)
+
+    def worker_recipe(self) -> "functools.partial[OnnxBackend] | None":
+        """How a bulk-predict worker process rebuilds this backend (one thread each), or None
+        when the session runs on an accelerator, which one process should drive."""
+        if self.providers != ["CPUExecutionProvider"]:
+            return None
+        return functools.partial(OnnxBackend, str(self.path), threads=1)
 
     @property
     def quantization(self) -> str:
