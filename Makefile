@@ -31,11 +31,9 @@ browser:
 test: setup browser lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# On a machine with a CUDA GPU: the cuda-marked tests, then training throughput eager and compiled.
+# On a machine with a CUDA GPU: the cuda-marked tests, training throughput (eager, compiled) and bulk predict.
 gpu-check: setup
-	$(BIN)/python -m pytest -q -m cuda -rs $(PYTEST_ARGS)
-	$(BIN)/python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30
-	$(BIN)/python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 30 --compile
+	PY=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # ruff (lint and format check) and mypy on src/, configured in pyproject.toml.
 lint: setup

@@ -208,6 +208,25 @@ def gpu_model_bound(batch: int = 256, reps: int = 20) -> float:
     return batch * reps / (time.perf_counter() - t)
 
 
+def rate_steady(folder: Path, workers: int, batch: int, backend: str, device: str) -> dict:
+    """The pipeline alone (model loaded, workers warm after the first result): images/s from
+    the first result to the last, and the seconds until the first result."""
+    from chestxray.inference.inputs import iter_inputs
+    from chestxray.inference.predict import Analyzer
+
+    t0 = time.perf_counter()
+    a = Analyzer.load(backend=backend, device=device)
+    loaded = time.perf_counter()
+    n, first = 0, None
+    for _ in a.predict_files(iter_inputs([folder]), workers=workers, batch_size=batch):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"load_s": round(loaded - t0, 2), "first_result_s": round((first or end) - loaded, 2),
+            "steady_img_s": round((n - 1) / max(end - (first or end), 1e-9), 1)}
+
+
 def big_run(work: Path, sources: list[Path], n: int, seconds: float, workers: int, batch: int) -> dict:
     """The CLI's own path (pipeline + journal) over an n-entry folder: rate per window, RSS."""
     from chestxray.inference.inputs import iter_inputs
@@ -317,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         result["median"] = {k: round(statistics.median(r[k] for r in result["rounds"]), 3) for k in keys}
         if args.device.startswith("cuda"):
             result["gpu_model_bound_img_s"] = gpu_model_bound()
+            result["gpu_pipeline_torch_cuda"] = rate_steady(folder, workers, args.batch_size, "torch", args.device)
+            result["pipeline_onnx_cpu"] = rate_steady(folder, workers, args.batch_size, "onnx", "cpu")
         if args.big:
             result["big"] = big_run(work, sources, args.big, args.big_seconds, workers, args.batch_size)
     result["machine"]["load_average_end"] = list(os.getloadavg())

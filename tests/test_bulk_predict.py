@@ -386,3 +386,49 @@ def test_onnx_metadata_read_without_a_session_and_a_late_load_error(capsys, samp
                            "--format", "jsonl", "--out", str(out))
     assert code == 2 and "onnxruntime cannot load this file" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))
+
+
+class FirstTwo:
+    """A picklable CPU backend with a worker recipe: workers rebuild it and infer themselves."""
+
+    name = "first-two"
+
+    def worker_recipe(self):
+        return FirstTwo
+
+    def probabilities(self, batch):
+        return batch.reshape(len(batch), -1)[:, :2]
+
+
+class CrashOnInfer(CrashOn):
+    backend = FirstTwo()
+
+
+def test_workers_that_infer_keep_order_and_a_crash_costs_one_row(tmp_path):
+    """When the backend can be rebuilt in the workers (ONNX on CPU), they decode and infer;
+    order, error rows and a dying worker behave as when this process infers."""
+    from chestxray.inference.inputs import InputFile
+    from chestxray.inference.pipeline import CRASHED, DecodePool, iter_probabilities
+
+    assert DecodePool(CrashOnInfer(), 2, infer=True).infers
+    assert not DecodePool(CrashOnInfer(), 0, infer=True).infers and not DecodePool(CrashOn(), 2, infer=True).infers
+    files = [InputFile(str(tmp_path / f"{k:02d}{'crash' if k == 5 else ''}.png")) for k in range(10)]
+    got = list(iter_probabilities(CrashOnInfer(), files, workers=2, batch_size=4, with_scores=True))
+    assert [f.path for f, *_ in got] == [f.path for f in files]
+    assert [e for *_, e in got] == [CRASHED if k == 5 else None for k in range(10)]
+    assert all(p[0] == len(f.path) and s is None for f, p, s, e in got if e is None)
+
+
+def test_onnx_workers_infer_and_match_this_process(sample_images, tmp_path):
+    from chestxray.inference.inputs import InputFile
+    from chestxray.inference.pipeline import DecodePool, iter_probabilities
+    from chestxray.inference.predict import Analyzer
+
+    analyzer = Analyzer.load(backend="onnx", batch_size=4, threads=1)
+    assert DecodePool(analyzer, 2, infer=True).infers
+    files = [InputFile.of(str(f)) for f in link_folder(tmp_path / "f", sample_images[:5], 2)]
+    here = list(iter_probabilities(analyzer, files, workers=0, with_scores=True))
+    there = list(iter_probabilities(analyzer, files, workers=2, with_scores=True))
+    assert [f.path for f, *_ in there] == [f.path for f, *_ in here]
+    for (_, p, s, _), (_, q, t, _) in zip(here, there):
+        assert s is not None and p == pytest.approx(q, abs=1e-6) and s == pytest.approx(t, rel=1e-5)

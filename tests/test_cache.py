@@ -135,3 +135,24 @@ def test_default_cache_dir(tmp_path, monkeypatch):
     other = tmp_path / "b" / "nih"
     other.mkdir(parents=True)
     assert default_cache_dir(other) != tagged  # same folder name, different root
+
+
+def test_centre_cropped_cache_keeps_the_framing_of_crop_models(tmp_path, original_png):
+    """A non-square radiograph (cut to 1024 x 700): the `center` cache holds the centred
+    square resized, as a centre-cropping model predicts, beside the whole-image cache."""
+    from PIL import Image
+
+    from chestxray.data.transforms import center_crop
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(read_image(original_png)[:700]).save(wide)
+    items = [("wide.png", wide)]
+    whole = prepare_cache(items, tmp_path / "c", size=SIZE, workers=1, progress=False)
+    cropped = prepare_cache(items, tmp_path / "c", size=SIZE, workers=1, progress=False, crop="center")
+    assert (whole.cache_dir.name, cropped.cache_dir.name) == (str(SIZE), f"{SIZE}-center")
+    image = read_image(wide)
+    got = PreparedCache.open(tmp_path / "c", SIZE, "center").images[0]
+    assert np.array_equal(got, resize_gray(center_crop(image), SIZE))
+    assert not np.array_equal(got, PreparedCache.open(tmp_path / "c", SIZE).images[0])
+    with pytest.raises(DatasetError, match="unknown crop 'sideways'"):
+        prepare_cache(items, tmp_path / "c", size=SIZE, workers=1, progress=False, crop="sideways")

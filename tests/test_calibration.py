@@ -125,9 +125,9 @@ def test_operating_point_record():
 def test_old_bundle_has_no_new_sections(tiny_bundle):
     meta = read_bundle_meta(tiny_bundle)
     assert meta.calibration is None and meta.operating_point is None and meta.input_check is None
-    assert calibration_of(meta) is None
+    assert meta.orientation is None and calibration_of(meta) is None
     d = json.loads(meta.to_json())
-    assert not {"calibration", "operating_point", "input_check"} & set(d)
+    assert not {"calibration", "operating_point", "input_check", "orientation"} & set(d)
     assert BundleMeta.from_json(meta.to_json(), "x").to_json() == meta.to_json()
 
 

@@ -73,3 +73,21 @@ def test_ensemble_refuses_mismatched_members_and_cam(tmp_path, members, mini_roo
         explain(Analyzer.load(out), original_png, findings=["Effusion"])
     model, _ = load_bundle(out)
     assert len(model.members) == 2
+
+
+def test_ensemble_tunes_on_another_dataset(tmp_path, members, capsys):
+    """Any dataset the data layer reads (here the CheXpert-layout fixture, whose unknown
+    labels are NaN and left out of each finding's search) can tune the thresholds."""
+    from pathlib import Path
+
+    root = Path(__file__).parent / "data" / "chexpert-mini"
+    out = tmp_path / "ens.safetensors"
+    rc = main(["ensemble", f"chexpert:{root}", "--models", *map(str, members), "--out", str(out),
+               "--val-fraction", "0.3", "--views", "all"])
+    assert rc == 0, capsys.readouterr().err
+    meta = read_bundle_meta(out)
+    tuned = meta.training["thresholds_tuned_on"]
+    assert tuned["dataset"] == "chexpert" and tuned["fraction"] == 0.3
+    assert "chexpert:" in meta.threshold_method and len(meta.thresholds) == 14
+    assert main(["ensemble", "nosuch:/x", "--models", *map(str, members), "--out", str(tmp_path / "e2.safetensors")]) == 2
+    assert "unknown dataset 'nosuch'" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from chestxray.data.images import read_image
 from chestxray.inference.input_check import OOD_WARNING, dicom_warnings, fit_input_check, warning_text
 
 
@@ -105,7 +106,8 @@ def test_predict_returns_warnings_and_policy(checked_bundle, sample_images, tmp_
     analyzer = Analyzer.load(checked_bundle)
     noise = np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8)
     batch = np.stack([analyzer.preprocess(x)[1] for x in [*sample_images[:2], noise]])
-    _, scores = analyzer.run(batch)
+    _, checks = analyzer.run(batch)
+    scores = checks["score"]
     model, _ = load_bundle(checked_bundle)
     assert check.layers == ["head", "backbone.layer1"]
     np.testing.assert_allclose(scores, check.score(pooled_features(model, batch, check.layers)[1]), rtol=1e-4)
@@ -119,6 +121,44 @@ def test_predict_returns_warnings_and_policy(checked_bundle, sample_images, tmp_
     assert main(["predict", str(sample_images[0]), "--model", str(checked_bundle), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)[0]
     assert doc["threshold_policy"] == "youden" and isinstance(doc["warnings"], list)
+    # The orientation check (fitted by the same tune): a radiograph turned on its side is
+    # warned as such when the feature check lets it pass; upright ones are not.
+    assert meta.orientation["fitted_on"].endswith(":train (template)")
+    analyzer.meta.input_check["cutoff"] = 1e9
+    upright, turned = analyzer.predict([sample_images[0], np.rot90(read_image(sample_images[0]))])
+    assert upright.warnings == [] and len(turned.findings) == 14
+    assert len(turned.warnings) == 1 and turned.warnings[0].startswith("appears turned 90 degrees")
+
+
+def test_warnings_reach_csv_and_parquet_outputs(checked_bundle, sample_images, tmp_path, capsys):
+    """predict --format csv, the bulk path's final CSV and Parquet: one warnings cell per
+    image ('; '-joined, empty when none), the same as the JSON output's list."""
+    import csv
+    import io
+
+    from PIL import Image
+
+    from chestxray.cli import main
+    from chestxray.inference.outputs import CSV_COLUMNS
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8)).save(noise)
+    files = [str(sample_images[0]), str(noise)]
+    base = ["predict", *files, "--model", str(checked_bundle), "--workers", "0"]
+    assert main([*base, "--format", "json"]) == 0
+    want = {d["file"]: "; ".join(d["warnings"]) for d in json.loads(capsys.readouterr().out)}
+    assert want[str(noise)] and not want[str(sample_images[0])]  # noise warned, the radiograph not
+    assert main([*base, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert tuple(rows[0]) == CSV_COLUMNS and CSV_COLUMNS[-1] == "warnings"
+    assert {r["file"]: r["warnings"] for r in rows} == want and len(rows) == 2 * 14
+    out = tmp_path / "all.csv"
+    assert main([*base, "--format", "csv", "--out", str(out)]) == 0
+    assert {r["file"]: r["warnings"] for r in csv.DictReader(out.open())} == want
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert main([*base, "--format", "parquet", "--out", str(tmp_path / "all.parquet")]) == 0
+    table = pq.read_table(str(tmp_path / "all.parquet")).to_pydict()
+    assert {f: "; ".join(w) for f, w in zip(table["file"], table["warnings"])} == want
 
 
 def test_lateral_dicom_is_warned_in_predict(checked_bundle, tmp_path):
@@ -142,7 +182,8 @@ def test_onnx_export_carries_calibration_and_score(checked_bundle, tmp_path, sam
     batch = np.stack([torch_a.preprocess(p)[1] for p in sample_images[:4]])
     (pt, st), (po, so) = torch_a.run(batch), onnx_a.run(batch)
     np.testing.assert_allclose(po, pt, atol=1e-5)
-    np.testing.assert_allclose(so, st, rtol=1e-4)
+    np.testing.assert_allclose(so["score"], st["score"], rtol=1e-4)
+    np.testing.assert_array_equal(so["turn"], st["turn"])  # the template travels in the ONNX metadata
     assert onnx_a.threshold_policy == "youden"
     noise = np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8)
     assert torch_a.predict(noise).warnings == onnx_a.predict(noise).warnings

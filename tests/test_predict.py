@@ -80,7 +80,9 @@ def test_csv_and_table_match_json(capsys, tiny_bundle, sample_images, tmp_path):
     code, csv_text, _ = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "csv", *files)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(csv_text)))
-    assert list(rows[0]) == ["file", "model", "variant", "finding", "probability", "threshold", "positive", "error"]
+    assert list(rows[0]) == [
+        "file", "model", "variant", "finding", "probability", "threshold", "positive", "error", "warnings"
+    ]  # fmt: skip
     assert len(rows) == 3 * 14
     for rec in data:
         mine = [r for r in rows if r["file"] == rec["file"]]
@@ -88,6 +90,7 @@ def test_csv_and_table_match_json(capsys, tiny_bundle, sample_images, tmp_path):
         for r, f in zip(mine, rec["findings"]):
             assert float(r["probability"]) == pytest.approx(f["probability"], abs=1e-6)
             assert r["positive"] == ("true" if f["positive"] else "false") and r["error"] == ""
+            assert r["warnings"] == "; ".join(rec["warnings"])  # the tiny bundle has no checks: empty
     code, table, _ = run_cli(capsys, "predict", "--model", str(tiny_bundle), *files)
     assert code == 0
     assert "tiny-test-model" in table and NOT_FOR_CLINICAL_USE in table

@@ -54,6 +54,9 @@ def test_loss_falls_on_training_data(tmp_path, mini_root, cache_dir):
     # Issue 13: the end of training fits a calibrator, an operating point and the input check.
     assert meta.calibration["method"] == "temperature" and meta.operating_point["policy"] == "f1"
     assert [p["layer"] for p in meta.input_check["parts"]] == ["head", "backbone.layer1"]
+    # ... and the orientation template, from the training inputs (32 px here: 32 x 32 thumbnails).
+    assert meta.orientation["train_images"] > 0 and len(meta.orientation["template"]) == 32 * 32
+    assert meta.orientation["fitted_on"].endswith(":train (template)")
 
 
 def test_resume_equals_uninterrupted(tmp_path, mini_root, cache_dir):

@@ -445,6 +445,8 @@ def test_train_init_fine_tunes_the_imported_densenet(small_bundle, tmp_path, min
     assert meta.architecture == "xrv-densenet121" and len(meta.labels) == 14
     assert (meta.preprocessing.size, meta.preprocessing.mean, meta.preprocessing.crop) == (32, (0.5,), "center")
     assert Analyzer.load(bundle).predict(ORIGINALS[0]).ok
+    # Trained on the framing it predicts with: a centre-cropped cache, not the whole-image one.
+    assert (tmp_path / "cache" / "32-center" / "images.npy").is_file() and not (tmp_path / "cache" / "32").exists()
 
 
 def test_init_and_weights_are_mutually_exclusive(small_bundle, tmp_path, mini_root, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chestxray.commands._common import add_dataset_args
+from chestxray.commands._common import add_dataset_args, dataset_options
 from chestxray.data.index import TUNING_SPLITS
 
 
@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "thresholds are tuned on --split of ROOT: use the validation carve the "
         "members were trained with (same --val-fraction and --split-seed).",
     )
-    p.add_argument("root", help="dataset root whose split tunes the thresholds")
+    p.add_argument(
+        "root", help="dataset whose split tunes the thresholds: an NIH root, or NAME:PATH (see `chestxray datasets`)"
+    )
     p.add_argument("--models", nargs="+", required=True, help="member bundles (two or more)")
     p.add_argument("--out", required=True, help="the ensemble bundle to write (.safetensors)")
     p.add_argument(
@@ -40,10 +42,8 @@ def run(args: argparse.Namespace) -> int:
         args.root,
         args.out,
         split=args.split,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
         name=args.name,
-        allow_missing=args.allow_missing,
+        options=dataset_options(args),
     )
     meta = read_bundle_meta(path)
     macro = next(iter(meta.metrics.values()))["macro"]["auroc"]

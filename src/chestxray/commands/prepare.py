@@ -27,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"side in pixels; training reads the cache whose size equals its --image-size "
         f"(default {DEFAULT_CACHE_SIZE})",
     )
+    p.add_argument(
+        "--crop",
+        choices=("none", "center"),
+        default="none",
+        help="none: whole images resized (default); center: a centred square first, as models "
+        "imported from torchxrayvision predict (training with --init such a bundle reads this cache)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     add_dataset_args(p)
     p.set_defaults(run=run)
@@ -44,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {index.skipped_missing:,} listed images that are missing (--allow-missing)")
     cache = args.cache or default_cache_dir(parse_root(args.root)[1])
     report = prepare_cache(
-        list(index.iter_paths()), cache, size=args.size, workers=args.workers, progress=sys.stderr.isatty()
+        list(index.iter_paths()),
+        cache,
+        size=args.size,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+        crop=args.crop,
     )
     print(
         f"cache {report.cache_dir}: {report.total - len(report.failed):,} of {report.total:,} images ready "

@@ -106,5 +106,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{lab:<19} {summary['previous_thresholds'][lab]:>8.3f} {new:>8.3f} {sens:>8} {spec:>8}")
     if summary["input_check"] and args.input_check_split:
         print(f"input check: cut-off {summary['input_check']['cutoff']:.1f} ({summary['input_check']['cutoff_rule']})")
+        o = summary.get("orientation")
+        if o and "val_warned" in o:
+            print(
+                f"orientation check: template of {o['train_images'] - o['train_images_left_out_as_turned']} training "
+                f"images, margin {o['margin']}; warns {o['val_warned']} of {o['val_images']} tuning-split images"
+            )
     print(f"wrote {path} (weights unchanged). {NOT_FOR_CLINICAL_USE}")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data.images import read_image
-from chestxray.data.transforms import resize_gray
+from chestxray.data.transforms import CROPS, center_crop, resize_gray
 from chestxray.errors import DatasetError, ImageReadError
 from chestxray.io import atomic_write_text
 
@@ -56,10 +56,19 @@ class PrepareReport:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _decode_one(job: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str | None]:
-    pos, path, size = job
+def cache_folder(cache_dir: str | os.PathLike, size: int, crop: str = "none") -> Path:
+    """`<size>/` holds whole images resized; `<size>-center/` centre-cropped squares resized,
+    for models that predict that way (torchxrayvision's), so training sees their framing."""
+    if crop not in CROPS:
+        raise DatasetError(f"cache: unknown crop {crop!r}; known: {', '.join(CROPS)}")
+    return Path(cache_dir) / (str(size) if crop == "none" else f"{size}-{crop}")
+
+
+def _decode_one(job: tuple[int, str, int, str]) -> tuple[int, np.ndarray | None, str | None]:
+    pos, path, size, crop = job
     try:
-        return pos, resize_gray(read_image(path), size), None
+        image = read_image(path)
+        return pos, resize_gray(center_crop(image) if crop == "center" else image, size), None
     except ImageReadError as exc:
         return pos, None, exc.reason
     except Exception as exc:  # keep the batch going; report the file
@@ -72,14 +81,16 @@ def prepare_cache(
     size: int = DEFAULT_CACHE_SIZE,
     workers: int | None = None,
     progress: bool = True,
+    crop: str = "none",
 ) -> PrepareReport:
-    """Decode and resize `items` ((name, path) pairs) into `cache_dir/<size>/`."""
+    """Decode and resize `items` ((name, path) pairs) into `cache_dir/<size>/` (with
+    `crop="center"`: centre-cropped first, into `cache_dir/<size>-center/`)."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 2048:
         raise DatasetError(f"cache size must be between 8 and 2048 pixels, got {size!r}")
     size = int(size)
     if workers is not None and workers < 1:
         raise DatasetError(f"workers must be at least 1, got {workers}")
-    folder = Path(cache_dir) / str(size)
+    folder = cache_folder(cache_dir, size, crop)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -106,7 +117,7 @@ def prepare_cache(
         done = np.load(done_file)
     todo = np.flatnonzero(~done)
     failed: dict[str, str] = {}
-    jobs = [(int(i), paths[i], size) for i in todo]
+    jobs = [(int(i), paths[i], size, crop) for i in todo]
     workers = min(workers if workers is not None else (os.cpu_count() or 1), max(1, len(jobs)))
     decoded = 0
     results: Iterable
@@ -175,8 +186,8 @@ class PreparedCache:
     done: np.ndarray
 
     @classmethod
-    def open(cls, cache_dir: str | os.PathLike, size: int) -> "PreparedCache":
-        folder = Path(cache_dir) / str(size)
+    def open(cls, cache_dir: str | os.PathLike, size: int, crop: str = "none") -> "PreparedCache":
+        folder = cache_folder(cache_dir, size, crop)
         try:
             names = folder.joinpath("names.txt").read_text().splitlines()
             images = np.load(folder / "images.npy", mmap_mode="r")

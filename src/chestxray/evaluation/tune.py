@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = "temperature"  # chosen by measurement: MODEL_CARD.md "Calibration"
 DEFAULT_POLICY = "f1"
+# Beside the pooled features: the orientation check's thumbnails of the same images.
+THUMBNAILS = "orientation.thumbnails"
 
 
 class RecordingBackend:
@@ -42,6 +44,7 @@ class RecordingBackend:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         from chestxray.inference.features import pooled_features
+        from chestxray.inference.orientation import thumbnails
 
         if not self.keep:
             import torch
@@ -50,7 +53,7 @@ class RecordingBackend:
                 x = torch.from_numpy(np.ascontiguousarray(batch)).to(next(self.model.parameters()).device)
                 return torch.sigmoid(self.model(x).float()).cpu().numpy()
         logits, feats = pooled_features(self.model, batch, self.layers)
-        self.features.append(feats)
+        self.features.append({**feats, THUMBNAILS: thumbnails(batch)})
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
@@ -73,7 +76,7 @@ def raw_split_outputs(
     probs, targets, patients, _ = split_probabilities(analyzer, index, split, progress=progress)
     feats = None
     if features and backend.features:
-        feats = {k: np.concatenate([f[k] for f in backend.features]) for k in backend.layers}
+        feats = {k: np.concatenate([f[k] for f in backend.features]) for k in [*backend.layers, THUMBNAILS]}
     return SplitOutputs(probs, targets, patients, feats)
 
 
@@ -134,6 +137,12 @@ def fit_post_training(
         }
     if train_features is None or val_features is None:
         return {}
+    from chestxray.inference.orientation import fit_orientation
+
+    train_features, val_features = dict(train_features), dict(val_features)
+    train_thumbs, val_thumbs = train_features.pop(THUMBNAILS, None), val_features.pop(THUMBNAILS, None)
+    if train_thumbs is not None:
+        meta.orientation = fit_orientation(train_thumbs, val_thumbs, info={"fitted_on": source}).to_dict()
     check = fit_input_check(train_features, val_features, info={"fitted_on": source})
     meta.input_check = check.to_dict()
     return check.tensors()
@@ -191,6 +200,8 @@ def retune_bundle(
     )
     if meta.input_check is not None and want_features:
         meta.input_check["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (cut-off from {source})"
+        if meta.orientation is not None:
+            meta.orientation["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (template)"
     meta.training = {
         **meta.training,
         "tuning": {
@@ -202,6 +213,7 @@ def retune_bundle(
             "previous_thresholds": dict(zip(meta.labels, old_thresholds)),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "weights": "unchanged (tensors copied from the source bundle)",
+            **({"previous_tuning": meta.training["tuning"]} if "tuning" in meta.training else {}),
         },
     }
     state = load_file(str(src))  # the weights exactly as stored (dtype kept)
@@ -217,6 +229,7 @@ def retune_bundle(
         "calibration": meta.calibration,
         "operating_point": meta.operating_point,
         "input_check": meta.input_check,
+        "orientation": {k: v for k, v in (meta.orientation or {}).items() if k != "template"} or None,
     }
     return path, summary
 
@@ -226,15 +239,18 @@ def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]
     import torch
 
     from chestxray.inference.features import capture_features, input_check_layers
+    from chestxray.inference.orientation import thumbnails
 
     model.eval()
     layers = input_check_layers(model)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in [*layers, THUMBNAILS]}
     with torch.inference_mode(), capture_features(model, layers) as store:
         for _rows, xb, _yb in batches:
-            model(prep(xb))
+            x = prep(xb)
+            model(x)
             for k in layers:
                 out[k].append(store[k].float().cpu().numpy())
+            out[THUMBNAILS].append(thumbnails(x))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -262,4 +278,6 @@ def fit_after_training(
     extra = fit_post_training(model, meta, val_probs, val_targets, source=source, **feats)
     if meta.input_check is not None:
         meta.input_check["fitted_on"] = f"{meta.training.get('dataset_root', 'the dataset')}:train (cut-off from val)"
+    if meta.orientation is not None:
+        meta.orientation["fitted_on"] = f"{meta.training.get('dataset_root', 'the dataset')}:train (template)"
     return extra

@@ -268,11 +268,11 @@ def explain_image(
     if crop:  # the model saw the centred square only
         run.maps = [uncrop_map(m, gray.shape[:2]) for m in run.maps]
     # The input check's score needs the model's features: one more (gradient-free) pass, only when it has one.
-    score = None
-    if getattr(analyzer.backend, "input_score", None) is not None:
+    checks = None
+    if analyzer.has_checks:
         scores = analyzer.run(x[None])[1]
-        score = float(scores[0]) if scores is not None else None
-    warnings = analyzer.warnings_for(image, label, score)
+        checks = scores[0] if scores is not None else None
+    warnings = analyzer.warnings_for(image, label, checks)
     prediction = analyzer.result(label, analyzer.findings_from(run.probabilities), warnings=warnings)
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
     return gray, prediction, cams

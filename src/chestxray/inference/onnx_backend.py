@@ -10,6 +10,7 @@ a feature of the torch backend.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -202,12 +203,12 @@ class LoadingOnnxBackend:
 
     name = "onnx"
     device = None
-    concurrent_runs = True
 
     def __init__(self, path: Path, info: OnnxInfo, threads: int | None = None) -> None:
         import threading
 
         self.path, self.info = path, info
+        self.providers = ["CPUExecutionProvider"]
         self._backend: OnnxBackend | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._load, args=(threads,), name="chestxray-onnx-load", daemon=True)
@@ -229,6 +230,10 @@ class LoadingOnnxBackend:
     @property
     def quantization(self) -> str:
         return self.info.quantization
+
+    def worker_recipe(self) -> "functools.partial[OnnxBackend]":
+        """As `OnnxBackend.worker_recipe` (CPU), without waiting for this process's session."""
+        return functools.partial(OnnxBackend, str(self.path), threads=1)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.loaded().probabilities(batch)
@@ -255,13 +260,13 @@ class OnnxBackend:
     """(N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities, on onnxruntime."""
 
     name = "onnx"
-    concurrent_runs = True  # one session serves concurrent run() calls (the bulk pipeline's tail)
 
     def __init__(
         self, path: str | os.PathLike | None, *, threads: int | None = None, providers: list[str] | None = None
     ) -> None:
         self.path = resolve_onnx_path(path)
-        self.session = ort_session(self.path, threads=threads, providers=providers)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.session = ort_session(self.path, threads=threads, providers=self.providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = [o.name for o in outputs]
@@ -288,6 +293,13 @@ class OnnxBackend:
         if isinstance(n_out, int) and n_out != len(self.info.meta.labels):
             raise BundleError(f"{self.path}: graph gives {n_out} outputs for {len(self.info.meta.labels)} labels")
         self.input_shape = (1, size, size)
+
+    def worker_recipe(self) -> "functools.partial[OnnxBackend] | None":
+        """How a bulk-predict worker process rebuilds this backend (one thread each), or None
+        when the session runs on an accelerator, which one process should drive."""
+        if self.providers != ["CPUExecutionProvider"]:
+            return None
+        return functools.partial(OnnxBackend, str(self.path), threads=1)
 
     @property
     def quantization(self) -> str:

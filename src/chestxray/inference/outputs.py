@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from chestxray.inference.predict import Prediction
 
 STREAM_FORMATS = ("csv", "jsonl", "parquet")
-CSV_COLUMNS = ("file", "model", "variant", "finding", "probability", "threshold", "positive", "error")
+CSV_COLUMNS = ("file", "model", "variant", "finding", "probability", "threshold", "positive", "error", "warnings")
+WARNINGS_SEP = "; "  # the CSV's warnings cell: the image's warnings joined, empty when none
 Record = dict[str, Any]
 
 
@@ -47,8 +48,9 @@ def record_key(rec: Record) -> tuple[str, int, int]:
 def csv_rows(rec: Record) -> Iterator[list[str]]:
     """Long format: one row per finding; a failed image has one row with its error."""
     variant = rec.get("variant", "")
+    warnings = WARNINGS_SEP.join(rec.get("warnings") or ())
     if rec.get("error"):
-        yield [rec["file"], rec["model"], variant, "", "", "", "", rec["error"]]
+        yield [rec["file"], rec["model"], variant, "", "", "", "", rec["error"], warnings]
     for f in rec.get("findings", ()):
         yield [
             rec["file"],
@@ -59,6 +61,7 @@ def csv_rows(rec: Record) -> Iterator[list[str]]:
             f"{f['threshold']:.6f}",
             "true" if f["positive"] else "false",
             "",
+            warnings,
         ]
 
 
@@ -188,7 +191,7 @@ def _pyarrow() -> Any:
 
 def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], batch_rows: int = 4096) -> None:
     """One row per file: file, size, mtime_ns, model, variant, error, one probability column per
-    finding and `positives` (the positive findings); thresholds in the schema metadata."""
+    finding, `positives` (the positive findings) and `warnings`; thresholds in the schema metadata."""
     pa = _pyarrow()
     fields = [
         pa.field("file", pa.string()),
@@ -199,6 +202,7 @@ def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], 
         pa.field("error", pa.string()),
         *(pa.field(label, pa.float64()) for label in labels),
         pa.field("positives", pa.list_(pa.string())),
+        pa.field("warnings", pa.list_(pa.string())),
     ]
     thresholds: dict[str, float] = {}
     schema = pa.schema(fields)
@@ -216,6 +220,7 @@ def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], 
                 for label in labels:
                     cols[label].append(probs.get(label))
                 cols["positives"].append([f["finding"] for f in rec.get("findings", ()) if f["positive"]])
+                cols["warnings"].append(list(rec.get("warnings") or ()))
             writer.write_table(pa.table(cols, schema=schema))
             batch.clear()
 

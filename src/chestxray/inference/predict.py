@@ -233,6 +233,10 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+# Per-image outcome of the checks that run with every prediction (Analyzer.run).
+CHECKS = np.dtype([("score", "f8"), ("turn", "i1"), ("fit", "f4"), ("upright", "f4")])
+
+
 class Analyzer:
     """Load once, predict many. `Analyzer.load()` with no argument uses the bundled model."""
 
@@ -256,6 +260,9 @@ class Analyzer:
         self.name = name
         self.meta = meta
         self.batch_size = max(1, batch_size)
+        from chestxray.inference.orientation import orientation_of
+
+        self.orientation = orientation_of(meta)  # None for bundles made before it
 
     @classmethod
     def load(
@@ -343,23 +350,48 @@ class Analyzer:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.backend.probabilities(batch)
 
+    @property
+    def has_checks(self) -> bool:
+        return (
+            getattr(self.backend, "input_score", None) is not None
+            or getattr(self.backend, "has_score", False)
+            or (self.orientation is not None)
+        )
+
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(calibrated probabilities, input-check scores or None): both from one pass."""
+        """(calibrated probabilities, per-image checks or None) from one pass. The checks are
+        a record per image (CHECKS): the input check's score (NaN without one) and the
+        orientation check's outcome (code 0 without one); `warnings_for` reads them."""
         run = getattr(self.backend, "run", None)
-        return run(batch) if run is not None else (self.backend.probabilities(batch), None)
+        probs, scores = run(batch) if run is not None else (self.backend.probabilities(batch), None)
+        if scores is None and self.orientation is None:
+            return probs, None
+        checks = np.zeros(len(probs), CHECKS)
+        checks["score"] = np.nan if scores is None else scores
+        if self.orientation is not None:
+            checks["turn"], checks["fit"], checks["upright"] = self.orientation.assess(batch)
+        return probs, checks
 
     @property
     def threshold_policy(self) -> str | None:
         op = getattr(self.meta, "operating_point", None) or {}
         return op.get("policy")
 
-    def warnings_for(self, item: Input, label: str, score: float | None) -> list[str]:
-        """Warnings shown next to an image's findings: the input check, then DICOM header checks."""
+    def warnings_for(self, item: Input, label: str, checks: Any) -> list[str]:
+        """Warnings shown next to an image's findings: the input check, else the orientation
+        check (a turned cat is not news), then DICOM header checks. `checks`: this image's
+        record from `run` (or a bare input-check score, or None)."""
         from chestxray.inference.input_check import dicom_warnings, warning_text
+        from chestxray.inference.orientation import orientation_warning
 
         out = []
-        if score is not None:
+        record = checks is not None and getattr(checks, "dtype", None) == CHECKS
+        score = float(checks["score"]) if record else (None if checks is None else float(checks))
+        if score is not None and not np.isnan(score) and getattr(self.meta, "input_check", None):
             text = warning_text(score, float(self.meta.input_check["cutoff"]))
+            out += [text] if text else []
+        if record and not out:
+            text = orientation_warning(int(checks["turn"]), float(checks["fit"]), float(checks["upright"]))
             out += [text] if text else []
         return out + dicom_warnings(item, label)
 
@@ -460,8 +492,7 @@ class Analyzer:
                     yield self.result(names[i], error=errors[i])
                 else:
                     k = by_index[i]
-                    score = float(scores[k]) if scores is not None else None
-                    warn = self.warnings_for(items[i], names[i], score)
+                    warn = self.warnings_for(items[i], names[i], scores[k] if scores is not None else None)
                     yield self.result(names[i], self.findings_from(probs[k]), warnings=warn)  # type: ignore[index]
             bar.update(len(chunk))
         bar.close()

@@ -48,6 +48,7 @@ class BundleMeta:
     calibration: dict[str, Any] | None = None
     operating_point: dict[str, Any] | None = None
     input_check: dict[str, Any] | None = None
+    orientation: dict[str, Any] | None = None  # template check for turned / inverted radiographs
 
     def to_json(self) -> str:
         optional = {k: getattr(self, k) for k in OPTIONAL_SECTIONS if getattr(self, k) is not None}
@@ -113,7 +114,7 @@ class BundleMeta:
         )
 
 
-OPTIONAL_SECTIONS = ("calibration", "operating_point", "input_check")
+OPTIONAL_SECTIONS = ("calibration", "operating_point", "input_check", "orientation")
 # Tensors stored beside the weights (e.g. "input_check.basis"); not part of the network.
 EXTRA_TENSOR_PREFIXES = ("input_check.",)
 

@@ -27,7 +27,7 @@ class PredictionOut(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="shown next to the findings: the input is unlike the training X-rays (with its score), "
-        "or its DICOM header says lateral view / not chest",
+        "appears turned or inverted, or its DICOM header says lateral view / not chest",
     )
     threshold_policy: str | None = Field(default=None, description="how the thresholds were chosen, e.g. f1")
 

@@ -10,11 +10,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chestxray.data.transforms import Preprocessing
 from chestxray.errors import BundleError, ChestXrayError
 from chestxray.models.ensemble import ARCHITECTURE, EnsembleModel
+
+if TYPE_CHECKING:
+    from chestxray.data.common import DatasetOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,13 @@ def make_ensemble(
     split_seed: int = 0,
     name: str | None = None,
     allow_missing: bool = False,
+    options: "DatasetOptions | None" = None,
 ) -> Path:
-    """Combine `bundles`, tune thresholds on `split` of `root`, write the ensemble bundle."""
-    from chestxray.data.index import load_nih
+    """Combine `bundles`, tune thresholds on `split` of `root` (any `NAME:PATH` the data
+    layer reads; a bare path is NIH), write the ensemble bundle. `options` (when given)
+    replaces `val_fraction`, `split_seed` and `allow_missing`."""
+    from chestxray.data.common import DatasetOptions
+    from chestxray.data.datasets import open_dataset
     from chestxray.evaluation.evaluate import split_probabilities
     from chestxray.evaluation.metrics import evaluate_predictions
     from chestxray.evaluation.thresholds import tune_thresholds
@@ -63,8 +70,11 @@ def make_ensemble(
         first = loaded[0][1].preprocessing
         if (meta.preprocessing.crop, meta.preprocessing.resize) != (first.crop, first.resize):
             raise BundleError(f"{path}: its crop/resize differ from {bundles[0]}'s; members must read images alike")
-    index = load_nih(root, val_fraction=val_fraction, seed=split_seed, allow_missing=allow_missing)
-    wanted = {"fraction": val_fraction, "seed": split_seed}
+    opts = options or DatasetOptions(
+        val_fraction=val_fraction, seed=split_seed, allow_missing=allow_missing, views="frontal"
+    )
+    index = open_dataset(str(root), opts)
+    wanted = {"fraction": opts.val_fraction, "seed": opts.seed}
     for path, (_, meta) in zip(bundles, loaded):
         val = (meta.training.get("split") or {}).get("validation") or {}
         if split == "val" and {k: val.get(k) for k in wanted} != wanted:
@@ -89,12 +99,17 @@ def make_ensemble(
         preprocessing=pre,
         thresholds=[float(t) for t in tuned.thresholds],
         name=name,
-        threshold_method=f"per-class F1-optimal on the {split} split of {Path(root).name} "
+        threshold_method=f"per-class F1-optimal on the {split} split of {index.dataset}:{index.root.name} "
         f"(fallback 0.5 for {tuned.fallback})",
         training={
             "members": [member_record(m, mt) for m, mt in loaded],
             "combination": "mean of member probabilities",
-            "thresholds_tuned_on": {"root": Path(root).resolve().name, "split": split, **wanted},
+            "thresholds_tuned_on": {
+                "dataset": index.dataset,
+                "root": Path(index.root).resolve().name,
+                "split": split,
+                **wanted,
+            },
         },
         metrics={split if split != "val" else "validation": metrics},
     )

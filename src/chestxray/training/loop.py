@@ -289,8 +289,11 @@ class Trainer:
         if self.info.is_main:
             log.info("--init %s (%s): %s", self.cfg.init, arch, remap.describe())
             if model.preprocessing.crop == "center":
-                # The prepared cache resizes whole images; for square ones (all of NIH) that is the crop.
-                log.info("the bundle centre-crops at prediction; training reads the cache's whole-image resize")
+                log.info(
+                    "the bundle centre-crops at prediction: training reads a centre-cropped cache "
+                    "(resized with antialiased bilinear; prediction keeps the bundle's own resize, %s)",
+                    model.preprocessing.resize,
+                )
         return model
 
     def _autocast(self):

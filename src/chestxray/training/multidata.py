@@ -82,8 +82,20 @@ def choose_labels(indexes: list[DatasetIndex], wanted: str | None) -> list[str]:
     return [f for f in VOCABULARY if f in present]
 
 
+def cache_crop(cfg: Any) -> str:
+    """The framing the trained model will predict with, which its cache must match: an --init
+    bundle's crop (torchxrayvision imports centre-crop), else whole images."""
+    init = getattr(cfg, "init", None)
+    if not init:
+        return "none"
+    from chestxray.models.bundle import read_bundle_meta
+
+    return read_bundle_meta(init).preprocessing.crop
+
+
 def load_parts(cfg: Any, info: DistInfo) -> tuple[list[Part], list[str]]:
     specs = root_list(cfg.root)
+    crop = cache_crop(cfg)
     opts = options_of(cfg)
     indexes = [open_dataset(spec, opts) for spec in specs]
     labels = choose_labels(indexes, getattr(cfg, "labels", None))
@@ -94,20 +106,26 @@ def load_parts(cfg: Any, info: DistInfo) -> tuple[list[Part], list[str]]:
 
         def ready(cache_dir: Path = cache_dir, names: list[str] = names) -> bool:
             try:
-                cache = PreparedCache.open(cache_dir, cfg.image_size)
+                cache = PreparedCache.open(cache_dir, cfg.image_size, crop)
             except ChestXrayError:
                 return False
             return cache.names == names and bool(cache.done.all())
 
         # Only rank 0 prepares (others would race on the same files); the rest wait for it.
         if info.is_main and not ready():
-            log.info("preparing a %dpx cache of %s in %s", cfg.image_size, spec, cache_dir)
+            framing = " centre-cropped" if crop == "center" else ""
+            log.info("preparing a %dpx%s cache of %s in %s", cfg.image_size, framing, spec, cache_dir)
             prepare_cache(
-                list(index.iter_paths()), cache_dir, cfg.image_size, workers=cfg.workers, progress=sys.stderr.isatty()
+                list(index.iter_paths()),
+                cache_dir,
+                cfg.image_size,
+                workers=cfg.workers,
+                progress=sys.stderr.isatty(),
+                crop=crop,
             )
         barrier(info)
         targets, sources = targets_for(index.dataset, index.pathologies, index.labels, labels)
-        parts.append(Part(spec, index, PreparedCache.open(cache_dir, cfg.image_size), targets, sources))
+        parts.append(Part(spec, index, PreparedCache.open(cache_dir, cfg.image_size, crop), targets, sources))
     return parts, labels
 
 
