@@ -198,8 +198,10 @@ def read_onnx_props(path: Path) -> dict[str, str] | None:
 
 
 class LoadingOnnxBackend:
-    """An `OnnxBackend` being built in a background thread, with its metadata already read:
-    what needs the session (`run`, ...) waits for it; name, device, metadata do not."""
+    """An `OnnxBackend` whose session is built later, with its metadata already read: what
+    needs the session (`run`, ...) waits for it; name, device, metadata, the workers' recipe do
+    not. `start()` builds it in a background thread (bulk predict, while the decoders start);
+    it is never built when the pipeline's workers infer and nothing fails."""
 
     name = "onnx"
     device = None
@@ -207,20 +209,30 @@ class LoadingOnnxBackend:
     def __init__(self, path: Path, info: OnnxInfo, threads: int | None = None) -> None:
         import threading
 
-        self.path, self.info = path, info
+        self.path, self.info, self.threads = path, info, threads
         self.providers = ["CPUExecutionProvider"]
         self._backend: OnnxBackend | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._load, args=(threads,), name="chestxray-onnx-load", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
-    def _load(self, threads: int | None) -> None:
+    def start(self) -> None:
+        import threading
+
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._load, name="chestxray-onnx-load", daemon=True)
+                self._thread.start()
+
+    def _load(self) -> None:
         try:
-            self._backend = OnnxBackend(self.path, threads=threads)
-        except BaseException as exc:  # raised again to the caller of the first inference
+            self._backend = OnnxBackend(self.path, threads=self.threads)
+        except BaseException as exc:  # raised again to the caller of `loaded`
             self._error = exc
 
     def loaded(self) -> "OnnxBackend":
+        self.start()
+        assert self._thread is not None
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -232,7 +244,7 @@ class LoadingOnnxBackend:
         return self.info.quantization
 
     def worker_recipe(self) -> "functools.partial[OnnxBackend]":
-        """As `OnnxBackend.worker_recipe` (CPU), without waiting for this process's session."""
+        """As `OnnxBackend.worker_recipe` (CPU), without building this process's session."""
         return functools.partial(OnnxBackend, str(self.path), threads=1)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:

@@ -263,14 +263,15 @@ class DecodePool:
                     parts.append(x)
                 errors.update({k + i: e for i, e in errs.items()})
         except BrokenProcessPool:
+            self._model_loads()
             return self._one_by_one(chunk)
         return _join(parts), errors
 
     def _model_loads(self) -> None:
-        """The model still loading in this process (`Analyzer.load(background=True)`) raises its
-        error here, before the workers that rebuild the same model break the pool with it."""
+        """A model not built yet in this process (`Analyzer.load(background=True)`) is built now
+        and raises its error, if any: the workers that rebuild it died of that, not of a file."""
         loaded = getattr(self.analyzer.backend, "loaded", None)
-        if loaded is not None:
+        if self.infers and loaded is not None:
             loaded()
 
     def _one_by_one(self, chunk: list[InputFile]) -> Decoded:
@@ -301,13 +302,9 @@ class DecodePool:
         for chunk in chunks:
             window.append((chunk, self._submit(chunk)))
             if len(window) >= self.prefetch:
-                if self.infers:
-                    self._model_loads()
                 c, fut = window.popleft()
                 yield c, self._collect(c, fut)
         while window:
-            if self.infers:
-                self._model_loads()
             c, fut = window.popleft()
             yield c, self._collect(c, fut)
 
@@ -411,6 +408,9 @@ def iter_probabilities(
         workers = 0  # one batch in all: starting worker processes would cost more than it saves
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
     with DecodePool(analyzer, workers, prefetch, infer=stager is None) as pool:
+        start = getattr(analyzer.backend, "start", None)
+        if start is not None and not pool.infers:
+            start()  # this process infers: its session loads while the first files decode
         for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
             if pool.infers:  # the workers ran the model: x is (probabilities, scores)
                 probs, scores = x if x is not None else (None, None)

@@ -278,9 +278,10 @@ class Analyzer:
         """`model`: a bundle (.safetensors or a run folder), an exported .onnx file, or None
         for the bundled model. `backend`: "auto" (from the file; without torch, ONNX),
         "torch" or "onnx". `threads`: onnxruntime intra-op threads (None: its default).
-        `background` (ONNX): return at once, with the metadata read, while the session is
-        built in a thread (the first inference waits for it): bulk predict's decoders start
-        meanwhile; an error in the file shows at the first inference."""
+        `background` (ONNX): return at once with the metadata read; the session is built when
+        first needed, or in a thread once the bulk pipeline starts (its workers start
+        meanwhile), and not at all when the pipeline's workers infer; an error in the file
+        then shows when the pipeline starts."""
         backend = resolve_backend(model, backend)
         if backend == "onnx":
             from chestxray.inference.onnx_backend import OnnxBackend, loading_onnx_backend
