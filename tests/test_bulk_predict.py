@@ -404,7 +404,7 @@ class CrashOnInfer(CrashOn):
     backend = FirstTwo()
 
 
-def test_workers_that_infer_keep_order_and_a_crash_costs_one_row(tmp_path):
+def test_workers_that_infer_keep_order_and_a_crash_costs_one_row(tmp_path, monkeypatch):
     """When the backend can be rebuilt in the workers (ONNX on CPU), they decode and infer;
     order, error rows and a dying worker behave as when this process infers."""
     from chestxray.inference.inputs import InputFile
@@ -413,13 +413,15 @@ def test_workers_that_infer_keep_order_and_a_crash_costs_one_row(tmp_path):
     assert DecodePool(CrashOnInfer(), 2, infer=True).infers
     assert not DecodePool(CrashOnInfer(), 0, infer=True).infers and not DecodePool(CrashOn(), 2, infer=True).infers
     files = [InputFile(str(tmp_path / f"{k:02d}{'crash' if k == 5 else ''}.png")) for k in range(10)]
-    got = list(iter_probabilities(CrashOnInfer(), files, workers=2, batch_size=4, with_scores=True))
+    # 3 workers on 3 cores: they infer (with fewer than 3, or fewer than the cores, this process does)
+    monkeypatch.setattr("chestxray.inference.pipeline.default_workers", lambda *a: 3)
+    got = list(iter_probabilities(CrashOnInfer(), files, workers=3, batch_size=4, with_scores=True))
     assert [f.path for f, *_ in got] == [f.path for f in files]
     assert [e for *_, e in got] == [CRASHED if k == 5 else None for k in range(10)]
     assert all(p[0] == len(f.path) and s is None for f, p, s, e in got if e is None)
 
 
-def test_onnx_workers_infer_and_match_this_process(sample_images, tmp_path):
+def test_onnx_workers_infer_and_match_this_process(sample_images, tmp_path, monkeypatch):
     from chestxray.inference.inputs import InputFile
     from chestxray.inference.pipeline import DecodePool, iter_probabilities
     from chestxray.inference.predict import Analyzer
@@ -428,7 +430,19 @@ def test_onnx_workers_infer_and_match_this_process(sample_images, tmp_path):
     assert DecodePool(analyzer, 2, infer=True).infers
     files = [InputFile.of(str(f)) for f in link_folder(tmp_path / "f", sample_images[:5], 2)]
     here = list(iter_probabilities(analyzer, files, workers=0, with_scores=True))
-    there = list(iter_probabilities(analyzer, files, workers=2, with_scores=True))
+    monkeypatch.setattr("chestxray.inference.pipeline.default_workers", lambda *a: 3)
+    there = list(iter_probabilities(analyzer, files, workers=3, with_scores=True))  # 3 of 3 cores: they infer
     assert [f.path for f, *_ in there] == [f.path for f, *_ in here]
     for (_, p, s, _), (_, q, t, _) in zip(here, there):
         assert s is not None and p == pytest.approx(q, abs=1e-6) and s == pytest.approx(t, rel=1e-5)
+
+
+def test_who_infers_depends_on_the_workers_and_cores(monkeypatch):
+    """ONNX on CPU: the workers infer when they have every core and are at least 3; on 2 cores
+    or with spare cores this process infers while they decode."""
+    from chestxray.inference import pipeline
+
+    for cores, workers, expect in ((2, 2, False), (2, 1, False), (16, 16, True), (16, 8, False), (3, 3, True)):
+        monkeypatch.setattr(pipeline, "default_workers", lambda *a, c=cores: c)
+        assert pipeline.workers_infer(workers, stager=None) is expect, (cores, workers)
+    assert not pipeline.workers_infer(16, stager=object())  # CUDA: this process drives the GPU

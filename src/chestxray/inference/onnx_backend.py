@@ -205,6 +205,7 @@ class LoadingOnnxBackend:
 
     name = "onnx"
     device = None
+    concurrent_runs = True  # as OnnxBackend
 
     def __init__(self, path: Path, info: OnnxInfo, threads: int | None = None) -> None:
         import threading
@@ -272,6 +273,7 @@ class OnnxBackend:
     """(N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities, on onnxruntime."""
 
     name = "onnx"
+    concurrent_runs = True  # one session serves concurrent run() calls (the bulk pipeline's tail)
 
     def __init__(
         self, path: str | os.PathLike | None, *, threads: int | None = None, providers: list[str] | None = None

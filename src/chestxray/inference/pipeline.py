@@ -4,11 +4,10 @@
     (bounded window of chunks in flight) -> Analyzer.probabilities per batch -> findings
 
 A CPU backend that rebuilds from its file (ONNX) infers in the workers too when they have
-every core: each worker decodes and infers its own files, so every core does both and this
+every core and are at least 3: each worker decodes and infers its own files, so every core does both and this
 process only puts results in order. Measured on 16 cores, inference in one main process
 capped bulk predict at one core's inference rate (149 img/s against a 780 img/s CPU-work
-bound). With fewer workers than cores (--workers 1 on 2 cores) this process infers on the
-spare core. A GPU backend infers here, in batches, fed by the workers' decoded inputs.
+bound). With fewer workers than cores, or on 2 cores, this process infers while they decode. A GPU backend infers here, in batches, fed by the workers' decoded inputs.
 
 Results come back in input order. Memory is bounded by the window (prefetch x batch
 images), never by the number of files. A file that cannot be read gives an error row; a
@@ -218,6 +217,7 @@ class DecodePool:
         self._recipe = worker_recipe(analyzer) if (infer and workers > 0) else None
         self.infers = self._recipe is not None
         self._pool: ProcessPoolExecutor | None = None
+        self.draining = False  # every chunk submitted: the workers run out of work
 
     def __enter__(self) -> "DecodePool":
         if self.workers > 0:
@@ -300,11 +300,13 @@ class DecodePool:
 
     def map(self, chunks: Iterable[list[InputFile]]) -> Iterator[tuple[list[InputFile], Decoded]]:
         window: deque[tuple[list[InputFile], list[tuple[int, Future[Decoded]]] | None]] = deque()
+        self.draining = False
         for chunk in chunks:
             window.append((chunk, self._submit(chunk)))
             if len(window) >= self.prefetch:
                 c, fut = window.popleft()
                 yield c, self._collect(c, fut)
+        self.draining = True
         while window:
             c, fut = window.popleft()
             yield c, self._collect(c, fut)
@@ -366,6 +368,17 @@ def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
     return CudaStager(device)
 
 
+def workers_infer(workers: int, stager: Any) -> bool:
+    """Whether the workers should infer (where the backend allows): when they have every core
+    and are at least 3. One process inferring caps the rate at one core's inference (16 cores:
+    149 img/s against a 780 bound). On 2 cores this process infers while 2 workers decode
+    (0.91-0.94 of the CPU-work bound against 0.86-0.89 with the workers inferring: each infers
+    batches of 4 and swaps the model and the decoder in its caches), as with fewer workers than
+    cores (--workers 1 on 2 cores: 1.5x the one-process rate, against 0.95). On CUDA this
+    process drives the GPU. Measurements: BENCHMARKS.md, bulk predict."""
+    return stager is None and workers >= max(3, default_workers())
+
+
 def iter_probabilities(
     analyzer: Predictor,
     files: Iterable[InputFile],
@@ -395,12 +408,17 @@ def iter_probabilities(
                 k += 1
                 yield (f, next(it), score, None) if with_scores else (f, next(it), None)
 
-    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str]) -> Iterator[Any]:
+    split = _tail_splitter(analyzer, workers, stager)
+
+    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str], tail: bool = False) -> Iterator[Any]:
         if staged is None:
             yield from emit(chunk, None, None, errors)
             return
         x = stager.ready(staged) if stager is not None else staged
-        probs, scores = run_batch(analyzer, x) if with_scores else (analyzer.probabilities(x), None)
+        if tail and split is not None:
+            probs, scores = split(x, with_scores)
+        else:
+            probs, scores = run_batch(analyzer, x) if with_scores else (analyzer.probabilities(x), None)
         yield from emit(chunk, probs, scores, errors)
 
     chunks = chunked(files, size)
@@ -408,28 +426,59 @@ def iter_probabilities(
     if len(first) < 2:
         workers = 0  # one batch in all: starting worker processes would cost more than it saves
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
-    # The workers infer when they have every core: one process inferring caps the rate at one
-    # core's inference (16 cores). With fewer workers than cores this process infers on a spare
-    # core while they decode (--workers 1 on 2 cores: 1.5x the one-process rate, against 0.95).
-    infer = stager is None and workers >= default_workers()
-    with DecodePool(analyzer, workers, prefetch, infer=infer) as pool:
-        start = getattr(analyzer.backend, "start", None)
-        if start is not None and not pool.infers:
-            start()  # this process infers: its session loads while the first files decode
-        for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
-            if pool.infers:  # the workers ran the model: x is (probabilities, scores)
-                probs, scores = x if x is not None else (None, None)
-                yield from emit(chunk, probs, scores, errors)
-                continue
-            if stager is None:  # CPU inference in this process: each chunk as soon as it is decoded
-                yield from finish(chunk, x, errors)
-                continue
-            staged = stager(x) if x is not None else x
+    try:
+        with DecodePool(analyzer, workers, prefetch, infer=workers_infer(workers, stager)) as pool:
+            start = getattr(analyzer.backend, "start", None)
+            if start is not None and not pool.infers:
+                start()  # this process infers: its session loads while the first files decode
+            for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
+                if pool.infers:  # the workers ran the model: x is (probabilities, scores)
+                    probs, scores = x if x is not None else (None, None)
+                    yield from emit(chunk, probs, scores, errors)
+                    continue
+                if stager is None:  # CPU inference in this process: each chunk as soon as it is decoded
+                    yield from finish(chunk, x, errors, tail=pool.draining and pool.workers > 0)
+                    continue
+                staged = stager(x) if x is not None else x
+                if pending is not None:
+                    yield from finish(*pending)  # computes while this chunk's copy is in flight
+                pending = (chunk, staged, errors)
             if pending is not None:
-                yield from finish(*pending)  # computes while this chunk's copy is in flight
-            pending = (chunk, staged, errors)
-        if pending is not None:
-            yield from finish(*pending)
+                yield from finish(*pending)
+    finally:
+        if split is not None:
+            split.close()
+
+
+class _TailSplitter:
+    """Once every file has gone to the decoders they fall idle while this process still infers
+    the last batches on one core: split each batch over threads to use those cores (one
+    onnxruntime session runs concurrent calls; each call releases the GIL)."""
+
+    def __init__(self, analyzer: Predictor, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.analyzer = analyzer
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="chestxray-infer")
+
+    def __call__(self, x: np.ndarray, with_scores: bool) -> tuple[np.ndarray, Any]:
+        parts = [p for p in np.array_split(x, min(self.threads, len(x))) if len(p)]
+        if not with_scores:
+            return np.concatenate(list(self.pool.map(self.analyzer.probabilities, parts))), None
+        outs = list(self.pool.map(lambda part: run_batch(self.analyzer, part), parts))
+        scores = [s for _, s in outs]
+        joined = None if any(s is None for s in scores) else np.concatenate(scores)
+        return np.concatenate([p for p, _ in outs]), joined
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _tail_splitter(analyzer: Predictor, workers: int, stager: Any) -> _TailSplitter | None:
+    if workers < 1 or stager is not None or not getattr(analyzer.backend, "concurrent_runs", False):
+        return None
+    return _TailSplitter(analyzer, max(2, min(workers + 1, default_workers())))
 
 
 class Progress:
