@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands._common import ROOT_HELP, add_dataset_args, dataset_options, non_negative_int
+from chestxray.commands._common import ROOT_HELP, dataset_options, non_negative_int
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
@@ -66,11 +66,6 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="without a terminal: one progress line every S seconds on stderr (default 30; 0: none)",
     )
-
-
-def add_dataset_flags(p: argparse.ArgumentParser) -> None:
-    """The dataset options of every command that opens a root (views, val carve, csv spec...)."""
-    add_dataset_args(p)
 
 
 def listed_datasets(args: argparse.Namespace) -> list[list[str]]:

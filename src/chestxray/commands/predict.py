@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.commands._bulk import (
     add_bulk_args,
-    add_dataset_flags,
     check_any,
     check_bulk_args,
     emit,
@@ -28,7 +27,7 @@ from chestxray.commands._bulk import (
     run_bulk,
     setup,
 )
-from chestxray.commands._common import add_model_args, positive_int, resolve_device_arg
+from chestxray.commands._common import add_dataset_args, add_model_args, positive_int, resolve_device_arg
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", metavar="FILE", help="write the output to FILE (atomically) instead of stdout")
     add_bulk_args(p)
-    add_dataset_flags(p)
+    add_dataset_args(p)  # --views, the val carve, csv specs: as the other commands that open a root
     p.add_argument(
         "--cam",
         metavar="DIR",
