@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         info, device = setup(args, device)  # also starts the decoders' fork server early
         # Decoder processes use the other cores: one inference thread avoids oversubscribing them.
         threads = 1 if args.workers != 0 else None
-        # ONNX: the session loads in a thread while the decoders start on the first files.
+        # ONNX: the session is built only if this process infers, in a thread while the decoders start.
         analyzer = Analyzer.load(
             args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads, background=True
         )
