@@ -50,3 +50,19 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise ChestXrayError unless a file can be written at `path` (its folder is made if
+    missing): checked by creating and removing a temporary file there, before long work
+    whose result would otherwise be lost at the end."""
+    from chestxray.errors import ChestXrayError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ChestXrayError(f"{path}: cannot write here ({exc.strerror or type(exc).__name__})") from None

@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ from PIL import Image, ImageOps
 from chestxray.errors import DecodeLimitError, ImageReadError
 
 MAX_PIXELS = 50_000_000
+# A file larger than this is refused before it is read (a 50-megapixel 16-bit RGBA PNG
+# stored raw is 400 MB); `DecodeLimits.max_file_bytes` changes it.
+MAX_FILE_BYTES = 512 * 2**20
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
@@ -67,6 +71,7 @@ class DecodeLimits:
 
     `max_bytes`: refuse images whose decoded size, width x height x channels x bytes per
     sample as the header states them, exceeds this (None: only MAX_PIXELS applies).
+    `max_file_bytes`: refuse a file (path) larger than this before reading it (None: no cap).
     `reduce_to`: images whose shorter side is at least twice this are decoded at an integer
     fraction of their size that keeps the shorter side >= `reduce_to` (JPEG: by the DCT
     scaling of `draft`, straight to gray; PNG: `Image.reduce` right after decoding).
@@ -74,6 +79,7 @@ class DecodeLimits:
 
     max_bytes: int | None = None
     reduce_to: int | None = None
+    max_file_bytes: int | None = MAX_FILE_BYTES
 
 
 def read_image(source: ImageSource, name: str | None = None, limits: DecodeLimits | None = None) -> np.ndarray:
@@ -87,8 +93,8 @@ def read_image(source: ImageSource, name: str | None = None, limits: DecodeLimit
     DecodeLimitError (a subclass) past `limits.max_bytes`.
     """
     label = source_name(source, name)
-    data = _read_bytes(source, label)
     limits = limits or DecodeLimits()
+    data = _read_bytes(source, label, limits.max_file_bytes)
     if not data:
         raise ImageReadError(label, "empty file")
     if is_dicom_bytes(data[:132]):
@@ -126,18 +132,11 @@ def _reduce_factor(w: int, h: int, reduce_to: int | None) -> int:
     return max(1, min(w, h) // reduce_to)
 
 
-def _read_bytes(source: ImageSource, label: str) -> bytes:
+def _read_bytes(source: ImageSource, label: str, max_file_bytes: int | None = MAX_FILE_BYTES) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
-        try:
-            return Path(source).read_bytes()
-        except FileNotFoundError:
-            raise ImageReadError(label, "file not found") from None
-        except IsADirectoryError:
-            raise ImageReadError(label, "is a directory, not an image file") from None
-        except OSError as exc:
-            raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
+        return _read_file(source, label, max_file_bytes)
     try:
         data = source.read()
     except OSError as exc:
@@ -145,6 +144,40 @@ def _read_bytes(source: ImageSource, label: str) -> bytes:
     if not isinstance(data, (bytes, bytearray)):
         raise ImageReadError(label, "stream is not opened in binary mode")
     return bytes(data)
+
+
+def _read_file(path: str | os.PathLike, label: str, max_file_bytes: int | None) -> bytes:
+    """A regular file's bytes, checked before they are read: its type from fstat on a
+    non-blocking open (a FIFO or device never blocks or streams forever), its size against
+    the cap, and its first bytes against the image magics (a large non-image is not read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except ValueError:
+        raise ImageReadError(label, "file name contains a NUL byte") from None
+    except FileNotFoundError:
+        raise ImageReadError(label, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(label, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageReadError(label, "is a directory, not an image file")
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageReadError(label, "not a regular file (a pipe, socket or device)")
+            if max_file_bytes is not None and st.st_size > max_file_bytes:
+                raise ImageReadError(
+                    label,
+                    f"file of {st.st_size / 2**20:.0f} MiB is over the {max_file_bytes / 2**20:.4g} MiB file size limit",
+                )
+            head = f.read(132)
+            if sniff_image_format(head) is None and Path(label).suffix.lower() not in DICOM_SUFFIXES and head:
+                raise ImageReadError(label, NOT_AN_IMAGE)  # before reading the rest
+            return head + f.read()
+        except OSError as exc:
+            raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
 
 
 def _check_pixels(label: str, w: int, h: int, what: str = "image") -> None:
@@ -188,7 +221,9 @@ def _read_raster(data: bytes, label: str, limits: DecodeLimits) -> np.ndarray:
     return pil_to_gray8(img, label)
 
 
-def to_gray(image: "ImageSource | np.ndarray | Image.Image", name: str | None = None) -> np.ndarray:
+def to_gray(
+    image: "ImageSource | np.ndarray | Image.Image", name: str | None = None, limits: DecodeLimits | None = None
+) -> np.ndarray:
     """The one way anything becomes an HxW uint8 gray image: a path, bytes or file object
     (`read_image`), a PIL image, or an array (2-D gray, or H x W x 3/4 colour). Colour uses
     PIL's ITU-R 601 luma everywhere, so a pixel gets the same gray from a PNG as from an array."""
@@ -196,7 +231,7 @@ def to_gray(image: "ImageSource | np.ndarray | Image.Image", name: str | None = 
         return array_to_gray8(image, source_name(image, name, "<array>"))
     if isinstance(image, Image.Image):
         return pil_to_gray8(image, source_name(image, name, "<image>"))
-    return read_image(image, name)
+    return read_image(image, name, limits)
 
 
 def array_to_gray8(arr: np.ndarray, label: str = "<array>") -> np.ndarray:

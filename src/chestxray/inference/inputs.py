@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ class InputFile:
     def of(cls, path: str) -> "InputFile":
         try:
             st = os.stat(path)  # follows symlinks: the target's size and time
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in a listed name
             return cls(path)
         return cls(path, st.st_size, st.st_mtime_ns)
 
@@ -67,7 +68,17 @@ class Shard:
         return Shard(self.index + self.count * sub.index, self.count * sub.count)
 
 
-def _walk(folder: str) -> Iterator[str]:
+def _dir_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _walk(folder: str, seen: set[tuple[int, int]]) -> Iterator[str]:
+    """Image files under `folder`, sorted by name. Symlinks are followed, but each folder
+    (device, inode) only once: a link back up the tree lists nothing twice and ends."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
@@ -77,34 +88,62 @@ def _walk(folder: str) -> Iterator[str]:
     entries.reverse()
     while entries:
         e = entries.pop()
-        if e.is_dir():  # follows symlinks, as Path.rglob does not; a linked folder is listed once
-            yield from _walk(e.path)
-        elif e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file():
+        if e.is_dir():
+            ident = _dir_id(e.path)
+            if ident is not None and ident not in seen:
+                seen.add(ident)
+                yield from _walk(e.path, seen)
+        elif e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file():  # is_file: no FIFO, socket or device
             yield e.path
+
+
+def _walk_root(folder: str) -> Iterator[str]:
+    ident = _dir_id(folder)
+    return _walk(folder, {ident} if ident is not None else set())
 
 
 def _expand(arg: str) -> Iterator[str]:
     if os.path.isdir(arg):
-        yield from _walk(arg)
+        yield from _walk_root(arg)
     elif not os.path.exists(arg) and GLOB_CHARS & set(arg):
         # glob has no sorted lazy form; one pattern's matches are held, not the archive's.
         for match in sorted(glob.glob(arg, recursive=True)):
             if os.path.isdir(match):
-                yield from _walk(match)
+                yield from _walk_root(match)
             elif match.lower().endswith(IMAGE_SUFFIXES):
                 yield match
     else:
-        yield arg  # kept as given: a missing or unreadable file gets an error row
+        yield arg  # kept as given: a missing, unreadable or odd file (FIFO...) gets an error row
+
+
+def list_is_rereadable(list_file: str) -> bool:
+    """False for a pipe (`--from-list <(find ...)`): it can be read only once."""
+    try:
+        return stat.S_ISREG(os.stat(list_file).st_mode)
+    except (OSError, ValueError):
+        return True  # _read_list reports it
 
 
 def _read_list(list_file: str) -> Iterator[str]:
-    if not os.path.isfile(list_file):
-        raise ChestXrayError(f"{list_file}: no such list file")
-    with open(list_file, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield line
+    """The names in a list file, one a line (blank lines and # comments skipped). A pipe is
+    read too. Lines are bytes decoded as the file system does (os.fsdecode), so a name that
+    is not UTF-8 still names its file."""
+    try:
+        mode = os.stat(list_file).st_mode
+    except (OSError, ValueError):
+        raise ChestXrayError(f"{list_file}: no such list file") from None
+    if stat.S_ISDIR(mode):
+        raise ChestXrayError(f"{list_file}: is a folder, not a list file")
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        raise ChestXrayError(f"{list_file}: not a file or pipe")
+    try:
+        with open(list_file, "rb") as f:
+            for raw in f:
+                line = os.fsdecode(raw).strip()
+                if line and not line.startswith("#"):
+                    yield line
+    except OSError as exc:
+        raise ChestXrayError(f"{list_file}: cannot read this list file ({exc.strerror or exc})") from None
 
 
 def dataset_paths(spec: str, split: str = "all", options: "DatasetOptions | None" = None) -> list[str]:
@@ -150,6 +189,9 @@ def count_inputs(
     from_list: str | None = None,
     shard: Shard = Shard(),
     datasets: Sequence[Sequence[str]] = (),
-) -> int:
-    """How many files `iter_inputs` will give (a listing pass without stat, for the ETA)."""
+) -> int | None:
+    """How many files `iter_inputs` will give (a listing pass without stat, for the ETA);
+    None when the list file is a pipe (it can be read only once)."""
+    if from_list is not None and not list_is_rereadable(from_list):
+        return None
     return sum(1 for k, _ in enumerate(iter_paths(paths, from_list, datasets)) if k % shard.count == shard.index)

@@ -231,6 +231,12 @@ class LoadingOnnxBackend:
         except BaseException as exc:  # raised again to the caller of `loaded`
             self._error = exc
 
+    def settle(self) -> None:
+        """Wait for a build that `start` began: a process must not exit while onnxruntime
+        builds a session in another thread (it aborts, exit status 134)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def loaded(self) -> "OnnxBackend":
         self.start()
         assert self._thread is not None

@@ -8,6 +8,16 @@ converted, streaming, into the requested format and renamed over OUT in one step
 (`chestxray.io.atomic_write`); then the journal is removed. Under torchrun every rank keeps
 its own journal and rank 0 merges them into one output.
 
+The journal starts with a header line naming the run's inputs and shard; `--resume` refuses
+a journal of other inputs or another shard (`force`: its rows of files not listed now are
+dropped).
+
+File names in the outputs: a name that is not valid UTF-8 (or holds a NUL byte) is written
+in an escaped form, each such byte as `\\xHH` and each backslash doubled (`escape_name`;
+`codecs.escape_decode` gives the bytes back). CSV cells that start with `=`, `+`, `-`, `@`,
+a tab, a CR or `'` get a `'` in front (OWASP's advice against formula injection; JSON Lines
+and Parquet keep the name as it is), and a row with a CR in a cell is quoted whole.
+
 Rows are in input order (the listing order; with shards, merged back into it). A resumed
 run equals an uninterrupted one when the files did not change in between; a file that
 changed is predicted again and its new row goes to the end.
@@ -19,6 +29,7 @@ import csv
 import io
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -35,6 +46,70 @@ WARNINGS_SEP = "; "  # the CSV's warnings cell: the image's warnings joined, emp
 Record = dict[str, Any]
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")  # "'": so that the prefix can be taken off again
+JOURNAL_HEADER = "chestxray_journal"
+# Shown escaped on a terminal: they reorder or hide the text around them.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escape_name(name: str) -> str:
+    """`name` as valid UTF-8 text: unchanged when it is; else (a name the file system gave as
+    bytes that are not UTF-8, or one with a NUL) each such byte as \\xHH, backslashes doubled."""
+    if "\x00" not in name:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    raw = name.encode("utf-8", "surrogateescape")  # os.fsencode's bytes, NUL allowed
+    return raw.replace(b"\\", b"\\\\").replace(b"\x00", b"\\x00").decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: control, bidi and line-separator characters escaped."""
+    text = escape_name(text)
+    if text.isprintable() and not BIDI_CONTROLS.intersection(text):
+        return text
+    out = []
+    for ch in text:
+        if ch in BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def csv_cell(text: str) -> str:
+    """A text cell as spreadsheets may open it: a leading formula character defused."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def csv_uncell(text: str) -> str:
+    return text[1:] if text.startswith("'") else text
+
+
+class CsvOut:
+    """csv.writer with "\\n" line ends that also quotes a row with a CR in it (the csv
+    module quotes only the line terminator's characters)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.plain = csv.writer(stream, lineterminator="\n")
+        self.quoted = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(self, row: Sequence[str]) -> None:
+        (self.quoted if any("\r" in c for c in row) else self.plain).writerow(row)
+
+    def writerows(self, rows: Iterable[Sequence[str]]) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
+def public_record(rec: Record) -> Record:
+    """A record as outputs show it: its file name escaped (`escape_name`)."""
+    name = escape_name(rec["file"])
+    return rec if name == rec["file"] else {**rec, "file": name}
+
+
 def to_record(file: InputFile, prediction: "Prediction") -> Record:
     """The journal/JSON Lines record: the prediction's JSON plus the file's size and mtime."""
     rec = prediction.to_dict()
@@ -45,16 +120,27 @@ def record_key(rec: Record) -> tuple[str, int, int]:
     return (rec["file"], int(rec.get("size", -1)), int(rec.get("mtime_ns", -1)))
 
 
+def _checked_key(rec: Any) -> tuple[str, int, int] | None:
+    """The key of a well-formed record, else None."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+        return None
+    try:
+        return record_key(rec)
+    except (TypeError, ValueError):
+        return None
+
+
 def csv_rows(rec: Record) -> Iterator[list[str]]:
     """Long format: one row per finding; a failed image has one row with its error."""
-    variant = rec.get("variant", "")
-    warnings = WARNINGS_SEP.join(rec.get("warnings") or ())
+    variant = csv_cell(rec.get("variant", ""))
+    warnings = csv_cell(WARNINGS_SEP.join(rec.get("warnings") or ()))
+    name, model = csv_cell(escape_name(rec["file"])), csv_cell(rec["model"])
     if rec.get("error"):
-        yield [rec["file"], rec["model"], variant, "", "", "", "", rec["error"], warnings]
+        yield [name, model, variant, "", "", "", "", csv_cell(rec["error"]), warnings]
     for f in rec.get("findings", ()):
         yield [
-            rec["file"],
-            rec["model"],
+            name,
+            model,
             variant,
             f["finding"],
             f"{f['probability']:.6f}",
@@ -72,48 +158,91 @@ def journal_path(out: Path, rank: int = 0, world: int = 1) -> Path:
     return out.with_name(f"{out.name}.partial" if world == 1 else f"{out.name}.part{rank}of{world}.partial")
 
 
-def read_journal(path: Path) -> tuple[list[tuple[tuple[str, int, int], str]], int]:
-    """(key, model) of each record of a journal up to its last complete line, and that
-    line's end offset (a kill -9 can leave half a line; it is cut off on resume). Only the
-    keys are kept, not the records: memory stays small for a long journal."""
+def read_journal(path: Path) -> tuple[list[tuple[tuple[str, int, int], str]], int, Record | None]:
+    """(key, model) of each record of a journal up to its last complete line, that line's
+    end offset (a kill -9 can leave half a line; it is cut off on resume) and the journal's
+    header (None in a journal written before headers). Only the keys are kept, not the
+    records: memory stays small for a long journal. A complete line that is not a result
+    record is refused: the journal is not this program's, or was edited."""
     keys: list[tuple[tuple[str, int, int], str]] = []
     end = 0
+    header: Record | None = None
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break
             try:
                 rec = json.loads(line)
             except ValueError:
-                break
-            keys.append((record_key(rec), str(rec.get("model"))))
+                rec = ...  # a torn write is the last line; anywhere else it is damage
+            if n == 1 and isinstance(rec, dict) and JOURNAL_HEADER in rec:
+                header = rec
+                end += len(line)
+                continue
+            key = _checked_key(rec)
+            if key is None:
+                if rec is ... and not f.read(1):
+                    break  # the last line, torn
+                raise ChestXrayError(f"{path}: line {n} is not a result record; move the journal away to start over")
+            keys.append((key, str(rec.get("model"))))
             end += len(line)
-    return keys, end
+    return keys, end, header
 
 
 def iter_journal(path: Path) -> Iterator[Record]:
     with open(path, "rb") as f:
         for line in f:
             if line.endswith(b"\n"):
-                yield json.loads(line)
+                rec = json.loads(line)
+                if JOURNAL_HEADER not in rec:
+                    yield rec
+
+
+def spec_differences(old: Record, new: Record) -> list[str]:
+    """What differs between two runs' inputs and shards, in words (bounded in length)."""
+
+    def show(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 200 else text[:200] + "..."
+
+    return [
+        f"{key} {show(old.get(key))} in the journal, {show(new.get(key))} now"
+        for key in ("inputs", "shard")
+        if old.get(key) != new.get(key)
+    ]
 
 
 class Journal:
     """OUT.partial, appended as results arrive. With `resume`, the records already there
-    are kept (their keys in `done`) and new ones appended after them."""
+    are kept (their keys in `done`) and new ones appended after them. `spec`: the run's
+    inputs and shard, kept in the header; a journal of another spec is refused unless
+    `force`, which drops its records of files this run does not list (`discarded`)."""
 
-    def __init__(self, path: Path, *, resume: bool, model_name: str) -> None:
+    def __init__(
+        self, path: Path, *, resume: bool, model_name: str, spec: Record | None = None, force: bool = False
+    ) -> None:
         self.path = path
+        self.spec = spec
         self.done: dict[str, tuple[str, int, int]] = {}
         self.stale: set[tuple[str, int, int]] = set()
         self.matched: set[str] = set()
         self.written = 0
+        self.discarded = 0
+        self._new_header = False
         if path.exists() and not resume:
             raise ChestXrayError(
                 f"{path} holds an interrupted run: pass --resume to continue it, or delete it to start over"
             )
-        if path.exists():
-            keys, end = read_journal(path)
+        fresh = not path.exists() or path.stat().st_size == 0
+        if not fresh:
+            keys, end, header = read_journal(path)
+            differs = spec_differences(header, spec) if header is not None and spec is not None else []
+            if differs and not force:
+                raise ChestXrayError(
+                    f"{path} is the journal of another run ({'; '.join(differs)}); resume with the same inputs "
+                    "and --shard, or add --force to drop its results of files not listed now"
+                )
+            self._new_header = bool(differs) or (header is None and spec is not None)
             for key, model in keys:
                 if model != model_name:
                     raise ChestXrayError(
@@ -125,6 +254,12 @@ class Journal:
                 f.truncate(end)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f: IO[bytes] = open(path, "ab")  # noqa: SIM115  # stays open for the whole run; closed in close/abort
+        if fresh and spec is not None:
+            self._f.write(self._header())
+            self._f.flush()
+
+    def _header(self) -> bytes:
+        return json.dumps({JOURNAL_HEADER: 1, **(self.spec or {})}).encode() + b"\n"
 
     def skip(self, file: InputFile) -> bool:
         """True when this file's result is already in the journal; a changed file (same
@@ -149,13 +284,20 @@ class Journal:
         os.fsync(self._f.fileno())
         self._f.close()
         # Records of files changed or gone since the interrupted run: rewrite without them.
-        if self.stale or len(self.matched) < len(self.done):
+        if self.stale or len(self.matched) < len(self.done) or self._new_header:
             keep_old = {self.done[p] for p in self.matched}
             old_keys = set(self.done.values())
+            self.discarded = len(self.done) - len(self.matched) - len(self.stale)
             rows = (r for r in iter_journal(self.path) if record_key(r) not in old_keys or record_key(r) in keep_old)
             from chestxray.io import atomic_write
 
-            atomic_write(self.path, lambda tmp: write_jsonl(tmp, rows))
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:
+                    f.write(self._header() if self.spec is not None else b"")
+                    for rec in rows:
+                        f.write(json.dumps(rec).encode() + b"\n")
+
+            atomic_write(self.path, write)
 
     def abort(self) -> None:
         self._f.close()
@@ -169,12 +311,12 @@ class Journal:
 def write_jsonl(path: Path, records: Iterable[Record]) -> None:
     with open(path, "wb") as f:
         for rec in records:
-            f.write(json.dumps(rec).encode() + b"\n")
+            f.write(json.dumps(public_record(rec)).encode() + b"\n")
 
 
 def write_csv(path: Path, records: Iterable[Record]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = CsvOut(f)
         writer.writerow(CSV_COLUMNS)
         for rec in records:
             writer.writerows(csv_rows(rec))
@@ -215,7 +357,8 @@ def write_parquet(path: Path, records: Iterable[Record], labels: Sequence[str], 
                 probs = {f["finding"]: f["probability"] for f in rec.get("findings", ())}
                 for f in rec.get("findings", ()):
                     thresholds.setdefault(f["finding"], f["threshold"])
-                for key in ("file", "size", "mtime_ns", "model", "variant", "error"):
+                cols["file"].append(escape_name(rec["file"]))
+                for key in ("size", "mtime_ns", "model", "variant", "error"):
                     cols[key].append(rec.get(key))
                 for label in labels:
                     cols[label].append(probs.get(label))
@@ -291,15 +434,24 @@ def finalize(out: Path, fmt: str, journals: Sequence[Path], labels: Sequence[str
 
 def complete_output_keys(out: Path, fmt: str) -> set[tuple[str, int, int]] | set[str]:
     """What a finished OUT holds: (path, size, mtime) keys for JSON Lines and Parquet; only
-    paths for CSV (its columns stay those of `predict --format csv`)."""
-    if fmt == "jsonl":
-        return {record_key(r) for r in iter_journal(out)}
-    if fmt == "parquet":
-        table = _pyarrow().parquet.read_table(str(out), columns=["file", "size", "mtime_ns"])
-        cols = table.to_pydict()
-        return set(zip(cols["file"], cols["size"], cols["mtime_ns"]))
-    with open(out, newline="") as f:
-        return {row["file"] for row in csv.DictReader(f)}
+    paths for CSV (its columns stay those of `predict --format csv`). Paths as the outputs
+    write them (`escape_name`). A file that does not read as such an output is refused."""
+    try:
+        if fmt == "jsonl":
+            return {record_key(r) for r in iter_journal(out)}
+        if fmt == "parquet":
+            table = _pyarrow().parquet.read_table(str(out), columns=["file", "size", "mtime_ns"])
+            cols = table.to_pydict()
+            return set(zip(cols["file"], cols["size"], cols["mtime_ns"]))
+        with open(out, newline="", encoding="utf-8") as f:
+            return {csv_uncell(row["file"]) for row in csv.DictReader(f)}
+    except ChestXrayError:
+        raise
+    except Exception as exc:  # whatever the damage: json, csv, arrow, encoding or key errors
+        raise ChestXrayError(
+            f"{out}: cannot read this finished {fmt} output ({type(exc).__name__}); move it away or write to "
+            "a new --out"
+        ) from None
 
 
 class StdoutWriter:
@@ -309,7 +461,7 @@ class StdoutWriter:
         if fmt not in ("csv", "jsonl"):
             raise ChestXrayError(f"--format {fmt} needs --out FILE")
         self.fmt, self.stream = fmt, stream
-        self._csv = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+        self._csv = CsvOut(stream) if fmt == "csv" else None
         if self._csv is not None:
             self._csv.writerow(CSV_COLUMNS)
 
@@ -320,7 +472,7 @@ class StdoutWriter:
                 self._csv.writerows(csv_rows(rec))
             else:
                 assert buf is not None
-                buf.write(json.dumps(rec) + "\n")
+                buf.write(json.dumps(public_record(rec)) + "\n")
         if buf is not None:
             self.stream.write(buf.getvalue())
         self.stream.flush()

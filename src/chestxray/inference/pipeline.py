@@ -450,6 +450,9 @@ def iter_probabilities(
     finally:
         if split is not None:
             split.close()
+        settle = getattr(analyzer.backend, "settle", None)
+        if settle is not None:
+            settle()  # a session build started above ends before this process may exit
 
 
 class _TailSplitter:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from chestxray.data.images import IMAGE_SUFFIXES, to_gray
+from chestxray.data.images import DecodeLimits, to_gray
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import BundleError, ChestXrayError, ImageReadError
 from chestxray.inference.inputs import InputFile
@@ -223,14 +223,11 @@ def resolve_backend(model: str | os.PathLike | None, backend: str = "auto") -> s
 
 
 def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, sorted) into image files; files are kept as given."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            out.append(p)
-    return out
+    """Expand folders (recursively, sorted) and globs into image files; files are kept as
+    given. The bulk listing's walker (`inputs.iter_paths`), held in a list."""
+    from chestxray.inference.inputs import iter_paths
+
+    return [Path(p) for p in iter_paths(paths)]
 
 
 # Per-image outcome of the checks that run with every prediction (Analyzer.run).
@@ -239,6 +236,9 @@ CHECKS = np.dtype([("score", "f8"), ("turn", "i1"), ("fit", "f4"), ("upright", "
 
 class Analyzer:
     """Load once, predict many. `Analyzer.load()` with no argument uses the bundled model."""
+
+    # How files are read (e.g. the file size cap); None: `read_image`'s defaults.
+    read_limits: DecodeLimits | None = None
 
     def __init__(
         self,
@@ -341,7 +341,7 @@ class Analyzer:
 
     def preprocess(self, image: Input, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(gray uint8 original, model input (1, S, S) float32) for one input."""
-        gray = self.to_gray(image, name)
+        gray = to_gray(image, name, self.read_limits)
         return gray, self.preset(gray)
 
     @staticmethod
