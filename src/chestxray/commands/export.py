@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calibration and not args.int8:
         raise ChestXrayError("--calibration is only used with --int8")
+    check_onnx_out(args.onnx)  # before the export, not after it
     say = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = export_bundle(
         args.model,
@@ -115,3 +116,14 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"use it without torch: chestxray predict --backend onnx --model {result.path} IMAGE")
     return 0
+
+
+def check_onnx_out(out: str) -> None:
+    from pathlib import Path
+
+    from chestxray.errors import ChestXrayError
+    from chestxray.io import check_writable
+
+    if Path(out).is_dir():
+        raise ChestXrayError(f"--onnx {out}: is a folder; name the file, e.g. {Path(out) / 'model.onnx'}")
+    check_writable(out)

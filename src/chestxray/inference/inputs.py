@@ -88,13 +88,24 @@ def _walk(folder: str, seen: set[tuple[int, int]]) -> Iterator[str]:
     entries.reverse()
     while entries:
         e = entries.pop()
-        if e.is_dir():
+        try:
+            is_dir = e.is_dir()
+        except OSError:  # a link to itself (ELOOP), a vanished entry: not a folder to walk
+            is_dir = False
+        if is_dir:
             ident = _dir_id(e.path)
             if ident is not None and ident not in seen:
                 seen.add(ident)
                 yield from _walk(e.path, seen)
-        elif e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file():  # is_file: no FIFO, socket or device
+        elif e.name.lower().endswith(IMAGE_SUFFIXES) and _is_file(e):  # no FIFO, socket or device
             yield e.path
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _walk_root(folder: str) -> Iterator[str]:

@@ -438,7 +438,10 @@ def complete_output_keys(out: Path, fmt: str) -> set[tuple[str, int, int]] | set
     write them (`escape_name`). A file that does not read as such an output is refused."""
     try:
         if fmt == "jsonl":
-            return {record_key(r) for r in iter_journal(out)}
+            keys = {_checked_key(r) for r in iter_journal(out)}
+            if None in keys:
+                raise ValueError("not a result record")
+            return keys  # type: ignore[return-value]
         if fmt == "parquet":
             table = _pyarrow().parquet.read_table(str(out), columns=["file", "size", "mtime_ns"])
             cols = table.to_pydict()
