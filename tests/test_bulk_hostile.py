@@ -92,8 +92,19 @@ def test_resume_of_the_same_inputs_still_continues(capsys, sample_images, tmp_pa
     for k, src in enumerate(sample_images[:4]):
         linked(tmp_path / "f", src, [f"{k}.png"])
     out = tmp_path / "y.csv"
-    args = ["predict", *ONNX, str(tmp_path / "f"), "--workers", "0", "--batch-size", "2", "--format", "csv",
-            "--out", str(out)]
+    args = [
+        "predict",
+        *ONNX,
+        str(tmp_path / "f"),
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--format",
+        "csv",
+        "--out",
+        str(out),
+    ]
     with monkeypatch.context() as m:
         interrupt_after_first_batch(m)
         assert run_cli(capsys, *args)[0] == 130
@@ -216,9 +227,10 @@ def test_fifos_and_devices_are_error_rows_never_a_hang(capsys, sample_images, tm
     listing = tmp_path / "list.txt"
     listing.write_text(f"{fifo}\n{sample_images[0]}\n")
     start = time.monotonic()
-    code, out, err = run_cli(capsys, "predict", *ONNX, str(fifo), "--from-list", str(listing), "--format", "json",
-                             "--workers", "0")
-    assert code == 1 and time.monotonic() - start < 60
+    code, out, err = run_cli(
+        capsys, "predict", *ONNX, str(fifo), "--from-list", str(listing), "--format", "json", "--workers", "0"
+    )
+    assert code == 1 and time.monotonic() - start < 60, err
     rows = json.loads(out)
     assert [r["error"] for r in rows] == ["not a regular file (a pipe, socket or device)"] * 2 + [None]
     with pytest.raises(ImageReadError, match="not a regular file"):
@@ -244,9 +256,10 @@ def test_size_cap_and_magic_bytes_are_checked_before_reading(capsys, sample_imag
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 16 * 2**20
-    code, out, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--format", "json",
-                             "--max-file-mb", "0.01")
-    assert code == 1 and "file size limit" in json.loads(out)[0]["error"]
+    code, out, err = run_cli(
+        capsys, "predict", *ONNX, str(sample_images[0]), "--format", "json", "--max-file-mb", "0.01"
+    )
+    assert code == 1 and "file size limit" in json.loads(out)[0]["error"], err
     code, out, _ = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--format", "json", "--max-file-mb", "0")
     assert code == 0 and json.loads(out)[0]["error"] is None
 
@@ -254,8 +267,9 @@ def test_size_cap_and_magic_bytes_are_checked_before_reading(capsys, sample_imag
 def test_a_nul_byte_in_the_list_is_an_error_row(capsys, sample_images, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"a\x00b.png\n" + os.fsencode(sample_images[0]) + b"\n")
-    code, out, err = run_cli(capsys, "predict", *ONNX, "--from-list", str(listing), "--format", "jsonl",
-                             "--out", str(tmp_path / "o.jsonl"))
+    code, _, err = run_cli(
+        capsys, "predict", *ONNX, "--from-list", str(listing), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")
+    )
     assert code == 1, err
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert rows[0]["file"] == "a\\x00b.png" and "NUL" in rows[0]["error"] and rows[1]["error"] is None
@@ -309,8 +323,20 @@ def test_a_full_disk_keeps_the_journaled_results(capsys, sample_images, tmp_path
 
     monkeypatch.setattr(Journal, "append", append)
     out = tmp_path / "o.jsonl"
-    code, _, err = run_cli(capsys, "predict", *ONNX, *map(str, sample_images[:4]), "--workers", "0",
-                           "--batch-size", "2", "--format", "jsonl", "--out", str(out))
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        *ONNX,
+        *map(str, sample_images[:4]),
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--format",
+        "jsonl",
+        "--out",
+        str(out),
+    )
     assert code == 2 and "No space left on device" in err and "--resume" in err
     assert len(err.strip().splitlines()) == 1
     journal = Path(str(out) + ".partial").read_text().splitlines()
@@ -321,8 +347,18 @@ def test_cam_with_a_long_input_name(capsys, tiny_bundle, sample_images, tmp_path
     name = "n" * 247 + ".png"  # 251 characters
     linked(tmp_path, sample_images[0], [name])
     cams = tmp_path / "cams"
-    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), str(tmp_path / name), "--cam",
-                             str(cams), "--format", "json", "--no-progress")
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        str(tiny_bundle),
+        str(tmp_path / name),
+        "--cam",
+        str(cams),
+        "--format",
+        "json",
+        "--no-progress",
+    )
     assert code == 0, err
     overlays = json.loads(out)[0]["overlays"]
     assert overlays and all(Path(o["path"]).is_file() and len(Path(o["path"]).name) <= 255 for o in overlays)
