@@ -160,24 +160,26 @@ def _read_file(path: str | os.PathLike, label: str, max_file_bytes: int | None) 
         raise ImageReadError(label, "is a directory, not an image file") from None
     except OSError as exc:
         raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise ImageReadError(label, "is a directory, not an image file")
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageReadError(label, "not a regular file (a pipe, socket or device)")
-            if max_file_bytes is not None and st.st_size > max_file_bytes:
-                raise ImageReadError(
-                    label,
-                    f"file of {st.st_size / 2**20:.0f} MiB is over the {max_file_bytes / 2**20:.4g} MiB file size limit",
-                )
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageReadError(label, "is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageReadError(label, "not a regular file (a pipe, socket or device)")
+        if max_file_bytes is not None and st.st_size > max_file_bytes:
+            raise ImageReadError(
+                label,
+                f"file of {st.st_size / 2**20:.0f} MiB is over the {max_file_bytes / 2**20:.4g} MiB file size limit",
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
             head = f.read(132)
             if sniff_image_format(head) is None and Path(label).suffix.lower() not in DICOM_SUFFIXES and head:
                 raise ImageReadError(label, NOT_AN_IMAGE)  # before reading the rest
             return head + f.read()
-        except OSError as exc:
-            raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
+    except OSError as exc:
+        raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def _check_pixels(label: str, w: int, h: int, what: str = "image") -> None:
