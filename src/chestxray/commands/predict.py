@@ -243,6 +243,8 @@ def report(args: argparse.Namespace, analyzer: "Analyzer", result: "BulkResult")
         return emit(args, analyzer, result.predictions)
     if result.already_complete:
         return 0
+    if not result.is_main:
+        return 1 if result.errors else 0
     if result.wrote is not None:
         print(
             f"wrote {result.total} predictions ({args.format}) to {result.wrote}; model {model_label(analyzer)}. "

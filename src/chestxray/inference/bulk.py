@@ -108,6 +108,7 @@ class BulkResult:
     wrote: Path | None = None
     notes: list[str] = field(default_factory=list)
     already_complete: bool = False  # resumed a finished output: nothing was done
+    is_main: bool = True  # under torchrun: rank 0, which merged the output and reports it
 
 
 def check_output_file(out: Path) -> None:
@@ -271,7 +272,7 @@ def _to_file(
         journal.close()
     except OSError as exc:
         raise ChestXrayError(f"{jpath}: cannot write ({exc.strerror or type(exc).__name__})") from None
-    result = BulkResult(wrote=out)
+    result = BulkResult(wrote=out, is_main=info.is_main)
     if journal.discarded:
         result.notes.append(f"dropped {journal.discarded} results of files this run does not list from {jpath} (force)")
     listed = all_sum(journal.written + len(journal.matched), info)  # also waits for every rank
