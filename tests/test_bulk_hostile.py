@@ -409,3 +409,17 @@ def test_bulk_request_runs_without_the_command(sample_images, tmp_path):
     assert result.wrote == out and result.total == 3 and len(out.read_text().splitlines()) == 3
     with pytest.raises(Exception, match="resume"):
         BulkRequest(paths=files, resume=True)
+
+
+def test_a_failed_write_of_a_finished_table_keeps_the_results(capsys, sample_images, tmp_path, monkeypatch):
+    import chestxray.io
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(chestxray.io, "atomic_write_text", full)
+    code, out, err = run_cli(
+        capsys, "predict", *ONNX, str(sample_images[0]), "--format", "json", "--out", str(tmp_path / "o.json")
+    )
+    assert code == 2 and "No space left on device" in err and "stdout" in err
+    assert [r["file"] for r in json.loads(out)] == [str(sample_images[0])]
