@@ -50,3 +50,19 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` without anchors and aliases: a few hundred bytes of nested aliases (a
+    "billion laughs") expand to gigabytes wherever the value is copied or printed, and a
+    settings file never needs them. Raises ValueError on an alias, yaml.YAMLError on bad YAML."""
+    import yaml
+
+    class _NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ValueError(f"YAML aliases (*name) are not allowed (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=_NoAliases)  # a SafeLoader subclass: no python tags

@@ -31,7 +31,7 @@ from chestxray.evaluation.thresholds import tune_thresholds
 from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.models.device import resolve_device
 from chestxray.models.registry import create_model, get_spec, train_mode
-from chestxray.training.config import check_config, dump_yaml, run_record
+from chestxray.training.config import TrainConfig, check_config, dump_yaml, run_record
 from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 from chestxray.training.losses import MaskedBCEWithLogitsLoss, masked_bce_with_logits
 from chestxray.training.multidata import dataset_label, describe, load_parts, root_list, split_data
@@ -55,61 +55,6 @@ from chestxray.training.tracking import EpochProgress, Tracker
 log = logging.getLogger(__name__)
 
 __all__ = ["BEST_WEIGHTS", "CHECKPOINT", "LOG_FILE", "TrainConfig", "Trainer", "autocast_for", "train", "training_step"]
-
-
-@dataclass
-class TrainConfig:
-    """Defaults are the seed recipe: ResNet-50, layer2-4 + head, Adam 1e-5, plateau, 5 epochs.
-    `training.config.RECIPES` holds the others (`--recipe scratch`)."""
-
-    root: str | list[str]  # one dataset root or several (NAME:PATH; a bare path is NIH)
-    out: str
-    model: str = "resnet50"
-    weights: str = "imagenet"
-    freeze: str = "seed"
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    optimizer: str = "adam"  # adam | adamw | sgd
-    schedule: str = "plateau"  # plateau | onecycle | cosine | none
-    plateau_factor: float = 0.1
-    plateau_patience: int = 1
-    image_size: int | None = None  # None: the model's own input size (224 for torchvision, timm's config)
-    augment: str = "none"  # none | seed | strong
-    pos_weight: str = "none"  # none | balanced
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    cache: str | None = None
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    allow_missing: bool = False
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
-    compile: bool = False
-    channels_last: bool = True  # on GPU
-    max_steps: int | None = None  # per epoch, for smoke tests
-    name: str | None = None
-    labels: str | None = None  # comma-separated findings; default: every finding the data labels
-    views: str | None = None  # default frontal
-    uncertain: str = "ignore"  # CheXpert/MIMIC -1: ignore (masked) | ones | zeros
-    test_fraction: float = 0.2
-    csv_spec: str | None = None
-    csv_columns: str | None = None
-    vindr_rule: str = "any"
-    loader: str = "auto"  # auto | ram | memmap (the split read from the cache memmap per batch)
-    recipe: str = "seed"  # recorded; the options it implies are resolved by training.config
-    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
-    log_every: int = 50  # progress line every N steps when stderr is not a terminal (0: never)
-    init: str | None = None  # a bundle to start from (its architecture and preprocessing)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def option_types(cls) -> dict[str, str]:
-        """Option name -> annotation, for checking values read from a config file."""
-        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
 @dataclass

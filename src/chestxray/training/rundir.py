@@ -23,6 +23,8 @@ LEGACY_CONFIG = "config.json"
 TENSORBOARD_DIR = "tensorboard"
 CURVES = "curves.png"
 SUMMARY = "summary.md"
+# A run folder's record, newest name first (config.json: runs made before config.yaml).
+LEGACY_CONFIG_NAMES = (CONFIG, LEGACY_CONFIG)
 # Everything a training run writes; what --overwrite clears and what marks a folder as a run.
 RUN_FILES = (CHECKPOINT, BEST_WEIGHTS, LOG_FILE, BUNDLE, CONFIG, LEGACY_CONFIG, CURVES, SUMMARY)
 
@@ -63,6 +65,11 @@ def save_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
 
 def save_text(path: Path, text: str) -> Path:
     return save_atomically(path, lambda p: p.write_text(text))
+
+
+def run_config_file(run: Path) -> Path | None:
+    """The record of the run in folder `run` (config.yaml, or an old run's config.json), if any."""
+    return next((run / n for n in LEGACY_CONFIG_NAMES if (run / n).is_file()), None)
 
 
 def run_files(out: Path) -> list[str]:
