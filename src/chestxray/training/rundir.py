@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,19 @@ LEGACY_CONFIG_NAMES = (CONFIG, LEGACY_CONFIG)
 RUN_FILES = (CHECKPOINT, BEST_WEIGHTS, LOG_FILE, BUNDLE, CONFIG, LEGACY_CONFIG, CURVES, SUMMARY)
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OS error behind a write failure: itself, or the `(os error N)` a SafetensorError quotes."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def _reason(exc: BaseException) -> str:
+    exc = _os_error(exc) or exc
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return "no space left on the device"
@@ -40,7 +53,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _is_write_failure(exc: BaseException) -> bool:
-    # torch.save reports a failed write as a RuntimeError from its zip writer (inline_container).
+    # torch.save reports a failed write as a RuntimeError from its zip writer (inline_container);
+    # safetensors as a SafetensorError quoting the OS error.
+    if type(exc).__name__ == "SafetensorError" and _os_error(exc) is not None:
+        return True
     return isinstance(exc, OSError) or (
         isinstance(exc, RuntimeError) and ("inline_container" in str(exc) or "PytorchStreamWriter" in str(exc))
     )
