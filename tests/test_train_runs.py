@@ -377,3 +377,22 @@ def test_full_disk_writing_best_weights_is_one_line(tmp_path, mini_root, cache_d
                      "--max-steps", "1")
     assert rc == 2 and err.strip().splitlines()[-1] == (
         f"chestxray train: error: cannot write {out / 'best.safetensors'}: no space left on the device"), err
+
+
+def test_runs_lists_a_broken_run_as_broken(tmp_path, mini_root, capsys):
+    good = _legacy_run(tmp_path / "good", mini_root)
+    broken = _legacy_run(tmp_path / "broken", mini_root)
+    (broken / "config.json").unlink()
+    (broken / "config.yaml").write_text("options: [unclosed\n")
+    odd = _legacy_run(tmp_path / "odd", mini_root)
+    (odd / "log.jsonl").write_text('{"epoch": 1}\n')
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:4]}
+    assert rows == {str(good): "finished" if (good / "model.safetensors").is_file() else "partial",
+                    str(broken): "broken", str(odd): "broken"}, out
+    assert f"{broken}: broken: {broken / 'config.yaml'}: not valid YAML (line 2)" in out, out
+    assert main(["runs", str(tmp_path), "--format", "json"]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[str(broken)]["status"] == "broken" and "not valid YAML" in rows[str(broken)]["problem"]
+    assert rows[str(good)]["epochs"] == "3/3"

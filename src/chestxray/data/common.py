@@ -44,6 +44,7 @@ class DatasetOptions:
     csv_spec: str | None = None  # JSON/YAML column spec for the csv reader
     csv_columns: str | None = None  # the same as flags: "path=file,labels=findings,patient=pid"
     views: str | None = None  # None: all rows; "frontal"; or "PA,AP,..."
+    allow_outside_root: bool = False  # csv: image and label files outside the dataset's folder
 
 
 class DatasetIndex:

@@ -190,19 +190,20 @@ def _yaml() -> Any:
     return yaml
 
 
-def read_mapping(path: Path) -> dict[str, Any]:
-    """A YAML or JSON file holding a mapping; one-line errors naming the file."""
+def read_mapping(path: Path, where: str | None = None) -> dict[str, Any]:
+    """A YAML or JSON file holding a mapping; one-line errors naming the file (as `where`)."""
+    where = where or f"--config {path}"
     from chestxray.io import load_yaml
 
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise ChestXrayError(f"--config {path}: {size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
+            raise ChestXrayError(f"{where}: {size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise ChestXrayError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
+        raise ChestXrayError(f"{where}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
-        raise ChestXrayError(f"--config {path}: not a text file") from None
+        raise ChestXrayError(f"{where}: not a text file") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -213,15 +214,15 @@ def read_mapping(path: Path) -> dict[str, Any]:
         raise
     except ValueError as exc:  # load_yaml: anchors and aliases refused
         if path.suffix.lower() != ".json":
-            raise ChestXrayError(f"--config {path}: {exc}") from None
+            raise ChestXrayError(f"{where}: {exc}") from None
         line = getattr(exc, "lineno", None)
-        raise ChestXrayError(f"--config {path}: not valid JSON" + (f" (line {line})" if line else "")) from None
+        raise ChestXrayError(f"{where}: not valid JSON" + (f" (line {line})" if line else "")) from None
     except Exception as exc:
         mark = getattr(exc, "problem_mark", None)  # YAML: 0-based
         line = mark.line + 1 if mark is not None else None
-        raise ChestXrayError(f"--config {path}: not valid YAML" + (f" (line {line})" if line else "")) from None
+        raise ChestXrayError(f"{where}: not valid YAML" + (f" (line {line})" if line else "")) from None
     if not isinstance(data, dict):
-        raise ChestXrayError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise ChestXrayError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
     return data
 
 
@@ -374,5 +375,5 @@ def read_run_config(run: Path) -> dict[str, Any] | None:
     path = run_config_file(run)
     if path is None:
         return None
-    data = read_mapping(path)
+    data = read_mapping(path, str(path))
     return data if isinstance(data.get("options"), dict) else {"options": data}

@@ -12,6 +12,7 @@ or {"path": "file", "findings": ["Effusion", "Nodule"]}.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,15 @@ def load_spec(path: Path) -> dict[str, Any]:
             import yaml
         except ImportError:
             raise DatasetError(f"{path}: YAML specs need PyYAML (pip install pyyaml); or write it as JSON") from None
+        from chestxray.io import load_yaml
+
         try:
-            spec = yaml.safe_load(text)
+            spec = load_yaml(text)
+        except ValueError as exc:  # an alias: refused
+            raise DatasetError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
-            raise DatasetError(f"{path}: not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            raise DatasetError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
     else:
         try:
             spec = json.loads(text)
@@ -105,7 +111,15 @@ def _locate(root: Path, opts: DatasetOptions) -> tuple[Path, dict[str, Any]]:
     if not root.is_dir():
         raise DatasetError(f"csv:{root}: no such file or folder")
     if "file" in spec:
-        return folder / spec["file"], spec
+        if not isinstance(spec["file"], str) or not spec["file"].strip():
+            raise DatasetError(f"csv:{root}: the spec's 'file' must be a file name")
+        labels = folder / spec["file"]
+        if not opts.allow_outside_root and not _inside(folder, str(labels)):
+            raise DatasetError(
+                f"csv:{root}: labels file {short_text(spec['file'])} is outside the dataset folder "
+                "(allow with --allow-outside-root)"
+            )
+        return labels, spec
     found = sorted(p for p in root.iterdir() if p.name.lower().endswith((".csv", ".csv.gz")))
     if len(found) != 1:
         raise DatasetError(
@@ -162,6 +176,14 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
     empty = [i for i, p in enumerate(rel) if not p]
     if empty:
         raise DatasetError(f"{csv_path} line {empty[0] + 2}, column {path_col!r}: empty path")
+    if not opts.allow_outside_root:
+        top = root if root.is_dir() else root.parent
+        outside = next((i for i, p in enumerate(rel) if not _inside(top, os.path.join(base, p))), None)
+        if outside is not None:
+            raise DatasetError(
+                f"{csv_path} line {outside + 2}, column {path_col!r}: {short_text(rel[outside])} is outside the "
+                f"dataset folder {top} (allow with --allow-outside-root)"
+            )
     if len(set(rel)) != len(rel):
         dup = pd.Series(rel).duplicated().to_numpy()
         row = int(np.flatnonzero(dup)[0])
@@ -218,6 +240,18 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         index = index.select(keep)
         index.skipped_missing = int((~keep).sum())
     return index
+
+
+def _inside(folder: Path, path: str) -> bool:
+    """`path`, with `..` taken lexically, lies in `folder`. Symbolic links are not followed: a
+    dataset whose image folder links to another disk is the user's own layout."""
+    top = os.path.abspath(folder)
+    return os.path.commonpath([top, os.path.abspath(path)]) == top
+
+
+def short_text(value: str, limit: int = 80) -> str:
+    """repr of a cell, cut to `limit` characters: an error never echoes a whole hostile value."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value):,} characters)"
 
 
 def _states(values: list[str], path: Path, column: str) -> np.ndarray:
