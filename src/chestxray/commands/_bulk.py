@@ -18,10 +18,10 @@ from chestxray.commands._common import ROOT_HELP, dataset_options, non_negative_
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
+    from chestxray.inference.distributed import DistInfo
     from chestxray.inference.inputs import InputFile
     from chestxray.inference.pipeline import Progress
     from chestxray.inference.predict import Analyzer, Prediction
-    from chestxray.models.distributed import DistInfo
 
 # Collectives wait this long for the slowest rank (its whole shard), not torch's 30 minutes.
 DIST_TIMEOUT_S = 7 * 24 * 3600
@@ -92,8 +92,8 @@ def check_bulk_args(args: argparse.Namespace) -> None:
 
 def setup(args: argparse.Namespace, device: str) -> tuple["DistInfo", str]:
     """Join torchrun's process group if launched by it; each rank gets its own GPU."""
+    from chestxray.inference.distributed import DistInfo, init_distributed, launched_by_torchrun
     from chestxray.inference.pipeline import start_worker_server
-    from chestxray.models.distributed import DistInfo, init_distributed, launched_by_torchrun
 
     if args.workers != 0 and not args.cam and _may_be_many(args):
         start_worker_server()  # its imports overlap the model load
@@ -237,9 +237,9 @@ def _to_file(
     workers: int,
     total: int | None,
 ) -> int:
+    from chestxray.inference.distributed import all_sum, barrier
     from chestxray.inference.outputs import Journal, finalize, journal_path, to_record
     from chestxray.inference.pipeline import Progress, chunked
-    from chestxray.models.distributed import all_sum, barrier
 
     out = Path(args.out)
     jpath = journal_path(out, info.rank, info.world_size)

@@ -291,6 +291,17 @@ def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> 
     return keep, missing
 
 
+def finish_index(index: TableIndex, base: Path, opts: DatasetOptions) -> TableIndex:
+    """The tail every table reader shares: find each row's image under `base` (relpath), apply
+    the missing-image policy, and drop the rows without an image where that is allowed."""
+    index.frame["path"] = locate_images(base, index.frame["relpath"].tolist())
+    keep, index.missing = check_images(index.dataset, base, index.frame, opts)
+    if not keep.all():
+        index = index.select(keep)
+        index.skipped_missing = int((~keep).sum())
+    return index
+
+
 def filter_views(index: DatasetIndex, views: str | None) -> DatasetIndex:
     """Rows of the chosen views: None or 'all' keeps everything; 'frontal' drops rows known
     to be lateral; 'PA,AP' keeps exactly those views."""

@@ -21,10 +21,9 @@ import numpy as np
 from chestxray.data.common import (
     DatasetOptions,
     TableIndex,
-    check_images,
     find_file,
+    finish_index,
     frontal_from_view,
-    locate_images,
     normalise_sex,
     normalise_view,
     read_csv,
@@ -115,8 +114,6 @@ def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
     if frame["image"].duplicated().any():
         row = int(np.flatnonzero(frame["image"].duplicated().to_numpy())[0])
         raise DatasetError(f"{path}: ImageID {frame['image'].iloc[row]!r} is listed twice")
-    frame["path"] = locate_images(root, rel)
-    keep, missing = check_images("padchest", root, frame, opts)
     index = TableIndex(
         dataset="padchest",
         root=root,
@@ -129,10 +126,6 @@ def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
             f"carved by patient: test {opts.test_fraction:.0%}, val {opts.val_fraction:.0%} of the rest, seed {opts.seed}"
         ),
         notes=notes,
-        missing=missing,
         n_label_rows=len(parsed),
     )
-    if not keep.all():
-        index = index.select(keep)
-        index.skipped_missing = int((~keep).sum())
-    return index
+    return finish_index(index, root, opts)

@@ -22,9 +22,8 @@ from chestxray.data.common import (
     DatasetOptions,
     TableIndex,
     apply_uncertain,
-    check_images,
+    finish_index,
     frontal_from_view,
-    locate_images,
     normalise_sex,
     normalise_view,
     read_csv,
@@ -220,8 +219,6 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
             "split": split,
         }
     )
-    out["path"] = locate_images(base, rel)
-    keep, missing = check_images("csv", base, out, opts)
     index = TableIndex(
         dataset="csv",
         root=root,
@@ -232,14 +229,10 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         pathologies=tuple(names),
         split_source=split_source,
         notes=notes,
-        missing=missing,
         uncertain=opts.uncertain,
         n_label_rows=len(frame),
     )
-    if not keep.all():
-        index = index.select(keep)
-        index.skipped_missing = int((~keep).sum())
-    return index
+    return finish_index(index, base, opts)
 
 
 def _inside(folder: Path, path: str) -> bool:
