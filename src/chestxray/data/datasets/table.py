@@ -1,6 +1,7 @@
 """`csv`: any user's spreadsheet of labelled images.
 
-A CSV with a path column (relative to the CSV's folder, or absolute) and either one column
+A CSV with a path column (relative to the CSV's folder, or absolute; inside the dataset's
+folder unless `allow_outside_root`, as is the spec's labels file) and either one column
 per finding (1 positive, 0 negative, -1 uncertain, blank unknown) or one column of
 `|`-separated findings ("No Finding" or an empty list of findings = all negative). Optional
 columns: patient, study, split (train / val / test), view, sex, age. Column names are found
