@@ -341,3 +341,11 @@ def test_padchest_hostile_labels_cell_is_a_reported_row(tmp_path, caplog):
     index = open_dataset(f"padchest:{root}")
     note = next(n for n in index.notes if "line 2 (" in n)
     assert len(note) < 400 and "100,001 characters" in note, note
+
+
+def test_csv_errors_echo_a_bounded_cell(tmp_path):
+    root = _csv_root(tmp_path, ["images/a.png"])
+    (root / "labels.csv").write_text("path,Effusion\nimages/a.png," + "y" * 100_000 + "\n")
+    with pytest.raises(DatasetError) as info:
+        open_dataset(f"csv:{root}")
+    assert len(str(info.value)) < 400 and "100,000 characters" in str(info.value)

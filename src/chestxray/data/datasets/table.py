@@ -187,7 +187,7 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
     if len(set(rel)) != len(rel):
         dup = pd.Series(rel).duplicated().to_numpy()
         row = int(np.flatnonzero(dup)[0])
-        raise DatasetError(f"{csv_path} line {row + 2}, column {path_col!r}: {rel[row]!r} is listed twice")
+        raise DatasetError(f"{csv_path} line {row + 2}, column {path_col!r}: {short_text(rel[row])} is listed twice")
     patients = (
         frame[cols["patient"]].str.strip().to_numpy(dtype=object) if cols["patient"] else np.array(rel, dtype=object)
     )
@@ -198,7 +198,7 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DatasetError(
-                f"{csv_path} line {row + 2}, column {cols['split']!r}: split {values.iloc[row]!r} is not "
+                f"{csv_path} line {row + 2}, column {cols['split']!r}: split {short_text(values.iloc[row])} is not "
                 "train, val or test"
             )
         split = values.map(SPLIT_NAMES).to_numpy(dtype=object)
@@ -254,7 +254,7 @@ def _states(values: list[str], path: Path, column: str) -> np.ndarray:
     for i, v in enumerate(values):
         state = table.get(v.strip())
         if state is None:
-            raise DatasetError(f"{path} line {i + 2}, column {column!r}: {v!r} is not 1, 0, -1 or blank")
+            raise DatasetError(f"{path} line {i + 2}, column {column!r}: {short_text(v)} is not 1, 0, -1 or blank")
         out[i] = state
     return out
 
@@ -271,6 +271,8 @@ def _pipe_labels(
         for name in parts:
             j = position.get(name)
             if j is None:
-                raise DatasetError(f"{path} line {i + 2}, column {column!r}: finding {name!r} is not in {list(names)}")
+                raise DatasetError(
+                    f"{path} line {i + 2}, column {column!r}: finding {short_text(name)} is not in {short_text(str(list(names)), 200)}"
+                )
             raw[i, j] = 1.0
     return names, raw
