@@ -271,3 +271,81 @@ def test_real_vinbigdata_train_csv(capsys):
     assert s["labels"]["Cardiomegaly"]["positive"] == 2_300
     assert s["labels"]["Pleural effusion"]["positive"] == 1_032
     assert s["patient_overlap"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+
+
+# ---- hostile dataset files: paths outside the root, unbounded PadChest cells -------------------
+def _csv_root(tmp_path: Path, paths: list[str], spec: dict | None = None) -> Path:
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    src = sorted((DATA / "csv-mini" / "images").glob("*.png"))[0]
+    (root / "images" / "a.png").write_bytes(src.read_bytes())
+    (root / "labels.csv").write_text("path,Effusion\n" + "".join(f"{p},1\n" for p in paths))
+    if spec is not None:
+        (root / "dataset.json").write_text(json.dumps(spec))
+    return root
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "images/../../x.png"])
+def test_csv_image_paths_stay_inside_the_root(tmp_path, bad):
+    root = _csv_root(tmp_path, ["images/a.png", bad])
+    with pytest.raises(DatasetError, match=r"labels.csv line 3, column 'path': .* is outside the dataset folder"):
+        open_dataset(f"csv:{root}", DatasetOptions(allow_missing=True))
+    index = open_dataset(f"csv:{root}", DatasetOptions(allow_missing=True, allow_outside_root=True))
+    assert len(index) == (2 if Path(bad).is_file() else 1)
+
+
+def test_csv_spec_labels_file_stays_inside_the_root(tmp_path):
+    (tmp_path / "secret.csv").write_text("path,Effusion\nds/images/a.png,1\n")
+    root = _csv_root(tmp_path, ["images/a.png"], spec={"file": "../secret.csv"})
+    with pytest.raises(DatasetError, match=r"labels file '../secret.csv' is outside the dataset folder"):
+        open_dataset(f"csv:{root}")
+    (root / "dataset.json").write_text(json.dumps({"file": "../../../../etc/passwd"}))
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        open_dataset(f"csv:{root}")
+    (root / "dataset.json").write_text(json.dumps({"file": "../secret.csv"}))
+    assert len(open_dataset(f"csv:{root}", DatasetOptions(allow_outside_root=True))) == 1
+
+
+def test_allow_outside_root_is_a_dataset_flag(tmp_path, capsys):
+    root = _csv_root(tmp_path, ["images/a.png", "/etc/passwd"])
+    assert main(["info", f"csv:{root}"]) == 2
+    assert "--allow-outside-root" in capsys.readouterr().err
+
+
+def test_csv_spec_yaml_aliases_are_refused(tmp_path):
+    root = _csv_root(tmp_path, ["images/a.png"])
+    (root / "dataset.yaml").write_text("path: &p path\nlabels: *p\n")
+    with pytest.raises(DatasetError, match="aliases"):
+        open_dataset(f"csv:{root}")
+
+
+def test_padchest_hostile_labels_cell_is_a_reported_row(tmp_path, caplog):
+    import gzip
+
+    from chestxray.data.datasets.padchest import LABELS_FILE, parse_labels
+
+    assert parse_labels("['pleural effusion', \"cardiomegaly\" , ]") == ["pleural effusion", "cardiomegaly"]
+    assert parse_labels("[]") == [] and parse_labels("['a', ['b']]") is None and parse_labels("[1]") is None
+    assert parse_labels("[" * 100_000) is None and parse_labels("-" * 100_000 + "1") is None
+    with gzip.open(DATA / "padchest-mini" / f"{LABELS_FILE}.gz", "rt") as fh:
+        lines = fh.read().splitlines()
+    header, first = lines[0], lines[1]
+    hostile = first.replace(",['normal'],", "," + "-" * 100_000 + "1,", 1)
+    assert hostile != first
+    root = tmp_path / "pc"
+    root.mkdir()
+    (root / LABELS_FILE).write_text("\n".join([header, hostile, *lines[2:]]) + "\n")
+    for entry in (DATA / "padchest-mini").iterdir():
+        if entry.is_dir():
+            (root / entry.name).symlink_to(entry)
+    index = open_dataset(f"padchest:{root}")
+    note = next(n for n in index.notes if "line 2 (" in n)
+    assert len(note) < 400 and "100,001 characters" in note, note
+
+
+def test_csv_errors_echo_a_bounded_cell(tmp_path):
+    root = _csv_root(tmp_path, ["images/a.png"])
+    (root / "labels.csv").write_text("path,Effusion\nimages/a.png," + "y" * 100_000 + "\n")
+    with pytest.raises(DatasetError) as info:
+        open_dataset(f"csv:{root}")
+    assert len(str(info.value)) < 400 and "100,000 characters" in str(info.value)

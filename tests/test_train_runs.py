@@ -308,3 +308,91 @@ def test_image_size_defaults_to_the_models_own(tmp_path, mini_root):
 
 def test_output_error_is_a_chestxray_error():
     assert issubclass(OutputError, ChestXrayError)
+
+
+# ---- checkpoints torch can read whose contents are wrong; --weights FILE; a full disk ----------
+def _wrong_checkpoints(good: dict) -> dict[str, dict]:
+    first = next(iter(good["model"]))
+    moments = {k: {**v, **{m: torch.zeros(3, 3, 3) for m in v if torch.is_tensor(v[m]) and v[m].ndim}}
+               for k, v in good["optimizer"]["state"].items()}
+    return {
+        "tensor shape": {**good, "model": {**good["model"], first: torch.zeros(3)}},
+        "epoch": {**good, "epoch": "x"},
+        "optimizer groups": {**good, "optimizer": {"state": {}, "param_groups": []}},
+        "optimizer moments": {**good, "optimizer": {**good["optimizer"], "state": moments}},
+        "scheduler": {**good, "scheduler": {"last_epoch": "x"}},
+        "best_loss": {**good, "best_loss": "x"},
+        "model list": {**good, "model": [1, 2, 3]},
+        "args dict": {**good, "args": {"model": "resnet18"}},
+        "history": {**good, "history": "not json"},
+    }
+
+
+def test_wrong_content_checkpoints_are_one_line(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name, state in _wrong_checkpoints(good).items():
+        run = tmp_path / name.replace(" ", "_")
+        run.mkdir()
+        shutil.copy(out / "config.yaml", run / "config.yaml")
+        torch.save(state, run / "checkpoint.pt")
+        assert main(["train", "--out", str(run), "--resume", "--epochs", "3"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(run / "checkpoint.pt") in err, (name, err)
+        assert "Traceback" not in err and len(err) < 500, (name, err)
+
+
+def test_weights_file_that_is_not_weights(tmp_path, mini_root, cache_dir):
+    class Evil:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    import pickle
+
+    for name, data in (("text.pth", b"hello"), ("pickle.pth", pickle.dumps(Evil())), ("bad.safetensors", b"x" * 64),
+                       ("list.pth", None)):
+        path = tmp_path / name
+        if data is None:
+            torch.save([torch.zeros(2)], path)
+        else:
+            path.write_bytes(data)
+        rc, err = _train(mini_root, cache_dir, tmp_path / f"run-{name}", "--weights", str(path), "--freeze", "all",
+                         "--epochs", "1")
+        last = err.strip().splitlines()[-1]
+        assert rc == 2 and f"--weights {path}: not a state dict" in last, (name, err)
+        assert "weights_only" not in err and "Traceback" not in err, (name, err)
+
+
+def test_full_disk_writing_best_weights_is_one_line(tmp_path, mini_root, cache_dir, monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    def full(*a, **kw):
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "r"
+    rc, err = _train(mini_root, cache_dir, out, "--weights", "none", "--freeze", "all", "--epochs", "1",
+                     "--max-steps", "1")
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"chestxray train: error: cannot write {out / 'best.safetensors'}: no space left on the device"), err
+
+
+def test_runs_lists_a_broken_run_as_broken(tmp_path, mini_root, capsys):
+    good = _legacy_run(tmp_path / "good", mini_root)
+    broken = _legacy_run(tmp_path / "broken", mini_root)
+    (broken / "config.json").unlink()
+    (broken / "config.yaml").write_text("options: [unclosed\n")
+    odd = _legacy_run(tmp_path / "odd", mini_root)
+    (odd / "log.jsonl").write_text('{"epoch": 1}\n')
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:4]}
+    assert rows == {str(good): "finished" if (good / "model.safetensors").is_file() else "partial",
+                    str(broken): "broken", str(odd): "broken"}, out
+    assert f"{broken}: broken: {broken / 'config.yaml'}: not valid YAML (line 2)" in out, out
+    assert main(["runs", str(tmp_path), "--format", "json"]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[str(broken)]["status"] == "broken" and "not valid YAML" in rows[str(broken)]["problem"]
+    assert rows[str(good)]["epochs"] == "3/3"

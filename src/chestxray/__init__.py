@@ -32,7 +32,7 @@ _LAZY = {
     "tune_thresholds": "chestxray.evaluation.thresholds",
     "export_bundle": "chestxray.export.onnx",
     "train": "chestxray.training.loop",
-    "TrainConfig": "chestxray.training.loop",
+    "TrainConfig": "chestxray.training.config",
 }
 
 

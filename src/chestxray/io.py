@@ -66,3 +66,19 @@ def check_writable(path: str | os.PathLike) -> None:
         os.unlink(tmp)
     except OSError as exc:
         raise ChestXrayError(f"{path}: cannot write here ({exc.strerror or type(exc).__name__})") from None
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` without anchors and aliases: a few hundred bytes of nested aliases (a
+    "billion laughs") expand to gigabytes wherever the value is copied or printed, and a
+    settings file never needs them. Raises ValueError on an alias, yaml.YAMLError on bad YAML."""
+    import yaml
+
+    class _NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ValueError(f"YAML aliases (*name) are not allowed (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=_NoAliases)  # a SafeLoader subclass: no python tags

@@ -91,6 +91,11 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
         "view, sex, age, separator, file",
     )
     p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="csv: allow image and label paths outside the dataset's folder (../, absolute paths)",
+    )
+    p.add_argument(
         "--vindr-rule",
         choices=("any", "majority"),
         default="any",
@@ -112,6 +117,7 @@ def dataset_options(args: argparse.Namespace, *, require_images: bool = True, vi
         vindr_rule=args.vindr_rule,
         csv_spec=args.csv_spec,
         csv_columns=args.csv_columns,
+        allow_outside_root=args.allow_outside_root,
         views=args.views if args.views is not None else views,
     )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chestxray.errors import ChestXrayError
+from chestxray.training.rundir import run_config_file
 
 FORMATS = ("table", "csv", "json")
 COLUMNS = (
@@ -54,7 +55,7 @@ def find_runs(dirs: list[str]) -> list[Path]:
         if not folder.is_dir():
             raise ChestXrayError(f"{folder}: no such folder")
         logs = [folder / "log.jsonl"] if (folder / "log.jsonl").is_file() else sorted(folder.rglob("log.jsonl"))
-        runs = [p.parent for p in logs if any((p.parent / n).is_file() for n in ("config.yaml", "config.json"))]
+        runs = [p.parent for p in logs if run_config_file(p.parent) is not None]
         if not runs:
             raise ChestXrayError(f"{folder}: no training runs (folders with config.yaml or config.json and log.jsonl)")
         found += [r for r in runs if r not in found]
@@ -91,12 +92,28 @@ def _finite(values: list[Any]) -> list[float]:
 
 
 def read_run(run: Path) -> dict[str, Any]:
+    """One run's row; a run whose files cannot be read is a `broken` row with the reason."""
+    try:
+        return _read_run(run)
+    except ChestXrayError as exc:
+        reason = str(exc)
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    reason = reason.splitlines()[0][:200] if reason else "unreadable"
+    return {**{c: None for c in COLUMNS}, "run": str(run), "status": "broken", "problem": reason, "history": []}
+
+
+def _read_run(run: Path) -> dict[str, Any]:
     from chestxray.training.config import read_run_config
 
     record = read_run_config(run) or {"options": {}}
     o = record["options"]
+    if not isinstance(o, dict):
+        raise ChestXrayError(f"{run}: its config holds no mapping of options")
     roots = o.get("root") if isinstance(o.get("root"), list) else [o["root"]] if o.get("root") else []
     history = _history(run)
+    if not all(isinstance(h, dict) and isinstance(h.get("val_loss"), (int, float)) for h in history):
+        raise ChestXrayError(f"{run / 'log.jsonl'}: a row without a numeric val_loss")
     kept = min(history, key=lambda h: h["val_loss"]) if history else None
     aurocs = _finite([h.get("val_mean_auroc") for h in history])
     speeds = _finite([h.get("images_per_second") for h in history])
@@ -127,6 +144,9 @@ def _cell(column: str, v: Any) -> str:
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     table = [{c: r[c] for c in COLUMNS} for r in rows]
     if fmt == "json":
+        for entry, r in zip(table, rows):
+            if "problem" in r:
+                entry["problem"] = r["problem"]
         return json.dumps(table, indent=2) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
@@ -138,6 +158,7 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines += [f"{r['run']}: broken: {r['problem']}" for r in rows if "problem" in r]
     return "\n".join(lines) + "\n"
 
 

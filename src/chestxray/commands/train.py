@@ -11,11 +11,10 @@ from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_device_a
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
-    from chestxray.training.loop import TrainConfig
+    from chestxray.training.config import TrainConfig
 
 # Parsed with every default suppressed, so that `args` holds only the flags actually given and
 # they can override a --config file; the real defaults are TrainConfig's (and the recipe's).
-_NOT_OPTIONS = ("command", "verbose", "run", "config", "resume", "overwrite")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -118,8 +117,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]:
     """The run's options (recipe < --config < flags given) and the resume / overwrite actions."""
-    from chestxray.training.config import LEGACY_CONFIG_NAMES, resolve_options
-    from chestxray.training.loop import TrainConfig
+    from chestxray.training.config import TrainConfig, option_hints, resolve_options, run_config_file
 
     given = vars(args)
     resume, overwrite = bool(given.get("resume")), bool(given.get("overwrite"))
@@ -129,13 +127,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]
     out = given.get("out")
     if config is None and resume and out is not None:
         # `train --out RUN --resume` alone: the run's own options.
-        config = next((str(Path(out) / n) for n in LEGACY_CONFIG_NAMES if (Path(out) / n).is_file()), None)
-    explicit = {k: v for k, v in given.items() if k not in _NOT_OPTIONS}
+        found = run_config_file(Path(out))
+        config = str(found) if found else None
+    # argparse's own entries (command, run, verbose) and the actions are not options.
+    explicit = {k: v for k, v in given.items() if k in option_hints() and k != "out"}
     if "root" in explicit:  # one root, or several trained on their union
         roots = list(explicit.pop("root"))
         if roots:
             explicit["root"] = roots[0] if len(roots) == 1 else roots
-    options = resolve_options(explicit, config, TrainConfig.option_types())
+    options = resolve_options(explicit, config)
     if out is not None:
         options["out"] = out
     for key, flag in (("root", "ROOT"), ("out", "--out")):
@@ -144,10 +144,24 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]
     return TrainConfig(**options), resume, overwrite
 
 
+def from_file_note(args: argparse.Namespace, cfg: TrainConfig) -> str | None:
+    """The paths a --config file chose (resolved against its folder), said before the run starts."""
+    given = vars(args)
+    taken = [k for k in ("root", "out") if not given.get(k)]
+    if not given.get("config") or not taken:
+        return None
+    return f"from --config {given['config']}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in taken)
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from chestxray.training.loop import train
 
     cfg, resume, overwrite = config_from_args(args)
+    note = from_file_note(args, cfg)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     bundle = train(cfg, resume=resume, overwrite=overwrite)
     if bundle is not None:
         print(f"bundle written: {bundle}; also {bundle.parent / 'curves.png'}, {bundle.parent / 'summary.md'}")

@@ -44,6 +44,7 @@ class DatasetOptions:
     csv_spec: str | None = None  # JSON/YAML column spec for the csv reader
     csv_columns: str | None = None  # the same as flags: "path=file,labels=findings,patient=pid"
     views: str | None = None  # None: all rows; "frontal"; or "PA,AP,..."
+    allow_outside_root: bool = False  # csv: image and label files outside the dataset's folder
 
 
 class DatasetIndex:
@@ -288,6 +289,17 @@ def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> 
         log.warning("%d listed images are missing under %s; skipped them", len(missing), root)
         keep = has
     return keep, missing
+
+
+def finish_index(index: TableIndex, base: Path, opts: DatasetOptions) -> TableIndex:
+    """The tail every table reader shares: find each row's image under `base` (relpath), apply
+    the missing-image policy, and drop the rows without an image where that is allowed."""
+    index.frame["path"] = locate_images(base, index.frame["relpath"].tolist())
+    keep, index.missing = check_images(index.dataset, base, index.frame, opts)
+    if not keep.all():
+        index = index.select(keep)
+        index.skipped_missing = int((~keep).sum())
+    return index
 
 
 def filter_views(index: DatasetIndex, views: str | None) -> DatasetIndex:

@@ -9,7 +9,6 @@ header (and the input check's own tensors) change, and the header records how.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from chestxray.errors import ChestXrayError
 from chestxray.evaluation.calibration import calibration_metrics, fit_calibration
 from chestxray.evaluation.thresholds import tune_operating_point
+from chestxray.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,6 @@ def check_no_overlap(index: Any, split: str, eval_index: Any, eval_split: str) -
             f"the {split} split of {index.root} shares {len(shared)} patients with the {eval_split} split of "
             f"{eval_index.root}: tuning on them would make that evaluation optimistic; tune on other patients"
         )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fit_post_training(
@@ -206,7 +198,7 @@ def retune_bundle(
         **meta.training,
         "tuning": {
             "command": "chestxray tune",
-            "source_bundle": {"file": src.name, "sha256": _sha256(src)},
+            "source_bundle": {"file": src.name, "sha256": file_sha256(src)},
             "data": source,
             "calibrate": calibrate,
             "threshold_policy": policy,

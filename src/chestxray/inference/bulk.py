@@ -19,9 +19,9 @@ from chestxray.inference.inputs import InputFile, Shard, count_inputs, iter_inpu
 from chestxray.inference.outputs import STREAM_FORMATS
 
 if TYPE_CHECKING:
+    from chestxray.inference.distributed import DistInfo
     from chestxray.inference.pipeline import Progress
     from chestxray.inference.predict import Analyzer, Prediction
-    from chestxray.models.distributed import DistInfo
 
 # Collectives wait this long for the slowest rank (its whole shard), not torch's 30 minutes.
 DIST_TIMEOUT_S = 7 * 24 * 3600
@@ -135,8 +135,8 @@ def check_output_file(out: Path) -> None:
 def prepare(request: BulkRequest, device: str, start_workers: bool = True) -> tuple["DistInfo", str]:
     """Join torchrun's process group if launched by it (each rank gets its own GPU) and start
     the decoders' fork server (its imports overlap the model load)."""
+    from chestxray.inference.distributed import DistInfo, init_distributed, launched_by_torchrun
     from chestxray.inference.pipeline import start_worker_server
-    from chestxray.models.distributed import DistInfo, init_distributed, launched_by_torchrun
 
     if request.out is not None:
         check_output_file(request.out)
@@ -155,8 +155,8 @@ def run(
 ) -> BulkResult:
     """Predict the request's files. `stream`: where csv/jsonl without an output file go
     (default stdout)."""
+    from chestxray.inference.distributed import DistInfo
     from chestxray.inference.pipeline import default_workers
-    from chestxray.models.distributed import DistInfo
 
     info = info or DistInfo()
     workers = default_workers(info.local_world_size) if request.workers is None else request.workers
@@ -235,9 +235,9 @@ def _to_file(
     workers: int,
     total: int | None,
 ) -> BulkResult:
+    from chestxray.inference.distributed import all_sum, barrier
     from chestxray.inference.outputs import Journal, finalize, journal_path, to_record
     from chestxray.inference.pipeline import Progress, chunked
-    from chestxray.models.distributed import all_sum, barrier
 
     assert request.out is not None  # streams_to_file
     out = request.out

@@ -171,19 +171,32 @@ def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> Non
         raise WeightsUnavailableError(
             f"--weights {path}: no such file; use 'imagenet', 'none' or a path to a state dict"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state: dict[str, Any] = load_file(str(path))
-    else:
-        # weights_only: a state dict of tensors, never arbitrary pickled objects.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+            state: Any = load_file(str(path))
+        else:
+            # weights_only: a state dict of tensors, never arbitrary pickled objects.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+    except Exception:
+        # torch's own message advises weights_only=False, which would run code from the file.
+        raise WeightsUnavailableError(
+            f"--weights {path}: not a state dict (.pth of tensors or .safetensors) that can be read safely"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise WeightsUnavailableError(f"--weights {path}: not a state dict (a mapping of names to tensors)")
     head_prefix = spec.head + "."
     head_shape = _head(backbone, spec).weight.shape
     state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and v.shape[0] != head_shape[0])}
-    result = backbone.load_state_dict(state, strict=False)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches; torch lists every one
+        raise WeightsUnavailableError(
+            f"--weights {path}: not a {spec.name} state dict ({str(exc).splitlines()[-1].strip()[:200]})"
+        ) from None
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     if missing or result.unexpected_keys:
         raise WeightsUnavailableError(

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# The process-group helpers live one floor down so that sharded inference can share them.
-from chestxray.models.distributed import DistInfo, barrier, init_distributed, shutdown
+# The process-group helpers live on the inference floor so that sharded predict shares them.
+from chestxray.inference.distributed import DistInfo, barrier, init_distributed, shutdown
 
 __all__ = ["DistInfo", "all_mean", "barrier", "gather_rows", "init_distributed", "shutdown"]
 

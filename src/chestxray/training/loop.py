@@ -31,7 +31,7 @@ from chestxray.evaluation.thresholds import tune_thresholds
 from chestxray.models.bundle import BundleMeta, save_bundle
 from chestxray.models.device import resolve_device
 from chestxray.models.registry import create_model, get_spec, train_mode
-from chestxray.training.config import check_config, dump_yaml, run_record
+from chestxray.training.config import TrainConfig, check_config, dump_yaml, run_record, short
 from chestxray.training.distributed import DistInfo, all_mean, barrier, gather_rows, init_distributed, shutdown
 from chestxray.training.losses import MaskedBCEWithLogitsLoss, masked_bce_with_logits
 from chestxray.training.multidata import dataset_label, describe, load_parts, root_list, split_data
@@ -58,61 +58,6 @@ __all__ = ["BEST_WEIGHTS", "CHECKPOINT", "LOG_FILE", "TrainConfig", "Trainer", "
 
 
 @dataclass
-class TrainConfig:
-    """Defaults are the seed recipe: ResNet-50, layer2-4 + head, Adam 1e-5, plateau, 5 epochs.
-    `training.config.RECIPES` holds the others (`--recipe scratch`)."""
-
-    root: str | list[str]  # one dataset root or several (NAME:PATH; a bare path is NIH)
-    out: str
-    model: str = "resnet50"
-    weights: str = "imagenet"
-    freeze: str = "seed"
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    optimizer: str = "adam"  # adam | adamw | sgd
-    schedule: str = "plateau"  # plateau | onecycle | cosine | none
-    plateau_factor: float = 0.1
-    plateau_patience: int = 1
-    image_size: int | None = None  # None: the model's own input size (224 for torchvision, timm's config)
-    augment: str = "none"  # none | seed | strong
-    pos_weight: str = "none"  # none | balanced
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    cache: str | None = None
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    allow_missing: bool = False
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
-    compile: bool = False
-    channels_last: bool = True  # on GPU
-    max_steps: int | None = None  # per epoch, for smoke tests
-    name: str | None = None
-    labels: str | None = None  # comma-separated findings; default: every finding the data labels
-    views: str | None = None  # default frontal
-    uncertain: str = "ignore"  # CheXpert/MIMIC -1: ignore (masked) | ones | zeros
-    test_fraction: float = 0.2
-    csv_spec: str | None = None
-    csv_columns: str | None = None
-    vindr_rule: str = "any"
-    loader: str = "auto"  # auto | ram | memmap (the split read from the cache memmap per batch)
-    recipe: str = "seed"  # recorded; the options it implies are resolved by training.config
-    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
-    log_every: int = 50  # progress line every N steps when stderr is not a terminal (0: never)
-    init: str | None = None  # a bundle to start from (its architecture and preprocessing)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def option_types(cls) -> dict[str, str]:
-        """Option name -> annotation, for checking values read from a config file."""
-        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
-
-
-@dataclass
 class EpochRecord:
     epoch: int
     train_loss: float
@@ -123,6 +68,26 @@ class EpochRecord:
     seconds: float
     images_per_second: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _same_layout(fresh: Any, saved: Any) -> bool:
+    """A saved scheduler state has the keys and value kinds of this run's own (torch's
+    `load_state_dict` takes any mapping and fails at the next step)."""
+    if not isinstance(saved, dict) or set(saved) != set(fresh):
+        return False
+    for key, mine in fresh.items():
+        theirs = saved[key]
+        if mine is None or theirs is None:
+            continue
+        if isinstance(mine, (int, float)) and not isinstance(mine, bool):
+            if isinstance(theirs, bool) or not isinstance(theirs, (int, float)):
+                return False
+        elif isinstance(mine, (list, tuple)):
+            if not isinstance(theirs, (list, tuple)) or len(theirs) != len(mine):
+                return False
+        elif not isinstance(theirs, type(mine)):
+            return False
+    return True
 
 
 def rank_device(name: str, info: DistInfo) -> torch.device:
@@ -326,20 +291,59 @@ class Trainer:
         path = self.out / CHECKPOINT
         # weights_only: tensors, numbers and strings only; no arbitrary pickled objects.
         state = read_checkpoint(path, self.device)
-        saved = json.loads(state["args"])
+
+        def bad(what: str, exc: BaseException | None = None) -> ChestXrayError:
+            reason = f" ({type(exc).__name__}: {short(str(exc).splitlines()[0] if str(exc) else '')})" if exc else ""
+            return ChestXrayError(f"--resume: {path}: {what}{reason}; start again with --overwrite")
+
+        try:
+            saved = json.loads(state["args"])
+            history = json.loads(state["history"])
+        except (TypeError, ValueError):
+            raise bad("its args and history are not the JSON text a chestxray checkpoint holds") from None
+        if not isinstance(saved, dict) or not isinstance(history, list):
+            raise bad("its args or history have the wrong shape")
         for key in ("model", "image_size", "freeze", "epochs", "batch_size", "seed", "augment", "schedule"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise ChestXrayError(
-                    f"--resume: checkpoint {path} was made with {key}={saved.get(key)!r}, "
+                    f"--resume: checkpoint {path} was made with {key}={short(saved.get(key))}, "
                     f"this run has {key}={getattr(self.cfg, key)!r}"
                 )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch = int(state["epoch"]) + 1
-        self.best_loss, self.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
-        self.history = json.loads(state["history"])
+        numbers: dict[str, Any] = {}
+        for key, kind in (("epoch", int), ("best_epoch", int), ("best_loss", float)):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise bad(f"{key} is {short(value)}, not a number")
+            numbers[key] = kind(value)
+        if not 0 <= numbers["epoch"] < self.cfg.epochs or numbers["best_epoch"] > numbers["epoch"]:
+            raise bad(
+                f"epoch {numbers['epoch']} / best_epoch {numbers['best_epoch']} do not fit {self.cfg.epochs} epochs"
+            )
+        if not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
+            raise bad("model or optimizer state is not a mapping")
+        # torch checks shapes and keys; its messages run to many lines, so only their first is kept.
+        for what, target, value in (
+            ("the model weights do not fit", self.model, state["model"]),
+            ("the optimizer state does not fit", self.optimizer, state["optimizer"]),
+            ("the scheduler state does not fit", self.scheduler, state.get("scheduler")),
+        ):
+            if target is None or value is None:
+                continue
+            if target is self.scheduler and not _same_layout(target.state_dict(), value):
+                raise bad(what + f" ({type(target).__name__})")
+            try:
+                target.load_state_dict(value)
+            except Exception as exc:
+                raise bad(what, exc) from None
+        # torch loads optimizer moments of any shape and fails at the first step; check them now.
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                moments = self.optimizer.state.get(p, {})
+                if any(torch.is_tensor(t) and t.ndim > 0 and t.shape != p.shape for t in moments.values()):
+                    raise bad("the optimizer state does not fit (moment shapes differ from the weights)")
+        self.start_epoch = numbers["epoch"] + 1
+        self.best_loss, self.best_epoch = numbers["best_loss"], numbers["best_epoch"]
+        self.history = history
         log.info("resumed from %s at epoch %d", path, self.start_epoch + 1)
 
     # ---- loop --------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def options_of(cfg: Any) -> DatasetOptions:
         vindr_rule=getattr(cfg, "vindr_rule", "any"),
         csv_spec=getattr(cfg, "csv_spec", None),
         csv_columns=getattr(cfg, "csv_columns", None),
+        allow_outside_root=getattr(cfg, "allow_outside_root", False),
         views=getattr(cfg, "views", None) or "frontal",
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,11 +24,25 @@ LEGACY_CONFIG = "config.json"
 TENSORBOARD_DIR = "tensorboard"
 CURVES = "curves.png"
 SUMMARY = "summary.md"
+# A run folder's record, newest name first (config.json: runs made before config.yaml).
+LEGACY_CONFIG_NAMES = (CONFIG, LEGACY_CONFIG)
 # Everything a training run writes; what --overwrite clears and what marks a folder as a run.
 RUN_FILES = (CHECKPOINT, BEST_WEIGHTS, LOG_FILE, BUNDLE, CONFIG, LEGACY_CONFIG, CURVES, SUMMARY)
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OS error behind a write failure: itself, or the `(os error N)` a SafetensorError quotes."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def _reason(exc: BaseException) -> str:
+    exc = _os_error(exc) or exc
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return "no space left on the device"
@@ -38,7 +53,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _is_write_failure(exc: BaseException) -> bool:
-    # torch.save reports a failed write as a RuntimeError from its zip writer (inline_container).
+    # torch.save reports a failed write as a RuntimeError from its zip writer (inline_container);
+    # safetensors as a SafetensorError quoting the OS error.
+    if type(exc).__name__ == "SafetensorError" and _os_error(exc) is not None:
+        return True
     return isinstance(exc, OSError) or (
         isinstance(exc, RuntimeError) and ("inline_container" in str(exc) or "PytorchStreamWriter" in str(exc))
     )
@@ -63,6 +81,11 @@ def save_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
 
 def save_text(path: Path, text: str) -> Path:
     return save_atomically(path, lambda p: p.write_text(text))
+
+
+def run_config_file(run: Path) -> Path | None:
+    """The record of the run in folder `run` (config.yaml, or an old run's config.json), if any."""
+    return next((run / n for n in LEGACY_CONFIG_NAMES if (run / n).is_file()), None)
 
 
 def run_files(out: Path) -> list[str]:

@@ -5,6 +5,7 @@ A bare path means NIH ChestX-ray14, as before. Readers import pandas lazily.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,82 +20,58 @@ class Reader:
     name: str
     title: str
     layout: str
-    read: Callable[[Path, DatasetOptions], DatasetIndex]
+    function: str  # `module:function` below chestxray.data.datasets, imported on first use
     has_laterals: bool = False
 
-
-def _nih(root: Path, opts: DatasetOptions) -> DatasetIndex:
-    from chestxray.data.datasets.nih import read_nih
-
-    return read_nih(root, opts)
-
-
-def _chexpert(root: Path, opts: DatasetOptions) -> DatasetIndex:
-    from chestxray.data.datasets.chexpert import read_chexpert
-
-    return read_chexpert(root, opts)
-
-
-def _mimic(root: Path, opts: DatasetOptions) -> DatasetIndex:
-    from chestxray.data.datasets.mimic import read_mimic
-
-    return read_mimic(root, opts)
-
-
-def _padchest(root: Path, opts: DatasetOptions) -> DatasetIndex:
-    from chestxray.data.datasets.padchest import read_padchest
-
-    return read_padchest(root, opts)
-
-
-def _vindr(root: Path, opts: DatasetOptions) -> DatasetIndex:
-    from chestxray.data.datasets.vindr import read_vindr
-
-    return read_vindr(root, opts)
-
-
-def _csv(root: Path, opts: DatasetOptions) -> DatasetIndex:
-    from chestxray.data.datasets.table import read_table
-
-    return read_table(root, opts)
+    def read(self, root: Path, opts: DatasetOptions) -> DatasetIndex:
+        module, _, function = self.function.partition(":")
+        reader: Callable[[Path, DatasetOptions], DatasetIndex] = getattr(
+            importlib.import_module(f"{__name__}.{module}"), function
+        )
+        return reader(root, opts)
 
 
 READERS: dict[str, Reader] = {
     r.name: r
     for r in (
-        Reader("nih", "NIH ChestX-ray14", "Data_Entry_2017*.csv, train_val_list.txt, test_list.txt, PNGs below", _nih),
+        Reader(
+            "nih",
+            "NIH ChestX-ray14",
+            "Data_Entry_2017*.csv, train_val_list.txt, test_list.txt, PNGs below",
+            "nih:read_nih",
+        ),
         Reader(
             "chexpert",
             "CheXpert v1.0 / v1.0-small",
             "CheXpert-v1.0-small/train.csv, valid.csv (Path relative to ROOT), JPEGs",
-            _chexpert,
+            "chexpert:read_chexpert",
             has_laterals=True,
         ),
         Reader(
             "mimic",
             "MIMIC-CXR-JPG 2.0.0 / 2.1.0",
             "mimic-cxr-2.0.0-{chexpert,metadata,split}.csv.gz, files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg",
-            _mimic,
+            "mimic:read_mimic",
             has_laterals=True,
         ),
         Reader(
             "padchest",
             "PadChest",
             "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz), 16-bit PNGs in ImageDir folders",
-            _padchest,
+            "padchest:read_padchest",
             has_laterals=True,
         ),
         Reader(
             "vindr",
             "VinDr-CXR (VinBigData challenge)",
             "train.csv (one row per finding and reader), train/<image_id>.dicom",
-            _vindr,
+            "vindr:read_vindr",
         ),
         Reader(
             "csv",
             "any labelled spreadsheet",
             "a CSV (path column + finding columns or a '|' column), optional dataset.json",
-            _csv,
+            "table:read_table",
         ),
     )
 }

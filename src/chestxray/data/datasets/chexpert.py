@@ -21,10 +21,9 @@ from chestxray.data.common import (
     DatasetOptions,
     TableIndex,
     apply_uncertain,
-    check_images,
     find_file,
+    finish_index,
     frontal_from_view,
-    locate_images,
     normalise_sex,
     normalise_view,
     read_csv,
@@ -180,8 +179,6 @@ def finish_table(
     states = raw.copy()  # the file's own states, for `info`
     filled = fill_no_finding(raw, names)
     labels = apply_uncertain(raw, opts.uncertain)
-    frame["path"] = locate_images(base, frame["relpath"].tolist())
-    keep, missing = check_images(dataset, base, frame, opts)
     notes = [NO_FINDING_NOTE, f"uncertain (-1) labels: {opts.uncertain}"]
     notes += [f"{m} not found (that split is empty)" for m in missing_files]
     index = TableIndex(
@@ -195,12 +192,8 @@ def finish_table(
         split_source=split_source,
         notes=notes,
         missing_files=missing_files,
-        missing=missing,
         filled_negative=filled,
         uncertain=opts.uncertain,
         n_label_rows=n_rows,
     )
-    if not keep.all():
-        index = index.select(keep)
-        index.skipped_missing = int((~keep).sum())
-    return index
+    return finish_index(index, base, opts)

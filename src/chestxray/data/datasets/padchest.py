@@ -12,8 +12,8 @@ and its row skipped, not guessed. No official split: carved by patient.
 
 from __future__ import annotations
 
-import ast
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,9 @@ import numpy as np
 from chestxray.data.common import (
     DatasetOptions,
     TableIndex,
-    check_images,
     find_file,
+    finish_index,
     frontal_from_view,
-    locate_images,
     normalise_sex,
     normalise_view,
     read_csv,
@@ -48,17 +47,27 @@ COLUMNS = (
 )
 
 
+# A cell is a flat Python list of quoted terms; read with a regular expression (linear time)
+# rather than ast.literal_eval, which a crafted cell drives into MemoryError or RecursionError.
+_TERM = r"""\s*(?:'[^'\\]*'|"[^"\\]*")"""
+_LIST = re.compile(rf"\[(?:{_TERM}(?:\s*,{_TERM})*(?:\s*,)?)?\s*\]")
+_QUOTED = re.compile(r"'([^'\\]*)'|" + r'"([^"\\]*)"')
+MAX_CELL = 10_000  # characters; the longest real cell is a few hundred
+
+
 def parse_labels(text: object) -> list[str] | None:
     """The terms of one `Labels` cell, or None when it is not a list of strings."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_CELL:
         return None
-    try:
-        value = ast.literal_eval(text.strip())  # a literal parser: no code runs
-    except (ValueError, SyntaxError):
+    cell = text.strip()
+    if not _LIST.fullmatch(cell):
         return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return None
-    return [v.strip() for v in value if v.strip()]
+    terms = [a or b for a, b in _QUOTED.findall(cell)]
+    return [t.strip() for t in terms if t.strip()]
+
+
+def _shown(cell: str) -> str:
+    return repr(cell) if len(cell) <= 80 else repr(cell[:80]) + f"... ({len(cell):,} characters)"
 
 
 def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
@@ -73,7 +82,7 @@ def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
     bad = [i for i, p in enumerate(parsed) if p is None]
     notes = []
     if bad:
-        examples = ", ".join(f"line {i + 2} ({table['Labels'].iloc[i]!r})" for i in bad[:3])
+        examples = ", ".join(f"line {i + 2} ({_shown(table['Labels'].iloc[i])})" for i in bad[:3])
         log.warning("%s: %d rows with unparseable Labels skipped, e.g. %s", path.name, len(bad), examples)
         notes.append(f"{len(bad):,} rows with unparseable Labels skipped, e.g. {examples}")
     ok = np.array([p is not None for p in parsed], dtype=bool)
@@ -105,8 +114,6 @@ def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
     if frame["image"].duplicated().any():
         row = int(np.flatnonzero(frame["image"].duplicated().to_numpy())[0])
         raise DatasetError(f"{path}: ImageID {frame['image'].iloc[row]!r} is listed twice")
-    frame["path"] = locate_images(root, rel)
-    keep, missing = check_images("padchest", root, frame, opts)
     index = TableIndex(
         dataset="padchest",
         root=root,
@@ -119,10 +126,6 @@ def read_padchest(root: Path, opts: DatasetOptions) -> TableIndex:
             f"carved by patient: test {opts.test_fraction:.0%}, val {opts.val_fraction:.0%} of the rest, seed {opts.seed}"
         ),
         notes=notes,
-        missing=missing,
         n_label_rows=len(parsed),
     )
-    if not keep.all():
-        index = index.select(keep)
-        index.skipped_missing = int((~keep).sum())
-    return index
+    return finish_index(index, root, opts)

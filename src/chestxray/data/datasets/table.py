@@ -1,6 +1,7 @@
 """`csv`: any user's spreadsheet of labelled images.
 
-A CSV with a path column (relative to the CSV's folder, or absolute) and either one column
+A CSV with a path column (relative to the CSV's folder, or absolute; inside the dataset's
+folder unless `allow_outside_root`, as is the spec's labels file) and either one column
 per finding (1 positive, 0 negative, -1 uncertain, blank unknown) or one column of
 `|`-separated findings ("No Finding" or an empty list of findings = all negative). Optional
 columns: patient, study, split (train / val / test), view, sex, age. Column names are found
@@ -12,6 +13,7 @@ or {"path": "file", "findings": ["Effusion", "Nodule"]}.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,8 @@ from chestxray.data.common import (
     DatasetOptions,
     TableIndex,
     apply_uncertain,
-    check_images,
+    finish_index,
     frontal_from_view,
-    locate_images,
     normalise_sex,
     normalise_view,
     read_csv,
@@ -58,10 +59,15 @@ def load_spec(path: Path) -> dict[str, Any]:
             import yaml
         except ImportError:
             raise DatasetError(f"{path}: YAML specs need PyYAML (pip install pyyaml); or write it as JSON") from None
+        from chestxray.io import load_yaml
+
         try:
-            spec = yaml.safe_load(text)
+            spec = load_yaml(text)
+        except ValueError as exc:  # an alias: refused
+            raise DatasetError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
-            raise DatasetError(f"{path}: not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            raise DatasetError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
     else:
         try:
             spec = json.loads(text)
@@ -105,7 +111,15 @@ def _locate(root: Path, opts: DatasetOptions) -> tuple[Path, dict[str, Any]]:
     if not root.is_dir():
         raise DatasetError(f"csv:{root}: no such file or folder")
     if "file" in spec:
-        return folder / spec["file"], spec
+        if not isinstance(spec["file"], str) or not spec["file"].strip():
+            raise DatasetError(f"csv:{root}: the spec's 'file' must be a file name")
+        labels = folder / spec["file"]
+        if not opts.allow_outside_root and not _inside(folder, str(labels)):
+            raise DatasetError(
+                f"csv:{root}: labels file {short_text(spec['file'])} is outside the dataset folder "
+                "(allow with --allow-outside-root)"
+            )
+        return labels, spec
     found = sorted(p for p in root.iterdir() if p.name.lower().endswith((".csv", ".csv.gz")))
     if len(found) != 1:
         raise DatasetError(
@@ -162,10 +176,18 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
     empty = [i for i, p in enumerate(rel) if not p]
     if empty:
         raise DatasetError(f"{csv_path} line {empty[0] + 2}, column {path_col!r}: empty path")
+    if not opts.allow_outside_root:
+        top = root if root.is_dir() else root.parent
+        outside = next((i for i, p in enumerate(rel) if not _inside(top, os.path.join(base, p))), None)
+        if outside is not None:
+            raise DatasetError(
+                f"{csv_path} line {outside + 2}, column {path_col!r}: {short_text(rel[outside])} is outside the "
+                f"dataset folder {top} (allow with --allow-outside-root)"
+            )
     if len(set(rel)) != len(rel):
         dup = pd.Series(rel).duplicated().to_numpy()
         row = int(np.flatnonzero(dup)[0])
-        raise DatasetError(f"{csv_path} line {row + 2}, column {path_col!r}: {rel[row]!r} is listed twice")
+        raise DatasetError(f"{csv_path} line {row + 2}, column {path_col!r}: {short_text(rel[row])} is listed twice")
     patients = (
         frame[cols["patient"]].str.strip().to_numpy(dtype=object) if cols["patient"] else np.array(rel, dtype=object)
     )
@@ -176,7 +198,7 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DatasetError(
-                f"{csv_path} line {row + 2}, column {cols['split']!r}: split {values.iloc[row]!r} is not "
+                f"{csv_path} line {row + 2}, column {cols['split']!r}: split {short_text(values.iloc[row])} is not "
                 "train, val or test"
             )
         split = values.map(SPLIT_NAMES).to_numpy(dtype=object)
@@ -198,8 +220,6 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
             "split": split,
         }
     )
-    out["path"] = locate_images(base, rel)
-    keep, missing = check_images("csv", base, out, opts)
     index = TableIndex(
         dataset="csv",
         root=root,
@@ -210,14 +230,22 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         pathologies=tuple(names),
         split_source=split_source,
         notes=notes,
-        missing=missing,
         uncertain=opts.uncertain,
         n_label_rows=len(frame),
     )
-    if not keep.all():
-        index = index.select(keep)
-        index.skipped_missing = int((~keep).sum())
-    return index
+    return finish_index(index, base, opts)
+
+
+def _inside(folder: Path, path: str) -> bool:
+    """`path`, with `..` taken lexically, lies in `folder`. Symbolic links are not followed: a
+    dataset whose image folder links to another disk is the user's own layout."""
+    top = os.path.abspath(folder)
+    return os.path.commonpath([top, os.path.abspath(path)]) == top
+
+
+def short_text(value: str, limit: int = 80) -> str:
+    """repr of a cell, cut to `limit` characters: an error never echoes a whole hostile value."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value):,} characters)"
 
 
 def _states(values: list[str], path: Path, column: str) -> np.ndarray:
@@ -226,7 +254,7 @@ def _states(values: list[str], path: Path, column: str) -> np.ndarray:
     for i, v in enumerate(values):
         state = table.get(v.strip())
         if state is None:
-            raise DatasetError(f"{path} line {i + 2}, column {column!r}: {v!r} is not 1, 0, -1 or blank")
+            raise DatasetError(f"{path} line {i + 2}, column {column!r}: {short_text(v)} is not 1, 0, -1 or blank")
         out[i] = state
     return out
 
@@ -243,6 +271,8 @@ def _pipe_labels(
         for name in parts:
             j = position.get(name)
             if j is None:
-                raise DatasetError(f"{path} line {i + 2}, column {column!r}: finding {name!r} is not in {list(names)}")
+                raise DatasetError(
+                    f"{path} line {i + 2}, column {column!r}: finding {short_text(name)} is not in {short_text(str(list(names)), 200)}"
+                )
             raw[i, j] = 1.0
     return names, raw

@@ -18,9 +18,8 @@ import numpy as np
 from chestxray.data.common import (
     DatasetOptions,
     TableIndex,
-    check_images,
     find_file,
-    locate_images,
+    finish_index,
     read_csv,
     require_columns,
 )
@@ -97,8 +96,6 @@ def read_vindr(root: Path, opts: DatasetOptions) -> TableIndex:
             "split": carve_splits(images, opts.val_fraction, opts.test_fraction, opts.seed),
         }
     )
-    frame["path"] = locate_images(root, rel)
-    keep, missing = check_images("vindr", root, frame, opts)
     index = TableIndex(
         dataset="vindr",
         root=root,
@@ -115,10 +112,6 @@ def read_vindr(root: Path, opts: DatasetOptions) -> TableIndex:
             f"image label = {opts.vindr_rule} of its {int(np.median(readers)) if len(readers) else 0} radiologists",
             f"images with only '{NO_FINDING}': {int((raw.sum(1) == 0).sum()):,}",
         ],
-        missing=missing,
         n_label_rows=len(rows),
     )
-    if not keep.all():
-        index = index.select(keep)
-        index.skipped_missing = int((~keep).sum())
-    return index
+    return finish_index(index, root, opts)

@@ -1,7 +1,7 @@
 """Process-group plumbing shared by training and inference under `torchrun`.
 
-Lives on the models floor so that inference (sharded predict) and training (DDP) both
-use it without inference importing training. torch is imported lazily: a single-process
+Lives on the inference floor, the lowest that uses it (sharded predict); training (DDP)
+builds on it from above. torch is imported lazily: a single-process
 run, and a torch-less ONNX install, never touch torch.distributed.
 """
 
