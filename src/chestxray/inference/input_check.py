@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,8 +290,10 @@ class _BoundedReader(io.BytesIO):
 
     def read(self, size: int | None = -1) -> bytes:
         self.reads_left -= 1
-        if self.reads_left < 0:
-            raise _TooManyElements
+        if self.reads_left % 512 == 0:
+            if self.reads_left < 0:
+                raise _TooManyElements
+            time.sleep(0)  # let other threads (a server's event loop) take the GIL between elements
         return super().read(size)
 
 

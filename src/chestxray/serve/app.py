@@ -12,6 +12,7 @@ as the torch model and its Grad-CAM hooks are shared state.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -178,6 +179,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # The model's many long-lived objects leave the cyclic GC's view: a full collection,
+        # set off by a request that allocates much (a DICOM header), then no longer walks them
+        # while holding the GIL (it paused the event loop for a third of a second).
+        gc.freeze()
         yield
         await runtime.close()
 

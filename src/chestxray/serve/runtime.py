@@ -56,7 +56,7 @@ class ServeSettings:
     min_receive_rate: float = 8 * 1024
     receive_grace_s: float = 5.0
     #: Refuse (413) DICOM uploads whose header holds more data elements than this.
-    max_dicom_elements: int = 50_000
+    max_dicom_elements: int = 20_000
     #: A request not answered within this many seconds of admission gets 503.
     request_deadline_s: float = 30.0
     max_batch: int = 16
@@ -217,6 +217,11 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Items submitted and not yet taken into a batch."""
+        return sum(not p[1].done() for p in self._pending)
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
