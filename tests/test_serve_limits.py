@@ -321,7 +321,8 @@ def test_serve_workers_get_the_model_settings_and_shared_metrics(tiny_bundle, mo
 
     monkeypatch.setattr(Multiprocess, "run", record_instead_of_forking)
     for name in (CONFIG_ENV, "PROMETHEUS_MULTIPROC_DIR", "CHESTXRAY_HEADER_TIMEOUT_S"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded as unset: what the command sets is removed afterwards
+        monkeypatch.delenv(name)
     assert main(["serve", "--model", str(tiny_bundle), "--workers", "2", "--queue-length", "7", "--port", "0",
                  "--max-batch", "4", "--header-timeout-s", "3"]) == 0
     config = seen["config"]

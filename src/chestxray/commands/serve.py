@@ -82,6 +82,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "from the header, exceeds this many MiB (default 128)",
     )
     g.add_argument(
+        "--max-dicom-elements",
+        type=int,
+        default=20_000,
+        help="refuse (413) DICOM uploads whose header holds more data elements (default 20000)",
+    )
+    g.add_argument(
         "--header-timeout-s",
         type=float,
         default=10.0,
@@ -124,6 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
         return ServeSettings(
             max_upload_bytes=int(args.max_upload_mb * 2**20),
             max_decode_bytes=int(args.max_decode_mb * 2**20),
+            max_dicom_elements=args.max_dicom_elements,
             max_receiving=args.max_receiving,
             max_receiving_per_client=args.max_receiving_per_client,
             min_receive_rate=args.min_receive_kib_s * 1024,

@@ -33,6 +33,7 @@ from chestxray.serve import api, health, page, render
 from chestxray.serve.api import UPLOAD_ROUTES
 from chestxray.serve.metrics import ACCESS_LOG, access_line, quiet_third_party_loggers
 from chestxray.serve.runtime import Busy, ServeSettings
+from chestxray.serve.schemas import HealthOut
 from chestxray.serve.state import CAM_NOTE_HEADER, UPLOAD_NAME, ServeRuntime, decode_upload, shorten
 from chestxray.serve.uploads import UploadError, check_upload_headers
 
@@ -74,7 +75,7 @@ class ObserveRequests:
         self.app = app
         self.runtime = runtime
         self.metrics = runtime.metrics
-        self.health = json.dumps({"status": "ok", "model": runtime.analyzer.name}).encode()
+        self.health = HealthOut(status="ok", model=runtime.analyzer.name).model_dump_json().encode()
         self.retry_after = str(runtime.settings.retry_after_s).encode()
 
     def refuse(self, scope: Scope) -> bytes | None:

@@ -21,7 +21,7 @@ async def healthz(rt: Runtime) -> HealthOut:
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def readyz(rt: Runtime) -> JSONResponse:
     """Readiness: the model is loaded and the queue has room (503 otherwise)."""
-    loaded = rt.analyzer is not None and getattr(rt.analyzer, "backend", None) is not None
+    loaded = rt.analyzer.backend is not None
     out = ReadyOut(
         ready=loaded and rt.admission.has_room,
         model_loaded=loaded,

@@ -91,7 +91,7 @@ class ServeRuntime:
         self.analyzer = analyzer
         self.settings = settings
         self.labels = list(analyzer.labels)
-        self.backend = getattr(analyzer.backend, "name", "unknown")
+        self.backend = str(analyzer.backend.name)
         try:
             analyzer.model  # noqa: B018 - raises for backends without a torch model
             self.has_cam = True
