@@ -35,53 +35,14 @@ OOD_WARNING = "unlike the frontal chest X-rays this model was trained on"
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE", "LO"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
 #: BodyPartExamined values quoted in a warning: common DICOM defined terms (PS3.16 CID 4031).
-BODY_PARTS = frozenset(
-    [
-        "ABDOMEN",
-        "ANKLE",
-        "ARM",
-        "BREAST",
-        "CALF",
-        "CLAVICLE",
-        "COCCYX",
-        "CSPINE",
-        "ELBOW",
-        "EXTREMITY",
-        "FACE",
-        "FINGER",
-        "FOOT",
-        "FOREARM",
-        "HAND",
-        "HEAD",
-        "HEART",
-        "HIP",
-        "HUMERUS",
-        "JAW",
-        "KNEE",
-        "LEG",
-        "LSPINE",
-        "NECK",
-        "PELVIS",
-        "SACRUM",
-        "SCAPULA",
-        "SHOULDER",
-        "SKULL",
-        "SPINE",
-        "SSPINE",
-        "THIGH",
-        "TOE",
-        "TSPINE",
-        "WRIST",
-        "ABDOMENPELVIS",
-        "HEADNECK",
-        "KIDNEY",
-        "LIVER",
-        "ORBIT",
-        "SINUS",
-        "TMJ",
-        "ZYGOMA",
-    ]
-)
+# fmt: off
+BODY_PARTS = frozenset({
+    "ABDOMEN", "ANKLE", "ARM", "BREAST", "CALF", "CLAVICLE", "COCCYX", "CSPINE", "ELBOW", "EXTREMITY",
+    "FACE", "FINGER", "FOOT", "FOREARM", "HAND", "HEAD", "HEART", "HIP", "HUMERUS", "JAW", "KNEE", "LEG",
+    "LSPINE", "NECK", "PELVIS", "SACRUM", "SCAPULA", "SHOULDER", "SKULL", "SPINE", "SSPINE", "THIGH", "TOE",
+    "TSPINE", "WRIST", "ABDOMENPELVIS", "HEADNECK", "KIDNEY", "LIVER", "ORBIT", "SINUS", "TMJ", "ZYGOMA",
+})
+# fmt: on
 #: pydicom reads a data element's tag, VR and length at once, then a non-empty value.
 READS_PER_ELEMENT = 2
 
