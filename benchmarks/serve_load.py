@@ -11,12 +11,19 @@ loopback port for each configuration and measures:
               a 7000 x 7000 16-bit RGBA PNG (built here, ~400 KB), and the answers they got;
   health      /healthz latency, polled every 20 ms, during a burst of 200 concurrent uploads,
               and what the 200 got (200, 503 with Retry-After, anything else);
+  dicombomb   /healthz latency, polled every 20 ms, while 3 clients upload at once a DICOM
+              header bomb (a Part-10 file of 2 million empty private elements and no pixels,
+              16 MB, built here), and what the 3 got;
+  slowbody    64 clients (each from its own loopback address, 127.0.0.2 and up) announce a
+              10 MB body and send one byte every 2 s; meanwhile normal uploads are timed, and
+              what the slow clients finally got is recorded;
   bad         each bad input (empty, text, truncated PNG, wrong field, not multipart,
               oversized with and without Content-Length, unknown finding) gets a 4xx and the
               server still answers a real image afterwards.
 
     python benchmarks/serve_load.py                      # all parts, the bundled model
     python benchmarks/serve_load.py --parts memory,health --json
+    python benchmarks/serve_load.py --parts dicombomb,slowbody --json
     python benchmarks/serve_load.py --legacy --src /path/to/old/src --parts throughput,health
         # the same client against a server that predates the load settings (no new flags)
 """
@@ -306,6 +313,131 @@ def part_health(args: argparse.Namespace, bodies: list[tuple[bytes, str]]) -> di
         server.stop()
 
 
+# -- hostile clients: DICOM header bombs, slow bodies ------------------------------------------
+
+
+def dicom_header_bomb(elements: int = 2_000_000) -> bytes:
+    """A Part-10 file (preamble, DICM, file meta in explicit VR little endian) followed by
+    `elements` empty private data elements (0009,xxxx) LO and no pixels: 8 bytes each."""
+
+    def el(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"OB", b"UN"):
+            return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+    def ui(uid: str) -> bytes:
+        raw = uid.encode()
+        return raw + b"\0" * (len(raw) % 2)
+
+    meta = (el(2, 1, b"OB", b"\0\1") + el(2, 2, b"UI", ui("1.2.840.10008.5.1.4.1.1.1"))
+            + el(2, 3, b"UI", ui("1.2.3.4")) + el(2, 0x10, b"UI", ui("1.2.840.10008.1.2.1")))
+    head = bytes(128) + b"DICM" + el(2, 0, b"UL", struct.pack("<I", len(meta))) + meta
+    block = b"".join(struct.pack("<HH2sH", 0x0009, 0x1000 + i, b"LO", 0) for i in range(0xE000))
+    return head + (block * (elements // 0xE000 + 1))[: 8 * elements]
+
+
+def start_poller(port: int) -> subprocess.Popen:
+    # A process of its own, so that the client threads here do not delay it through the GIL.
+    return subprocess.Popen([sys.executable, __file__, "--poll-healthz", str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def stop_poller(poller: subprocess.Popen) -> dict:
+    polled = json.loads(poller.communicate("stop\n", timeout=60)[0])
+    ms = polled["ms"] or [float("nan")]
+    return {"healthz_polls": len(polled["ms"]), "healthz_p50_ms": round(percentile(ms, 50), 1),
+            "healthz_p99_ms": round(percentile(ms, 99), 1), "healthz_max_ms": round(max(ms), 1),
+            "healthz_failures": polled["failures"]}
+
+
+def part_dicom_bombs(args: argparse.Namespace, bodies: list[tuple[bytes, str]]) -> dict:
+    bomb = multipart(dicom_header_bomb())
+    server = Server(args, "torch", [])
+    try:
+        load(server.port, bodies, 8, 2, 30)  # warm
+        poller = start_poller(server.port)
+        time.sleep(1.0)
+
+        def one(_: int) -> tuple[int | str, float]:
+            conn = http.client.HTTPConnection(HOST, server.port, timeout=120)
+            t = time.perf_counter()
+            try:
+                status = post(conn, "/api/v1/predict", *bomb)[0]
+            except (OSError, http.client.HTTPException) as exc:
+                status = type(exc).__name__
+            finally:
+                conn.close()
+            return status, round(time.perf_counter() - t, 2)
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(one, range(3)))
+        took = time.perf_counter() - t
+        time.sleep(0.5)
+        return {"bomb_mb": round(len(bomb[0]) / 1e6, 1), "bomb_answers": [a[0] for a in answers],
+                "bomb_seconds": [a[1] for a in answers], "bombs_in_flight_s": round(took, 2),
+                **stop_poller(poller), "load_average": os.getloadavg()}
+    finally:
+        server.stop()
+
+
+def part_slow_bodies(args: argparse.Namespace, bodies: list[tuple[bytes, str]], clients: int = 64) -> dict:
+    server = Server(args, "torch", [])
+    socks: list[socket.socket] = []
+    stop = threading.Event()
+    try:
+        load(server.port, bodies, 8, 2, 30)  # warm
+        for i in range(clients):
+            s = socket.socket()
+            s.bind((f"127.0.0.{i + 2}", 0))
+            s.connect((HOST, server.port))
+            s.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n"
+                      b"Content-Type: multipart/form-data; boundary=B\r\n\r\n"
+                      b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\n')
+            socks.append(s)
+
+        def trickle() -> None:
+            while not stop.wait(2.0):
+                for s in socks:
+                    try:
+                        s.send(b"\0")
+                    except OSError:
+                        pass
+
+        threading.Thread(target=trickle, daemon=True).start()
+        time.sleep(1.0)
+        normal = []
+        for body, ctype in bodies[:5]:
+            conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+            t = time.perf_counter()
+            try:
+                status: int | str = post(conn, "/api/v1/predict", body, ctype)[0]
+            except (OSError, http.client.HTTPException) as exc:
+                status = type(exc).__name__
+            finally:
+                conn.close()
+            normal.append((status, round((time.perf_counter() - t) * 1000, 1)))
+        slow_answers: dict[str, int] = {}
+        t = time.perf_counter()
+        for s in socks:  # what each slow client finally got
+            s.settimeout(max(0.1, 30 - (time.perf_counter() - t)))
+            try:
+                line = s.recv(64).split(b"\r\n")[0].decode("latin-1") or "closed"
+            except OSError as exc:
+                line = type(exc).__name__
+            key = line.split(" ")[1] if line.startswith("HTTP/") else line
+            slow_answers[key] = slow_answers.get(key, 0) + 1
+        return {"slow_clients": clients, "normal_uploads": [n[0] for n in normal],
+                "normal_ms": [n[1] for n in normal], "slow_clients_got": slow_answers,
+                "slow_clients_answered_within_s": round(time.perf_counter() - t + 1.0, 1),
+                "load_average": os.getloadavg()}
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+        server.stop()
+
+
 def part_bad(args: argparse.Namespace, good: bytes) -> list[dict]:
     server = Server(args, "torch", [])
     truncated = ORIGINAL.read_bytes()[: ORIGINAL.stat().st_size // 3]
@@ -403,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         report["memory"] = part_memory(args, bodies)
     if "health" in parts:
         report["health"] = part_health(args, bodies)
+    if "dicombomb" in parts:
+        report["dicom_header_bombs"] = part_dicom_bombs(args, bodies)
+    if "slowbody" in parts:
+        report["slow_bodies"] = part_slow_bodies(args, bodies)
     if "bad" in parts:
         report["bad_inputs"] = part_bad(args, images[0])
     print(json.dumps(report, indent=2 if args.json else None))

@@ -64,6 +64,7 @@ def test_onnx_backend_reads_png_and_dicom_alike_without_torch(default_onnx, samp
 
 def test_rest_api_on_the_onnx_backend(default_onnx, sample_images):
     from chestxray.serve.app import create_app
+    from chestxray.serve.runtime import ServeSettings
 
     with warnings.catch_warnings():  # Starlette warns about its httpx-based client on import
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -71,7 +72,7 @@ def test_rest_api_on_the_onnx_backend(default_onnx, sample_images):
 
     png = sample_images[1].read_bytes()
     want = default_onnx.predict(png, names=["upload"])
-    with TestClient(create_app(default_onnx, max_upload_bytes=2**20)) as client:
+    with TestClient(create_app(default_onnx, settings=ServeSettings(max_upload_bytes=2**20))) as client:
         info = client.get("/api/v1/model").json()
         assert (info["backend"], info["variant"], info["grad_cam"]) == ("onnx", "onnx int8", False)
         r = client.post("/api/v1/predict", files={"file": ("x.png", png, "image/png")})

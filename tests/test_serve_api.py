@@ -20,6 +20,7 @@ from chestxray.data.images import read_image
 from chestxray.labels import FINDINGS
 from chestxray.serve import render
 from chestxray.serve.app import create_app
+from chestxray.serve.runtime import ServeSettings
 from chestxray.serve.store import Analysis, ResultStore
 from chestxray.serve.uploads import FORM_OVERHEAD, UploadError, read_file_field
 
@@ -40,7 +41,7 @@ def analyzer(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def client(analyzer):
-    with TestClient(create_app(analyzer, max_upload_bytes=2 * 2**20)) as c:
+    with TestClient(create_app(analyzer, settings=ServeSettings(max_upload_bytes=2 * 2**20))) as c:
         yield c
 
 
@@ -189,7 +190,7 @@ def test_bad_input_is_a_4xx_json_message_and_server_keeps_serving(client, png_by
 
 def test_oversized_upload_is_413(analyzer, png_bytes):
     limit = 50_000
-    with TestClient(create_app(analyzer, max_upload_bytes=limit)) as small:
+    with TestClient(create_app(analyzer, settings=ServeSettings(max_upload_bytes=limit))) as small:
         too_big = b"\x89PNG\r\n\x1a\n" + bytes(limit)  # limit + 8 bytes in the file part
         r = small.post("/api/v1/predict", **upload(too_big))
         assert r.status_code == 413 and "limit" in r.json()["detail"]
@@ -378,7 +379,7 @@ def test_page_is_self_contained_and_says_not_for_clinical_use(client):
     page = r.text
     assert "tiny-test-model" in page and NOT_FOR_CLINICAL_USE in page
     assert page.lower().count("not for clinical use") == 1, "the banner says it once"
-    limit = client.app.state.max_upload_bytes / 2**20
+    limit = client.app.state.settings.max_upload_bytes / 2**20
     assert f"up to {limit:.4g} MiB" in page and " MB " not in page  # the limit is in MiB (2**20 bytes)
     assert 'aria-live="polite"' in page and '<label for="file"' in page
     assert "{{" not in page and "http://" not in page and "https://" not in page
@@ -414,7 +415,7 @@ def test_serve_command_defaults_to_loopback_and_applies_its_options(tiny_bundle,
     assert main(["serve", "--model", str(tiny_bundle), "--port", str(free), "--max-upload-mb", "3"]) == 0
     config = seen["config"]
     assert (config.host, config.port, config.access_log, seen["port"]) == ("127.0.0.1", free, False, free)
-    assert config.app.state.max_upload_bytes == 3 * 2**20
+    assert config.app.state.settings.max_upload_bytes == 3 * 2**20
     assert config.app.state.analyzer.name == "tiny-test-model"
 
 

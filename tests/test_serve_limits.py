@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,16 @@ def flat_png(width: int, height: int, color_type: int = 6, bits: int = 16) -> by
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def wait_for(condition, timeout: float = 20.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def upload(data: bytes, name: str = SECRET_NAME) -> dict:
     return {"files": {"file": (name, data, "image/png")}}
 
@@ -69,10 +80,14 @@ def pngs(sample_images) -> list[bytes]:
 def test_decode_budget_is_judged_from_the_header_by_bytes_not_pixels():
     big = flat_png(3000, 3000)  # 16-bit RGBA: 72 MB decoded, a small file, 9 MP (under the pixel cap)
     assert len(big) < 200_000
-    t = time.perf_counter()
-    with pytest.raises(DecodeLimitError, match=r"3000x3000, 4 channel\(s\) of 16 bit decodes to 69 MiB"):
-        read_image(big, name="upload", limits=DecodeLimits(max_bytes=64 * 2**20))
-    assert time.perf_counter() - t < 0.5  # refused from the header, nothing decoded
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeLimitError, match=r"3000x3000, 4 channel\(s\) of 16 bit decodes to 69 MiB"):
+            read_image(big, name="upload", limits=DecodeLimits(max_bytes=64 * 2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # refused from the header: nothing of the 69 MiB decoded
     gray8 = flat_png(3000, 3000, color_type=0, bits=8)  # same pixels, 9 MB: within budget
     assert read_image(gray8, limits=DecodeLimits(max_bytes=64 * 2**20)).shape == (3000, 3000)
 
@@ -109,12 +124,13 @@ class GatedAnalyzer:
     that takes as long as the test needs."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.gate, self.calls = inner, threading.Event(), []
+        self.inner, self.gate, self.calls, self.held = inner, threading.Event(), [], 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def predict(self, *args, **kwargs):
+        self.held += len(args[0])  # images waiting at the gate
         self.gate.wait(20)
         self.calls.append(len(args[0]))
         return self.inner.predict(*args, **kwargs)
@@ -127,12 +143,9 @@ def test_full_queue_is_503_at_once_while_healthz_answers_in_milliseconds(analyze
     with TestClient(app) as c, ThreadPoolExecutor(3) as pool:
         assert c.get("/readyz").json() == {"ready": True, "model_loaded": True, "queue": 0, "queue_length": 3}
         waiting = [pool.submit(c.post, "/api/v1/predict", **upload(d)) for d in pngs[:3]]
-        deadline = time.monotonic() + 10
-        while app.state.admission.inside < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        t = time.perf_counter()
+        assert wait_for(lambda: app.state.admission.inside == 3)
         busy = c.post("/api/v1/predict", **upload(pngs[3]))
-        assert time.perf_counter() - t < 1.0
+        assert not any(w.done() for w in waiting)  # answered at once, not after the queue moved
         assert busy.status_code == 503 and busy.headers["retry-after"] == "2" and "busy" in busy.json()["detail"]
         # 413 and 415 are still answered first, from the headers
         assert c.post("/api/v1/predict", content=b"x", headers={"content-type": "image/png"}).status_code == 415
@@ -146,7 +159,7 @@ def test_full_queue_is_503_at_once_while_healthz_answers_in_milliseconds(analyze
             t = time.perf_counter()
             assert c.get("/healthz").status_code == 200
             times.append(time.perf_counter() - t)
-        assert max(times) < 0.1, times
+        assert max(times) < 0.25, times
         gated.gate.set()
         assert [w.result().status_code for w in waiting] == [200, 200, 200]
         assert c.get("/readyz").status_code == 200
@@ -182,10 +195,8 @@ def test_batched_requests_equal_one_at_a_time(analyzer, pngs, backend):
     singles = [analyzer.predict(d, names=["upload"]).to_dict() for d in datas]
     with TestClient(app) as c, ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(c.post, "/api/v1/predict", **upload(d)) for d in datas]
-        deadline = time.monotonic() + 10
-        while app.state.admission.inside < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)  # all six decoded and waiting in the batcher
+        # all six decoded: held at the gate by the first batch, or waiting in the batcher for the next
+        assert wait_for(lambda: gated.held + app.state.runtime.batcher.waiting == 6)
         gated.gate.set()
         bodies = [f.result().json() for f in futures]
         metrics = c.get("/metrics").text
@@ -214,7 +225,7 @@ def test_slow_body_is_408_and_the_partial_upload_is_dropped():
     with pytest.raises(UploadError) as err:
         asyncio.run(read_file_field("multipart/form-data; boundary=B", None, trickle(), 2**20, timeout_s=0.4))
     assert err.value.status == 408 and err.value.headers == {"Connection": "close"}
-    assert 0.35 < time.perf_counter() - t < 1.5
+    assert time.perf_counter() - t >= 0.35  # not before its time
 
 
 def test_slow_request_head_is_cut_with_408():
@@ -239,9 +250,7 @@ def test_slow_request_head_is_cut_with_408():
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_for(lambda: server.started)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:  # a whole request works
             conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert conn.recv(1000).startswith(b"HTTP/1.1 200")
@@ -250,7 +259,7 @@ def test_slow_request_head_is_cut_with_408():
             conn.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\n")
             answer = conn.recv(1000)
             assert answer.startswith(b"HTTP/1.1 408") and conn.recv(1000) == b""  # then closed
-            assert 0.3 < time.perf_counter() - t < 3
+            assert time.perf_counter() - t >= 0.3  # cut by the timeout, not at once
     finally:
         server.should_exit = True
         thread.join(10)
@@ -299,13 +308,11 @@ def test_metrics_and_access_log_hold_no_request_content(analyzer, pngs, caplog, 
 def test_serve_workers_get_the_model_settings_and_shared_metrics(tiny_bundle, monkeypatch):
     import os
 
-    import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from chestxray.cli import main
     from chestxray.serve.app import CONFIG_ENV, app_from_env
     from chestxray.serve.protocol import HeaderTimeoutH11Protocol
-
-    from uvicorn.supervisors import Multiprocess
 
     seen = {}
 
@@ -314,7 +321,8 @@ def test_serve_workers_get_the_model_settings_and_shared_metrics(tiny_bundle, mo
 
     monkeypatch.setattr(Multiprocess, "run", record_instead_of_forking)
     for name in (CONFIG_ENV, "PROMETHEUS_MULTIPROC_DIR", "CHESTXRAY_HEADER_TIMEOUT_S"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded as unset: what the command sets is removed afterwards
+        monkeypatch.delenv(name)
     assert main(["serve", "--model", str(tiny_bundle), "--workers", "2", "--queue-length", "7", "--port", "0",
                  "--max-batch", "4", "--header-timeout-s", "3"]) == 0
     config = seen["config"]

@@ -7,6 +7,7 @@ import atexit
 import ipaddress
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -81,10 +82,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "from the header, exceeds this many MiB (default 128)",
     )
     g.add_argument(
-        "--header-timeout-s", type=float, default=10.0, help="close (408) connections whose request head is slower"
+        "--max-dicom-elements",
+        type=int,
+        default=20_000,
+        help="refuse (413) DICOM uploads whose header holds more data elements (default 20000)",
+    )
+    g.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="close (408) connections whose request head takes longer than this many seconds (default 10)",
     )
     g.add_argument(
         "--body-timeout-s", type=float, default=60.0, help="answer 408 to uploads whose body takes longer (default 60)"
+    )
+    g.add_argument(
+        "--max-receiving",
+        type=int,
+        default=128,
+        help="upload bodies received at once, before any queue place is taken; more get 503 (default 128)",
+    )
+    g.add_argument(
+        "--max-receiving-per-client",
+        type=int,
+        default=16,
+        help="upload bodies received at once from one client address; more get 503 (default 16)",
+    )
+    g.add_argument(
+        "--min-receive-kib-s",
+        type=float,
+        default=8.0,
+        help="answer 408 to upload bodies that arrive slower than this, after the first 5 s (default 8 KiB/s)",
     )
     p.set_defaults(run=run)
 
@@ -93,10 +121,19 @@ def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
     from chestxray.serve.runtime import ServeSettings
 
     extra = {} if args.decode_threads is None else {"decode_threads": args.decode_threads}
+    for flag in ("max_upload_mb", "max_decode_mb", "min_receive_kib_s", "max_wait_ms"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (value == 0 and flag.endswith("_mb")):
+            kind = "a positive number" if flag.endswith("_mb") else "a number >= 0"
+            raise ChestXrayError(f"--{flag.replace('_', '-')} must be {kind}, got {value}")
     try:
         return ServeSettings(
             max_upload_bytes=int(args.max_upload_mb * 2**20),
             max_decode_bytes=int(args.max_decode_mb * 2**20),
+            max_dicom_elements=args.max_dicom_elements,
+            max_receiving=args.max_receiving,
+            max_receiving_per_client=args.max_receiving_per_client,
+            min_receive_rate=args.min_receive_kib_s * 1024,
             queue_length=args.queue_length,
             request_deadline_s=args.request_deadline_s,
             max_batch=args.max_batch,
@@ -105,8 +142,9 @@ def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
             body_timeout_s=args.body_timeout_s,
             **extra,
         )
-    except ValueError as exc:
-        raise ChestXrayError(f"serve: {exc}") from None
+    except ValueError as exc:  # "<field> must be ...": name the flag instead
+        field, _, rest = str(exc).partition(" ")
+        raise ChestXrayError(f"--{field.replace('_', '-')} {rest}") from None
 
 
 class RedactAccessLog(logging.Filter):
@@ -167,8 +205,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise ChestXrayError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
-    if args.max_upload_mb <= 0:
-        raise ChestXrayError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.workers < 1:
         raise ChestXrayError(f"--workers must be at least 1, got {args.workers}")
     settings = settings_from_args(args)

@@ -18,7 +18,10 @@ checks (a lateral ViewPosition, a BodyPartExamined other than chest).
 
 from __future__ import annotations
 
+import io
 import os
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,17 @@ TENSOR_PREFIX = "input_check."
 OOD_WARNING = "unlike the frontal chest X-rays this model was trained on"
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE", "LO"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
+#: BodyPartExamined values quoted in a warning: common DICOM defined terms (PS3.16 CID 4031).
+# fmt: off
+BODY_PARTS = frozenset({
+    "ABDOMEN", "ANKLE", "ARM", "BREAST", "CALF", "CLAVICLE", "COCCYX", "CSPINE", "ELBOW", "EXTREMITY",
+    "FACE", "FINGER", "FOOT", "FOREARM", "HAND", "HEAD", "HEART", "HIP", "HUMERUS", "JAW", "KNEE", "LEG",
+    "LSPINE", "NECK", "PELVIS", "SACRUM", "SCAPULA", "SHOULDER", "SKULL", "SPINE", "SSPINE", "THIGH", "TOE",
+    "TSPINE", "WRIST", "ABDOMENPELVIS", "HEADNECK", "KIDNEY", "LIVER", "ORBIT", "SINUS", "TMJ", "ZYGOMA",
+})
+# fmt: on
+#: pydicom reads a data element's tag, VR and length at once, then a non-empty value.
+READS_PER_ELEMENT = 2
 
 
 @dataclass
@@ -222,16 +236,45 @@ def load_input_check(meta: Any, path: str | os.PathLike | None) -> InputCheck | 
         raise BundleError(f"{path}: the bundle's input check is incomplete ({exc})") from None
 
 
-def dicom_warnings(source: Any, name: str | None = None) -> list[str]:
+class _TooManyElements(Exception):
+    pass
+
+
+class _BoundedReader(io.BytesIO):
+    """A file whose reads are counted: pydicom reads each data element's tag, length and
+    value separately, so a cap on reads caps the elements parsed, nested sequences
+    included (pydicom has no element limit of its own)."""
+
+    def __init__(self, data: bytes, max_reads: int) -> None:
+        super().__init__(data)
+        self.reads_left = max_reads
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads_left -= 1
+        if self.reads_left % 512 == 0:
+            if self.reads_left < 0:
+                raise _TooManyElements
+            time.sleep(0)  # let other threads (a server's event loop) take the GIL between elements
+        return super().read(size)
+
+
+def dicom_warnings(source: Any, name: str | None = None, max_elements: int | None = None) -> list[str]:
     """Warnings from a DICOM header (lateral view, not a chest); [] for other inputs.
-    Only these two tags are read and quoted; nothing that identifies a patient."""
+    Only these two tags are read, and a value is quoted only when it is one of the DICOM
+    defined terms (a file may hold anything there, a patient name included).
+
+    With `max_elements`, a header of more data elements than that (about: reads are
+    counted) raises DecodeLimitError after a bounded amount of work.
+    """
     if isinstance(source, np.ndarray):
         return []
-    from chestxray.data.images import is_dicom_bytes
+    from chestxray.data.images import _quiet_pydicom_log, is_dicom_bytes
+    from chestxray.errors import DecodeLimitError
 
+    label = name or ""
     try:
         if isinstance(source, bytes):
-            data, label = source, name or ""
+            data = source
         else:
             p = Path(source)
             with open(p, "rb") as fh:
@@ -242,18 +285,28 @@ def dicom_warnings(source: Any, name: str | None = None) -> list[str]:
             data = p.read_bytes()
         if not (is_dicom_bytes(data[:132]) or label.lower().endswith((".dcm", ".dicom"))):
             return []
-        import io
-
         import pydicom
 
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
-        part = str(getattr(ds, "BodyPartExamined", "") or "").strip().upper()
+        fp = _BoundedReader(data, READS_PER_ELEMENT * max_elements if max_elements else 2**62)
+        # pydicom logs and warns about odd values (an unknown SpecificCharacterSet) by quoting them.
+        with warnings.catch_warnings(), _quiet_pydicom_log():
+            warnings.simplefilter("ignore")
+            # Values over 1 KiB (pixel data) are skipped, not read; the two tags are short strings.
+            ds = pydicom.dcmread(fp, defer_size=1024, force=True)
+            view = _tag_text(ds, "ViewPosition")
+            part = _tag_text(ds, "BodyPartExamined")
+    except _TooManyElements:
+        raise DecodeLimitError(label, f"the DICOM header has more than {max_elements} data elements") from None
     except Exception:  # the image reader reports unreadable files; the check adds nothing then
         return []
     out = []
     if view in LATERAL_VIEWS:
-        out.append(f"DICOM ViewPosition is {view[:16]} (lateral): this model was trained on frontal (PA/AP) views")
+        out.append(f"DICOM ViewPosition is {view} (lateral): this model was trained on frontal (PA/AP) views")
     if part and not any(c in part for c in CHEST_PARTS):
-        out.append(f"DICOM BodyPartExamined is {part[:16]}, not chest: this model reads chest X-rays only")
+        shown = part if part in BODY_PARTS else "an unexpected value"
+        out.append(f"DICOM BodyPartExamined is {shown}, not chest: this model reads chest X-rays only")
     return out
+
+
+def _tag_text(ds: Any, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().upper()[:64]

@@ -1,9 +1,11 @@
 """What keeps the server within its means under load: settings, admission control, a
 bounded decode pool and dynamic batching of inference.
 
-A request that carries an upload is admitted (or refused at once with 503 and
-`Retry-After` when `queue_length` requests are already inside), then its body is read,
-decoded in a pool of `decode_threads` threads (so at most that many images are being
+A request that carries an upload has its body read first, within bounds of its own
+(`max_receiving` bodies at once, `max_receiving_per_client` per client address, each
+arriving at `min_receive_rate` bytes/s or better), so that slow clients never hold a
+compute slot. Then it is admitted (or refused at once with 503 and `Retry-After` when
+`queue_length` requests are already inside), decoded in a pool of `decode_threads` threads (so at most that many images are being
 decoded at any time, whatever the load), and its model input joins a batch: requests
 that arrive within `max_wait_ms` of each other run through the network together, up
 to `max_batch`. One inference thread runs the batches and Grad-CAM, so the torch model
@@ -13,12 +15,14 @@ and its hooks are never used by two threads at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, TypeVar
@@ -43,8 +47,16 @@ class ServeSettings:
     max_decode_bytes: int = 128 * 2**20
     #: Images decoded at once; default the number of cores.
     decode_threads: int = field(default_factory=_cores)
-    #: Requests inside (reading, decoding, waiting for or in inference) at once; more get 503.
+    #: Requests inside (decoding, waiting for or in inference) at once; more get 503.
     queue_length: int = 64
+    #: Upload bodies being received at once, and per client address; more get 503.
+    max_receiving: int = 128
+    max_receiving_per_client: int = 16
+    #: Bodies slower than this (bytes/s, after `receive_grace_s`) are cut with 408.
+    min_receive_rate: float = 8 * 1024
+    receive_grace_s: float = 5.0
+    #: Refuse (413) DICOM uploads whose header holds more data elements than this.
+    max_dicom_elements: int = 20_000
     #: A request not answered within this many seconds of admission gets 503.
     request_deadline_s: float = 30.0
     max_batch: int = 16
@@ -56,14 +68,17 @@ class ServeSettings:
     retry_after_s: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_decode_bytes", "decode_threads", "queue_length", "max_batch"):
+        counts = ("max_upload_bytes", "max_decode_bytes", "decode_threads", "queue_length", "max_batch")
+        for name in (*counts, "max_receiving", "max_receiving_per_client", "max_dicom_elements"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("request_deadline_s", "header_timeout_s", "body_timeout_s"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("request_deadline_s", "header_timeout_s", "body_timeout_s", "receive_grace_s"):
+            if not 0 < float(getattr(self, name)) < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if not 0 <= self.min_receive_rate < math.inf:
+            raise ValueError(f"min_receive_rate must be >= 0, got {self.min_receive_rate}")
+        if not 0 <= self.max_wait_ms < math.inf:
+            raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +116,39 @@ class Admission:
         self.inside = max(0, self.inside - 1)
         if self._on_change:
             self._on_change(self.inside)
+
+
+class Receiving:
+    """Bodies being received: at most `limit` at once and `per_client` per client address,
+    refused at once past either (a slow client cannot hold the slots of others). Event-loop only."""
+
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        self.inside = 0
+        self.by_client: dict[str, int] = {}
+
+    def refusal(self, client: str) -> str | None:
+        if self.inside >= self.limit:
+            return f"the server is receiving {self.limit} uploads; retry shortly"
+        if self.by_client.get(client, 0) >= self.per_client:
+            return f"this client is already sending {self.per_client} uploads; retry shortly"
+        return None
+
+    @contextlib.contextmanager
+    def receiving(self, client: str) -> Iterator[None]:
+        reason = self.refusal(client)
+        if reason is not None:
+            raise Busy(reason)
+        self.inside += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+            left = self.by_client.pop(client) - 1
+            if left:
+                self.by_client[client] = left
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -169,6 +217,11 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Items submitted and not yet taken into a batch."""
+        return sum(not p[1].done() for p in self._pending)
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ a bytearray. The client's file name is read by the parser but never stored.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -27,7 +28,11 @@ MAX_PART_HEADER = 64 * 1024
 
 
 class BodyTimeout(Exception):
-    """The client did not send its body within the limit."""
+    """The client did not send its body within the limit (`slow`: it fell below the minimum rate)."""
+
+    def __init__(self, slow: bool = False) -> None:
+        super().__init__()
+        self.slow = slow
 
 
 class UploadError(Exception):
@@ -133,33 +138,41 @@ async def read_file_field(
     max_bytes: int,
     field: str = FIELD,
     timeout_s: float | None = None,
+    min_rate: float = 0.0,
+    grace_s: float = 0.0,
 ) -> bytes:
     """The bytes of form field `field` of a multipart/form-data body, read from `stream`.
 
     Raises UploadError: 415 if the body is not multipart, 413 past `max_bytes` (checked
     on Content-Length first, then while reading), 422 if the field is missing or
     repeated, 400 if the multipart body is malformed or cut short, 408 (with
-    `Connection: close`) when the whole body has not arrived within `timeout_s` seconds;
-    what was read so far is dropped.
+    `Connection: close`) when the whole body has not arrived within `timeout_s` seconds,
+    or arrives slower than `min_rate` bytes/s on average once `grace_s` seconds have
+    passed; what was read so far is dropped.
     """
     boundary = check_upload_headers(content_type, content_length, max_bytes, field)
     body_limit = max_bytes + FORM_OVERHEAD
     collector = _FileCollector(field, max_bytes)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = math.inf if timeout_s is None else start + timeout_s
     chunks = stream.__aiter__()
     try:
         parser = _parser(boundary, collector)
         total = 0
         while True:
+            # The next bytes must come before the body deadline, and before the moment when
+            # what has arrived falls below the minimum rate.
+            slow_at = start + grace_s + total / min_rate if min_rate > 0 else math.inf
+            wait = min(deadline, slow_at) - time.monotonic()
             try:
-                if deadline is None:
+                if wait == math.inf:
                     chunk = await chunks.__anext__()
                 else:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, deadline - time.monotonic()))
+                    chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, wait))
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise BodyTimeout from None
+                raise BodyTimeout(slow=slow_at < deadline) from None
             total += len(chunk)
             if total > body_limit:
                 raise UploadError(413, _too_large(max_bytes), {"Connection": "close"})
@@ -169,11 +182,10 @@ async def read_file_field(
     except UploadError:
         collector.data = bytearray()
         raise
-    except BodyTimeout:
+    except BodyTimeout as exc:
         collector.data = bytearray()  # drop the half-read upload now, not when the client goes
-        raise UploadError(
-            408, f"the upload did not arrive within {timeout_s:g} s; send it again", {"Connection": "close"}
-        ) from None
+        why = f"arrived slower than {min_rate / 1024:g} KiB/s" if exc.slow else f"did not arrive within {timeout_s:g} s"
+        raise UploadError(408, f"the upload {why}; send it again", {"Connection": "close"}) from None
     except Exception as exc:  # python-multipart's parse errors (several types)
         raise UploadError(400, f"malformed multipart/form-data body ({type(exc).__name__})") from None
     if collector.seen == 0:
