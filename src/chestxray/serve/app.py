@@ -44,7 +44,7 @@ from chestxray import NOT_FOR_CLINICAL_USE, __version__
 from chestxray.data.images import DecodeLimitError, DecodeLimits, read_image, sniff_image_format
 from chestxray.errors import ChestXrayError, ImageReadError
 from chestxray.inference.predict import Prediction
-from chestxray.serve import render
+from chestxray.serve import render, viewer_routes
 from chestxray.serve.metrics import ACCESS_LOG, ServeMetrics, access_line, quiet_third_party_loggers
 from chestxray.serve.runtime import Admission, Batcher, Busy, DecodePool, ServeSettings
 from chestxray.serve.schemas import AnalysisOut, ErrorOut, HealthOut, ModelOut, PredictionOut, ReadyOut
@@ -417,6 +417,7 @@ def create_app(
         from chestxray.inference.input_check import dicom_warnings
 
         request.state.header_warnings = dicom_warnings(data, UPLOAD_NAME)  # lateral / not chest (DICOM only)
+        request.state.upload = data  # for the viewer's full-depth copy; gone with the request
         return await within_deadline(timed(timings, "decode", decoder.run(decode, data)))
 
     async def predict(gray: np.ndarray, timings: dict[str, float]) -> Prediction:
@@ -450,6 +451,10 @@ def create_app(
     def locked_heatmap(gray: np.ndarray, finding: str) -> "CamResult":
         with lock:
             return heatmap(gray, finding)
+
+    app.state.heatmap_job = lambda gray, finding: within_deadline(  # the viewer's Grad-CAM, as cam_png runs it
+        asyncio.get_running_loop().run_in_executor(inference, locked_heatmap, gray, finding)
+    )
 
     async def cam_png(gray: np.ndarray, finding: str, timings: dict[str, float]) -> tuple[bytes, str | None]:
         """The overlay PNG and, for a map with no positive value, the note to show instead."""
@@ -555,7 +560,8 @@ def create_app(
             result = await predict(gray, timings)
             result.warnings += request.state.header_warnings
             display = await decoder.run(render.fit, gray, display_max_side)
-        key = store.add(Analysis(gray=gray, display=display, prediction=result))
+            full = await within_deadline(decoder.run(viewer_routes.full_depth, request.state.upload, display, limits))
+        key = store.add(Analysis(gray=gray, display=display, prediction=result, viewer={viewer_routes.FULL: full}))
         base = f"/api/v1/analyses/{key}"
         return AnalysisOut(
             id=key,
@@ -616,6 +622,8 @@ def create_app(
         return Response(status_code=204)
 
     # -- the viewer ------------------------------------------------------------------
+
+    app.include_router(viewer_routes.router)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:

@@ -1,0 +1,130 @@
+"""The viewer's routes: full-depth pixels of a DICOM, colour heat maps with captions worded
+from the map and the decision, the JSON download and the PNG report."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_images import dicom_bytes
+
+from chestxray import NOT_FOR_CLINICAL_USE
+from chestxray.serve.viewer_routes import cam_caption, window_lut
+
+
+def ramp16(h: int = 96, w: int = 128) -> np.ndarray:
+    """12-bit stored values with a bright square: distinct values across the range."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = (xx * 3000 // w + yy * 8).astype(np.uint16)
+    img[30:50, 40:70] = 4000
+    return img
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    from chestxray.inference.predict import Analyzer
+    from chestxray.serve.app import create_app
+
+    with TestClient(create_app(Analyzer.load(tiny_bundle))) as c:
+        yield c
+
+
+def upload(client, data: bytes) -> dict:
+    resp = client.post("/api/v1/analyses", files={"file": ("x", data)})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def test_dicom_pixels_are_full_depth_modality_values_with_its_window(client):
+    stored = ramp16()
+    data = dicom_bytes(stored, bits=12, slope=1.0, intercept=-1000.0, window=(1200.0, 2000.0))
+    analysis = upload(client, data)
+    info = client.get(f"/api/v1/analyses/{analysis['id']}/display").json()
+    assert info["source"] == "DICOM" and (info["width"], info["height"]) == (128, 96)
+    png = client.get(info["pixels_url"])
+    img = Image.open(io.BytesIO(png.content))
+    assert png.headers["content-type"] == "image/png" and img.mode.startswith("I")
+    values = info["value_offset"] + info["value_slope"] * np.asarray(img, dtype=np.float64)
+    np.testing.assert_array_equal(values, stored.astype(np.float64) - 1000.0)  # modality values, all 16 bits
+    centre = info["value_offset"] + info["dicom_window"]["center"] * info["value_slope"]
+    assert centre == pytest.approx(1200.0) and info["dicom_window"]["width"] == pytest.approx(2000.0)
+    assert info["stored_max"] - info["stored_min"] == 4000 - int(stored.min())
+
+
+def test_monochrome1_is_flipped_so_that_larger_is_brighter(client):
+    stored = ramp16()
+    analysis = upload(client, dicom_bytes(stored, photometric="MONOCHROME1", bits=12, window=(2000.0, 4000.0)))
+    info = client.get(f"/api/v1/analyses/{analysis['id']}/display").json()
+    img = np.asarray(Image.open(io.BytesIO(client.get(info["pixels_url"]).content)), dtype=np.float64)
+    values = info["value_offset"] + info["value_slope"] * img
+    np.testing.assert_array_equal(values, -stored.astype(np.float64))
+    assert info["value_offset"] + info["dicom_window"]["center"] * info["value_slope"] == pytest.approx(-2000.0)
+    # The DICOM's own window on these values gives the server's 8-bit decode, within rounding.
+    shown = window_lut(img, info["dicom_window"]["center"], info["dicom_window"]["width"])
+    display = np.asarray(Image.open(io.BytesIO(client.get(analysis["image_url"]).content)))
+    assert np.abs(shown.astype(int) - display.astype(int)).max() <= 1
+
+
+def test_8_bit_upload_gives_its_display_values(client):
+    gray = (np.arange(64 * 80).reshape(64, 80) % 251).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="PNG")
+    analysis = upload(client, buf.getvalue())
+    info = client.get(f"/api/v1/analyses/{analysis['id']}/display").json()
+    assert info["source"] == "8-bit image" and info["dicom_window"] is None
+    img = np.asarray(Image.open(io.BytesIO(client.get(info["pixels_url"]).content)))
+    np.testing.assert_array_equal(img, gray)
+
+
+def test_heat_layer_caption_json_and_report(client):
+    analysis = upload(client, dicom_bytes(ramp16(), bits=12))
+    info = client.get(f"/api/v1/analyses/{analysis['id']}/display").json()
+    finding = analysis["prediction"]["findings"][0]
+    resp = client.get(info["heat_url"], params={"finding": finding["finding"]})
+    assert resp.status_code == 200
+    heat = np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"))
+    assert heat.shape == (96, 128, 3)
+    assert float(resp.headers["X-Grad-CAM-Alpha"]) in (0.0, 0.45)
+    assert resp.headers["X-Grad-CAM-Caption"].startswith(f"Grad-CAM for {finding['finding']}")
+    assert client.get(info["heat_url"], params={"finding": "Nope"}).status_code == 422
+
+    result = client.get(info["result_url"])
+    assert "attachment" in result.headers["content-disposition"]
+    assert result.json()["findings"] == analysis["prediction"]["findings"]
+    assert result.json()["note"] == NOT_FOR_CLINICAL_USE
+
+    report = client.get(
+        info["report_url"], params={"finding": finding["finding"], "center": 1500, "width": 3000, "opacity": 0.5}
+    )
+    assert report.status_code == 200 and "attachment" in report.headers["content-disposition"]
+    page = Image.open(io.BytesIO(report.content))
+    assert page.width == 1400 and page.height >= 800
+    assert client.get(info["report_url"], params={"width": -1}).status_code == 422
+    assert client.get("/api/v1/analyses/nope/report.png").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("positive", "evidence", "expected"),
+    [
+        (True, True, "raised its score (14.9%), above its threshold of 8.5%"),
+        (False, True, "though not up to its threshold of 8.5%"),
+        (True, False, "above its threshold of 8.5%, but the map singles out no region"),
+        (False, False, "no region raised its score (14.9%), which stays below its threshold"),
+    ],
+)
+def test_cam_caption_is_worded_from_the_map_and_the_decision(positive, evidence, expected):
+    text = cam_caption("Effusion", 0.149, 0.085, positive, evidence)
+    assert expected in text
+    if positive:  # never "no evidence" next to ABOVE THRESHOLD
+        assert "no positive evidence" not in text and "nothing in the image" not in text
+
+
+def test_window_lut_follows_the_dicom_linear_window():
+    x = np.array([0, 99, 100, 150, 200, 201, 4095])
+    out = window_lut(x, centre=150.5, width=101.0)
+    assert out[0] == 0 and out[-1] == 255 and out[3] == 128
+    assert list(window_lut(x, 150.5, 101.0, invert=True)) == [255 - v for v in out]
