@@ -8,10 +8,10 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from test_images import dicom_bytes
 
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.serve.viewer_routes import cam_caption, window_lut
+from test_images import dicom_bytes
 
 
 def ramp16(h: int = 96, w: int = 128) -> np.ndarray:

@@ -207,7 +207,7 @@ async def _heat(request: Request, item: Analysis, finding: str) -> HeatLayer:
         raise HTTPException(422, str(exc).replace(finding, finding[:40])) from None
     layer = item.viewer.get(f"heat:{name}")
     if layer is not None:
-        return layer  # type: ignore[no-any-return]
+        return layer
     admission = request.app.state.admission
     admission.enter()  # Busy -> the app's 503
     try:
