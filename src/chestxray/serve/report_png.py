@@ -40,7 +40,9 @@ def report_page(
     page = Image.new("RGB", (PAGE_W, height), BG)
     draw = ImageDraw.Draw(page)
     draw.text((MARGIN, MARGIN), "chestxray report", font=big, fill=INK)
-    draw.text((MARGIN, MARGIN + 40), f"Model {model} · {prediction.variant or ''} {time_text}".strip(), font=small, fill=MUTED)
+    draw.text(
+        (MARGIN, MARGIN + 40), f"Model {model} · {prediction.variant or ''} {time_text}".strip(), font=small, fill=MUTED
+    )
     top = MARGIN + 72
     page.paste(image, (MARGIN, top))
     y = top + image.height + 8
