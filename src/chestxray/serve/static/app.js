@@ -56,6 +56,7 @@
   function resetHeat() {
     heats = new Map();
     active = null;
+    delete els.view.dataset.heat;
     els.legend.hidden = true;
     els.caption.textContent = "Radiograph as analysed by the server.";
   }
@@ -178,6 +179,7 @@
     for (const b of els.findings.querySelectorAll(".cam-toggle")) if (b !== button) b.setAttribute("aria-pressed", "false");
     if (active === name) {
       active = null;
+      delete els.view.dataset.heat;
       button.setAttribute("aria-pressed", "false");
       els.legend.hidden = true;
       els.caption.textContent = "Radiograph as analysed by the server.";
