@@ -36,7 +36,10 @@ def report_page(
     rows = len(prediction.findings)
     warnings = list(prediction.warnings or [])
     warn_lines = [line for w in warnings for line in textwrap.wrap(f"Warning: {w}", 60)]
-    height = max(MARGIN * 2 + 60 + IMAGE_SIDE + 80, MARGIN + 150 + 30 * rows + 26 * len(warn_lines) + 120)
+    notes = textwrap.wrap(window_text, 90) + textwrap.wrap(caption or "No Grad-CAM overlay.", 90)
+    left_end = MARGIN + 72 + image.height + 8 + 22 * len(notes)
+    right_end = MARGIN + 72 + 26 * len(warn_lines) + 8 + 30 * (rows + 1) + 30
+    height = max(left_end, right_end) + 24 + 56
     page = Image.new("RGB", (PAGE_W, height), BG)
     draw = ImageDraw.Draw(page)
     draw.text((MARGIN, MARGIN), "chestxray report", font=big, fill=INK)
@@ -46,7 +49,7 @@ def report_page(
     top = MARGIN + 72
     page.paste(image, (MARGIN, top))
     y = top + image.height + 8
-    for line in textwrap.wrap(window_text, 90) + textwrap.wrap(caption or "No Grad-CAM overlay.", 90):
+    for line in notes:
         draw.text((MARGIN, y), line, font=small, fill=MUTED)
         y += 22
 
@@ -57,17 +60,17 @@ def report_page(
     if warn_lines:
         y += 8
     draw.text((right, y), "Finding", font=mid, fill=INK)
-    for x, head in ((right + 260, "Probability"), (right + 390, "Threshold")):
+    for x, head in ((right + 240, "Probability"), (right + 350, "Threshold")):
         draw.text((x, y), head, font=mid, fill=INK)
     y += 30
     draw.line((right, y - 4, right + text_w, y - 4), fill=MUTED)
     for f in prediction.findings:
         colour = (AMBER if not warnings else MUTED) if f.positive else INK
         draw.text((right, y), f.finding, font=mid, fill=colour)
-        draw.text((right + 260, y), f"{100 * f.probability:.1f}%", font=mid, fill=colour)
-        draw.text((right + 390, y), f"{100 * f.threshold:.1f}%", font=mid, fill=MUTED)
+        draw.text((right + 240, y), f"{100 * f.probability:.1f}%", font=mid, fill=colour)
+        draw.text((right + 350, y), f"{100 * f.threshold:.1f}%", font=mid, fill=MUTED)
         if f.positive:
-            draw.text((right + 490, y), "ABOVE", font=mid, fill=colour)
+            draw.text((right + 450, y), "ABOVE", font=mid, fill=colour)
         y += 30
     if prediction.threshold_policy:
         draw.text((right, y + 6), f"Thresholds: operating point {prediction.threshold_policy}", font=small, fill=MUTED)
