@@ -55,6 +55,11 @@ def test_dicom_pixels_are_full_depth_modality_values_with_its_window(client):
     assert info["stored_max"] - info["stored_min"] == 4000 - int(stored.min())
 
 
+def test_dicom_without_preamble_is_full_depth_too(client):
+    analysis = upload(client, dicom_bytes(ramp16(), bits=12, preamble=False))
+    assert client.get(f"/api/v1/analyses/{analysis['id']}/display").json()["source"] == "DICOM"
+
+
 def test_monochrome1_is_flipped_so_that_larger_is_brighter(client):
     stored = ramp16()
     analysis = upload(client, dicom_bytes(stored, photometric="MONOCHROME1", bits=12, window=(2000.0, 4000.0)))
@@ -128,3 +133,18 @@ def test_window_lut_follows_the_dicom_linear_window():
     out = window_lut(x, centre=150.5, width=101.0)
     assert out[0] == 0 and out[-1] == 255 and out[3] == 128
     assert list(window_lut(x, 150.5, 101.0, invert=True)) == [255 - v for v in out]
+
+
+def test_large_dicom_pixels_are_registered_with_the_display_image(client):
+    yy, xx = np.mgrid[0:1100, 0:1300]
+    stored = (xx * 3 + yy).astype(np.uint16)  # 0 .. 4996, smooth: resizing keeps the ramp
+    analysis = upload(client, dicom_bytes(stored, bits=13))
+    info = client.get(f"/api/v1/analyses/{analysis['id']}/display").json()
+    display = np.asarray(Image.open(io.BytesIO(client.get(analysis["image_url"]).content)))
+    assert (info["height"], info["width"]) == display.shape == (866, 1024)
+    img = np.asarray(Image.open(io.BytesIO(client.get(info["pixels_url"]).content)), dtype=np.float64)
+    values = info["value_offset"] + info["value_slope"] * img
+    # The pixel at display (r, c) shows the original near (r, c) x 1300 / 1024.
+    for r, c in [(10, 10), (400, 500), (860, 1000)]:
+        expected = 3 * (c + 0.5) * 1300 / 1024 + (r + 0.5) * 1100 / 866
+        assert abs(values[r, c] - expected) < 4

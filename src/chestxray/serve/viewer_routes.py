@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.data.images import DecodeLimits, read_dicom_values
+from chestxray.data.images import DecodeLimits, read_dicom_values, sniff_image_format
 from chestxray.errors import ChestXrayError, ImageReadError
 from chestxray.serve import render
 from chestxray.serve.store import Analysis
@@ -64,8 +64,10 @@ class HeatLayer:
 def full_depth(data: bytes, display: np.ndarray, limits: DecodeLimits | None = None) -> FullDepth:
     """The upload at its own depth, at the display image's size: a grayscale DICOM's modality
     values (larger = brighter), else the 8-bit display image itself."""
+    # Like the upload path: data that is no known raster format may be DICOM without its preamble.
+    name = "upload.dcm" if sniff_image_format(data[:132]) is None else "upload"
     try:
-        dicom = read_dicom_values(data, "upload", limits)
+        dicom = read_dicom_values(data, name, limits)
     except ImageReadError:
         dicom = None  # the 8-bit decode succeeded, so show that
     if dicom is None:

@@ -342,19 +342,39 @@
 
   // Drag: window/level by default, pan with Shift, the Pan mode or a middle button.
   const WL_STEPS = 512;  // a drag across 512 px moves the window by the image's whole range
+  const touches = new Map();  // pointerId -> last position, for two-finger pinch zoom
+  function pinch(e) {
+    const before = [...touches.values()];
+    touches.set(e.pointerId, { x: e.clientX, y: e.clientY });
+    const after = [...touches.values()];
+    const dist = (a) => Math.hypot(a[0].x - a[1].x, a[0].y - a[1].y);
+    const r = e.currentTarget.getBoundingClientRect();
+    const mid = { canvas: e.currentTarget, x: (after[0].x + after[1].x) / 2 - r.left, y: (after[0].y + after[1].y) / 2 - r.top };
+    if (dist(before) > 0) zoomBy(dist(after) / dist(before), mid);
+  }
+
   function onPointerDown(e) {
     if (!image) return;
     const canvas = e.currentTarget;
     canvas.setPointerCapture(e.pointerId);
+    if (e.pointerType === "touch") {
+      touches.set(e.pointerId, { x: e.clientX, y: e.clientY });
+      const forget = () => touches.delete(e.pointerId);
+      canvas.addEventListener("pointerup", forget, { once: true });
+      canvas.addEventListener("pointercancel", forget, { once: true });
+    }
     const panning = state.pan || e.shiftKey || e.button === 1;
     const start = { x: e.clientX, y: e.clientY, centre: state.centre, width: state.width };
     const step = (display.stored_max - display.stored_min + 1) / WL_STEPS;
     let last = { x: e.clientX, y: e.clientY };
     const move = (ev) => {
+      if (touches.size === 2 && touches.has(ev.pointerId)) { pinch(ev); return; }
+      if (touches.size > 2 || ev.pointerId !== e.pointerId) return;
       if (panning) { panBy(ev.clientX - last.x, ev.clientY - last.y); last = { x: ev.clientX, y: ev.clientY }; return; }
       setWindow(start.centre + (ev.clientY - start.y) * step, start.width + (ev.clientX - start.x) * step);
     };
-    const up = () => {
+    const up = (ev) => {
+      if (ev.pointerId !== e.pointerId) return;
       canvas.removeEventListener("pointermove", move);
       canvas.removeEventListener("pointerup", up);
       canvas.removeEventListener("pointercancel", up);
