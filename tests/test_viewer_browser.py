@@ -212,6 +212,7 @@ def test_shortcuts_and_side_by_side(page):
     assert help_panel.is_visible() and "Lung window" in help_panel.inner_text()
     page.keyboard.press("Escape")
     assert help_panel.is_hidden()
+    assert page.evaluate("document.activeElement.id") == "help-toggle"  # focus is not lost
     page.locator("#view").focus()
     values = np.sort(stored_values().ravel()) - LOWEST
     page.keyboard.press("l")

@@ -419,6 +419,7 @@
   KEYS.set("=", KEYS.get("+")); KEYS.set("Escape", KEYS.get("Esc")); KEYS.delete("Esc");
 
   function toggleHelp(show = els.help.hidden) {
+    if (!show && els.help.contains(document.activeElement)) els.helpToggle.focus();  // focus stays on the page
     els.help.hidden = !show;
     els.helpToggle.setAttribute("aria-expanded", String(show));
     if (show) $("help-close").focus();
@@ -611,7 +612,7 @@
   els.opacity.addEventListener("input", () => setOpacity(Number(els.opacity.value) / 100));
   els.side.addEventListener("change", () => setSide(els.side.checked));
   els.helpToggle.addEventListener("click", () => toggleHelp());
-  $("help-close").addEventListener("click", () => { toggleHelp(false); els.helpToggle.focus(); });
+  $("help-close").addEventListener("click", () => toggleHelp(false));
   els.helpKeys.replaceChildren(...SHORTCUTS.map(([k, what]) => {
     const tr = element("tr");
     const key = element("td");
