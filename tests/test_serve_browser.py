@@ -80,6 +80,7 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             page.goto(server_url + "/")
 
             expect(page.locator("#model-name")).to_have_text("tiny-test-model")
+            expect(page.locator("#studies")).to_be_hidden()  # no PACS options: the upload viewer alone
             expect(page.get_by_role("note")).to_contain_text(NOT_FOR_CLINICAL_USE)
 
             # A broken file: an alert with the server's reason, and the page stays usable.

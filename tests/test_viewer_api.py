@@ -43,6 +43,7 @@ def test_dicom_pixels_are_full_depth_modality_values_with_its_window(client):
     stored = ramp16()
     data = dicom_bytes(stored, bits=12, slope=1.0, intercept=-1000.0, window=(1200.0, 2000.0))
     analysis = upload(client, data)
+    assert client.get("/api/v1/viewer").json() == {"studies": False}  # no PACS: no Studies page
     info = client.get(f"/api/v1/analyses/{analysis['id']}/display").json()
     assert info["source"] == "DICOM" and (info["width"], info["height"]) == (128, 96)
     png = client.get(info["pixels_url"])
@@ -148,3 +149,56 @@ def test_large_dicom_pixels_are_registered_with_the_display_image(client):
     for r, c in [(10, 10), (400, 500), (860, 1000)]:
         expected = 3 * (c + 0.5) * 1300 / 1024 + (r + 0.5) * 1100 / 866
         assert abs(values[r, c] - expected) < 4
+
+
+def memory_pacs():
+    from chestxray.serve.studies import StudyImage, StudyRow
+    from pacs_double import MemoryPacs
+
+    rows = [
+        StudyRow(f"1.2.840.99.{i}", f"202611{i:02d}", f"ACC{i}", "CHEST PA", 1, False, f"Doe^Jane{i}")
+        for i in range(1, 26)
+    ]
+    image = StudyImage(dicom_bytes(ramp16(), bits=12), "1.2.840.99.1.1", "1.2.840.99.1.1.1")
+    return MemoryPacs(rows, {"1.2.840.99.3": image})
+
+
+@pytest.mark.parametrize("names", [False, True])
+def test_studies_list_pages_searches_and_hides_names_unless_asked(tiny_bundle, names):
+    from fastapi.testclient import TestClient
+
+    from chestxray.inference.predict import Analyzer
+    from chestxray.serve.app import create_app
+    from chestxray.serve.studies import studies_router
+
+    pacs = memory_pacs()
+    app = create_app(Analyzer.load(tiny_bundle))
+    app.include_router(studies_router(pacs, show_patient_names=names))
+    with TestClient(app) as c:
+        assert c.get("/api/v1/viewer").json() == {"studies": True}
+        first = c.get("/api/v1/studies").json()
+        assert [s["accession"] for s in first["studies"]][:2] == ["ACC25", "ACC24"] and first["more"]
+        assert len(first["studies"]) == 20
+        assert (first["studies"][0]["patient_name"] == "Doe^Jane25") is names
+        assert not names or first["studies"][0]["patient_name"]
+        last = c.get("/api/v1/studies", params={"offset": 20}).json()
+        assert len(last["studies"]) == 5 and not last["more"]
+        hit = c.get("/api/v1/studies", params={"accession": "ACC7", "date_from": "20261101"}).json()
+        assert [s["study_uid"] for s in hit["studies"]] == ["1.2.840.99.7"]
+        for bad in ({"accession": "ACC*"}, {"date_from": "2026-11-01"}, {"limit": 500}):
+            assert c.get("/api/v1/studies", params=bad).status_code == 422
+        assert len(pacs.queries) == 3  # the refused ones never reached the PACS
+
+        image = c.get("/api/v1/studies/1.2.840.99.3/image")
+        assert image.headers["content-type"] == "application/dicom" and image.headers["x-sop-uid"] == "1.2.840.99.1.1.1"
+        assert c.get("/api/v1/studies/1.2.840.99.4/image").status_code == 404
+        assert c.get("/api/v1/studies/1.2.x/image").status_code == 422
+        analysis = upload(c, image.content)
+        params = {"analysis": analysis["id"], "series": "1.2.840.99.1.1", "sop": "1.2.840.99.1.1.1"}
+        sent = c.post("/api/v1/studies/1.2.840.99.3/results", params=params)
+        assert sent.status_code == 200 and sent.json()["sr_sop_instance_uid"] == "1.2.3.1"
+        assert pacs.sent[0][3].findings[0].finding == analysis["prediction"]["findings"][0]["finding"]
+        assert c.post("/api/v1/studies/1.2.840.99.3/results", params={**params, "analysis": "x"}).status_code == 404
+        pacs.down = True
+        down = c.get("/api/v1/studies")
+        assert down.status_code == 502 and "connection refused" in down.json()["detail"]

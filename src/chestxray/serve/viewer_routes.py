@@ -32,6 +32,7 @@ router = APIRouter(tags=["viewer"])
 PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 MISSING: dict[int | str, dict[str, Any]] = {404: {"description": "unknown or expired analysis id"}}
 FULL = "full"
+STUDIES_ROUTE = "chestxray_studies"  # the name of the study list route, when a PACS is configured
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,18 @@ async def _heat(request: Request, item: Analysis, finding: str) -> HeatLayer:
     layer = HeatLayer(rgb, DEFAULT_ALPHA if cam.has_evidence else 0.0, caption, render.png_bytes(rgb))
     item.viewer[f"heat:{name}"] = layer
     return layer
+
+
+@router.get("/api/v1/viewer")
+def viewer_config(request: Request) -> dict[str, bool]:
+    """What this server offers the viewer beyond uploads: `studies` when it browses a PACS."""
+    from starlette.routing import NoMatchFound
+
+    try:
+        request.app.url_path_for(STUDIES_ROUTE)
+    except NoMatchFound:
+        return {"studies": False}
+    return {"studies": True}
 
 
 @router.get("/api/v1/analyses/{analysis_id}/display", response_model=DisplayOut, responses=MISSING)

@@ -71,8 +71,10 @@
     for (const c of [els.view, els.plain]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
   }
 
-  async function analyse(file) {
+  async function analyse(file, study = null) {
     if (!file || busy) return;
+    openStudy = study;
+    $("send-pacs").hidden = !study;
     busy = true;
     fail("");
     say("Analysing the image…");
@@ -428,7 +430,7 @@
   function onKey(e) {
     const t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey) return;
-    if (t && (t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && ["number", "text"].includes(t.type)))) return;
+    if (t && (t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && ["number", "text", "date"].includes(t.type)))) return;
     if (e.key === "Escape" && els.help.hidden) return;
     if (e.key === "?" || e.key === "Escape") { KEYS.get(e.key)(); e.preventDefault(); return; }
     if (!image || els.result.hidden) return;
@@ -580,7 +582,67 @@
     } catch (_) { /* the facts are optional */ }
   }
 
+  // -- studies on the PACS (only when the server was started with --dicomweb) --------------
+
+  let openStudy = null;  // {study, series, sop} of the analysed study image
+  let studyQuery = { offset: 0 };
+
+  async function loadStudies(offset = 0) {
+    const q = new URLSearchParams({ offset: String(offset), limit: "20" });
+    const day = (id) => $(id).value.replaceAll("-", "");
+    if (day("study-from")) q.set("date_from", day("study-from"));
+    if (day("study-to")) q.set("date_to", day("study-to"));
+    if ($("study-accession").value.trim()) q.set("accession", $("study-accession").value.trim());
+    const resp = await fetch(`/api/v1/studies?${q}`);
+    $("studies").hidden = false;
+    if (!resp.ok) { fail(`The study list could not be loaded: ${await errorText(resp)}`); return; }
+    const page = await resp.json();
+    studyQuery = { offset: page.offset, more: page.more, limit: page.limit };
+    const names = page.studies.some((s) => s.patient_name);
+    $("studies").classList.toggle("with-names", names);
+    $("study-rows").replaceChildren(...page.studies.map((s) => {
+      const tr = element("tr");
+      const date = s.date.length === 8 ? `${s.date.slice(0, 4)}-${s.date.slice(4, 6)}-${s.date.slice(6)}` : s.date;
+      tr.append(element("td", "", date), element("td", "", s.accession), element("td", "", s.description),
+        element("td", "patient", s.patient_name || ""), element("td", "", s.images ?? ""),
+        element("td", "", s.has_result ? "in the PACS" : "none yet"));
+      const cell = element("td");
+      const open = element("button", "button tool", "Open");
+      open.type = "button";
+      open.setAttribute("aria-label", `Open the study of ${date}${s.accession ? `, accession ${s.accession}` : ""}`);
+      open.addEventListener("click", () => openStudyImage(s.study_uid));
+      cell.append(open);
+      tr.append(cell);
+      return tr;
+    }));
+    $("study-prev").disabled = page.offset === 0;
+    $("study-next").disabled = !page.more;
+  }
+
+  async function openStudyImage(study) {
+    say("Fetching the study's image from the PACS…");
+    const resp = await fetch(`/api/v1/studies/${encodeURIComponent(study)}/image`);
+    if (!resp.ok) { fail(`The study could not be fetched: ${await errorText(resp)}`); say(""); return; }
+    const ref = { study, series: resp.headers.get("X-Series-UID"), sop: resp.headers.get("X-SOP-UID") };
+    await analyse(new File([await resp.blob()], "upload", { type: "application/dicom" }), ref);
+  }
+
+  async function sendToPacs() {
+    if (!current || !openStudy) return;
+    const q = new URLSearchParams({ analysis: current.id, series: openStudy.series, sop: openStudy.sop });
+    say("Sending the results to the PACS…");
+    const resp = await fetch(`/api/v1/studies/${encodeURIComponent(openStudy.study)}/results?${q}`, { method: "POST" });
+    if (!resp.ok) { fail(`The results could not be sent: ${await errorText(resp)}`); say(""); return; }
+    say("The results were stored in the study as a DICOM SR.");
+    loadStudies(studyQuery.offset);
+  }
+
   // -- wiring -----------------------------------------------------------------------------
+
+  $("study-search").addEventListener("submit", (e) => { e.preventDefault(); loadStudies(0); });
+  $("study-prev").addEventListener("click", () => loadStudies(Math.max(0, studyQuery.offset - (studyQuery.limit || 20))));
+  $("study-next").addEventListener("click", () => loadStudies(studyQuery.offset + (studyQuery.limit || 20)));
+  $("send-pacs").addEventListener("click", sendToPacs);
 
   els.file.addEventListener("change", () => analyse(els.file.files[0]));
   els.forget.addEventListener("click", async () => {
@@ -636,4 +698,6 @@
   });
 
   loadModelFacts();
+  fetch("/api/v1/viewer").then((r) => r.json()).then((c) => { if (c.studies) loadStudies(); })
+    .catch(() => { /* the study list is optional */ });
 })();
