@@ -68,7 +68,12 @@
     els.result.hidden = true;
     els.findings.replaceChildren();
     els.summary.textContent = "";
-    for (const c of [els.view, els.plain]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
+    for (const c of [els.view, els.plain]) {  // no pixel of the previous image may stay behind
+      const ctx = c.getContext("2d");
+      ctx.setTransform(1, 0, 0, 1, 0, 0);
+      ctx.clearRect(0, 0, c.width, c.height);
+      delete c.dataset.view;
+    }
   }
 
   async function analyse(file, study = null) {
