@@ -100,6 +100,9 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             expect(page.get_by_role("status")).to_have_text("Analysis done (8-bit image).")
             # The server-decoded radiograph is drawn on the canvas.
             page.wait_for_function("() => !!document.getElementById('view').dataset.view")
+            # An 8-bit image starts as it is: the window 0..255.
+            assert page.evaluate("() => JSON.parse(document.getElementById('view').dataset.window)") == {
+                "centre": 128, "width": 256, "invert": False}
             # Ranked: positives first, then by probability; each row has a threshold tick.
             probs = [float(t.rstrip("%")) for t in rows.locator(".prob").all_inner_texts()]
             positive = [("positive" in (c or "")) for c in

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.serve.viewer_routes import cam_caption, window_lut
+from chestxray.serve.viewer_routes import FullDepth, cam_caption, default_window, window_lut
 from test_images import dicom_bytes
 
 
@@ -134,6 +134,9 @@ def test_window_lut_follows_the_dicom_linear_window():
     out = window_lut(x, centre=150.5, width=101.0)
     assert out[0] == 0 and out[-1] == 255 and out[3] == 128
     assert list(window_lut(x, 150.5, 101.0, invert=True)) == [255 - v for v in out]
+    # An 8-bit image's starting window shows it as it is.
+    eight = FullDepth(np.arange(256, dtype=np.uint16)[None], 0.0, 1.0, None, "8-bit image")
+    np.testing.assert_array_equal(window_lut(eight.stored, *default_window(eight))[0], np.arange(256))
 
 
 def test_large_dicom_pixels_are_registered_with_the_display_image(client):

@@ -108,8 +108,11 @@ def window_lut(stored: np.ndarray, centre: float, width: float, invert: bool = F
 
 
 def default_window(full: FullDepth) -> tuple[float, float]:
+    """The page's starting window: the DICOM's own, 0..255 as is for an 8-bit image, else full range."""
     if full.window is not None:
         return full.window
+    if full.source == "8-bit image":
+        return 128.0, 256.0
     lo, hi = float(full.stored.min()), float(full.stored.max())
     return (lo + hi + 1) / 2.0, max(2.0, hi - lo + 1)
 

@@ -127,7 +127,8 @@
     const make = () => { const c = document.createElement("canvas"); c.width = image.width; c.height = image.height; return c; };
     buffers = { overlay: make(), plain: make() };
     const dw = display.dicom_window;
-    initialWindow = dw ? [dw.center, dw.width] : presetWindow("full");
+    // A DICOM starts at its own window, an 8-bit image as it is (0..255), anything else at full range.
+    initialWindow = dw ? [dw.center, dw.width] : display.source === "8-bit image" ? [128, 256] : presetWindow("full");
     document.querySelector('[data-preset="dicom"]').disabled = !dw;
     els.dlJson.href = display.result_url;
     setWindow(...initialWindow);
