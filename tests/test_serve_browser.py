@@ -80,6 +80,7 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             page.goto(server_url + "/")
 
             expect(page.locator("#model-name")).to_have_text("tiny-test-model")
+            expect(page.locator("#studies")).to_be_hidden()  # no PACS options: the upload viewer alone
             expect(page.get_by_role("note")).to_contain_text(NOT_FOR_CLINICAL_USE)
 
             # A broken file: an alert with the server's reason, and the page stays usable.
@@ -94,9 +95,14 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             rows = page.locator("#findings li")
             expect(rows).to_have_count(14, timeout=30_000)
             expect(page.get_by_role("alert")).to_be_hidden()
-            expect(page.get_by_role("status")).to_contain_text("above threshold")
-            # The server-decoded radiograph is shown.
-            page.wait_for_function("() => document.getElementById('xray').naturalWidth === 1024")
+            # The summary is said once, next to the findings (the status line says the analysis is done).
+            expect(page.locator("#summary")).to_contain_text("above threshold")
+            expect(page.get_by_role("status")).to_have_text("Analysis done (8-bit image).")
+            # The server-decoded radiograph is drawn on the canvas.
+            page.wait_for_function("() => !!document.getElementById('view').dataset.view")
+            # An 8-bit image starts as it is: the window 0..255.
+            assert page.evaluate("() => JSON.parse(document.getElementById('view').dataset.window)") == {
+                "centre": 128, "width": 256, "invert": False}
             # Ranked: positives first, then by probability; each row has a threshold tick.
             probs = [float(t.rstrip("%")) for t in rows.locator(".prob").all_inner_texts()]
             positive = [("positive" in (c or "")) for c in
@@ -116,13 +122,9 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             expect(toggle).to_be_focused()
             page.keyboard.press("Space")
             expect(toggle).to_have_attribute("aria-pressed", "true")
-            overlay = page.locator("#overlay")
-            expect(overlay).to_be_visible(timeout=30_000)
-            page.wait_for_function("() => { const o = document.getElementById('overlay');"
-                                   " return o.complete && o.naturalWidth === 1024; }")
-            expect(overlay).to_have_attribute("alt", f"Grad-CAM for {name} laid over the radiograph")
-            expect(page.locator("#legend")).to_be_visible()
-            page.wait_for_function("() => document.getElementById('legend-scale').naturalWidth === 256")
+            view = page.locator("#view")
+            expect(view).to_have_attribute("data-heat", name, timeout=30_000)
+            expect(page.locator("#caption")).to_contain_text(f"Grad-CAM for {name}")
             expect(page.get_by_role("status")).to_contain_text(f"Grad-CAM for {name} shown")
 
             # Another finding's toggle replaces the overlay; pressing it again hides it.
@@ -131,17 +133,15 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             second.click()
             expect(second).to_have_attribute("aria-pressed", "true")
             expect(toggle).to_have_attribute("aria-pressed", "false")
-            expect(overlay).to_have_attribute("alt", f"Grad-CAM for {second_name} laid over the radiograph",
-                                              timeout=30_000)
+            expect(view).to_have_attribute("data-heat", second_name, timeout=30_000)
             second.press("Enter")
             expect(second).to_have_attribute("aria-pressed", "false")
-            expect(overlay).to_be_hidden()
+            expect(page.locator("#caption")).to_have_text("Radiograph as analysed by the server.")
 
             shot = os.environ.get("CHESTXRAY_VIEWER_SCREENSHOT")
             if shot:
                 toggle.click()
-                page.wait_for_function("() => { const o = document.getElementById('overlay');"
-                                       " return !o.hidden && o.complete && o.naturalWidth > 0; }")
+                expect(view).to_have_attribute("data-heat", name, timeout=30_000)
                 page.mouse.move(0, 0)  # no hover or focus styles in the picture
                 page.evaluate("() => document.activeElement && document.activeElement.blur()")
                 page.screenshot(path=shot, full_page=True)
@@ -151,7 +151,9 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             expect(page.get_by_role("alert")).to_contain_text("not a PNG, JPEG or DICOM image")
             expect(page.locator("#result")).to_be_hidden()
             expect(page.locator("#findings li")).to_have_count(0)
-            assert page.locator("#xray").get_attribute("src") is None
+            assert page.evaluate("() => { const c = document.getElementById('view');"  # no stale pixels
+                                 " return c.getContext('2d').getImageData(0, 0, c.width, c.height)"
+                                 ".data.every((v) => v === 0); }")
             problems[:] = [m for m in problems if "415" not in m]
 
             assert problems == []

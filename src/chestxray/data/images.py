@@ -343,6 +343,19 @@ def _quiet_pydicom_log() -> Iterator[None]:
 
 
 def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> np.ndarray:
+    arr, ds = _dicom_pixels(data, label, limits)
+    if _int_tag(ds, "SamplesPerPixel", 1) > 1 or arr.ndim == 3:
+        return _color_dicom_to_gray(arr)
+    try:
+        return _dicom_gray_to_uint8(arr, ds)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(label, f"cannot apply the DICOM value transforms ({type(exc).__name__})") from None
+
+
+def _dicom_pixels(data: bytes, label: str, limits: DecodeLimits) -> tuple[np.ndarray, Any]:
+    """The stored pixel array (first frame) and the dataset, after the header checks."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -364,14 +377,7 @@ def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> np.ndarray:
         raise ImageReadError(label, _pixel_error(ds, exc)) from None
     if frames > 1 and arr.ndim >= 3:
         arr = arr[0]  # first frame of a multi-frame object
-    if _int_tag(ds, "SamplesPerPixel", 1) > 1 or arr.ndim == 3:
-        return _color_dicom_to_gray(arr)
-    try:
-        return _dicom_gray_to_uint8(arr, ds)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(label, f"cannot apply the DICOM value transforms ({type(exc).__name__})") from None
+    return arr, ds
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
@@ -512,3 +518,47 @@ def _apply_window(values: np.ndarray, center: float, width: float, func: str) ->
     else:  # LINEAR (the default; unknown functions fall back to it)
         y = (x - (center - 0.5)) / (width - 1.0) + 0.5 if width > 1 else (x > center - 0.5).astype(np.float32)
     return np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class DicomValues:
+    """A grayscale DICOM's pixels as modality values, for viewers that window them.
+
+    `values` (HxW float64) are the stored values after the modality rescale or LUT, negated
+    for MONOCHROME1 (or an INVERSE presentation LUT) so that larger is always brighter;
+    `window` is the dataset's first linear window (centre, width) in those same values, or
+    None when it has none (or only a VOI LUT table)."""
+
+    values: np.ndarray
+    window: tuple[float, float] | None
+    flipped: bool
+
+
+def read_dicom_values(data: bytes, name: str, limits: DecodeLimits | None = None) -> DicomValues | None:
+    """`data`'s modality values when it is a grayscale DICOM, None for any other image.
+    Raises ImageReadError (or DecodeLimitError) as `read_image` does for a broken DICOM."""
+    if not is_dicom_bytes(data[:132]) and Path(name).suffix.lower() not in (".dcm", ".dicom"):
+        return None
+    with warnings.catch_warnings(), _quiet_pydicom_log():
+        warnings.simplefilter("ignore")
+        try:
+            arr, ds = _dicom_pixels(data, name, limits or DecodeLimits())
+            if _int_tag(ds, "SamplesPerPixel", 1) > 1 or arr.ndim == 3:
+                return None
+            from pydicom.pixels import apply_modality_lut
+
+            has_modality = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
+            values = np.asarray(apply_modality_lut(arr, ds) if has_modality else arr, dtype=np.float64)
+            window = _window(ds)
+            flipped = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+            if str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE":
+                flipped = not flipped
+        except ImageReadError:
+            raise
+        except Exception as exc:  # malformed headers raise many types (VR, struct, length errors)
+            raise ImageReadError(name, f"not a readable DICOM file ({type(exc).__name__})") from None
+    centre_width = (window[0], window[1]) if window is not None else None
+    if flipped:
+        values = -values
+        centre_width = (-centre_width[0], centre_width[1]) if centre_width is not None else None
+    return DicomValues(values=values, window=centre_width, flipped=flipped)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.serve import render
+from chestxray.serve import render, viewer_routes
 from chestxray.serve.schemas import AnalysisOut, ErrorOut, ModelOut, PredictionOut
 from chestxray.serve.state import Runtime, png
 from chestxray.serve.store import Analysis
@@ -130,11 +130,13 @@ async def create_analysis(request: Request, rt: Runtime) -> AnalysisOut:
     data, timings = await rt.receive(request), request.state.timings
     async with rt.admitted():
         gray, notes = await rt.decode(data, timings)
-        del data
         result = await rt.predict(gray, timings)
         result.warnings += notes
         display = await rt.decoder.run(render.fit, gray, rt.display_max_side)
-    key = rt.store.add(Analysis(gray=gray, display=display, prediction=result))
+        # The viewer's copy at the upload's own depth (a DICOM's modality values).
+        full = await rt.within_deadline(rt.decoder.run(viewer_routes.full_depth, data, display, rt.limits))
+        del data
+    key = rt.store.add(Analysis(gray=gray, display=display, prediction=result, viewer={viewer_routes.FULL: full}))
     base = f"/api/v1/analyses/{key}"
     return AnalysisOut(
         id=key,

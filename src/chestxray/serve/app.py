@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chestxray import NOT_FOR_CLINICAL_USE, __version__
 from chestxray.errors import ChestXrayError
-from chestxray.serve import api, health, page, render
+from chestxray.serve import api, health, page, render, viewer_routes
 from chestxray.serve.api import UPLOAD_ROUTES
 from chestxray.serve.metrics import ACCESS_LOG, access_line, quiet_third_party_loggers
 from chestxray.serve.runtime import Busy, ServeSettings
@@ -42,7 +42,7 @@ __all__ = ["CAM_NOTE_HEADER", "CONFIG_ENV", "UPLOAD_NAME", "app_from_env", "crea
 CONFIG_ENV = "CHESTXRAY_SERVE_CONFIG"  # how `--workers N` hands the model and settings to each worker
 access_log = logging.getLogger(ACCESS_LOG)
 #: The routers of the app, in order; a new front end adds its router here.
-ROUTERS = (health.router, api.router, page.router)
+ROUTERS = (health.router, api.router, viewer_routes.router, page.router)
 #: Methods that get their own metrics label; any other (a client may invent them) counts as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SECURITY_HEADERS = {

@@ -222,13 +222,17 @@ class ServeRuntime:
             raise HTTPException(422, str(exc)) from None
         return cams[0]
 
-    async def overlay(self, gray: np.ndarray, finding: str, timings: dict[str, float]) -> tuple[bytes, str | None]:
-        """The Grad-CAM overlay PNG and, for a map with no positive value, the note to show instead."""
+    async def heatmap(self, gray: np.ndarray, finding: str, timings: dict[str, float]) -> "CamResult":
+        """The Grad-CAM of one finding, within the deadline."""
         loop = asyncio.get_running_loop()
         # Grad-CAM is not batched: one image through the model's hooks on the inference thread.
-        cam = await self.within_deadline(
+        return await self.within_deadline(
             self.timed(timings, "inference", loop.run_in_executor(self.inference, self._heatmap, gray, finding))
         )
+
+    async def overlay(self, gray: np.ndarray, finding: str, timings: dict[str, float]) -> tuple[bytes, str | None]:
+        """The Grad-CAM overlay PNG and, for a map with no positive value, the note to show instead."""
+        cam = await self.heatmap(gray, finding, timings)
         return await self.decoder.run(render.cam_png, gray, cam.heatmap, self.display_max_side), cam.note
 
     def analysis(self, analysis_id: str) -> Analysis:

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,10 +28,13 @@ class Analysis:
     cams: dict[str, bytes] = field(default_factory=dict)  # finding -> overlay PNG
     notes: dict[str, str] = field(default_factory=dict)  # finding -> "no positive evidence for X"
     created: float = 0.0
+    # The viewer's own data (the full-depth pixels, colour heat maps): anything with an `nbytes`.
+    viewer: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return int(self.gray.nbytes + self.display.nbytes + sum(len(b) for b in self.cams.values()))
+        extra = sum(int(getattr(v, "nbytes", 0)) for v in self.viewer.values())
+        return int(self.gray.nbytes + self.display.nbytes + sum(len(b) for b in self.cams.values()) + extra)
 
 
 class ResultStore:
