@@ -81,7 +81,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "from the header, exceeds this many MiB (default 128)",
     )
     g.add_argument(
-        "--header-timeout-s", type=float, default=10.0, help="close (408) connections whose request head is slower"
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="close (408) connections whose request line and headers take longer than this many seconds "
+        "to arrive (default 10)",
     )
     g.add_argument(
         "--body-timeout-s", type=float, default=60.0, help="answer 408 to uploads whose body takes longer (default 60)"
