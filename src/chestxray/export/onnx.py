@@ -177,8 +177,14 @@ def cam_equivalent_layer(model: Any, size: int) -> Any:
     if not isinstance(head, torch.nn.Linear):
         return None
     probe = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode(), capture_head_input(model) as pooled, capture_output(layer) as maps:
-        model(probe)
+    maps: dict[str, Any] = {}
+    # A copy: a later in-place op (DenseNet's ReLU) would otherwise change what was captured.
+    handle = layer.register_forward_hook(lambda _m, _a, out: maps.update(out=out.detach().clone()))
+    try:
+        with torch.inference_mode(), capture_head_input(model) as pooled:
+            model(probe)
+    finally:
+        handle.remove()
     out = maps.get("out")
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or "features" not in pooled:
         return None
@@ -220,7 +226,9 @@ def to_onnx_model(
             self.features = getattr(net, "architecture", ENSEMBLE) != ENSEMBLE
             self.cam_layer = cam_equivalent_layer(net, preprocessing.size) if self.features else None
             if self.cam_layer is not None:
-                self.register_buffer("cam_weight", head_layer(net).weight.detach().float()[:, :, None, None].clone())
+                weight = head_layer(net).weight.detach().float()[:, :, None, None].clone()
+                self.register_buffer("cam_weight", weight)
+                self.cam_weight: torch.Tensor = weight
 
         def forward(self, image: Any) -> Any:
             layers = ([HEAD] if self.features else []) + (list(input_check.layers) if self.score is not None else [])

@@ -356,11 +356,20 @@ _JET_KNOTS = {
 
 
 def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
-    """(256, 3) float32 RGB in 0-255 of the overlay's colour map (jet)."""
+    """(256, 3) float32 RGB in 0-255 of the overlay's colour map (jet), interpolated between
+    the knots in the order matplotlib's _create_lookup_table uses, so the rounding matches too."""
     if name != COLORMAP:
         raise ChestXrayError(f"unknown colour map {name!r}; only {COLORMAP!r} is built in")
-    x = np.linspace(0.0, 1.0, 256)
-    channels = [np.interp(x, *zip(*_JET_KNOTS[c])) for c in ("red", "green", "blue")]
+    n = 256
+    at = np.linspace(0.0, 1.0, n) * (n - 1)
+    channels = []
+    for c in ("red", "green", "blue"):
+        xk = np.array([k[0] for k in _JET_KNOTS[c]]) * (n - 1)
+        yk = np.array([k[1] for k in _JET_KNOTS[c]], dtype=np.float64)
+        ind = np.searchsorted(xk, at)[1:-1]
+        distance = (at[1:-1] - xk[ind - 1]) / (xk[ind] - xk[ind - 1])
+        inner = distance * (yk[ind] - yk[ind - 1]) + yk[ind - 1]
+        channels.append(np.clip(np.concatenate([[yk[0]], inner, [yk[-1]]]), 0.0, 1.0))
     return np.rint(np.stack(channels, axis=1) * 255.0).astype(np.float32)
 
 
