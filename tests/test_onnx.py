@@ -212,9 +212,9 @@ def test_predict_cam_on_onnx_writes_the_torch_overlays(exported, tiny_bundle, or
     for finding, path in outs["onnx"].items():
         a = np.asarray(Image.open(path)).astype(int)
         b = np.asarray(Image.open(outs["torch"][finding])).astype(int)
-        # Maps within 1e-4 can still round to the neighbouring colour-table entry (jet steps up to 4
-        # levels a channel, blended at alpha 0.45): at most 2 levels, and almost every pixel equal.
-        assert a.shape == b.shape and np.abs(a - b).max() <= 2 and np.mean(a == b) > 0.999
+        # Maps within 1e-4 can still round to the neighbouring colour-table entry (jet steps up to 4.5
+        # levels a channel, blended at alpha 0.45, then rounded): at most 3 levels, almost every pixel equal.
+        assert a.shape == b.shape and np.abs(a - b).max() <= 3 and np.mean(a == b) > 0.999
 
 
 def test_onnx_without_cam_output_says_how_to_get_one(tiny_bundle, tmp_path):
