@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1000,
         help="bootstrap replicates, resampling patients, for the 95%% intervals (default 1000; 0: no intervals)",
     )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument(
         "--by",
         default=None,
