@@ -346,14 +346,19 @@ def check_parity(
 def cam_difference(model: Any, batch: np.ndarray, cams: np.ndarray) -> float:
     """Largest difference between torch's Grad-CAM and the graph's class activation maps
     (ReLU, scaled to [0, 1] as the overlays are), over the images and every finding, on the
-    target layer's grid (the upsampling after it is the same code for both)."""
+    target layer's grid (the upsampling after it is the same code for both). A map whose
+    positive part is below 1e-3 of the image's largest map value is left out: scaled to
+    [0, 1], float rounding alone decides its shape, in torch as in the graph."""
     from chestxray.inference.explain import gradcam, normalize_map
 
     worst = 0.0
     grid = (int(cams.shape[-2]), int(cams.shape[-1]))
     for x, maps in zip(batch, cams):
         ref = gradcam(model, x, list(range(len(maps))), grid)
+        floor = 1e-3 * float(np.max(np.abs(maps)))
         for k, want in zip(ref.indices, ref.maps):
+            if float(np.max(maps[k])) <= floor:
+                continue
             worst = max(worst, float(np.max(np.abs(normalize_map(maps[k]) - want))))
     return worst if np.isfinite(worst) else float("inf")
 
