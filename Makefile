@@ -1,6 +1,8 @@
 # Set-up and entry points. `make run` and `make test` each do all the set-up on a fresh machine.
 VENV       ?= .venv
 PYTHON     ?= python3
+# `make run`'s own light venv: the [infer] extra only (onnxruntime, no torch, no CUDA wheels).
+RUN_VENV   ?= .venv-run
 # This workplace keeps these two releases on disk; elsewhere any torch>=2.6 (see pyproject.toml).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN        := $(VENV)/bin
@@ -19,9 +21,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $@
 
-# The main job: analyze a real bundled X-ray with the bundled model, with a Grad-CAM overlay.
-run: setup
-	$(BIN)/chestxray predict examples/00013125_000.png --cam out/cam
+# The main job: analyze a real bundled X-ray with the packaged ONNX model, with Grad-CAM overlays.
+# Its venv holds only the light install (about 300 MB, no torch), apart from the full .venv of
+# `make test`, so `make run` stays quick on a fresh clone and both targets work on one clone.
+run: $(RUN_VENV)/.installed
+	$(RUN_VENV)/bin/chestxray predict --backend onnx examples/00013125_000.png --cam out/cam
+
+$(RUN_VENV)/.installed: pyproject.toml
+	rm -rf $(RUN_VENV)
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install -q -e '.[infer]'
+	@if $(RUN_VENV)/bin/pip list --format=freeze 2>/dev/null | grep -iE '^(nvidia-|torch=)'; then \
+	  echo "make run: the light venv got the packages above; [infer] must not pull torch or CUDA" >&2; exit 1; fi
+	touch $@
 
 # Headless Chromium for the browser test (Debian packages; skipped if already there).
 browser:
@@ -59,4 +71,4 @@ $(FLOORS_VENV)/.installed: pyproject.toml tools/floor_versions.py
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(FLOORS_VENV) out .pytest_cache
+	rm -rf $(VENV) $(RUN_VENV) $(FLOORS_VENV) out .pytest_cache

@@ -9,8 +9,19 @@ PY=${PY:-python3}
 OUT=${OUT:-gpu-check}
 COUNT=${COUNT:-1000}
 STEPS=${STEPS:-env pytest_cuda train_eager train_compile predict_folder}
-mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Without a usable CUDA GPU every step would end in a traceback: say so in one line instead.
+if ! why=$("$PY" -c '
+try:
+    import torch
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}"); raise SystemExit(1)
+if not torch.cuda.is_available():
+    print(f"torch {torch.__version__} sees no CUDA GPU"); raise SystemExit(1)' 2>/dev/null); then
+    echo "gpu-check: skipped, nothing run: ${why:-$PY cannot start} (needs an NVIDIA GPU and a CUDA build of torch)"
+    exit 0
+fi
+mkdir -p "$OUT"
 status=0
 
 step() {

@@ -349,3 +349,23 @@ def test_csv_errors_echo_a_bounded_cell(tmp_path):
     with pytest.raises(DatasetError) as info:
         open_dataset(f"csv:{root}")
     assert len(str(info.value)) < 400 and "100,000 characters" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["vindr", "nih"])
+def test_a_root_without_its_images_does_not_offer_the_zero_present(name, tmp_path):
+    """Every listed image missing: the error says to check the root, not "--allow-missing to
+    use the 0 present"; with some present it still offers --allow-missing."""
+    import shutil
+
+    source = Path(__file__).parent / "data" / f"{name}-mini"
+    root = tmp_path / name
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("*.png", "*.dicom", "*.dcm", "originals"))
+    spec = f"vindr:{root}" if name == "vindr" else str(root)
+    with pytest.raises(DatasetError) as err:
+        open_dataset(spec, DatasetOptions())
+    assert "0 present" not in str(err.value) and "check that the root" in str(err.value)
+    one = next(p for p in sorted(source.rglob("*")) if p.suffix in (".png", ".dicom") and "originals" not in p.parts)
+    (root / one.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(one, root / one.relative_to(source))
+    with pytest.raises(DatasetError, match=r"--allow-missing\) to use the 1 present"):
+        open_dataset(spec, DatasetOptions())

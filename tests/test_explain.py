@@ -204,3 +204,42 @@ def test_no_positive_evidence_is_said_not_painted_blue(tmp_path):
     assert "no positive evidence for Mass" in cam_caption(cam, "m", 0.5)
     assert "no positive evidence" not in cam_caption(CamResult("Mass", 0.3, np.ones((4, 4), np.float32)), "m")
     assert "no positive evidence for Mass" in render(preds, "table", a.name)
+
+
+def test_numpy_jet_table_is_matplotlibs():
+    """The overlay's colour table is built without matplotlib (the [infer] install has none):
+    it must be matplotlib's jet exactly, or the torch-free overlays would differ."""
+    from matplotlib import colormaps
+
+    from chestxray.inference.explain import _colormap_lut
+
+    want = np.rint(colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0)
+    assert np.array_equal(_colormap_lut(), want.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("grid", "size"), [((4, 4), (1024, 1024)), ((2, 3), (7, 5)), ((8, 8), (8, 8)), ((4, 4), (3, 2))]
+)
+def test_numpy_upsampling_is_torch_bilinear(grid, size):
+    """upsample_map (numpy) gives what F.interpolate(bilinear, align_corners=False) gives, so
+    maps are the same with and without torch."""
+    import torch.nn.functional as F
+
+    from chestxray.inference.explain import normalize_map, upsample_map
+
+    cam = np.random.default_rng(0).normal(size=grid).astype(np.float32)
+    up = F.interpolate(torch.from_numpy(cam)[None, None], size=size, mode="bilinear", align_corners=False)
+    assert np.abs(upsample_map(cam, size) - normalize_map(up[0, 0].numpy())).max() < 1e-5
+
+
+def test_cam_equals_gradcam_only_where_the_head_is_linear_on_the_pooled_block():
+    """The export's cam output is claimed only where Grad-CAM is CAM: a ResNet (last block ->
+    average pool -> linear), not a DenseNet (a ReLU sits between its last block and the pool)."""
+    from chestxray.export.onnx import cam_equivalent_layer
+    from chestxray.models.registry import cam_target_layer, create_model
+
+    torch.manual_seed(0)
+    resnet = create_model("resnet18", weights="none", freeze="all", image_size=64).eval()
+    assert cam_equivalent_layer(resnet, 64) is cam_target_layer(resnet)
+    densenet = create_model("densenet121", weights="none", freeze="all", image_size=64).eval()
+    assert cam_equivalent_layer(densenet, 64) is None

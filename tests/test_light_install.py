@@ -89,3 +89,58 @@ def test_rest_api_on_the_onnx_backend(default_onnx, sample_images):
         page = client.get("/").text
         assert "up to 1 MiB" in page and page.lower().count("not for clinical use") == 1
     Image.open(io.BytesIO(png)).verify()
+
+
+BLOCKED = ("torch", "torchvision", "matplotlib", "safetensors", "onnx", "onnxscript", "pandas", "sklearn", "scipy")
+NO_TORCH_CLI = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"blocked import of {{name}}")
+sys.meta_path.insert(0, Block())
+from chestxray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_predict_cam_on_the_packaged_onnx_without_torch_or_matplotlib(default_onnx, tmp_path):
+    """What `make run` does, in an environment where torch and matplotlib cannot be imported:
+    `predict --backend onnx --cam` on the packaged model writes an overlay per explained
+    finding, at the radiograph's size, from the graph's class activation maps."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "00013125_000.png"
+    script = tmp_path / "notorch.py"
+    script.write_text(NO_TORCH_CLI)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "predict",
+            "--backend",
+            "onnx",
+            str(example),
+            "--cam",
+            str(tmp_path / "cam"),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)[0]
+    assert record["variant"] == "onnx int8" and record["overlays"]
+    positives = [f["finding"] for f in record["findings"] if f["positive"]]
+    assert [o["finding"] for o in record["overlays"]] == (positives or [record["findings"][0]["finding"]])
+    width, height = Image.open(example).size
+    for o in record["overlays"]:
+        with Image.open(o["path"]) as im:
+            assert im.width == width and im.height >= height  # the colour bar goes below
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        assert o["note"] is not None or (rgb[..., 0] != rgb[..., 2]).any()  # a map is drawn in colour

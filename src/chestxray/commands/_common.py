@@ -36,12 +36,17 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_device_arg(p: argparse.ArgumentParser, default: str = "cpu") -> None:
-    from chestxray.models.device import DEVICE_HELP
-
-    p.add_argument(
-        "--device", type=device_name, default=default, help=f"where the network runs: {DEVICE_HELP} (default {default})"
+def device_help(default: str) -> str:
+    """The --device help, naming the default once and next to its own choice."""
+    if default == "auto":
+        return "where the network runs: auto (the default: CUDA when available, else CPU), cpu, cuda or cuda:N"
+    return f"where the network runs: {default} (the default), auto (CUDA when available, else CPU), cpu, cuda or cuda:N".replace(
+        f"CPU), {default}, ", "CPU), "
     )
+
+
+def add_device_arg(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--device", type=device_name, default=default, help=device_help(default))
 
 
 def resolve_device_arg(device: str, backend: str = "torch") -> str:

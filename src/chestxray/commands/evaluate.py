@@ -22,8 +22,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate on (default test)")
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap replicates, resampling patients, for the 95%% intervals (default 1000; 0: no intervals)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument(
         "--by",
         default=None,
@@ -32,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "default: every one the labels file has",
     )
     add_model_args(p, backends=False)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument(
         "--boxes",
         nargs="?",

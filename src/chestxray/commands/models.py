@@ -13,11 +13,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from chestxray.models.registry import registered_models
 
-    for name, spec in sorted(registered_models().items()):
+    models = sorted(registered_models().items())
+    timm = "timm/<name>"
+    width = max(len(n) for n in [timm, *(name for name, _ in models)]) + 2  # one column for every name
+    for name, spec in models:
         pre = spec.preprocessing
-        print(f"{name:<14} input {pre.size}px  seed-trainable {', '.join(spec.seed_trainable)} + {spec.head}")
+        print(f"{name:<{width}}input {pre.size}px  seed-trainable {', '.join(spec.seed_trainable)} + {spec.head}")
     print(
-        "timm/<name>    any timm model (pip install timm), e.g. timm/efficientnet_b0, timm/convnext_tiny; "
+        f"{timm:<{width}}any timm model (pip install timm), e.g. timm/efficientnet_b0, timm/convnext_tiny; "
         "input size and normalisation from its own config"
     )
     return 0

@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write Grad-CAM overlays (original size, with a colour bar) to DIR, one PNG per image and "
         "finding, named NAME_EXT_FINDING_PROB.png (x.png -> x_png_Effusion_0.63.png; inputs with the same file "
         "name in different folders get their folder names in front: a_x_png_..., b_x_png_...); the table and "
-        "the JSON list each overlay's path; needs the torch backend",
+        "the JSON list each overlay's path; on the onnx backend, needs a file exported with Grad-CAM maps "
+        "(the packaged one has them)",
     )
     p.add_argument(
         "--findings",
@@ -197,8 +198,6 @@ def run(args: argparse.Namespace) -> int:
     limits = read_limits(args)
     request = bulk_request(args)
     backend = resolve_backend(args.model, args.backend)
-    if args.cam and backend != "torch":
-        raise ChestXrayError("--cam needs the torch backend (Grad-CAM takes gradients of the network)")
     device = resolve_device_arg(args.device, backend)
     if args.features or args.cam:
         if args.features and args.cam:
@@ -373,10 +372,10 @@ def predict_with_cams(
     from tqdm.auto import tqdm
 
     from chestxray.errors import ImageReadError
-    from chestxray.inference.explain import explain_image, resolve_findings
+    from chestxray.inference.explain import check_cam_support, explain_image, resolve_findings
 
     resolve_findings(analyzer.labels, findings)  # unknown names fail before any work
-    _ = analyzer.model  # a backend without a torch model fails before any work
+    check_cam_support(analyzer)  # a model that cannot give maps fails before any work
     cam_dir.mkdir(parents=True, exist_ok=True)
     names = overlay_names(files)
     out: list[Prediction] = []

@@ -34,7 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="none: whole images resized (default); center: a centred square first, as models "
         "imported from torchxrayvision predict (training with --init such a bundle reads this cache)",
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    cores = os.cpu_count() or 1
+    p.add_argument(
+        "--workers", type=int, default=cores, help=f"decoding processes (default {cores}: the number of CPU cores)"
+    )
     add_dataset_args(p)
     p.set_defaults(run=run)
 

@@ -91,7 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--header-timeout-s",
         type=float,
         default=10.0,
-        help="close (408) connections whose request head takes longer than this many seconds (default 10)",
+        help="close (408) connections whose request line and headers take longer than this many seconds "
+        "to arrive (default 10)",
     )
     g.add_argument(
         "--body-timeout-s", type=float, default=60.0, help="answer 408 to uploads whose body takes longer (default 60)"

@@ -272,6 +272,13 @@ def apply_uncertain(raw: np.ndarray, policy: str) -> np.ndarray:
     return labels
 
 
+def missing_advice(present: int) -> str:
+    """The end of a missing-images error: with none present, --allow-missing cannot help."""
+    if present == 0:
+        return "none of them is there: check that the root is the dataset's folder and its images are unpacked"
+    return f"allow missing images (--allow-missing) to use the {present:,} present"
+
+
 def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> tuple[np.ndarray, list[str]]:
     """Keep-mask and names of missing images; an error (naming the expected file) when images
     are required, some are missing and --allow-missing is not set."""
@@ -283,8 +290,7 @@ def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> 
             first = frame.loc[~has].iloc[0]
             raise DatasetError(
                 f"{dataset}:{root}: {len(missing):,} of {len(frame):,} listed images are missing, e.g. "
-                f"expected {root / str(first['relpath'])}; allow missing images (--allow-missing) to use "
-                f"the {int(has.sum()):,} present"
+                f"expected {root / str(first['relpath'])}; {missing_advice(int(has.sum()))}"
             )
         log.warning("%d listed images are missing under %s; skipped them", len(missing), root)
         keep = has

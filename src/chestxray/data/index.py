@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from chestxray.data.common import DatasetIndex
+from chestxray.data.common import DatasetIndex, missing_advice
 from chestxray.data.images import IMAGE_SUFFIXES
 from chestxray.errors import DatasetError
 from chestxray.labels import FINDINGS, labels_matrix
@@ -305,8 +305,7 @@ def load_nih(
         if not allow_missing:
             raise DatasetError(
                 f"{root}: {len(missing):,} of {int(keep.sum()):,} listed images are missing, e.g. "
-                f"{', '.join(missing[:5])}; allow missing images (--allow-missing) to use the "
-                f"{int(keep.sum()) - len(missing):,} present"
+                f"{', '.join(missing[:5])}; {missing_advice(int(keep.sum()) - len(missing))}"
             )
         skipped = len(missing)
         log.warning(

@@ -34,6 +34,7 @@ from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import BundleError, ExportError
 from chestxray.inference.onnx_backend import (
+    CAM_NAME,
     FEATURES_NAME,
     INPUT_NAME,
     ONNX_FORMAT,
@@ -64,20 +65,27 @@ class ParityReport:
     reference: str = "PyTorch float32 (eager, CPU)"
     tolerance: float | None = None
     score_max_rel_diff: float | None = None  # input-check score, |onnx - torch| / torch
+    # Grad-CAM maps (each scaled to [0, 1], every finding, on the target layer's grid): the graph's
+    # class activation maps against torch's Grad-CAM; None when the graph has no cam output.
+    cam_max_abs_diff: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.tolerance is None or self.max_abs_diff <= self.tolerance
+        if self.tolerance is None:
+            return True
+        cam = self.cam_max_abs_diff if self.cam_max_abs_diff is not None else 0.0
+        return self.max_abs_diff <= self.tolerance and cam <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         tol = f" (tolerance {self.tolerance:.0e})" if self.tolerance is not None else ""
+        cam = "" if self.cam_max_abs_diff is None else f"; Grad-CAM maps differ by at most {self.cam_max_abs_diff:.2e}"
         return (
             f"max |p_onnx - p_torch| = {self.max_abs_diff:.2e}{tol} on {len(self.images)} real images "
             f"(batches of {', '.join(map(str, self.batch_sizes))}); same positive/negative call on "
-            f"{self.agree}/{self.pairs} image-finding pairs"
+            f"{self.agree}/{self.pairs} image-finding pairs{cam}"
         )
 
 
@@ -139,6 +147,55 @@ def _quiet_exporter_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def capture_output(layer: Any) -> Iterator[dict[str, Any]]:
+    """`store["out"]` is `layer`'s output in the forward passes inside the block (None: nothing hooked)."""
+    store: dict[str, Any] = {}
+    handle = None if layer is None else layer.register_forward_hook(lambda _m, _a, out: store.update(out=out))
+    try:
+        yield store
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def cam_equivalent_layer(model: Any, size: int) -> Any:
+    """The Grad-CAM layer of `model` when its head is one linear layer on the spatial mean of
+    that layer's output (ResNets, for example), else None. Then d logit_k / d A_c(i, j) =
+    W_kc / (h w) everywhere, so Grad-CAM's channel weights are W_kc / (h w) and its map is
+    ReLU(sum_c W_kc A_c) / (h w): the class's weights applied to the feature maps (CAM), which
+    the graph can output without gradients. Checked on a probe image, not assumed from the name."""
+    import torch
+
+    from chestxray.inference.features import capture_head_input, head_layer
+    from chestxray.models.registry import cam_target_layer
+
+    try:
+        layer, head = cam_target_layer(model), head_layer(model)
+    except Exception:  # an ensemble, or a model without a known CAM layer or head
+        return None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    probe = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(1))
+    maps: dict[str, Any] = {}
+    # A copy: a later in-place op (DenseNet's ReLU) would otherwise change what was captured.
+    handle = layer.register_forward_hook(lambda _m, _a, out: maps.update(out=out.detach().clone()))
+    try:
+        with torch.inference_mode(), capture_head_input(model) as pooled:
+            model(probe)
+    finally:
+        handle.remove()
+    out = maps.get("out")
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or "features" not in pooled:
+        return None
+    mean = out.float().mean(dim=(2, 3))
+    if mean.shape != pooled["features"].shape or not torch.allclose(
+        mean, pooled["features"].float(), atol=1e-5, rtol=1e-4
+    ):
+        return None  # e.g. a ReLU between the layer and the pooling (DenseNet): Grad-CAM is not CAM there
+    return layer
+
+
 def to_onnx_model(
     model: Any,
     preprocessing: Preprocessing,
@@ -152,7 +209,7 @@ def to_onnx_model(
     _torch_modules()
     import torch
 
-    from chestxray.inference.features import HEAD, capture_features
+    from chestxray.inference.features import HEAD, capture_features, head_layer
     from chestxray.models.ensemble import ARCHITECTURE as ENSEMBLE
 
     class WithSigmoid(torch.nn.Module):
@@ -167,18 +224,30 @@ def to_onnx_model(
             self.score = input_check.torch_module() if input_check is not None else None
             # One network: its pooled feature vector as an output too, for `Analyzer.embed` without torch.
             self.features = getattr(net, "architecture", ENSEMBLE) != ENSEMBLE
+            self.cam_layer = cam_equivalent_layer(net, preprocessing.size) if self.features else None
+            if self.cam_layer is not None:
+                weight = head_layer(net).weight.detach().float()[:, :, None, None].clone()
+                self.register_buffer("cam_weight", weight)
+                self.cam_weight: torch.Tensor = weight
 
         def forward(self, image: Any) -> Any:
             layers = ([HEAD] if self.features else []) + (list(input_check.layers) if self.score is not None else [])
             if not layers:
                 return self._probs(self.net(image))
-            with capture_features(self.net, list(dict.fromkeys(layers))) as store:
+            with (
+                capture_features(self.net, list(dict.fromkeys(layers))) as store,
+                capture_output(self.cam_layer) as maps,
+            ):
                 logits = self.net(image)
             outs = [self._probs(logits)]
             if self.features:
                 outs.append(store[HEAD])
             if self.score is not None:
                 outs.append(self.score(store))
+            if self.cam_layer is not None:
+                # The head's weights at every position of the last block (a 1x1 convolution): CAM,
+                # which for this head is Grad-CAM up to a positive factor (see cam_equivalent_layer).
+                outs.append(torch.nn.functional.conv2d(maps["out"].float(), self.cam_weight))
             return tuple(outs)
 
         def _probs(self, logits: Any) -> Any:
@@ -191,6 +260,7 @@ def to_onnx_model(
         [OUTPUT_NAME]
         + ([FEATURES_NAME] if wrapped.features else [])
         + ([SCORE_NAME] if wrapped.score is not None else [])
+        + ([CAM_NAME] if wrapped.cam_layer is not None else [])
     )
     size = preprocessing.size
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
@@ -268,11 +338,33 @@ def check_parity(
     sizes = sorted({len(batch), 1}, reverse=True)
     report = ParityReport(diff, [Path(n).name for n in names], sizes, agree, int(ref.size), tolerance=tolerance)
     report.score_max_rel_diff = score_diff
+    if CAM_NAME in outs:
+        report.cam_max_abs_diff = cam_difference(model, batch, outs[CAM_NAME])
     return report
 
 
+def cam_difference(model: Any, batch: np.ndarray, cams: np.ndarray) -> float:
+    """Largest difference between torch's Grad-CAM and the graph's class activation maps
+    (ReLU, scaled to [0, 1] as the overlays are), over the images and every finding, on the
+    target layer's grid (the upsampling after it is the same code for both). A map whose
+    positive part is below 1e-3 of the image's largest map value is left out: scaled to
+    [0, 1], float rounding alone decides its shape, in torch as in the graph."""
+    from chestxray.inference.explain import gradcam, normalize_map
+
+    worst = 0.0
+    grid = (int(cams.shape[-2]), int(cams.shape[-1]))
+    for x, maps in zip(batch, cams):
+        ref = gradcam(model, x, list(range(len(maps))), grid)
+        floor = 1e-3 * float(np.max(np.abs(maps)))
+        for k, want in zip(ref.indices, ref.maps):
+            if float(np.max(maps[k])) <= floor:
+                continue
+            worst = max(worst, float(np.max(np.abs(normalize_map(maps[k]) - want))))
+    return worst if np.isfinite(worst) else float("inf")
+
+
 def metadata_props(
-    meta: BundleMeta, *, opset: int, quantization: str, parity: ParityReport, source: Path | None
+    meta: BundleMeta, *, opset: int, quantization: str, parity: ParityReport, source: Path | None, cam: bool = False
 ) -> dict[str, str]:
     """The metadata_props written into the ONNX file: the whole bundle JSON plus readable keys."""
     import onnx
@@ -299,7 +391,13 @@ def metadata_props(
         "output": f"{OUTPUT_NAME}: float32 (N, {len(meta.labels)}), sigmoid applied, in the order of 'labels'"
         + (", calibrated per finding (see 'chestxray' calibration)" if meta.calibration else "")
         + ("" if meta.architecture == "ensemble" else f"; {FEATURES_NAME}: float32 (N, D), pooled feature vector")
-        + (f"; {SCORE_NAME}: float32 (N,), the input check's score" if meta.input_check else ""),
+        + (f"; {SCORE_NAME}: float32 (N,), the input check's score" if meta.input_check else "")
+        + (
+            f"; {CAM_NAME}: float32 (N, {len(meta.labels)}, h, w), class activation maps of the last block "
+            "(Grad-CAM after ReLU and scaling to [0, 1])"
+            if cam
+            else ""
+        ),
         "quantization": quantization,
         "parity": json.dumps(parity.to_dict()),
         "exported": json.dumps(
@@ -399,9 +497,12 @@ def export_bundle(
     parity = check_parity(model, session_for(data), names, batch, meta.thresholds, tolerance, **checks)
     say(f"float32 check: {parity.describe()}")
     if not parity.ok:
+        what = f"max difference {parity.max_abs_diff:.2e}"
+        if parity.cam_max_abs_diff is not None and parity.cam_max_abs_diff > tolerance:
+            what = f"Grad-CAM maps differ by {parity.cam_max_abs_diff:.2e}"
         raise ExportError(
-            f"onnxruntime and PyTorch disagree: max difference {parity.max_abs_diff:.2e} > tolerance "
-            f"{tolerance:.0e} on {', '.join(parity.images)}; {out} was not written"
+            f"onnxruntime and PyTorch disagree: {what} > tolerance {tolerance:.0e} on {', '.join(parity.images)}; "
+            f"{out} was not written"
         )
     quantization, float_parity = "none (float32)", None
     if int8 and calibration is not None:  # None was refused above
@@ -426,7 +527,8 @@ def export_bundle(
             f"int8 static (onnxruntime QDQ, per-channel int8 weights, uint8 activations), "
             f"calibrated ({calibration_method}) on {len(cal)} images"
         )
-    props = metadata_props(meta, opset=opset, quantization=quantization, parity=parity, source=source)
+    cam = any(o.name == CAM_NAME for o in proto.graph.output)
+    props = metadata_props(meta, opset=opset, quantization=quantization, parity=parity, source=source, cam=cam)
     set_metadata(proto, props)
     data = _serialize(proto)
     atomic_write_bytes(out, data)

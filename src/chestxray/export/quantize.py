@@ -21,7 +21,7 @@ import numpy as np
 from chestxray.data.images import read_image
 from chestxray.data.transforms import EvalPreset, Preprocessing
 from chestxray.errors import ChestXrayError
-from chestxray.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME, SCORE_NAME
+from chestxray.inference.onnx_backend import CAM_NAME, INPUT_NAME, OUTPUT_NAME, SCORE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,15 @@ def quantize_int8(
 
 
 def score_only_nodes(path: Path) -> list[str]:
-    """Nodes that feed only the input-check score output (if any), not the probabilities:
-    kept in float32, since int8 would coarsen a distance whose cut-off was set in float."""
+    """Nodes that feed only the input-check score or the Grad-CAM maps (if any), not the
+    probabilities: kept in float32, since int8 would coarsen a distance whose cut-off was set
+    in float, and the maps' weighting (the last block's activations stay int8)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     names = [o.name for o in graph.output]
-    if SCORE_NAME not in names:
+    side = [n for n in (SCORE_NAME, CAM_NAME) if n in names]
+    if not side:
         return []
     producer = {out: node for node in graph.node for out in node.output}
 
@@ -159,7 +161,7 @@ def score_only_nodes(path: Path) -> list[str]:
                 stack.extend(node.input)
         return seen
 
-    return sorted(ancestors(SCORE_NAME) - ancestors(OUTPUT_NAME))
+    return sorted(set().union(*map(ancestors, side)) - ancestors(OUTPUT_NAME))
 
 
 @dataclass

@@ -18,6 +18,11 @@ are zero outside it) to S x S, so the target layer's h x w grid covers the whole
 with `align_corners=False` maps cell centres onto the centres of their footprints in
 the original, in its own aspect. A map is ReLU'd and divided by its maximum (0 stays
 "no positive evidence"); a map with no positive evidence is all zeros.
+
+Without torch: an ONNX file exported with a "cam" output (a ResNet-like head: one linear
+layer on the pooled last block, where Grad-CAM equals CAM) gives the same maps from one
+onnxruntime pass (`onnx_gradcam`); upsampling and the colour map are numpy, so the
+`[infer]` install draws the same overlays.
 """
 
 from __future__ import annotations
@@ -166,12 +171,58 @@ def gradcam(
 def upsample_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """h x w map -> (H, W) float32 in [0, 1]: bilinear (cell centres to footprint
     centres), negative values cut, divided by the maximum."""
-    import torch
-    import torch.nn.functional as F
+    m = np.asarray(cam, dtype=np.float32)
+    rows = _bilinear_matrix(int(size[0]), m.shape[0])
+    cols = _bilinear_matrix(int(size[1]), m.shape[1])
+    return normalize_map(rows @ m @ cols.T)
 
-    t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    up = F.interpolate(t, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
-    return normalize_map(up[0, 0].numpy())
+
+def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out, in) weights of 1-D bilinear resampling as torch's interpolate(align_corners=False)
+    computes it (source = (i + 0.5) * in / out - 0.5, clamped at 0), so the torch and the
+    torch-free paths give the same maps; a separable matrix product on a tiny grid is
+    exact and fast, where PIL would round through its own fixed kernels."""
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    out = np.zeros((out_size, in_size), dtype=np.float64)
+    np.add.at(out, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(out, (np.arange(out_size), hi), frac)
+    return out.astype(np.float32)
+
+
+def onnx_gradcam(
+    backend: Any,
+    model_input: np.ndarray,
+    select: Sequence[int] | Callable[[np.ndarray], Sequence[int]],
+    size: tuple[int, int],
+) -> CamRun:
+    """As `gradcam`, on an ONNX backend whose graph outputs class activation maps (which equal
+    Grad-CAM for its head, see export/onnx.py). The probabilities are the graph's (calibrated
+    when it has a calibrator)."""
+    arr = np.asarray(model_input, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] != 1:
+        raise ChestXrayError(f"Grad-CAM takes one image, shape (1, S, S); got {tuple(np.shape(model_input))}")
+    probs, maps = backend.run_cam(arr)
+    p = np.asarray(probs[0], dtype=np.float64)
+    indices = [int(i) for i in (select(p) if callable(select) else select)]
+    grid = (int(maps.shape[-2]), int(maps.shape[-1]))
+    return CamRun(p, indices, [upsample_map(np.maximum(maps[0, i], 0.0), size) for i in indices], grid)
+
+
+def check_cam_support(analyzer: "Analyzer") -> None:
+    """ChestXrayError, before any work, when the analyzer's model cannot give Grad-CAM maps."""
+    if getattr(analyzer.backend, "has_cam", False):
+        return
+    if analyzer.backend.name == "onnx":
+        raise ChestXrayError(
+            "Grad-CAM on the onnx backend needs an ONNX file with a 'cam' output (export the bundle "
+            "again with this version of chestxray; ResNet-like models only), or use the torch backend"
+        )
+    _ = analyzer.model  # ChestXrayError for a backend without a torch model
 
 
 def uncrop_map(square: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -252,7 +303,7 @@ def explain_image(
     `select` (a function of the probabilities, e.g. `top_finding`) replaces the default
     choice when `findings` is None."""
 
-    model = analyzer.model  # ChestXrayError for a backend without a torch model
+    check_cam_support(analyzer)
     wanted = resolve_findings(analyzer.labels, findings)
     label = source_name(image, name, default="<input>")
     gray, x = analyzer.preprocess(image, label)
@@ -264,14 +315,17 @@ def explain_image(
     crop = analyzer.preprocessing.crop == "center"
     side = min(gray.shape[:2])
     size = (side, side) if crop else gray.shape[:2]
-    run = gradcam(model, x, chosen, size, getattr(analyzer.backend, "calibrator", None))
-    if crop:  # the model saw the centred square only
-        run.maps = [uncrop_map(m, gray.shape[:2]) for m in run.maps]
-    # The input check's score needs the model's features: one more (gradient-free) pass, only when it has one.
+    if getattr(analyzer.backend, "has_cam", False):  # ONNX: the graph's class activation maps
+        run = onnx_gradcam(analyzer.backend, x, chosen, size)
+    else:
+        run = gradcam(analyzer.model, x, chosen, size, getattr(analyzer.backend, "calibrator", None))
+    # The checks (input check, orientation) come from one more gradient-free pass, only when the model has them.
     checks = None
     if analyzer.has_checks:
         scores = analyzer.run(x[None])[1]
         checks = scores[0] if scores is not None else None
+    if crop:  # the model saw the centred square only
+        run.maps = [uncrop_map(m, gray.shape[:2]) for m in run.maps]
     warnings = analyzer.warnings_for(image, label, checks)
     prediction = analyzer.result(label, analyzer.findings_from(run.probabilities), warnings=warnings)
     cams = [CamResult(analyzer.labels[i], float(run.probabilities[i]), m) for i, m in zip(run.indices, run.maps)]
@@ -291,10 +345,32 @@ def explain(
     return prediction, cams
 
 
-def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
-    from matplotlib import colormaps
+# matplotlib's "jet" as its segment data (matplotlib/_cm.py): (x, value) knots per channel,
+# linear between them. A table of 13 knots keeps the overlay free of matplotlib, which the
+# torch-free `[infer]` install does not have; tests check it against matplotlib's own LUT.
+_JET_KNOTS = {
+    "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+}
 
-    return np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+
+def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
+    """(256, 3) float32 RGB in 0-255 of the overlay's colour map (jet), interpolated between
+    the knots in the order matplotlib's _create_lookup_table uses, so the rounding matches too."""
+    if name != COLORMAP:
+        raise ChestXrayError(f"unknown colour map {name!r}; only {COLORMAP!r} is built in")
+    n = 256
+    at = np.linspace(0.0, 1.0, n) * (n - 1)
+    channels = []
+    for c in ("red", "green", "blue"):
+        xk = np.array([k[0] for k in _JET_KNOTS[c]]) * (n - 1)
+        yk = np.array([k[1] for k in _JET_KNOTS[c]], dtype=np.float64)
+        ind = np.searchsorted(xk, at)[1:-1]
+        distance = (at[1:-1] - xk[ind - 1]) / (xk[ind] - xk[ind - 1])
+        inner = distance * (yk[ind] - yk[ind - 1]) + yk[ind - 1]
+        channels.append(np.clip(np.concatenate([[yk[0]], inner, [yk[-1]]]), 0.0, 1.0))
+    return np.rint(np.stack(channels, axis=1) * 255.0).astype(np.float32)
 
 
 def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:

@@ -4,8 +4,10 @@ Needs only numpy, pillow and onnxruntime (`pip install chestxray[infer]`). The f
 carries everything the Analyzer needs in its metadata (labels, thresholds,
 preprocessing, name: the bundle's JSON under the key "chestxray"), and its graph takes
 the eval preset's output, gray float32 (N, 1, S, S) in [0, 1], and returns
-probabilities (the sigmoid is part of the graph). Grad-CAM needs gradients, so it stays
-a feature of the torch backend.
+probabilities (the sigmoid is part of the graph). Grad-CAM: files exported from a network
+whose head is one linear layer on the pooled last block (ResNets) also output that block's
+class activation maps, which equal Grad-CAM there (see export/onnx.py); inference/explain.py
+turns them into overlays with numpy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 FEATURES_NAME = "features"  # optional output: the pooled feature vector (N, D) (issue 12)
 SCORE_NAME = "input_score"  # optional output: the input check's score (issue 13)
+CAM_NAME = "cam"  # optional output: (N, C, h, w) class activation maps of the last block
 DEFAULT_ONNX_NAME = "default.onnx"
 INSTALL_HINT = "pip install 'chestxray[infer]' (onnxruntime, no torch needed)"
 
@@ -295,15 +298,17 @@ class OnnxBackend:
             len(inputs) != 1
             or not names
             or names[0] != OUTPUT_NAME
-            or any(n not in (FEATURES_NAME, SCORE_NAME) for n in extra)
+            or any(n not in (FEATURES_NAME, SCORE_NAME, CAM_NAME) for n in extra)
             or len(set(extra)) != len(extra)
         ):
             raise BundleError(
-                f"{self.path}: expected one input and the outputs {OUTPUT_NAME} [, {FEATURES_NAME}] [, {SCORE_NAME}], "
+                f"{self.path}: expected one input and the outputs {OUTPUT_NAME} [, {FEATURES_NAME}] [, {SCORE_NAME}] "
+                f"[, {CAM_NAME}], "
                 f"found {len(inputs)} inputs and {names}"
             )
         self.has_score = SCORE_NAME in extra
         self.has_features = FEATURES_NAME in extra
+        self.has_cam = CAM_NAME in extra
         self.input_name = inputs[0].name
         size = self.info.meta.preprocessing.size
         shape = list(inputs[0].shape)
@@ -342,6 +347,17 @@ class OnnxBackend:
         wanted = [OUTPUT_NAME] + ([SCORE_NAME] if self.has_score else [])
         out = self.session.run(wanted, {self.input_name: x})
         return out[0], (out[1] if self.has_score else None)
+
+    def run_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, (N, C, h, w) class activation maps) from one pass."""
+        if not self.has_cam:
+            raise ChestXrayError(
+                f"{self.path}: this ONNX file has no {CAM_NAME} output for Grad-CAM; export the bundle again "
+                "with this version of chestxray (ResNet-like heads), or use the torch backend"
+            )
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        probs, maps = self.session.run([OUTPUT_NAME, CAM_NAME], {self.input_name: x})
+        return probs, maps
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """(N, D) pooled feature vectors, from the graph's "features" output."""
