@@ -6,8 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_model_args, dataset_options, positive_int
-from chestxray.data.index import SPLITS
+from chestxray.commands._common import (
+    ROOT_HELP,
+    add_dataset_args,
+    add_model_args,
+    dataset_options,
+    positive_int,
+    require_modules,
+)
+from chestxray.data.index import ALL_SPLITS
+
+
+# Scoring needs the data layer and the metric and plotting libraries, not torch (an .onnx model runs on onnxruntime).
+EVALUATE_NEEDS = {"pandas": "pandas", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "scipy": "scipy"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="score an NIH root against other labels: google2019:FILE, Google's 2019 expert labels "
         "(google2019_nih-chest-xray-labels.csv[.gz]); --split test or val is Google's own",
     )
-    p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate on (default test)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=ALL_SPLITS,
+        help="split to evaluate on (default test); all: every labelled image, e.g. a whole external set",
+    )
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -31,8 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="subgroups: any of sex,age,view (age bands <40, 40-59, >=60), or none; "
         "default: every one the labels file has",
     )
-    add_model_args(p, backends=False)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    add_model_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument(
         "--boxes",
         nargs="?",
@@ -53,17 +69,19 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.commands._common import resolve_device_arg
     from chestxray.data.datasets import open_dataset
     from chestxray.errors import DatasetError
-    from chestxray.evaluation.evaluate import mapping_lines, run_evaluation
+    from chestxray.evaluation.evaluate import mapping_lines, run_evaluation, scored_phrase, split_phrase
     from chestxray.evaluation.subgroups import parse_by
-    from chestxray.inference.predict import Analyzer
+    from chestxray.inference.predict import Analyzer, resolve_backend
     from chestxray.io import atomic_write_text
 
+    require_modules("evaluate", EVALUATE_NEEDS)
     try:
         by = parse_by(args.by, ("sex", "age", "view")) if args.by is not None else None
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
-    device = resolve_device_arg(args.device)
-    analyzer = Analyzer.load(args.model, backend="torch", device=device, batch_size=args.batch_size)
+    backend = resolve_backend(args.model, args.backend)
+    device = resolve_device_arg(args.device, backend)
+    analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
     index = open_dataset(args.root, dataset_options(args))
     if args.labels:
         kind, _, file = args.labels.partition(":")
@@ -82,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     m = result["macro"]
     ci = m.get("auroc_ci") or [None, None]
-    print(f"{analyzer.name} on {args.split} ({result['n_images']} images, {result['n_patients']} patients)")
+    print(f"{analyzer.name} on the {split_phrase(args.split)}: {scored_phrase(result)}, {result['n_patients']} patients")
     macro = "undefined (no finding has positives and negatives here)" if m["auroc"] is None else f"{m['auroc']:.4f}"
     print(
         f"macro AUROC {macro}"
@@ -106,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
         for name, e in entry["per_class"].items()
         if e["below"]
     ]
-    if "subgroups" in result:
+    missing = [f"{c} ({g['missing']})" for c, g in result.get("subgroups", {}).get("columns", {}).items() if "missing" in g]
+    if missing:
+        print("subgroups not evaluated: " + "; ".join(missing))
+    if len(missing) < len(result.get("subgroups", {}).get("columns", {})):
         print(
             f"subgroups: {len(flagged)} finding/subgroup pairs whose CI lies below the overall AUROC"
             + (f": {', '.join(flagged)}" if flagged else "")
@@ -138,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)
         atomic_write_text(out / "report.md", md)
         print(localization_markdown(loc))
+    if "threshold_warning" in result:
+        print(f"chestxray evaluate: warning: {result['threshold_warning']['message']}", file=sys.stderr)
     print(f"wrote {out}/metrics.json, report.md, roc_curves.png, pr_curves.png, reliability.png")
     print(NOT_FOR_CLINICAL_USE)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,23 @@ def retune_bundle(
     device: str = "cpu",
     progress: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write a re-tuned copy of `bundle` to `out`; returns (path, summary)."""
+    """Write a re-tuned copy of `bundle` (a .safetensors bundle, or an exported .onnx file:
+    `retune_onnx`) to `out`; returns (path, summary)."""
+    from chestxray.inference.predict import sniff_model_format
+
+    if sniff_model_format(bundle) == "onnx" or (sniff_model_format(bundle) is None and str(bundle).endswith(".onnx")):
+        return retune_onnx(
+            bundle,
+            index,
+            split,
+            out,
+            policy=policy,
+            calibrate=calibrate,
+            input_check_split=input_check_split,
+            eval_index=eval_index,
+            eval_split=eval_split,
+            progress=progress,
+        )
     from safetensors.torch import load_file, save_file
 
     from chestxray.inference.input_check import TENSOR_PREFIX
@@ -202,6 +219,22 @@ def retune_bundle(
         meta.input_check["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (cut-off from {source})"
         if meta.orientation is not None:
             meta.orientation["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (template)"
+    record_tuning(meta, src, source, calibrate, policy, old_thresholds, "unchanged (tensors copied from the source bundle)")
+    log.info("writing %s", out)
+    state = load_file(str(src))  # the weights exactly as stored (dtype kept)
+    if want_features:
+        import torch
+
+        state = {k: v for k, v in state.items() if not k.startswith(TENSOR_PREFIX)}
+        state.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in extra.items()})
+    path = atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: meta.to_json()}))
+    return path, tuning_summary(meta, old_thresholds)
+
+
+def record_tuning(
+    meta: Any, src: Path, source: str, calibrate: str, policy: str, old_thresholds: list[float], weights: str
+) -> None:
+    """How the model was re-tuned, into `meta.training["tuning"]` (the previous record nested)."""
     meta.training = {
         **meta.training,
         "tuning": {
@@ -212,18 +245,14 @@ def retune_bundle(
             "threshold_policy": policy,
             "previous_thresholds": dict(zip(meta.labels, old_thresholds)),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "weights": "unchanged (tensors copied from the source bundle)",
+            "weights": weights,
             **({"previous_tuning": meta.training["tuning"]} if "tuning" in meta.training else {}),
         },
     }
-    state = load_file(str(src))  # the weights exactly as stored (dtype kept)
-    if want_features:
-        import torch
 
-        state = {k: v for k, v in state.items() if not k.startswith(TENSOR_PREFIX)}
-        state.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in extra.items()})
-    path = atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: meta.to_json()}))
-    summary = {
+
+def tuning_summary(meta: Any, old_thresholds: list[float]) -> dict[str, Any]:
+    return {
         "thresholds": dict(zip(meta.labels, meta.thresholds)),
         "previous_thresholds": dict(zip(meta.labels, old_thresholds)),
         "calibration": meta.calibration,
@@ -231,7 +260,80 @@ def retune_bundle(
         "input_check": meta.input_check,
         "orientation": {k: v for k, v in (meta.orientation or {}).items() if k != "template"} or None,
     }
-    return path, summary
+
+
+def retune_onnx(
+    model: str | Path,
+    index: Any,
+    split: str,
+    out: str | Path,
+    *,
+    policy: str = DEFAULT_POLICY,
+    calibrate: str = DEFAULT_CALIBRATION,
+    input_check_split: str | None = None,
+    eval_index: Any = None,
+    eval_split: str | None = None,
+    progress: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """`retune_bundle` for an exported .onnx file, without torch: the graph is copied as it
+    is and only its metadata changes. The graph's output is mapped back to the network's
+    raw probabilities (its baked-in calibrator, an affine map of the logit, undone), the
+    calibrator and thresholds are fitted on them exactly as for a bundle, and the file
+    records the graph's own calibrator (GRAPH_CALIBRATION) so that the ONNX backend applies
+    the new one in its place. Raw probabilities come from float32 outputs: beyond about
+    1e-7 of 0 or 1 they saturate, which moves a fit only by as much."""
+    from chestxray.evaluation.evaluate import split_probabilities
+    from chestxray.inference.calibration import Calibration, calibration_of
+    from chestxray.inference.onnx_backend import (
+        GRAPH_CALIBRATION,
+        RETUNED_FORMAT_VERSION,
+        OnnxBackend,
+        resolve_onnx_path,
+        with_onnx_props,
+    )
+    from chestxray.inference.predict import Analyzer
+    from chestxray.io import atomic_write_bytes
+    from chestxray.models.bundle import META_KEY
+
+    src = resolve_onnx_path(model)
+    out = Path(out)
+    if out.resolve() == src.resolve():
+        raise ChestXrayError(f"--out {out}: choose a new file; the source model is kept as it is")
+    if input_check_split is not None:
+        raise ChestXrayError(
+            "--input-check-split refits the input check on a network's pooled features, which needs the "
+            "PyTorch bundle: tune the .safetensors bundle (pip install 'chestxray[torch]') and export it again"
+        )
+    if eval_split is not None:
+        check_no_overlap(index, split, eval_index if eval_index is not None else index, eval_split)
+    backend = OnnxBackend(src)
+    info, meta = backend.info, backend.info.meta
+    if GRAPH_CALIBRATION in info.props:  # re-tuned before: the graph still holds the exported calibrator
+        graph = Calibration.from_dict(json.loads(info.props[GRAPH_CALIBRATION]), meta.labels, str(src))
+    else:
+        graph = calibration_of(meta) or Calibration.identity(meta.labels)
+    backend.post = None  # the graph's own output
+    analyzer = Analyzer(backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, None, 32)
+    probs, targets, patients, _ = split_probabilities(analyzer, index, split, progress=progress)
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    raw_logits = (np.log(p) - np.log1p(-p) - graph.b[None, :]) / graph.a[None, :]
+    raw = 1.0 / (1.0 + np.exp(-raw_logits))
+    old_thresholds = list(meta.thresholds)
+    source = f"{Path(index.root).name}:{split} ({len(raw)} images, {len(set(patients))} patients)"
+    log.info("fitting the calibrator and thresholds on %s", source)
+    fit_post_training(None, meta, raw, targets, source=source, calibrate=calibrate, policy=policy)
+    record_tuning(meta, src, source, calibrate, policy, old_thresholds, "unchanged (ONNX graph copied as it is)")
+    props = {
+        **info.props,
+        META_KEY: meta.to_json(),
+        "format_version": str(RETUNED_FORMAT_VERSION),
+        "thresholds": json.dumps({lab: float(t) for lab, t in zip(meta.labels, meta.thresholds)}),
+        GRAPH_CALIBRATION: json.dumps(graph.to_dict()),
+    }
+    log.info("writing %s", out)
+    path = atomic_write_bytes(out, with_onnx_props(src, props))
+    OnnxBackend(path)  # the written file loads (and its calibrators compose), or a BundleError now
+    return path, tuning_summary(meta, old_thresholds)
 
 
 def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]:
