@@ -16,7 +16,6 @@ from chestxray.commands._common import (
 )
 from chestxray.data.index import ALL_SPLITS
 
-
 # Scoring needs the data layer and the metric and plotting libraries, not torch (an .onnx model runs on onnxruntime).
 EVALUATE_NEEDS = {"pandas": "pandas", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "scipy": "scipy"}
 
@@ -100,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     m = result["macro"]
     ci = m.get("auroc_ci") or [None, None]
-    print(f"{analyzer.name} on the {split_phrase(args.split)}: {scored_phrase(result)}, {result['n_patients']} patients")
+    print(
+        f"{analyzer.name} on the {split_phrase(args.split)}: {scored_phrase(result)}, {result['n_patients']} patients"
+    )
     macro = "undefined (no finding has positives and negatives here)" if m["auroc"] is None else f"{m['auroc']:.4f}"
     print(
         f"macro AUROC {macro}"
@@ -124,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         for name, e in entry["per_class"].items()
         if e["below"]
     ]
-    missing = [f"{c} ({g['missing']})" for c, g in result.get("subgroups", {}).get("columns", {}).items() if "missing" in g]
+    missing = [
+        f"{c} ({g['missing']})" for c, g in result.get("subgroups", {}).get("columns", {}).items() if "missing" in g
+    ]
     if missing:
         print("subgroups not evaluated: " + "; ".join(missing))
     if len(missing) < len(result.get("subgroups", {}).get("columns", {})):

@@ -40,10 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chestxray.data.datasets import open_dataset
-    from chestxray.evaluation.report import write_report
     from chestxray.commands.evaluate import EVALUATE_NEEDS
-    from chestxray.evaluation.report import NO_CAM, has_grad_cam
+    from chestxray.data.datasets import open_dataset
+    from chestxray.evaluation.report import NO_CAM, has_grad_cam, write_report
     from chestxray.inference.predict import Analyzer, resolve_backend
 
     require_modules("report", {k: v for k, v in EVALUATE_NEEDS.items() if k in ("pandas", "matplotlib")})

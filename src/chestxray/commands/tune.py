@@ -84,9 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chestxray import NOT_FOR_CLINICAL_USE
-    from chestxray.commands._common import resolve_device_arg
+    from chestxray.commands._common import require_modules, resolve_device_arg
     from chestxray.data.datasets import open_dataset
-    from chestxray.commands._common import require_modules
     from chestxray.evaluation.tune import retune_bundle
     from chestxray.inference.predict import default_bundle_path, resolve_backend
 

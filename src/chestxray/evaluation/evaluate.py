@@ -277,9 +277,7 @@ def threshold_transfer_warning(per_class: dict[str, dict[str, Any]]) -> dict[str
             continue
         rate, prev = (e["tp"] + e["fp"]) / n, pos / n
         reasons = []
-        if n >= TRANSFER_MIN_IMAGES and rate > 2 * prev + 0.1:
-            reasons.append(f"{rate:.0%} called positive, prevalence {prev:.0%}")
-        elif n >= TRANSFER_MIN_IMAGES and rate < (prev - 0.1) / 2:
+        if n >= TRANSFER_MIN_IMAGES and not (prev - 0.1) / 2 <= rate <= 2 * prev + 0.1:
             reasons.append(f"{rate:.0%} called positive, prevalence {prev:.0%}")
         if neg >= TRANSFER_MIN_CLASS and e["specificity"] is not None and e["specificity"] < 0.2:
             reasons.append(f"specificity {e['specificity']:.3f}")

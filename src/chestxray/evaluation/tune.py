@@ -219,7 +219,9 @@ def retune_bundle(
         meta.input_check["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (cut-off from {source})"
         if meta.orientation is not None:
             meta.orientation["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (template)"
-    record_tuning(meta, src, source, calibrate, policy, old_thresholds, "unchanged (tensors copied from the source bundle)")
+    record_tuning(
+        meta, src, source, calibrate, policy, old_thresholds, "unchanged (tensors copied from the source bundle)"
+    )
     log.info("writing %s", out)
     state = load_file(str(src))  # the weights exactly as stored (dtype kept)
     if want_features:
