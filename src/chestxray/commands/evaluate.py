@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         index = with_google_labels(index, Path(file))
     out = Path(args.out or f"eval-{args.split}")
     result = run_evaluation(
-        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=sys.stderr.isatty(), by=by
+        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=True, by=by
     )
     for line in mapping_lines(result):
         print(line)

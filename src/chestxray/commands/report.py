@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed, progress=sys.stderr.isatty()
     )
     print(
-        f"report of {summary['images']} {args.split} images by model {analyzer.name}: "
+        f"report of {summary['images']} images of the {'whole dataset' if args.split == 'all' else args.split + ' split'} "
+        f"by model {analyzer.name}: "
         f"{summary['html']} and {summary['grid']}\n{NOT_FOR_CLINICAL_USE}"
     )
     if summary["unreadable"]:

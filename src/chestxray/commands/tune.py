@@ -4,7 +4,6 @@ thresholds (and optionally the input check) on a site's own labelled data; weigh
 from __future__ import annotations
 
 import argparse
-import sys
 
 from chestxray.commands._common import add_dataset_args, add_device_arg, dataset_options
 
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         eval_index=eval_index,
         eval_split=args.evaluate_split,
         device=resolve_device_arg(args.device, backend),
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     op = summary["operating_point"]
     ece = summary["calibration"].get("fit_split_ece_macro", {})

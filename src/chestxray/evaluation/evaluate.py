@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.evaluation.metrics import evaluate_predictions
 from chestxray.io import atomic_write, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 
 def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """(row positions, probabilities in the model's label order, predictions) of one split."""
@@ -24,7 +27,7 @@ def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tup
         raise ChestXrayError(f"the {split} split of {index.root} has no images")
     paths = index.frame["path"].iloc[pos].tolist()
     names = index.frame["image"].iloc[pos].tolist()
-    preds = analyzer.predict(paths, names=names, progress=progress)
+    preds = predict_with_progress(analyzer, paths, names, f"{split} split", progress)
     bad = [p for p in preds if not p.ok]
     if bad:
         raise ChestXrayError(
@@ -32,6 +35,22 @@ def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tup
         )
     probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
     return pos, probs, names
+
+
+def predict_with_progress(analyzer: Any, paths: list[Any], names: list[str], desc: str, progress: bool) -> list[Any]:
+    """`analyzer.predict` in chunks, reporting with the shared `Progress`: a bar on a terminal,
+    a line every 10 s without one (`progress` False: silent)."""
+    from chestxray.inference.pipeline import Progress
+
+    bar = Progress(len(paths), desc=desc, every_s=10.0, enabled=progress)
+    preds: list[Any] = []
+    step = max(4 * analyzer.batch_size, 64)
+    for i in range(0, len(paths), step):
+        chunk = analyzer.predict(paths[i : i + step], names=names[i : i + step])
+        preds += chunk
+        bar.update(len(chunk), errors=sum(not p.ok for p in chunk))
+    bar.close()
+    return preds
 
 
 def split_probabilities(
@@ -299,7 +318,7 @@ def threshold_transfer_warning(per_class: dict[str, dict[str, Any]]) -> dict[str
         "rule": TRANSFER_RULE,
         "message": f"the model's thresholds do not transfer to this dataset for {', '.join(flagged)} ({why}); "
         "tune a site-specific operating point on labelled images of this population: "
-        "chestxray tune --model MODEL ROOT --split val --out NEW.safetensors",
+        "chestxray tune --model MODEL ROOT --split val --out NEW_MODEL (--split all: every labelled image)",
     }
 
 
@@ -356,6 +375,7 @@ def run_evaluation(
     targets = matrix[:, [findings.index(f) for f in plan.labels]]
     probs = np.stack([model_probs[:, cols].max(axis=1) for cols in plan.columns], axis=1)
     groups = index.frame["patient_id"].iloc[pos].to_numpy()
+    log.info("metrics of %d findings on %d images (%d bootstrap replicates)", len(plan.labels), len(pos), n_boot)
     result = evaluate_predictions(targets, probs, plan.thresholds, plan.labels, groups=groups, n_boot=n_boot, seed=seed)
     result = {
         "model": analyzer.name,
@@ -379,10 +399,12 @@ def run_evaluation(
     frame = index.frame.iloc[pos]
     columns = [c for c in ("sex", "age", "view") if c in frame.columns] if by is None else by
     if columns:
+        log.info("subgroups by %s", ", ".join(columns))
         result["subgroups"] = evaluate_subgroups(
             targets, probs, groups, frame, plan.labels, columns, result, n_boot=n_boot, seed=seed
         )
     out.mkdir(parents=True, exist_ok=True)
+    log.info("writing %s", out)
     title = f"{analyzer.name}, {split_phrase(split)}"
     write_curves(targets, probs, plan.labels, out, title, result["per_class"])
     write_reliability(targets, probs, plan.labels, out, title)

@@ -192,6 +192,7 @@ def retune_bundle(
         raise ChestXrayError(f"--out {out}: choose a new file; the source bundle is kept as it is")
     if eval_split is not None:
         check_no_overlap(index, split, eval_index if eval_index is not None else index, eval_split)
+    log.info("loading %s", src)
     model, meta = load_bundle(src, device=device)
     old_thresholds = list(meta.thresholds)
     want_features = input_check_split is not None
@@ -203,7 +204,9 @@ def retune_bundle(
     source = f"{Path(index.root).name}:{split} ({len(val.probs)} images, {len(set(val.patients))} patients)"
     train_feats = None
     if input_check_split is not None:
+        log.info("input check: features of the %s split", input_check_split)
         train_feats = raw_split_outputs(model, meta, index, input_check_split, True, progress).features
+    log.info("fitting the %s calibrator and the %s thresholds on %s", calibrate, policy, source)
     extra = fit_post_training(
         model,
         meta,
@@ -322,7 +325,7 @@ def retune_onnx(
     raw = 1.0 / (1.0 + np.exp(-raw_logits))
     old_thresholds = list(meta.thresholds)
     source = f"{Path(index.root).name}:{split} ({len(raw)} images, {len(set(patients))} patients)"
-    log.info("fitting the calibrator and thresholds on %s", source)
+    log.info("fitting the %s calibrator and the %s thresholds on %s", calibrate, policy, source)
     fit_post_training(None, meta, raw, targets, source=source, calibrate=calibrate, policy=policy)
     record_tuning(meta, src, source, calibrate, policy, old_thresholds, "unchanged (ONNX graph copied as it is)")
     props = {
@@ -338,16 +341,20 @@ def retune_onnx(
     return path, tuning_summary(meta, old_thresholds)
 
 
-def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]:
+def batch_features(
+    model: Any, batches: Any, prep: Any, desc: str = "input check features", progress: bool = True
+) -> dict[str, np.ndarray]:
     """The input check's pooled features of every image a CacheBatches yields (rows, x_uint8, y)."""
     import torch
 
     from chestxray.inference.features import capture_features, input_check_layers
     from chestxray.inference.orientation import thumbnails
+    from chestxray.inference.pipeline import Progress
 
     model.eval()
     layers = input_check_layers(model)
     out: dict[str, list[np.ndarray]] = {k: [] for k in [*layers, THUMBNAILS]}
+    bar = Progress(getattr(batches, "n", None), desc=desc, every_s=10.0, enabled=progress)
     with torch.inference_mode(), capture_features(model, layers) as store:
         for _rows, xb, _yb in batches:
             x = prep(xb)
@@ -355,6 +362,8 @@ def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]
             for k in layers:
                 out[k].append(store[k].float().cpu().numpy())
             out[THUMBNAILS].append(thumbnails(x))
+            bar.update(len(xb))
+    bar.close()
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -373,12 +382,14 @@ def fit_after_training(
     source = f"{meta.training.get('dataset_root', 'the dataset')}:val ({len(val_probs)} images)"
     feats: dict[str, Any] = {}
     if not distributed and getattr(model, "architecture", "") != "ensemble":
+        log.info("input check: pooled features of the train and val images")
         feats = {
-            "train_features": batch_features(model, train_batches, prep),
-            "val_features": batch_features(model, val_batches, prep),
+            "train_features": batch_features(model, train_batches, prep, "input check: train features"),
+            "val_features": batch_features(model, val_batches, prep, "input check: val features"),
         }
     else:
         log.info("input check not fitted (distributed run): fit it with `chestxray tune --input-check-split train`")
+    log.info("fitting the calibrator, the operating point and the input check on %s", source)
     extra = fit_post_training(model, meta, val_probs, val_targets, source=source, **feats)
     if meta.input_check is not None:
         meta.input_check["fitted_on"] = f"{meta.training.get('dataset_root', 'the dataset')}:train (cut-off from val)"
