@@ -418,10 +418,7 @@ def run_evaluation(
 
 def labelled_images(index: Any) -> int:
     """Images of the dataset (every split) with a file and at least one known label."""
-    labels = np.asarray(index.labels, dtype=np.float64)
-    known = ~np.isnan(labels).all(axis=1) if labels.ndim == 2 and labels.shape[1] else np.ones(len(labels), bool)
-    found = index.frame["path"].notna().to_numpy()
-    return int((known & found).sum())
+    return int(index.labelled_mask().sum())
 
 
 def mapping_lines(result: dict[str, Any]) -> list[str]:

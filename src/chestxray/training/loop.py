@@ -544,7 +544,8 @@ class Trainer:
         barrier(self.info)
         best = load_file(str(self.out / BEST_WEIGHTS), device=str(self.device))
         self.model.load_state_dict(best)
-        log.info("validation pass with the best weights (epoch %d, %d images)", self.best_epoch + 1, self.n_val)
+        if self.info.is_main:
+            log.info("validation pass with the best weights (epoch %d, %d images)", self.best_epoch + 1, self.n_val)
         probs, val_loss = self.predict_val()
         if not self.info.is_main:
             return None
