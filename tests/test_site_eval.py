@@ -91,6 +91,24 @@ def test_evaluate_on_a_csv_with_blank_labels(tmp_path, tiny_bundle, capsys):
     assert set(m["subgroups"]["columns"]["age"]) <= {"<40", "40-59", ">=60"} and m["subgroups"]["columns"]["age"]
 
 
+def test_subgroups_leave_blank_labels_out():
+    """A blank (NaN) label is unknown: subgroup supports, prevalences and AUROCs use the
+    labelled images only (NaN used to crash the support count)."""
+    import pandas as pd
+
+    from chestxray.evaluation.metrics import evaluate_predictions
+    from chestxray.evaluation.subgroups import evaluate_subgroups
+
+    t = np.array([[1, 0, np.nan, 1, 0, np.nan, 0, 1]], dtype=float).T
+    p = np.array([[0.9, 0.2, 0.99, 0.8, 0.1, 0.01, 0.3, 0.7]]).T
+    frame = pd.DataFrame({"sex": ["F", "F", "F", "F", "M", "M", "M", "M"]})
+    overall = evaluate_predictions(t, p, np.array([0.5]), ["X"], n_boot=0)
+    sub = evaluate_subgroups(t, p, np.arange(8), frame, ["X"], ["sex"], overall, n_boot=0)
+    f, m = sub["columns"]["sex"]["F"]["per_class"]["X"], sub["columns"]["sex"]["M"]["per_class"]["X"]
+    assert (f["support"], f["labelled"], m["support"], m["labelled"]) == (2, 3, 1, 3)
+    assert f["prevalence"] == pytest.approx(2 / 3) and f["auroc"] == 1.0 and m["auroc"] == 1.0
+
+
 @pytest.mark.slow
 def test_report_and_tune_on_a_csv_with_blank_labels(tmp_path, tiny_bundle):
     """The rest of the site's path on the same data: report, tune, then evaluate the re-tuned bundle."""
@@ -264,7 +282,7 @@ def test_torch_commands_name_the_extra_without_torch(tmp_path, mini_root):
         ["models"],
         ["ensemble", str(mini_root), "--models", "a.safetensors", "b.safetensors", "--out", "e.safetensors"],
     ]
-    body = "import json\nfor argv in %s:\n    print(json.dumps(main(argv)))\n" % json.dumps(commands)
+    body = f"import json\nfor argv in {json.dumps(commands)}:\n    print(json.dumps(main(argv)))\n"
     proc = _no_torch(tmp_path, body)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout.split() == ["2", "2", "2"]
@@ -294,9 +312,9 @@ def test_evaluate_tune_report_on_onnx_without_torch(tmp_path):
         ["report", site, "--model", tuned, "--split", "all", "--n", "2", "--out", "rep"],
         ["evaluate", site, "--model", tuned, "--backend", "onnx", "--bootstrap", "0", "--out", "e3"],
     ]
-    body = ("import json, pathlib, sys\nrcs = [main(argv) for argv in %s]\n"
+    body = (f"import json, pathlib, sys\nrcs = [main(argv) for argv in {json.dumps(runs)}]\n"
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors'))\n"
-            "pathlib.Path('result.json').write_text(json.dumps([rcs, loaded]))\n" % json.dumps(runs))
+            "pathlib.Path('result.json').write_text(json.dumps([rcs, loaded]))\n")
     proc = _no_torch(tmp_path, body)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == [[0] * len(runs), []], proc.stderr[-3000:]
