@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from chestxray.commands._common import add_dataset_args, add_device_arg, dataset_options
+from chestxray.data.index import ALL_SPLITS
 
 
 def policy_arg(text: str) -> str:
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split",
         default="val",
-        choices=["val", "train", "test", "all"],
+        choices=ALL_SPLITS,
         help="tuning split (default val; all: every labelled image, e.g. a site's own set)",
     )
     p.add_argument(
