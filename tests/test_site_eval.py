@@ -324,3 +324,21 @@ def test_evaluate_tune_report_on_onnx_without_torch(tmp_path):
     for f in SCORED:  # re-tuning changes calibration and thresholds, never the ranking
         assert m2["per_class"][f]["auroc"] == pytest.approx(m1["per_class"][f]["auroc"], abs=1e-6)
     assert "no Grad-CAM" in (tmp_path / "rep" / "index.html").read_text()
+
+
+def test_tune_says_what_it_is_doing(tmp_path, tiny_bundle, capsys, caplog, monkeypatch):
+    """Without a terminal: progress lines while the images are read, then one line per phase."""
+    import logging
+
+    from chestxray.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 1e-9)  # a line per chunk instead of every 10 s
+    root = blanks_root(tmp_path / "site", demographics=False)
+    with caplog.at_level(logging.INFO, logger="chestxray"):
+        assert main(["tune", f"csv:{root}", "--model", str(tiny_bundle), "--split", "all",
+                     "--out", str(tmp_path / "t.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "all split: 24/24 images" in err
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("chestxray.evaluation")]
+    assert any(m.startswith("fitting the temperature calibrator and the f1 thresholds on site:all") for m in said)
+    assert any(m.startswith("writing ") and m.endswith("t.safetensors") for m in said)

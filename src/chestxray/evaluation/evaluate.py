@@ -37,12 +37,15 @@ def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tup
     return pos, probs, names
 
 
+PROGRESS_EVERY_S = 10.0  # without a terminal: a progress line this often
+
+
 def predict_with_progress(analyzer: Any, paths: list[Any], names: list[str], desc: str, progress: bool) -> list[Any]:
     """`analyzer.predict` in chunks, reporting with the shared `Progress`: a bar on a terminal,
     a line every 10 s without one (`progress` False: silent)."""
     from chestxray.inference.pipeline import Progress
 
-    bar = Progress(len(paths), desc=desc, every_s=10.0, enabled=progress)
+    bar = Progress(len(paths), desc=desc, every_s=PROGRESS_EVERY_S, enabled=progress)
     preds: list[Any] = []
     step = max(4 * analyzer.batch_size, 64)
     for i in range(0, len(paths), step):
