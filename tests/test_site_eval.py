@@ -342,3 +342,16 @@ def test_tune_says_what_it_is_doing(tmp_path, tiny_bundle, capsys, caplog, monke
     said = [r.getMessage() for r in caplog.records if r.name.startswith("chestxray.evaluation")]
     assert any(m.startswith("fitting the temperature calibrator and the f1 thresholds on site:all") for m in said)
     assert any(m.startswith("writing ") and m.endswith("t.safetensors") for m in said)
+
+
+def test_calibration_metrics_leave_blank_labels_out(tmp_path):
+    from chestxray.evaluation.calibration import calibration_metrics, write_reliability
+
+    t = np.array([[1, 0, np.nan, 1, np.nan], [np.nan] * 5]).T
+    p = np.array([[0.9, 0.2, 0.99, 0.6, 0.01], [0.5] * 5]).T
+    got = calibration_metrics(t, p, ["A", "B"])
+    want = calibration_metrics(t[[0, 1, 3], :1], p[[0, 1, 3], :1], ["A"])["per_class"]["A"]
+    assert got["per_class"]["A"] == pytest.approx(want)
+    assert got["per_class"]["B"] == {"brier": None, "ece": None}
+    assert got["macro"]["brier"] == pytest.approx(want["brier"])
+    assert write_reliability(t, p, ["A", "B"], tmp_path, "t").stat().st_size > 1000

@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}")
     cal = result["calibration"]
     print(
-        f"calibration ({cal['calibrator'] or 'none in the bundle'}): macro Brier {cal['macro']['brier']:.4f}, "
-        f"macro ECE {cal['macro']['ece']:.4f} ({cal['binning']})"
+        f"calibration ({cal['calibrator'] or 'none in the bundle'}): macro Brier {_num(cal['macro']['brier'])}, "
+        f"macro ECE {_num(cal['macro']['ece'])} ({cal['binning']})"
     )
     flagged = [
         f"{name} {column}={g}"
@@ -167,3 +167,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}/metrics.json, report.md, roc_curves.png, pr_curves.png, reliability.png")
     print(NOT_FOR_CLINICAL_USE)
     return 0
+
+
+def _num(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:.4f}"

@@ -131,6 +131,19 @@ def scoring_plan(model_labels: list[str], thresholds: Any, index: Any) -> Scorin
     )
 
 
+def panel_figure(n: int) -> tuple[Any, np.ndarray]:
+    """A Figure of `n` panels, up to 5 a row (3 x 5 for NIH's 14), as wide as the panels it
+    holds, and its axes (spare ones are switched off by the caller)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = max(1, min(5, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(max(3.2 * cols, 5.0), 3 * rows + 0.4), dpi=80)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False).ravel()
+
+
 def curve_figure(
     kind: str,
     targets: np.ndarray,
@@ -143,18 +156,11 @@ def curve_figure(
     per finding titled with its AUROC or AUPRC (from `per_class`, the `evaluate_predictions`
     entries; computed when not given), with a labelled chance line (the diagonal; the
     prevalence). Classes without positives get an "undefined" panel."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     if per_class is None:
         per_class = evaluate_predictions(targets, probs, np.full(len(labels), 0.5), labels, n_boot=0)["per_class"]
-    # Up to 5 panels a row (3 x 5 for NIH's 14), the figure as wide as the panels it holds.
-    cols = max(1, min(5, len(labels)))
-    rows = max(1, math.ceil(len(labels) / cols))
-    fig = Figure(figsize=(max(3.2 * cols, 5.0), 3 * rows + 0.4), dpi=80)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = panel_figure(len(labels))
     for c, name in enumerate(labels):
         ax = axes[c]
         known = ~np.isnan(np.asarray(targets[:, c], dtype=float))  # images that label this finding
@@ -339,7 +345,7 @@ def calibration_markdown(result: dict[str, Any]) -> list[str]:
         "## Calibration",
         "",
         f"Probabilities {'after the bundle calibrator (' + cal['calibrator'] + ')' if cal['calibrator'] else 'as the model gives them (no calibrator in the bundle)'}. "
-        f"Macro Brier score {m['brier']:.4f}, macro expected calibration error (ECE) {m['ece']:.4f}; "
+        f"Macro Brier score {_fmt(m['brier'], '.4f')}, macro expected calibration error (ECE) {_fmt(m['ece'], '.4f')}; "
         f"ECE binning: {cal['binning']}. Reliability diagram: `reliability.png`.",
     ]
     op = result.get("operating_point")
@@ -347,7 +353,7 @@ def calibration_markdown(result: dict[str, Any]) -> list[str]:
         lines += ["", f"Thresholds: policy `{op['policy']}`, tuned on {op.get('tuned_on') or 'validation'}."]
     lines += ["", "| finding | Brier | ECE |", "|---|---:|---:|"]
     for name, e in cal["per_class"].items():
-        lines.append(f"| {name} | {e['brier']:.4f} | {e['ece']:.4f} |")
+        lines.append(f"| {name} | {_fmt(e['brier'], '.4f')} | {_fmt(e['ece'], '.4f')} |")
     return [*lines, ""]
 
 
