@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, e in result["per_class"].items():
         auc = "undefined" if e["auroc"] is None else f"{e['auroc']:.3f}"
-        labelled = f" of {e['labelled']} labelled" if "labelled" in e else ""
-        print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}{labelled}")
+        n = f"{e['support']}" + (f" of {e['labelled']} labelled" if "labelled" in e else "")  # blanks left out
+        print(f"  {name:<19} n+={n:<4} AUROC {auc}")
     cal = result["calibration"]
     print(
         f"calibration ({cal['calibrator'] or 'none in the bundle'}): macro Brier {_num(cal['macro']['brier'])}, "
