@@ -72,7 +72,7 @@ def calibration_metrics(targets: np.ndarray, probs: np.ndarray, labels: Sequence
 def write_reliability(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> Path:
     """One panel per finding (like the ROC grid): observed rate against mean predicted
     probability per bin, marker area ~ images in the bin, the diagonal for reference."""
-    from chestxray.evaluation.evaluate import panel_figure
+    from chestxray.evaluation.figures import panel_figure
     from chestxray.io import atomic_write
 
     fig, axes = panel_figure(len(labels))

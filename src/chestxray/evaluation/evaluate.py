@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,19 +130,6 @@ def scoring_plan(model_labels: list[str], thresholds: Any, index: Any) -> Scorin
     )
 
 
-def panel_figure(n: int) -> tuple[Any, np.ndarray]:
-    """A Figure of `n` panels, up to 5 a row (3 x 5 for NIH's 14), as wide as the panels it
-    holds, and its axes (spare ones are switched off by the caller)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = max(1, min(5, n))
-    rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(max(3.2 * cols, 5.0), 3 * rows + 0.4), dpi=80)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, cols, squeeze=False).ravel()
-
-
 def curve_figure(
     kind: str,
     targets: np.ndarray,
@@ -160,6 +146,8 @@ def curve_figure(
 
     if per_class is None:
         per_class = evaluate_predictions(targets, probs, np.full(len(labels), 0.5), labels, n_boot=0)["per_class"]
+    from chestxray.evaluation.figures import panel_figure
+
     fig, axes = panel_figure(len(labels))
     for c, name in enumerate(labels):
         ax = axes[c]
