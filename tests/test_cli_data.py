@@ -175,7 +175,7 @@ def test_cli_choices_come_from_the_source_tuples():
 
     from chestxray.cli import build_parser
     from chestxray.commands.predict import FORMATS
-    from chestxray.data.index import ALL_SPLITS, SPLITS, TUNING_SPLITS
+    from chestxray.data.index import ALL_SPLITS, TUNING_SPLITS
     from chestxray.export.quantize import CALIBRATION_METHODS
     from chestxray.inference.predict import BACKENDS
 
@@ -187,9 +187,9 @@ def test_cli_choices_come_from_the_source_tuples():
         for opt in action.option_strings
         if action.choices is not None
     }
-    assert choices[("evaluate", "--split")] is SPLITS
+    assert choices[("evaluate", "--split")] is ALL_SPLITS and choices[("tune", "--split")] is ALL_SPLITS
     assert choices[("report", "--split")] is ALL_SPLITS
     assert choices[("ensemble", "--split")] is TUNING_SPLITS and "test" not in TUNING_SPLITS
     assert choices[("export", "--calibration-method")] is CALIBRATION_METHODS
     assert choices[("predict", "--format")] is FORMATS
-    assert all(choices[(c, "--backend")] is BACKENDS for c in ("predict", "serve"))
+    assert all(choices[(c, "--backend")] is BACKENDS for c in ("predict", "serve", "evaluate", "report"))

@@ -177,11 +177,19 @@ def test_no_patient_on_two_sides(mini_root):
     assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
 
 
-def test_cli_train_then_evaluate(tmp_path, mini_root, cache_dir, capsys):
+def test_cli_train_then_evaluate(tmp_path, mini_root, cache_dir, capsys, caplog):
+    import logging
+
     run = tmp_path / "run"
-    rc = main(["train", str(mini_root), "--out", str(run), "--weights", "none", "--freeze", "all", "--model", "resnet18",
-               "--epochs", "1", "--image-size", "32", "--cache", str(cache_dir), "--val-fraction", "0.3"])
+    with caplog.at_level(logging.INFO, logger="chestxray"):
+        rc = main(["train", str(mini_root), "--out", str(run), "--weights", "none", "--freeze", "all", "--model",
+                   "resnet18", "--epochs", "1", "--image-size", "32", "--cache", str(cache_dir), "--val-fraction", "0.3"])
     assert rc == 0 and (run / "model.safetensors").is_file()
+    # After the last epoch, each phase says what it is doing.
+    said = [r.getMessage() for r in caplog.records]
+    for phase in ("validation pass with the best weights", "tuning the thresholds", "input check: pooled features",
+                  "fitting the calibrator", f"writing {run / 'model.safetensors'}"):
+        assert any(m.startswith(phase) for m in said), phase
     rc = main(["evaluate", "--model", str(run), str(mini_root), "--split", "test", "--out", str(tmp_path / "ev"),
                "--bootstrap", "100"])
     assert rc == 0

@@ -64,6 +64,35 @@ def requested_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+# The extra of pyproject.toml that installs each optional module a command may import.
+EXTRAS = {
+    "torch": ("torch", "torch"),
+    "torchvision": ("torchvision", "torch"),
+    "safetensors": ("safetensors", "torch"),
+    "yaml": ("pyyaml", "torch"),
+    "pandas": ("pandas", "data"),
+    "sklearn": ("scikit-learn", "eval"),
+    "matplotlib": ("matplotlib", "eval"),
+    "scipy": ("scipy", "eval"),
+    "onnxruntime": ("onnxruntime", "infer"),
+    "onnx": ("onnx", "export"),
+    "onnxscript": ("onnxscript", "export"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "timm": ("timm", "timm"),
+    "pyarrow": ("pyarrow", "archive"),
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install for a missing optional module, or None."""
+    top = (exc.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    dist, extra = EXTRAS[top]
+    return f"this command needs {dist}, which is not installed: pip install 'chestxray[{extra}]'"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(requested_command(argv))
@@ -77,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except ChestXrayError as exc:
         print(f"chestxray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        if hint is None:
+            raise
+        print(f"chestxray {args.command}: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

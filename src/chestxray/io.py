@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -53,15 +54,19 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Raise ChestXrayError unless a file can be written at `path` (its folder is made if
-    missing): checked by creating and removing a temporary file there, before long work
-    whose result would otherwise be lost at the end."""
+    """Raise ChestXrayError unless a file can be written at `path`: checked by creating and
+    removing a temporary file in its folder, or in the nearest existing folder above a missing
+    one (nothing is left behind), before long work whose result would otherwise be lost."""
     from chestxray.errors import ChestXrayError
 
     path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=folder)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:

@@ -17,6 +17,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def require_modules(command: str, modules: dict[str, str], extra: str = "eval") -> None:
+    """A one-line error naming the extra to install when a module `command` needs is absent
+    (`modules`: import name -> distribution name)."""
+    import importlib.util
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # an import hook that refuses it, or a broken install
+            return True
+
+    absent = [dist for name, dist in modules.items() if missing(name)]
+    if absent:
+        raise ChestXrayError(
+            f"{command} needs {', '.join(absent)}, which {'is' if len(absent) == 1 else 'are'} not installed: "
+            f"pip install 'chestxray[{extra}]'"
+        )
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)

@@ -6,8 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from chestxray.commands._common import ROOT_HELP, add_dataset_args, add_model_args, dataset_options, positive_int
-from chestxray.data.index import SPLITS
+from chestxray.commands._common import (
+    ROOT_HELP,
+    add_dataset_args,
+    add_model_args,
+    dataset_options,
+    positive_int,
+    require_modules,
+)
+from chestxray.data.index import ALL_SPLITS
+
+# Scoring needs the data layer and the metric and plotting libraries, not torch (an .onnx model runs on onnxruntime).
+EVALUATE_NEEDS = {"pandas": "pandas", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "scipy": "scipy"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="score an NIH root against other labels: google2019:FILE, Google's 2019 expert labels "
         "(google2019_nih-chest-xray-labels.csv[.gz]); --split test or val is Google's own",
     )
-    p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate on (default test)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=ALL_SPLITS,
+        help="split to evaluate on (default test); all: every labelled image, e.g. a whole external set",
+    )
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument(
         "--bootstrap",
@@ -36,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="subgroups: any of sex,age,view (age bands <40, 40-59, >=60), or none; "
         "default: every one the labels file has",
     )
-    add_model_args(p, backends=False)
+    add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument(
         "--boxes",
@@ -58,17 +73,19 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.commands._common import resolve_device_arg
     from chestxray.data.datasets import open_dataset
     from chestxray.errors import DatasetError
-    from chestxray.evaluation.evaluate import mapping_lines, run_evaluation
+    from chestxray.evaluation.evaluate import mapping_lines, run_evaluation, scored_phrase, split_phrase
     from chestxray.evaluation.subgroups import parse_by
-    from chestxray.inference.predict import Analyzer
+    from chestxray.inference.predict import Analyzer, resolve_backend
     from chestxray.io import atomic_write_text
 
+    require_modules("evaluate", EVALUATE_NEEDS)
     try:
         by = parse_by(args.by, ("sex", "age", "view")) if args.by is not None else None
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
-    device = resolve_device_arg(args.device)
-    analyzer = Analyzer.load(args.model, backend="torch", device=device, batch_size=args.batch_size)
+    backend = resolve_backend(args.model, args.backend)
+    device = resolve_device_arg(args.device, backend)
+    analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
     index = open_dataset(args.root, dataset_options(args))
     if args.labels:
         kind, _, file = args.labels.partition(":")
@@ -81,13 +98,15 @@ def run(args: argparse.Namespace) -> int:
         index = with_google_labels(index, Path(file))
     out = Path(args.out or f"eval-{args.split}")
     result = run_evaluation(
-        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=sys.stderr.isatty(), by=by
+        analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=True, by=by
     )
     for line in mapping_lines(result):
         print(line)
     m = result["macro"]
     ci = m.get("auroc_ci") or [None, None]
-    print(f"{analyzer.name} on {args.split} ({result['n_images']} images, {result['n_patients']} patients)")
+    print(
+        f"{analyzer.name} on the {split_phrase(args.split)}: {scored_phrase(result)}, {result['n_patients']} patients"
+    )
     macro = "undefined (no finding has positives and negatives here)" if m["auroc"] is None else f"{m['auroc']:.4f}"
     print(
         f"macro AUROC {macro}"
@@ -97,11 +116,12 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, e in result["per_class"].items():
         auc = "undefined" if e["auroc"] is None else f"{e['auroc']:.3f}"
-        print(f"  {name:<19} n+={e['support']:<4} AUROC {auc}")
+        n = f"{e['support']}" + (f" of {e['labelled']} labelled" if "labelled" in e else "")  # blanks left out
+        print(f"  {name:<19} n+={n:<4} AUROC {auc}")
     cal = result["calibration"]
     print(
-        f"calibration ({cal['calibrator'] or 'none in the bundle'}): macro Brier {cal['macro']['brier']:.4f}, "
-        f"macro ECE {cal['macro']['ece']:.4f} ({cal['binning']})"
+        f"calibration ({cal['calibrator'] or 'none in the bundle'}): macro Brier {_num(cal['macro']['brier'])}, "
+        f"macro ECE {_num(cal['macro']['ece'])} ({cal['binning']})"
     )
     flagged = [
         f"{name} {column}={g}"
@@ -111,7 +131,12 @@ def run(args: argparse.Namespace) -> int:
         for name, e in entry["per_class"].items()
         if e["below"]
     ]
-    if "subgroups" in result:
+    missing = [
+        f"{c} ({g['missing']})" for c, g in result.get("subgroups", {}).get("columns", {}).items() if "missing" in g
+    ]
+    if missing:
+        print("subgroups not evaluated: " + "; ".join(missing))
+    if len(missing) < len(result.get("subgroups", {}).get("columns", {})):
         print(
             f"subgroups: {len(flagged)} finding/subgroup pairs whose CI lies below the overall AUROC"
             + (f": {', '.join(flagged)}" if flagged else "")
@@ -143,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
         md = (out / "report.md").read_text() + "\n" + localization_markdown(loc)
         atomic_write_text(out / "report.md", md)
         print(localization_markdown(loc))
+    if "threshold_warning" in result:
+        print(f"chestxray evaluate: warning: {result['threshold_warning']['message']}", file=sys.stderr)
     print(f"wrote {out}/metrics.json, report.md, roc_curves.png, pr_curves.png, reliability.png")
     print(NOT_FOR_CLINICAL_USE)
     return 0
+
+
+def _num(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:.4f}"

@@ -55,8 +55,17 @@ def format_summary(s: dict[str, Any]) -> str:
     findings = next(iter(s["splits"].values()))["prevalence"].keys()
     for f in findings:
         lines.append(f"  {f:<{width - 2}}" + "".join(f"{sp['prevalence'][f]:>9.2%}" for sp in s["splits"].values()))
-    lines += ["", _overlap_line(s["patient_overlap"])]
+    lines += ["", _scored_line(s), _overlap_line(s["patient_overlap"])]
     return "\n".join(lines)
+
+
+def _scored_line(s: dict[str, Any]) -> str:
+    """How many labelled images `evaluate` scores: the test split by default, or all of them."""
+    n = s["labelled"]
+    return (
+        f"evaluate        scores {n['test']:,} of {n['all']:,} labelled images (the test split); "
+        f"--split all scores all {n['all']:,}"
+    )
 
 
 def _overlap_line(overlap: dict[str, int]) -> str:
@@ -94,5 +103,5 @@ def format_table_summary(s: dict[str, Any]) -> str:
     for name, e in s["labels"].items():
         row = f"{name:<{width}}{e['positive']:>10,}{e['negative']:>10,}{e['uncertain']:>10,}{e['unlabelled']:>11,}"
         lines.append(row + (f"{e.get('blank_as_negative', 0):>11,}" if extra else ""))
-    lines += ["", _overlap_line(s["patient_overlap"])]
+    lines += ["", _scored_line(s), _overlap_line(s["patient_overlap"])]
     return "\n".join(lines)

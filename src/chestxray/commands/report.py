@@ -12,6 +12,7 @@ from chestxray.commands._common import (
     add_model_args,
     dataset_options,
     positive_int,
+    require_modules,
     resolve_device_arg,
 )
 from chestxray.data.index import ALL_SPLITS
@@ -27,8 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "DIR/predictions.json. " + NOT_FOR_CLINICAL_USE,
     )
     p.add_argument("root", help=ROOT_HELP)
-    add_model_args(p, backends=False)
-    p.add_argument("--split", choices=ALL_SPLITS, default="test", help="split to draw from (default test)")
+    add_model_args(p)
+    p.add_argument(
+        "--split", choices=ALL_SPLITS, default="test", help="split to draw from (default test; all: every image)"
+    )
     p.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -37,18 +40,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from chestxray.commands.evaluate import EVALUATE_NEEDS
     from chestxray.data.datasets import open_dataset
-    from chestxray.evaluation.report import write_report
-    from chestxray.inference.predict import Analyzer
+    from chestxray.evaluation.report import NO_CAM, has_grad_cam, write_report
+    from chestxray.inference.predict import Analyzer, resolve_backend
 
-    device = resolve_device_arg(args.device)
-    analyzer = Analyzer.load(args.model, backend="torch", device=device)
+    require_modules("report", {k: v for k, v in EVALUATE_NEEDS.items() if k in ("pandas", "matplotlib")})
+    backend = resolve_backend(args.model, args.backend)
+    analyzer = Analyzer.load(args.model, backend=backend, device=resolve_device_arg(args.device, backend))
+    if not has_grad_cam(analyzer):
+        print(f"chestxray report: {NO_CAM}", file=sys.stderr)
     index = open_dataset(args.root, dataset_options(args))
     summary = write_report(
         analyzer, index, args.out, split=args.split, n=args.n, seed=args.seed, progress=sys.stderr.isatty()
     )
     print(
-        f"report of {summary['images']} {args.split} images by model {analyzer.name}: "
+        f"report of {summary['images']} images of the {'whole dataset' if args.split == 'all' else args.split + ' split'} "
+        f"by model {analyzer.name}: "
         f"{summary['html']} and {summary['grid']}\n{NOT_FOR_CLINICAL_USE}"
     )
     if summary["unreadable"]:

@@ -4,9 +4,9 @@ thresholds (and optionally the input check) on a site's own labelled data; weigh
 from __future__ import annotations
 
 import argparse
-import sys
 
 from chestxray.commands._common import add_dataset_args, add_device_arg, dataset_options
+from chestxray.data.index import ALL_SPLITS
 
 
 def policy_arg(text: str) -> str:
@@ -50,9 +50,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "unchanged. With --evaluate-split, refuses tuning data that shares patients with that split.",
     )
     p.add_argument("root", help="labelled dataset root (any layout the data layer reads)")
-    p.add_argument("--model", default=None, metavar="BUNDLE", help="bundle to re-tune (default: the bundled model)")
-    p.add_argument("--split", default="val", choices=["val", "train", "test", "all"], help="tuning split (default val)")
-    p.add_argument("--out", required=True, metavar="NEW_BUNDLE", help="the new .safetensors file")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="bundle (.safetensors) or exported .onnx file to re-tune (default: the bundled model; its ONNX "
+        "twin when torch is not installed)",
+    )
+    p.add_argument(
+        "--split",
+        default="val",
+        choices=ALL_SPLITS,
+        help="tuning split (default val; all: every labelled image, e.g. a site's own set)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="NEW_MODEL", help="the new file (.safetensors, or .onnx for an ONNX model)"
+    )
     add_calibration_args(p)
     p.add_argument(
         "--input-check-split",
@@ -71,17 +84,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chestxray import NOT_FOR_CLINICAL_USE
-    from chestxray.commands._common import resolve_device_arg
+    from chestxray.commands._common import require_modules, resolve_device_arg
     from chestxray.data.datasets import open_dataset
     from chestxray.evaluation.tune import retune_bundle
-    from chestxray.inference.predict import default_bundle_path
+    from chestxray.inference.predict import default_bundle_path, resolve_backend
 
+    require_modules("tune", {"pandas": "pandas", "sklearn": "scikit-learn", "scipy": "scipy"})
+    backend = resolve_backend(args.model)
+    if args.model is not None:
+        model = args.model
+    elif backend == "onnx":  # no torch: the packaged ONNX model
+        from chestxray.inference.onnx_backend import default_onnx_path
+
+        model = default_onnx_path()
+    else:
+        model = default_bundle_path()
     index = open_dataset(args.root, dataset_options(args))
     eval_index = None
     if args.evaluate_root is not None:
         eval_index = open_dataset(args.evaluate_root, dataset_options(args))
     path, summary = retune_bundle(
-        args.model or default_bundle_path(),
+        model,
         index,
         args.split,
         args.out,
@@ -90,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         input_check_split=args.input_check_split,
         eval_index=eval_index,
         eval_split=args.evaluate_split,
-        device=resolve_device_arg(args.device),
-        progress=sys.stderr.isatty(),
+        device=resolve_device_arg(args.device, backend),
+        progress=True,
     )
     op = summary["operating_point"]
     ece = summary["calibration"].get("fit_split_ece_macro", {})
@@ -113,4 +136,6 @@ def run(args: argparse.Namespace) -> int:
                 f"images, margin {o['margin']}; warns {o['val_warned']} of {o['val_images']} tuning-split images"
             )
     print(f"wrote {path} (weights unchanged). {NOT_FOR_CLINICAL_USE}")
+    if backend == "onnx":
+        print("an ONNX file re-tuned here is read by this version of chestxray and later (format 2)")
     return 0

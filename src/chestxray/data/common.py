@@ -68,6 +68,17 @@ class DatasetIndex:
             raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or 'all'")
         return np.flatnonzero(self.frame["split"].to_numpy() == split)
 
+    def labelled_mask(self) -> np.ndarray:
+        """Rows `evaluate` can score: an image file and at least one known label."""
+        labels = np.asarray(self.labels, dtype=np.float64)
+        known = ~np.isnan(labels).all(axis=1) if labels.ndim == 2 and labels.shape[1] else np.zeros(len(labels), bool)
+        return known & self.frame["path"].notna().to_numpy()
+
+    def labelled_counts(self) -> dict[str, int]:
+        """Labelled images with a file in each split and in all of them ("all")."""
+        mask = self.labelled_mask()
+        return {s: int(mask[self.split_positions(s)].sum()) for s in (*SPLITS, "all")}
+
     def patient_overlap(self) -> dict[str, int]:
         """Number of patients shared by each pair of splits (all zero when sound)."""
         groups = {s: set(self.frame.loc[self.frame["split"] == s, "patient_id"]) for s in SPLITS}
@@ -142,6 +153,7 @@ class TableIndex(DatasetIndex):
                 **{v: int(views.get(v, 0)) for v in VIEWS},
             },
             "split_source": self.split_source,
+            "labelled": self.labelled_counts(),
             "uncertain_policy": self.uncertain,
             "splits": {},
             "labels": {},

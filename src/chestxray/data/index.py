@@ -224,6 +224,7 @@ class NIHIndex(DatasetIndex):
                 "test": int((frame["split"] == "test").sum()),
             },
             "splits": {},
+            "labelled": self.labelled_counts(),
             "patient_overlap": self.patient_overlap(),
         }
         for split in SPLITS:

@@ -50,39 +50,45 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
     return float(np.sum(r["count"][full] * np.abs(r["observed"][full] - r["confidence"][full])) / r["count"].sum())
 
 
+def _mean_defined(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
 def calibration_metrics(targets: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
     """Brier and ECE per finding and macro, as a JSON-able dict."""
-    per = {
-        name: {"brier": brier(targets[:, c], probs[:, c]), "ece": ece(targets[:, c], probs[:, c])}
-        for c, name in enumerate(labels)
-    }
+    per: dict[str, Any] = {}
+    for c, name in enumerate(labels):
+        known = ~np.isnan(np.asarray(targets[:, c], dtype=np.float64))  # blank = unknown, not negative
+        y, p = targets[known, c], probs[known, c]
+        per[name] = {"brier": brier(y, p), "ece": ece(y, p)} if known.any() else {"brier": None, "ece": None}
     return {
         "binning": ECE_BINNING,
         "per_class": per,
-        "macro": {k: float(np.mean([v[k] for v in per.values()])) for k in ("brier", "ece")},
+        "macro": {k: _mean_defined([v[k] for v in per.values()]) for k in ("brier", "ece")},
     }
 
 
 def write_reliability(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> Path:
     """One panel per finding (like the ROC grid): observed rate against mean predicted
     probability per bin, marker area ~ images in the bin, the diagonal for reference."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    from chestxray.evaluation.figures import panel_figure
     from chestxray.io import atomic_write
 
-    rows = max(1, -(-len(labels) // 5))
-    fig = Figure(figsize=(16, 3 * rows), dpi=80)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(rows, 5)).ravel()
+    fig, axes = panel_figure(len(labels))
     for c, name in enumerate(labels):
         ax = axes[c]
-        r = reliability_bins(targets[:, c], probs[:, c])
+        known = ~np.isnan(np.asarray(targets[:, c], dtype=np.float64))
+        if not known.any():
+            ax.set_title(f"{name} (no labelled image)", fontsize=9)
+            continue
+        y, p = targets[known, c], probs[known, c]
+        r = reliability_bins(y, p)
         full = r["count"] > 0
         ax.plot([0, 1], [0, 1], ls=":", c="grey")
         ax.scatter(r["confidence"][full], r["observed"][full], s=8 + 200 * r["count"][full] / r["count"].sum())
         ax.plot(r["confidence"][full], r["observed"][full], lw=0.8)
-        ax.set_title(f"{name} (ECE {ece(targets[:, c], probs[:, c]):.3f})", fontsize=9)
+        ax.set_title(f"{name} (ECE {ece(y, p):.3f})", fontsize=9)
         ax.set_xlabel("mean predicted probability", fontsize=7)
         ax.set_ylabel("observed rate", fontsize=7)
         ax.set_xlim(0, 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,8 @@ import numpy as np
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.evaluation.metrics import evaluate_predictions
 from chestxray.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray, list[Any]]:
@@ -24,7 +26,7 @@ def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tup
         raise ChestXrayError(f"the {split} split of {index.root} has no images")
     paths = index.frame["path"].iloc[pos].tolist()
     names = index.frame["image"].iloc[pos].tolist()
-    preds = analyzer.predict(paths, names=names, progress=progress)
+    preds = predict_with_progress(analyzer, paths, names, f"{split} split", progress)
     bad = [p for p in preds if not p.ok]
     if bad:
         raise ChestXrayError(
@@ -32,6 +34,25 @@ def _predict_split(analyzer: Any, index: Any, split: str, progress: bool) -> tup
         )
     probs = np.array([[p.probability(lab) for lab in analyzer.labels] for p in preds])
     return pos, probs, names
+
+
+PROGRESS_EVERY_S = 10.0  # without a terminal: a progress line this often
+
+
+def predict_with_progress(analyzer: Any, paths: list[Any], names: list[str], desc: str, progress: bool) -> list[Any]:
+    """`analyzer.predict` in chunks, reporting with the shared `Progress`: a bar on a terminal,
+    a line every 10 s without one (`progress` False: silent)."""
+    from chestxray.inference.pipeline import Progress
+
+    bar = Progress(len(paths), desc=desc, every_s=PROGRESS_EVERY_S, enabled=progress)
+    preds: list[Any] = []
+    step = max(4 * analyzer.batch_size, 64)
+    for i in range(0, len(paths), step):
+        chunk = analyzer.predict(paths[i : i + step], names=names[i : i + step])
+        preds += chunk
+        bar.update(len(chunk), errors=sum(not p.ok for p in chunk))
+    bar.close()
+    return preds
 
 
 def split_probabilities(
@@ -121,16 +142,13 @@ def curve_figure(
     per finding titled with its AUROC or AUPRC (from `per_class`, the `evaluate_predictions`
     entries; computed when not given), with a labelled chance line (the diagonal; the
     prevalence). Classes without positives get an "undefined" panel."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     if per_class is None:
         per_class = evaluate_predictions(targets, probs, np.full(len(labels), 0.5), labels, n_boot=0)["per_class"]
-    rows = max(1, math.ceil(len(labels) / 5))  # 3 x 5 for NIH's 14; more or fewer for other label sets
-    fig = Figure(figsize=(16, 3 * rows), dpi=80)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 5, squeeze=False).ravel()
+    from chestxray.evaluation.figures import panel_figure
+
+    fig, axes = panel_figure(len(labels))
     for c, name in enumerate(labels):
         ax = axes[c]
         known = ~np.isnan(np.asarray(targets[:, c], dtype=float))  # images that label this finding
@@ -193,19 +211,19 @@ def _ci(v: list | None) -> str:
 def report_markdown(result: dict[str, Any], model_name: str, split: str, root: str) -> str:
     m = result["macro"]
     lines = [
-        f"# Evaluation of `{model_name}` on the {split} split of `{root}`",
+        f"# Evaluation of `{model_name}` on the {split_phrase(split)} of `{root}`",
         "",
         f"> {NOT_FOR_CLINICAL_USE}",
         "",
-        f"{result['n_images']} images, {result['n_patients']} patients. Confidence intervals: 95% bootstrap, "
+        f"{scored_phrase(result)}, {result['n_patients']} patients. Confidence intervals: 95% bootstrap, "
         f"{result.get('bootstrap', {}).get('replicates', 0)} replicates resampling patients.",
         "",
         f"- **Macro AUROC**: {_fmt(m['auroc'])}{_ci(m.get('auroc_ci'))} over {result['defined_auroc_classes']} "
         "findings with positives",
         f"- Macro AUPRC: {_fmt(m['auprc'])}{_ci(m.get('auprc_ci'))}; macro F1 at the tuned thresholds: {_fmt(m['f1'])}",
         f'- Element-wise accuracy: {result["elementwise_accuracy"]:.4f}, while predicting "all negative" scores '
-        f"{result['all_negative_accuracy']:.4f} on the same data. Accuracy over 14 rare findings says little; "
-        "read AUROC and AUPRC.",
+        f"{result['all_negative_accuracy']:.4f} on the same data. {accuracy_caveat(result)}",
+        *transfer_markdown(result),
         "",
         "| finding | support | prevalence | AUROC (95% CI) | AUPRC (95% CI) | threshold | F1 | precision | recall | specificity |",
         "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
@@ -224,6 +242,90 @@ def report_markdown(result: dict[str, Any], model_name: str, split: str, root: s
     return "\n".join(lines)
 
 
+def split_phrase(split: str) -> str:
+    return "whole dataset (every split)" if split == "all" else f"{split} split"
+
+
+def scored_phrase(result: dict[str, Any]) -> str:
+    """ "123 of 624 labelled images scored (the test split)" """
+    n, total = result["n_images"], result.get("dataset_labelled_images")
+    if total is None or total == n:
+        return f"{n} images scored" + (" (every labelled image)" if total == n else "")
+    return f"{n} of {total} labelled images scored (the {result['split']} split; --split all scores every one)"
+
+
+def accuracy_caveat(result: dict[str, Any]) -> str:
+    """Why element-wise accuracy misleads, worded for the findings actually scored."""
+    n = len(result["per_class"])
+    findings = "finding" if n == 1 else f"{n} findings"
+    if result["all_negative_accuracy"] >= 0.8:  # mostly-negative cells: "all negative" already scores well
+        return f"Accuracy over {'one rare finding' if n == 1 else f'{n} mostly rare findings'} says little; read AUROC and AUPRC."
+    return f"Accuracy depends on the threshold and prevalence of the {findings} scored; read AUROC and AUPRC."
+
+
+# Thresholds that do not transfer: when, at the model's own thresholds, a dataset gets far
+# more (or fewer) positive calls than it has positives, they were tuned on another population.
+TRANSFER_MIN_IMAGES = 20  # the rate rule needs this many labelled images of a finding
+TRANSFER_MIN_CLASS = 20  # the specificity / sensitivity rule needs this many negatives / positives
+TRANSFER_RULE = (
+    "at the model's thresholds, on the images that label a finding: predicted-positive rate above "
+    "2 x prevalence + 0.1 or below (prevalence - 0.1) / 2 (with at least 20 labelled images), "
+    "or specificity below 0.2 (with at least 20 negatives), or sensitivity below 0.2 (with at least 20 positives)"
+)
+
+
+def threshold_transfer_warning(per_class: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A warning when the model's thresholds do not fit this dataset, or None.
+
+    Rule, per scored finding, on the images that label it, at the model's thresholds (with
+    `rate` the predicted-positive rate and `prev` the prevalence):
+      - too many positive calls: rate > 2 * prev + 0.1 (at least 20 labelled images), or
+        specificity < 0.2 (at least 20 negatives);
+      - too few: rate < (prev - 0.1) / 2 (at least 20 labelled images), or sensitivity
+        < 0.2 (at least 20 positives).
+    The minimum counts keep a handful of images from raising it. The cure is a site-specific
+    operating point: `chestxray tune` on labelled images of this population."""
+    flagged: dict[str, dict[str, Any]] = {}
+    for name, e in per_class.items():
+        pos, neg = e["tp"] + e["fn"], e["fp"] + e["tn"]
+        n = pos + neg
+        if n == 0:
+            continue
+        rate, prev = (e["tp"] + e["fp"]) / n, pos / n
+        reasons = []
+        if n >= TRANSFER_MIN_IMAGES and not (prev - 0.1) / 2 <= rate <= 2 * prev + 0.1:
+            reasons.append(f"{rate:.0%} called positive, prevalence {prev:.0%}")
+        if neg >= TRANSFER_MIN_CLASS and e["specificity"] is not None and e["specificity"] < 0.2:
+            reasons.append(f"specificity {e['specificity']:.3f}")
+        if pos >= TRANSFER_MIN_CLASS and e["recall"] is not None and e["recall"] < 0.2:
+            reasons.append(f"sensitivity {e['recall']:.3f}")
+        if reasons:
+            flagged[name] = {
+                "predicted_positive_rate": rate,
+                "prevalence": prev,
+                "specificity": e["specificity"],
+                "sensitivity": e["recall"],
+                "why": "; ".join(reasons),
+            }
+    if not flagged:
+        return None
+    why = "; ".join(f"{k}: {v['why']}" for k, v in flagged.items())
+    return {
+        "findings": flagged,
+        "rule": TRANSFER_RULE,
+        "message": f"the model's thresholds do not transfer to this dataset for {', '.join(flagged)} ({why}); "
+        "tune a site-specific operating point on labelled images of this population: "
+        "chestxray tune --model MODEL ROOT --split val --out NEW_MODEL (--split all: every labelled image)",
+    }
+
+
+def transfer_markdown(result: dict[str, Any]) -> list[str]:
+    w = result.get("threshold_warning")
+    if not w:
+        return []
+    return [f"- **Warning**: {w['message']}. Rule: {w['rule']}."]
+
+
 def calibration_markdown(result: dict[str, Any]) -> list[str]:
     cal = result["calibration"]
     m = cal["macro"]
@@ -231,7 +333,7 @@ def calibration_markdown(result: dict[str, Any]) -> list[str]:
         "## Calibration",
         "",
         f"Probabilities {'after the bundle calibrator (' + cal['calibrator'] + ')' if cal['calibrator'] else 'as the model gives them (no calibrator in the bundle)'}. "
-        f"Macro Brier score {m['brier']:.4f}, macro expected calibration error (ECE) {m['ece']:.4f}; "
+        f"Macro Brier score {_fmt(m['brier'], '.4f')}, macro expected calibration error (ECE) {_fmt(m['ece'], '.4f')}; "
         f"ECE binning: {cal['binning']}. Reliability diagram: `reliability.png`.",
     ]
     op = result.get("operating_point")
@@ -239,7 +341,7 @@ def calibration_markdown(result: dict[str, Any]) -> list[str]:
         lines += ["", f"Thresholds: policy `{op['policy']}`, tuned on {op.get('tuned_on') or 'validation'}."]
     lines += ["", "| finding | Brier | ECE |", "|---|---:|---:|"]
     for name, e in cal["per_class"].items():
-        lines.append(f"| {name} | {e['brier']:.4f} | {e['ece']:.4f} |")
+        lines.append(f"| {name} | {_fmt(e['brier'], '.4f')} | {_fmt(e['ece'], '.4f')} |")
     return [*lines, ""]
 
 
@@ -270,6 +372,7 @@ def run_evaluation(
     targets = matrix[:, [findings.index(f) for f in plan.labels]]
     probs = np.stack([model_probs[:, cols].max(axis=1) for cols in plan.columns], axis=1)
     groups = index.frame["patient_id"].iloc[pos].to_numpy()
+    log.info("metrics of %d findings on %d images (%d bootstrap replicates)", len(plan.labels), len(pos), n_boot)
     result = evaluate_predictions(targets, probs, plan.thresholds, plan.labels, groups=groups, n_boot=n_boot, seed=seed)
     result = {
         "model": analyzer.name,
@@ -277,7 +380,11 @@ def run_evaluation(
         "dataset_root": str(index.root),
         "note": NOT_FOR_CLINICAL_USE,
         **result,
+        "dataset_labelled_images": labelled_images(index),
     }
+    warning = threshold_transfer_warning(result["per_class"])
+    if warning is not None:
+        result["threshold_warning"] = warning
     meta = analyzer.meta
     calibrator = (getattr(meta, "calibration", None) or {}).get("method")
     result["calibration"] = {"calibrator": calibrator, **calibration_metrics(targets, probs, plan.labels)}
@@ -289,11 +396,13 @@ def run_evaluation(
     frame = index.frame.iloc[pos]
     columns = [c for c in ("sex", "age", "view") if c in frame.columns] if by is None else by
     if columns:
+        log.info("subgroups by %s", ", ".join(columns))
         result["subgroups"] = evaluate_subgroups(
             targets, probs, groups, frame, plan.labels, columns, result, n_boot=n_boot, seed=seed
         )
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{analyzer.name}, {split} split"
+    log.info("writing %s", out)
+    title = f"{analyzer.name}, {split_phrase(split)}"
     write_curves(targets, probs, plan.labels, out, title, result["per_class"])
     write_reliability(targets, probs, plan.labels, out, title)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
@@ -302,6 +411,11 @@ def run_evaluation(
         md += "\n" + subgroups_markdown(result["subgroups"], plan.labels)
     atomic_write_text(out / "report.md", md)
     return result
+
+
+def labelled_images(index: Any) -> int:
+    """Images of the dataset (every split) with a file and at least one known label."""
+    return int(index.labelled_mask().sum())
 
 
 def mapping_lines(result: dict[str, Any]) -> list[str]:

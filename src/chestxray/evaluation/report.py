@@ -75,18 +75,22 @@ def thumbnail(array: np.ndarray, side: int = THUMB) -> np.ndarray:
 def build_items(
     analyzer: "Analyzer", index: "DatasetIndex", positions: np.ndarray, progress: bool = False
 ) -> list[ReportItem]:
-    """One Grad-CAM pass per image: the prediction and the map of its top finding."""
+    """One Grad-CAM pass per image: the prediction and the map of its top finding. A model
+    without a torch network (ONNX) gives the predictions alone: Grad-CAM needs gradients."""
     from tqdm.auto import tqdm
 
     from chestxray.data.harmonise import harmonise
-    from chestxray.inference.explain import explain_image, overlay, top_finding
 
-    _ = analyzer.model  # ChestXrayError for a backend without a torch model, before any work
     items = []
     for pos in tqdm(positions, desc="report", unit="img", disable=not progress):
         name = str(index.frame["image"].iloc[pos])
         findings, matrix, _ = harmonise(index.dataset, index.pathologies, index.labels[pos : pos + 1])
         truth = [f for f, v in zip(findings, matrix[0]) if v >= 0.5]  # in the model's vocabulary
+        if not has_grad_cam(analyzer):
+            items.append(_item_without_cam(analyzer, name, truth, index.frame["path"].iloc[pos]))
+            continue
+        from chestxray.inference.explain import explain_image, overlay, top_finding
+
         try:
             gray, prediction, cams = explain_image(
                 analyzer, index.frame["path"].iloc[pos], name=name, select=top_finding
@@ -107,6 +111,22 @@ def build_items(
         items.append(ReportItem(name, truth, prediction, cam, thumbnail(gray), thumbnail(overlay(gray, cam.heatmap))))
     return items
 
+
+def has_grad_cam(analyzer: "Analyzer") -> bool:
+    """Whether the model runs in torch (Grad-CAM needs its gradients)."""
+    return getattr(analyzer.backend, "model", None) is not None
+
+
+def _item_without_cam(analyzer: "Analyzer", name: str, truth: list[str], path: str) -> ReportItem:
+    from chestxray.data.images import read_image
+
+    prediction = analyzer.predict_many([path], names=[name])[0]
+    if not prediction.ok:
+        return ReportItem(name, truth, prediction, None, np.zeros((THUMB, THUMB), np.uint8), None)
+    return ReportItem(name, truth, prediction, None, thumbnail(read_image(path)), None)
+
+
+NO_CAM = "no Grad-CAM: the model runs on ONNX (Grad-CAM needs the torch bundle)"
 
 #: The HTML page's classes and their colours in the grid: true positive, false positive, missed.
 CAPTION_COLOURS = {"": "#222222", "tp": "#11772b", "fp": "#b3261e", "fn": "#a05a00"}
@@ -189,9 +209,8 @@ def grid_figure(items: list[ReportItem], model_name: str, subtitle: str) -> Any:
             note = f"\n{item.cam.note}" if item.cam.note else ""
             ax_cam.set_title(f"Grad-CAM {item.cam.finding} {item.cam.probability:.2f}{note}", fontsize=8)
         else:
-            ax_cam.text(
-                0.5, 0.5, f"unreadable:\n{item.prediction.error}", ha="center", va="center", fontsize=7, wrap=True
-            )
+            text = f"unreadable:\n{item.prediction.error}" if not item.prediction.ok else NO_CAM.replace(": ", ":\n")
+            ax_cam.text(0.5, 0.5, text, ha="center", va="center", fontsize=7, wrap=True)
         lines: list[Artist] = [
             HPacker(
                 children=[
@@ -260,6 +279,8 @@ def render_html(items: list[ReportItem], model_name: str, subtitle: str, grid_na
             cam_line = f"Grad-CAM: {e(item.cam.finding)} ({item.cam.probability:.2f})"
             if item.cam.note:
                 cam_line += f" &mdash; {e(item.cam.note)}"
+        elif item.prediction.ok:
+            cam_line = e(NO_CAM)
         else:
             cam_line = f'<span class="fp">unreadable: {e(item.prediction.error or "")}</span>'
         cards.append(
@@ -313,7 +334,8 @@ def write_report(
     out = Path(out_dir)
     positions = choose_examples(index, split, n, seed)
     items = build_items(analyzer, index, positions, progress=progress)
-    subtitle = f"{len(items)} random images of the {split} split (seed {seed})"
+    where = "whole dataset" if split == "all" else f"{split} split"
+    subtitle = f"{len(items)} random images of the {where} (seed {seed})"
     grid = atomic_write_bytes(out / "grid.png", render_grid(items, analyzer.name, subtitle))
     page = atomic_write_text(out / "index.html", render_html(items, analyzer.name, subtitle, grid.name))
     doc = {

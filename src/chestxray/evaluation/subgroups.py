@@ -29,6 +29,8 @@ def parse_by(text: str | None, available: Sequence[str]) -> list[str]:
 
 def age_band(value: Any) -> str | None:
     """NIH ages are "58" or, in the first release, "058Y"; months/days mean a child (< 40)."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        value = str(int(value)) if np.isfinite(value) and value >= 0 else ""  # the readers' float years
     m = re.fullmatch(r"\s*(\d+)\s*([YMWD]?)\s*", str(value), flags=re.I)
     if not m:
         return None
@@ -38,11 +40,25 @@ def age_band(value: Any) -> str | None:
     return "<40" if years < 40 else ("40-59" if years < 60 else ">=60")
 
 
+UNKNOWN_VALUES = ("", "NONE", "NAN", "UNKNOWN")  # what a reader writes where a value is not recorded
+
+
 def subgroup_labels(frame: Any, column: str) -> np.ndarray:
+    """Each row's subgroup ("" where the value is not recorded)."""
     values = frame[column].tolist()
     if column == "age":
         return np.array([age_band(v) or "" for v in values], dtype=object)
-    return np.array([str(v).strip().upper() for v in values], dtype=object)
+    out = ["" if v is None or v != v else str(v).strip().upper() for v in values]
+    return np.array(["" if v in UNKNOWN_VALUES else v for v in out], dtype=object)
+
+
+def missing_reason(frame: Any, column: str) -> str | None:
+    """Why `column` gives no subgroups (absent, or no row records it), or None when it does."""
+    if column not in frame.columns:
+        return f"the labels file has no {column} column"
+    if not any(subgroup_labels(frame, column)):
+        return f"no image records its {column}"
+    return None
 
 
 def evaluate_subgroups(
@@ -59,8 +75,9 @@ def evaluate_subgroups(
     """{column: {group: {n_images, n_patients, per_class: {finding: auroc, ci, gap, below}}}}."""
     out: dict[str, Any] = {"age_bands": list(AGE_BANDS), "columns": {}}
     for column in by:
-        if column not in frame.columns:
-            out["columns"][column] = {"missing": f"the labels file has no {column} column"}
+        reason = missing_reason(frame, column)
+        if reason is not None:
+            out["columns"][column] = {"missing": reason}
             continue
         values = subgroup_labels(frame, column)
         groups: dict[str, Any] = {}
@@ -73,13 +90,17 @@ def evaluate_subgroups(
             ci = bootstrap_ci(t, p, pat, n_boot=n_boot, seed=seed) if n_boot > 0 else None
             per: dict[str, Any] = {}
             for c, name in enumerate(labels):
-                auc = _nan_to_none(_auroc(t[:, c], p[:, c]))
+                known = ~np.isnan(np.asarray(t[:, c], dtype=np.float64))  # blank = unknown: left out
+                y = t[known, c]
+                auc = _nan_to_none(_auroc(y, p[known, c]))
                 whole = overall["per_class"][name]["auroc"]
                 lo_hi = [_nan_to_none(v) for v in ci["auroc"][:, c]] if ci is not None else [None, None]
                 if auc is None:
                     lo_hi = [None, None]
                 per[name] = {
-                    "support": int(t[:, c].sum()),
+                    "support": int(y.sum()),
+                    "labelled": int(known.sum()),
+                    "prevalence": float(y.mean()) if len(y) else None,
                     "auroc": auc,
                     "auroc_ci": lo_hi,
                     "gap": None if auc is None or whole is None else auc - whole,
@@ -97,9 +118,15 @@ def evaluate_subgroups(
 
 
 def subgroups_markdown(sub: dict[str, Any], labels: Sequence[str]) -> str:
+    """The subgroup tables; columns that give no subgroups get one line together, no table."""
+    missing = {c: g["missing"] for c, g in sub["columns"].items() if "missing" in g}
+    note = "Not evaluated by " + "; by ".join(f"{c} ({why})" for c, why in missing.items()) + "." if missing else ""
+    if len(missing) == len(sub["columns"]):
+        return "\n".join(["## Subgroups", "", note, ""])
     lines = [
         "## Subgroups",
         "",
+        *([note, ""] if note else []),
         "Per-finding AUROC within each subgroup (95% patient-bootstrap CI) and its gap to the whole split. "
         "**Bold with !**: the subgroup's interval lies wholly below the whole split's estimate. "
         f"Age bands: {', '.join(AGE_BANDS)} years. Empty cells: AUROC undefined (no positive or no negative).",
@@ -107,7 +134,6 @@ def subgroups_markdown(sub: dict[str, Any], labels: Sequence[str]) -> str:
     ]
     for column, groups in sub["columns"].items():
         if "missing" in groups:
-            lines += [f"*{column}*: {groups['missing']}.", ""]
             continue
         names = list(groups)
         lines += [

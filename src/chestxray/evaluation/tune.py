@@ -9,6 +9,7 @@ header (and the input check's own tensors) change, and the header records how.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,23 @@ def retune_bundle(
     device: str = "cpu",
     progress: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write a re-tuned copy of `bundle` to `out`; returns (path, summary)."""
+    """Write a re-tuned copy of `bundle` (a .safetensors bundle, or an exported .onnx file:
+    `retune_onnx`) to `out`; returns (path, summary)."""
+    from chestxray.inference.predict import sniff_model_format
+
+    if sniff_model_format(bundle) == "onnx" or (sniff_model_format(bundle) is None and str(bundle).endswith(".onnx")):
+        return retune_onnx(
+            bundle,
+            index,
+            split,
+            out,
+            policy=policy,
+            calibrate=calibrate,
+            input_check_split=input_check_split,
+            eval_index=eval_index,
+            eval_split=eval_split,
+            progress=progress,
+        )
     from safetensors.torch import load_file, save_file
 
     from chestxray.inference.input_check import TENSOR_PREFIX
@@ -167,6 +184,7 @@ def retune_bundle(
         raise ChestXrayError(f"--out {out}: choose a new file; the source bundle is kept as it is")
     if eval_split is not None:
         check_no_overlap(index, split, eval_index if eval_index is not None else index, eval_split)
+    log.info("loading %s", src)
     model, meta = load_bundle(src, device=device)
     old_thresholds = list(meta.thresholds)
     want_features = input_check_split is not None
@@ -178,7 +196,9 @@ def retune_bundle(
     source = f"{Path(index.root).name}:{split} ({len(val.probs)} images, {len(set(val.patients))} patients)"
     train_feats = None
     if input_check_split is not None:
+        log.info("input check: features of the %s split", input_check_split)
         train_feats = raw_split_outputs(model, meta, index, input_check_split, True, progress).features
+    log.info("fitting the %s calibrator and the %s thresholds on %s", calibrate, policy, source)
     extra = fit_post_training(
         model,
         meta,
@@ -194,6 +214,24 @@ def retune_bundle(
         meta.input_check["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (cut-off from {source})"
         if meta.orientation is not None:
             meta.orientation["fitted_on"] = f"{Path(index.root).name}:{input_check_split} (template)"
+    record_tuning(
+        meta, src, source, calibrate, policy, old_thresholds, "unchanged (tensors copied from the source bundle)"
+    )
+    log.info("writing %s", out)
+    state = load_file(str(src))  # the weights exactly as stored (dtype kept)
+    if want_features:
+        import torch
+
+        state = {k: v for k, v in state.items() if not k.startswith(TENSOR_PREFIX)}
+        state.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in extra.items()})
+    path = atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: meta.to_json()}))
+    return path, tuning_summary(meta, old_thresholds)
+
+
+def record_tuning(
+    meta: Any, src: Path, source: str, calibrate: str, policy: str, old_thresholds: list[float], weights: str
+) -> None:
+    """How the model was re-tuned, into `meta.training["tuning"]` (the previous record nested)."""
     meta.training = {
         **meta.training,
         "tuning": {
@@ -204,18 +242,14 @@ def retune_bundle(
             "threshold_policy": policy,
             "previous_thresholds": dict(zip(meta.labels, old_thresholds)),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "weights": "unchanged (tensors copied from the source bundle)",
+            "weights": weights,
             **({"previous_tuning": meta.training["tuning"]} if "tuning" in meta.training else {}),
         },
     }
-    state = load_file(str(src))  # the weights exactly as stored (dtype kept)
-    if want_features:
-        import torch
 
-        state = {k: v for k, v in state.items() if not k.startswith(TENSOR_PREFIX)}
-        state.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in extra.items()})
-    path = atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: meta.to_json()}))
-    summary = {
+
+def tuning_summary(meta: Any, old_thresholds: list[float]) -> dict[str, Any]:
+    return {
         "thresholds": dict(zip(meta.labels, meta.thresholds)),
         "previous_thresholds": dict(zip(meta.labels, old_thresholds)),
         "calibration": meta.calibration,
@@ -223,19 +257,96 @@ def retune_bundle(
         "input_check": meta.input_check,
         "orientation": {k: v for k, v in (meta.orientation or {}).items() if k != "template"} or None,
     }
-    return path, summary
 
 
-def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]:
+def retune_onnx(
+    model: str | Path,
+    index: Any,
+    split: str,
+    out: str | Path,
+    *,
+    policy: str = DEFAULT_POLICY,
+    calibrate: str = DEFAULT_CALIBRATION,
+    input_check_split: str | None = None,
+    eval_index: Any = None,
+    eval_split: str | None = None,
+    progress: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """`retune_bundle` for an exported .onnx file, without torch: the graph is copied as it
+    is and only its metadata changes. The graph's output is mapped back to the network's
+    raw probabilities (its baked-in calibrator, an affine map of the logit, undone), the
+    calibrator and thresholds are fitted on them exactly as for a bundle, and the file
+    records the graph's own calibrator (GRAPH_CALIBRATION) so that the ONNX backend applies
+    the new one in its place. Raw probabilities come from float32 outputs: beyond about
+    1e-7 of 0 or 1 they saturate, which moves a fit only by as much."""
+    from chestxray.evaluation.evaluate import split_probabilities
+    from chestxray.inference.calibration import Calibration, calibration_of
+    from chestxray.inference.onnx_backend import (
+        GRAPH_CALIBRATION,
+        RETUNED_FORMAT_VERSION,
+        OnnxBackend,
+        resolve_onnx_path,
+        with_onnx_props,
+    )
+    from chestxray.inference.predict import Analyzer
+    from chestxray.io import atomic_write_bytes
+    from chestxray.models.bundle import META_KEY
+
+    src = resolve_onnx_path(model)
+    out = Path(out)
+    if out.resolve() == src.resolve():
+        raise ChestXrayError(f"--out {out}: choose a new file; the source model is kept as it is")
+    if input_check_split is not None:
+        raise ChestXrayError(
+            "--input-check-split refits the input check on a network's pooled features, which needs the "
+            "PyTorch bundle: tune the .safetensors bundle (pip install 'chestxray[torch]') and export it again"
+        )
+    if eval_split is not None:
+        check_no_overlap(index, split, eval_index if eval_index is not None else index, eval_split)
+    backend = OnnxBackend(src)
+    info, meta = backend.info, backend.info.meta
+    if GRAPH_CALIBRATION in info.props:  # re-tuned before: the graph still holds the exported calibrator
+        graph = Calibration.from_dict(json.loads(info.props[GRAPH_CALIBRATION]), meta.labels, str(src))
+    else:
+        graph = calibration_of(meta) or Calibration.identity(meta.labels)
+    backend.post = None  # the graph's own output
+    analyzer = Analyzer(backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, None, 32)
+    probs, targets, patients, _ = split_probabilities(analyzer, index, split, progress=progress)
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    raw_logits = (np.log(p) - np.log1p(-p) - graph.b[None, :]) / graph.a[None, :]
+    raw = 1.0 / (1.0 + np.exp(-raw_logits))
+    old_thresholds = list(meta.thresholds)
+    source = f"{Path(index.root).name}:{split} ({len(raw)} images, {len(set(patients))} patients)"
+    log.info("fitting the %s calibrator and the %s thresholds on %s", calibrate, policy, source)
+    fit_post_training(None, meta, raw, targets, source=source, calibrate=calibrate, policy=policy)
+    record_tuning(meta, src, source, calibrate, policy, old_thresholds, "unchanged (ONNX graph copied as it is)")
+    props = {
+        **info.props,
+        META_KEY: meta.to_json(),
+        "format_version": str(RETUNED_FORMAT_VERSION),
+        "thresholds": json.dumps({lab: float(t) for lab, t in zip(meta.labels, meta.thresholds)}),
+        GRAPH_CALIBRATION: json.dumps(graph.to_dict()),
+    }
+    log.info("writing %s", out)
+    path = atomic_write_bytes(out, with_onnx_props(src, props))
+    OnnxBackend(path)  # the written file loads (and its calibrators compose), or a BundleError now
+    return path, tuning_summary(meta, old_thresholds)
+
+
+def batch_features(
+    model: Any, batches: Any, prep: Any, desc: str = "input check features", progress: bool = True
+) -> dict[str, np.ndarray]:
     """The input check's pooled features of every image a CacheBatches yields (rows, x_uint8, y)."""
     import torch
 
     from chestxray.inference.features import capture_features, input_check_layers
     from chestxray.inference.orientation import thumbnails
+    from chestxray.inference.pipeline import Progress
 
     model.eval()
     layers = input_check_layers(model)
     out: dict[str, list[np.ndarray]] = {k: [] for k in [*layers, THUMBNAILS]}
+    bar = Progress(getattr(batches, "n", None), desc=desc, every_s=10.0, enabled=progress)
     with torch.inference_mode(), capture_features(model, layers) as store:
         for _rows, xb, _yb in batches:
             x = prep(xb)
@@ -243,6 +354,8 @@ def batch_features(model: Any, batches: Any, prep: Any) -> dict[str, np.ndarray]
             for k in layers:
                 out[k].append(store[k].float().cpu().numpy())
             out[THUMBNAILS].append(thumbnails(x))
+            bar.update(len(xb))
+    bar.close()
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -261,12 +374,14 @@ def fit_after_training(
     source = f"{meta.training.get('dataset_root', 'the dataset')}:val ({len(val_probs)} images)"
     feats: dict[str, Any] = {}
     if not distributed and getattr(model, "architecture", "") != "ensemble":
+        log.info("input check: pooled features of the train and val images")
         feats = {
-            "train_features": batch_features(model, train_batches, prep),
-            "val_features": batch_features(model, val_batches, prep),
+            "train_features": batch_features(model, train_batches, prep, "input check: train features"),
+            "val_features": batch_features(model, val_batches, prep, "input check: val features"),
         }
     else:
         log.info("input check not fitted (distributed run): fit it with `chestxray tune --input-check-split train`")
+    log.info("fitting the calibrator, the operating point and the input check on %s", source)
     extra = fit_post_training(model, meta, val_probs, val_targets, source=source, **feats)
     if meta.input_check is not None:
         meta.input_check["fitted_on"] = f"{meta.training.get('dataset_root', 'the dataset')}:train (cut-off from val)"

@@ -25,7 +25,12 @@ from chestxray.errors import BundleError, ChestXrayError
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 ONNX_FORMAT = "chestxray-onnx"
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 1  # what `chestxray export` writes
+RETUNED_FORMAT_VERSION = 2  # a file re-tuned by `chestxray tune` (GRAPH_CALIBRATION): older readers refuse it
+# A file re-tuned by `chestxray tune` keeps its graph (and the calibrator inside it) and records
+# that calibrator under this key; the metadata's `calibration` is the one to apply, so the
+# backend maps the graph's output through "metadata calibrator after the graph's one undone".
+GRAPH_CALIBRATION = "graph_calibration"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 FEATURES_NAME = "features"  # optional output: the pooled feature vector (N, D) (issue 12)
@@ -125,11 +130,81 @@ def info_from_props(props: dict[str, str], source: str) -> OnnxInfo:
     if fmt != ONNX_FORMAT:
         raise BundleError(f"{source}: metadata 'format' is {fmt!r}, expected {ONNX_FORMAT!r}")
     version = props.get("format_version", str(ONNX_FORMAT_VERSION))
-    if not version.isdigit() or int(version) > ONNX_FORMAT_VERSION:
+    if not version.isdigit() or int(version) > RETUNED_FORMAT_VERSION:
         raise BundleError(f"{source}: chestxray ONNX format {version} is newer than this package reads")
     if props.get("output", OUTPUT_NAME + ":").split(":")[0] != OUTPUT_NAME:
         raise BundleError(f"{source}: the graph does not output probabilities ({props.get('output')!r})")
-    return OnnxInfo(BundleMeta.from_json(props[META_KEY], source), dict(props))
+    info = OnnxInfo(BundleMeta.from_json(props[META_KEY], source), dict(props))
+    post_calibration(info, source)  # a malformed re-tuning record fails on loading, naming the file
+    return info
+
+
+def post_calibration(info: OnnxInfo, source: str) -> Any:
+    """The affine logit map applied to the graph's probabilities of a re-tuned file, or None:
+    the metadata's calibrator composed with the inverse of the graph's (both are
+    p = sigmoid(a * logit + b) per finding, so the result is one such map)."""
+    from chestxray.inference.calibration import Calibration
+
+    if GRAPH_CALIBRATION not in info.props:
+        return None
+    labels = info.meta.labels
+    try:
+        graph = Calibration.from_dict(json.loads(info.props[GRAPH_CALIBRATION]), labels, source)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{source}: metadata {GRAPH_CALIBRATION!r} is not JSON ({exc})") from None
+    want = (
+        Calibration.from_dict(info.meta.calibration, labels, source)
+        if info.meta.calibration
+        else Calibration.identity(labels)
+    )
+    a = want.a / graph.a
+    return Calibration("retuned", list(labels), a, want.b - a * graph.b)
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def with_onnx_props(path: Path, props: dict[str, str]) -> bytes:
+    """The bytes of the ONNX file `path` with its metadata_props replaced by `props`; the graph
+    and every other field are copied as they are. Hand-written (a top-level protobuf scan, as
+    `read_onnx_props`) so that re-tuning needs neither torch nor the onnx package."""
+    data = Path(path).read_bytes()
+    import io
+
+    f, kept = io.BytesIO(data), bytearray()
+    try:
+        while f.tell() < len(data):
+            start = f.tell()
+            tag = _varint(f)
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _varint(f)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, 1)
+            elif wire == 2:
+                f.seek(_varint(f), 1)
+            else:
+                raise ValueError(f"wire type {wire}")
+            if f.tell() > len(data):
+                raise EOFError
+            if field != 14:  # ModelProto.metadata_props
+                kept += data[start : f.tell()]
+    except (EOFError, ValueError) as exc:
+        raise BundleError(f"{path}: not an ONNX protobuf this package can rewrite ({exc})") from None
+    for key, value in props.items():
+        kept += _field(14, _field(1, key.encode("utf-8")) + _field(2, value.encode("utf-8")))
+    return bytes(kept)
 
 
 def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
@@ -318,6 +393,7 @@ class OnnxBackend:
         if isinstance(n_out, int) and n_out != len(self.info.meta.labels):
             raise BundleError(f"{self.path}: graph gives {n_out} outputs for {len(self.info.meta.labels)} labels")
         self.input_shape = (1, size, size)
+        self.post = post_calibration(self.info, str(self.path))
 
     def worker_recipe(self) -> "functools.partial[OnnxBackend] | None":
         """How a bulk-predict worker process rebuilds this backend (one thread each), or None
@@ -346,7 +422,8 @@ class OnnxBackend:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         wanted = [OUTPUT_NAME] + ([SCORE_NAME] if self.has_score else [])
         out = self.session.run(wanted, {self.input_name: x})
-        return out[0], (out[1] if self.has_score else None)
+        probs = out[0] if self.post is None else self.post.apply_probabilities(out[0]).astype(np.float32)
+        return probs, (out[1] if self.has_score else None)
 
     def run_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, (N, C, h, w) class activation maps) from one pass."""

@@ -548,9 +548,12 @@ class Trainer:
         barrier(self.info)
         best = load_file(str(self.out / BEST_WEIGHTS), device=str(self.device))
         self.model.load_state_dict(best)
+        if self.info.is_main:
+            log.info("validation pass with the best weights (epoch %d, %d images)", self.best_epoch + 1, self.n_val)
         probs, val_loss = self.predict_val()
         if not self.info.is_main:
             return None
+        log.info("tuning the thresholds on the validation split")
         tuned = tune_thresholds(probs, self.val_targets, self.labels_names)
         from chestxray.evaluation.metrics import evaluate_predictions
 
@@ -602,9 +605,11 @@ class Trainer:
             self._prep,
             self.info.enabled,
         )
+        log.info("writing %s", self.out / BUNDLE)
         with writing(self.out / BUNDLE):
             bundle = save_bundle(self.model, meta, self.out / BUNDLE, extra=extra)
         if self.tracker is not None:
+            log.info("writing the run's curves and summary")
             self.tracker.roc_images(self.val_targets, probs, self.best_epoch + 1)
             self.tracker.write_files(self.history, self.best_epoch, final=val_metrics)
         return bundle
