@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -79,13 +78,3 @@ def make_root(root: Path, images: Mapping[str, np.ndarray | os.PathLike],
     (root / "test_list.txt").write_text("".join(f"{n}\n" for n in images if n in test))
     (root / "train_val_list.txt").write_text("".join(f"{n}\n" for n in images if n not in test))
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """The test machine's 2 cores are shared; one intra-op thread avoids oversubscription
-    that makes tiny convolutions 20x slower. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

@@ -82,3 +82,19 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a machine with one)")
         for item in marked:
             item.add_marker(skip)
+
+
+# ---- shared by several test modules (request them; none is autouse) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op torch thread for a module's tests, restored afterwards: on the test machine's
+    2 shared cores, oversubscription makes tiny convolutions many times slower. Modules opt in
+    with `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

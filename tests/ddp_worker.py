@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import torch
 
+import chestxray.training.loop as training
 from chestxray.training.loop import TrainConfig, Trainer
 
 out, cache, root, report = sys.argv[1:5]
 cfg = TrainConfig(root=root, out=out, model="resnet18", weights="none", freeze="all", epochs=2,
                   batch_size=8, lr=1e-3, image_size=32, cache=cache, device=os.environ.get("CHESTXRAY_DDP_DEVICE", "cpu"),
                   val_fraction=0.3)
-import chestxray.training.loop as training
-
 training.shutdown = lambda info: None  # keep the group for the comparison below
 trainer = Trainer(cfg)
 trainer.run()

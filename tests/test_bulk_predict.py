@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -151,7 +152,7 @@ def test_resume_skips_by_path_size_and_mtime(capsys, sample_images, tmp_path, fm
     if fmt == "csv":
         got = list(csv.DictReader(out.open()))
         want = list(csv.DictReader(ref.open()))
-        key = lambda r: (r["file"], r["finding"])  # noqa: E731
+        key = operator.itemgetter("file", "finding")
         assert sorted(got, key=key) == sorted(want, key=key)
         assert len({r["file"] for r in got}) == len(files)
     else:
@@ -171,7 +172,7 @@ def test_shards_split_the_listing(capsys, sample_images, tmp_path):
         assert code == 0
         got.append([r["file"] for r in map(json.loads, out.splitlines())])
     assert got[0] == [str(files[0]), str(files[3])]
-    assert sorted(sum(got, [])) == [str(f) for f in files]
+    assert sorted(f for part in got for f in part) == [str(f) for f in files]
     code, _, err = run_cli(capsys, "predict", *ONNX, str(tmp_path / "f"), "--shard", "3/3")
     assert code == 2 and "--shard" in err
 

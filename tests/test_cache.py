@@ -44,7 +44,7 @@ def test_every_image_cached_equal_to_the_eval_resize(items, prepared):
     rows = cache.positions([items[5][0], items[0][0]])
     assert rows.tolist() == [5, 0]
     assert cache.failed == {}
-    with pytest.raises(DatasetError, match="image nope.png not in the cache"):
+    with pytest.raises(DatasetError, match=r"image nope\.png not in the cache"):
         cache.positions(["nope.png"])
 
 
@@ -89,7 +89,7 @@ def test_bad_files_are_listed_and_the_rest_cached(items, tmp_path):
     assert json.loads((report.cache_dir / "failed.json").read_text()) == report.failed
     assert cache.done.sum() == 15 and not cache.done[10] and not cache.done[11]
     np.testing.assert_array_equal(cache.images[12], resize_gray(read_image(items[10][1]), SIZE))
-    with pytest.raises(DatasetError, match="image cut_000.png failed to decode"):
+    with pytest.raises(DatasetError, match=r"image cut_000\.png failed to decode"):
         cache.positions(["cut_000.png"])
     # Fixing the file and re-running decodes only it; failed.json then empties.
     shutil.copy(items[0][1], cut)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cam_helpers import all_hooks, brightness_analyzer, single_torch_thread  # noqa: F401
+from cam_helpers import all_hooks, brightness_analyzer
 from chestxray.data.images import read_image
 from chestxray.errors import ChestXrayError
 from chestxray.evaluation.localization import peak_pixel
@@ -22,6 +22,9 @@ from chestxray.inference.explain import (
 )
 from chestxray.inference.predict import Analyzer
 from chestxray.labels import FINDINGS
+
+# One torch thread per test module (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

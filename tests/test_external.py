@@ -89,6 +89,10 @@ def test_report_on_chexpert_fixture_uses_model_vocabulary(tmp_path, tiny_bundle)
     assert "Pleural Effusion" not in truths and truths <= set(FINDINGS) | {"Enlarged Cardiomediastinum"}
 
 
+def yn(flag: bool) -> str:
+    return "YES" if flag else "NO"
+
+
 def google_file(mini_root: Path, path: Path) -> Path:
     """A Google-2019-style label file for nih-mini's test images (labels from NIH's own)."""
     with open(mini_root / "Data_Entry_2017.csv", newline="") as fh:
@@ -100,7 +104,6 @@ def google_file(mini_root: Path, path: Path) -> Path:
                     "Set Id"])
         for r in rows:
             on = r["Finding Labels"].split("|")
-            yn = lambda b: "YES" if b else "NO"  # noqa: E731
             w.writerow([r["Image Index"], r["Patient ID"], "NO", yn("Pneumothorax" in on),
                         yn(bool({"Consolidation", "Pneumonia"} & set(on))), yn(bool({"Nodule", "Mass"} & set(on))),
                         "test" if r["Image Index"] in test else "val"])

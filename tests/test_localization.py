@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cam_helpers import brightness_analyzer, make_root, single_torch_thread  # noqa: F401
+from cam_helpers import brightness_analyzer, make_root
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.data.index import load_nih
 from chestxray.errors import DatasetError
@@ -25,6 +25,10 @@ from chestxray.evaluation.localization import (
     score_map,
 )
 from chestxray.inference.predict import Analyzer
+
+# One torch thread per test module (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 # ---- the box file ------------------------------------------------------------------
 

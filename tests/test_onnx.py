@@ -277,7 +277,7 @@ def test_export_refuses_a_graph_that_disagrees(exported, tiny_bundle, tmp_path, 
     fc_bias.CopyFrom(onnx.numpy_helper.from_array(arr, fc_bias.name))
     monkeypatch.setattr(ox, "to_onnx_model", lambda model, pre, opset: bad)
     out = tmp_path / "bad.onnx"
-    rc, stdout, stderr = run_cli(["export", "--model", str(tiny_bundle), "--onnx", str(out)])
+    rc, _, stderr = run_cli(["export", "--model", str(tiny_bundle), "--onnx", str(out)])
     assert rc == 2
     assert "disagree" in stderr and "tolerance 1e-04" in stderr and "was not written" in stderr
     assert list(tmp_path.iterdir()) == []
@@ -310,12 +310,12 @@ def test_export_text_output_and_tolerance_flag(exported, tiny_bundle, tmp_path, 
 def test_onnx_backend_errors_name_the_fix(tiny_bundle, tmp_path, exported):
     from chestxray.inference.predict import Analyzer
 
-    with pytest.raises(BundleError, match="PyTorch bundle.*chestxray export"):
+    with pytest.raises(BundleError, match=r"PyTorch bundle.*chestxray export"):
         Analyzer.load(tiny_bundle, backend="onnx")
     with pytest.raises(BundleError, match="no such ONNX file"):
         Analyzer.load(tmp_path / "missing.onnx", backend="onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    with pytest.raises(BundleError, match="junk.onnx: onnxruntime cannot load"):
+    with pytest.raises(BundleError, match=r"junk\.onnx: onnxruntime cannot load"):
         Analyzer.load(tmp_path / "junk.onnx", backend="onnx")
     # A valid ONNX file that chestxray did not write: its labels and thresholds are unknown.
     plain = onnx.load(str(exported[0]))
@@ -325,7 +325,7 @@ def test_onnx_backend_errors_name_the_fix(tiny_bundle, tmp_path, exported):
         Analyzer.load(tmp_path / "plain.onnx", backend="onnx")
     a = Analyzer.load(exported[0], backend="onnx")
     with pytest.raises(ChestXrayError, match="Grad-CAM needs the torch backend"):
-        a.model
+        _ = a.model
     with pytest.raises(ChestXrayError, match=r"expected a batch of shape \(N, 1, 64, 64\)"):
         a.probabilities(np.zeros((2, 1, 32, 32), np.float32))
     assert a.probabilities(np.zeros((0, 1, 64, 64), np.float32)).shape == (0, 14)
@@ -339,7 +339,7 @@ def test_onnx_backend_without_model_uses_the_packaged_one_or_says_how_to_get_one
     assert packaged.backend.name == "onnx" and len(packaged.labels) == 14
     # An install without the packaged file (e.g. a trimmed wheel) explains how to make one.
     monkeypatch.setattr(onnx_backend, "DEFAULT_ONNX_NAME", "absent.onnx")
-    with pytest.raises(BundleError, match="ships no ONNX model.*chestxray export --model"):
+    with pytest.raises(BundleError, match=r"ships no ONNX model.*chestxray export --model"):
         Analyzer.load(None, backend="onnx")
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cam_helpers import single_torch_thread  # noqa: F401
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.cli import main
 from chestxray.data.images import read_image
@@ -22,6 +21,9 @@ from chestxray.labels import FINDINGS
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "00013125_000.png"
 BUNDLE_THRESHOLDS = dict(zip(FINDINGS, np.linspace(0.3, 0.7, len(FINDINGS))))  # as conftest builds them
+
+# One torch thread per test module (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

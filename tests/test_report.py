@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cam_helpers import make_root, single_torch_thread  # noqa: F401
+from cam_helpers import make_root
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.cli import main
 from chestxray.data.index import load_nih
 from chestxray.errors import DatasetError
 from chestxray.evaluation.report import choose_examples, write_report
 from chestxray.inference.predict import Analyzer
+
+# One torch thread per test module (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_choice_is_seeded_and_within_the_split(mini_root):
@@ -71,7 +74,7 @@ def test_cli_and_an_unreadable_image(capsys, tiny_bundle, mini_root, tmp_path):
     assert "tiny-test-model" in out and NOT_FOR_CLINICAL_USE in out
     doc = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert len(doc["images"]) == 3
-    broken = [d for d in doc["images"] if d["image"] == "broken.png"][0]
+    broken = next(d for d in doc["images"] if d["image"] == "broken.png")
     assert broken["prediction"]["error"] and broken["cam_finding"] is None
     assert "unreadable" in (tmp_path / "out" / "index.html").read_text()
     code = main(["report", str(root), "--model", str(tiny_bundle), "--split", "val", "--out", str(tmp_path / "o2")])
@@ -79,9 +82,9 @@ def test_cli_and_an_unreadable_image(capsys, tiny_bundle, mini_root, tmp_path):
 
 
 def _item(truth, called, error=None):
+    from chestxray.evaluation.report import ReportItem
     from chestxray.inference.explain import CamResult
     from chestxray.inference.predict import Finding, Prediction
-    from chestxray.evaluation.report import ReportItem
 
     findings = [Finding(name, p, 0.5, p >= 0.5) for name, p in called]
     pred = Prediction("x.png", "m", findings, error)

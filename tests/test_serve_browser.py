@@ -7,21 +7,12 @@ Set CHESTXRAY_VIEWER_SCREENSHOT=docs/screenshot-viewer.png to save the page as i
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
 from chestxray import NOT_FOR_CLINICAL_USE
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "00013125_000.png"
 
 pytestmark = [
     pytest.mark.browser,
@@ -29,30 +20,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                      "(`make browser` installs it; `make test` does that first)"),
 ]
-
-
-@contextmanager
-def serve_in_thread(app: object) -> Iterator[str]:
-    """Run `app` on uvicorn in a thread on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+from chestxray.cli import main
+from chestxray.errors import ChestXrayError, WeightsUnavailableError
+from chestxray.labels import FINDINGS
+from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle
+from chestxray.models.registry import cam_target_layer, create_model
 
-from chestxray.cli import main  # noqa: E402
-from chestxray.errors import ChestXrayError, WeightsUnavailableError  # noqa: E402
-from chestxray.labels import FINDINGS  # noqa: E402
-from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle  # noqa: E402
-from chestxray.models.registry import cam_target_layer, create_model  # noqa: E402
+timm = pytest.importorskip("timm")
 
 NAME = "timm/resnet10t"
 
@@ -50,12 +50,12 @@ def test_timm_bundle_predicts_explains_and_exports(tmp_path, original_png, capsy
     model = create_model(NAME, weights="none", freeze="all", image_size=48).eval()
     meta = BundleMeta(NAME, list(FINDINGS), model.preprocessing, [0.5] * 14, name="tiny-timm")
     path = save_bundle(model, meta, tmp_path / "timm.safetensors")
-    loaded, meta2 = load_bundle(path)
+    loaded, _ = load_bundle(path)
     x = torch.rand(2, 1, 48, 48)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     analyzer = Analyzer.load(path)
-    pred, cams = explain(analyzer, original_png, findings=["Effusion"])
+    _, cams = explain(analyzer, original_png, findings=["Effusion"])
     assert cams[0].heatmap.shape == (1024, 1024) and 0.0 <= cams[0].heatmap.min() <= cams[0].heatmap.max() <= 1.0
     assert main(["export", "--model", str(path), "--onnx", str(tmp_path / "t.onnx")]) == 0
     assert "max |p_onnx - p_torch|" in capsys.readouterr().out

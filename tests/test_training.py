@@ -79,7 +79,10 @@ def test_resume_equals_uninterrupted(tmp_path, mini_root, cache_dir):
     train(part, resume=True)
     a = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
     b = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "images_per_second")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "images_per_second")} for r in rows]
+
     assert strip(a) == strip(b)
     ma, _ = load_bundle(tmp_path / "full")
     mb, _ = load_bundle(tmp_path / "part")
@@ -143,7 +146,7 @@ def test_bundle_load_refuses_bad_bundles(tmp_path):
 
 
 def test_unknown_model_and_offline_weights_are_clear_errors():
-    with pytest.raises(ChestXrayError, match="known models: .*resnet50"):
+    with pytest.raises(ChestXrayError, match=r"known models: .*resnet50"):
         create_model("resnet51", weights="none")
     with pytest.raises(WeightsUnavailableError, match="--weights none"):
         create_model("resnet18", weights="imagenet")  # the test fixture blocks the network

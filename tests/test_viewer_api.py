@@ -11,7 +11,7 @@ from PIL import Image
 
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.serve.viewer_routes import FullDepth, cam_caption, default_window, window_lut
-from test_images import dicom_bytes
+from dicom_helpers import dicom_bytes
 
 
 def ramp16(h: int = 96, w: int = 128) -> np.ndarray:

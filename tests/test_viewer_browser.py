@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
 from chestxray.serve.studies import StudyImage, StudyRow, studies_router
 from chestxray.serve.viewer_routes import blend, window_lut
+from dicom_helpers import dicom_bytes
 from pacs_double import MemoryPacs
-from test_images import dicom_bytes
-from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
 
 pytestmark = [
     pytest.mark.browser,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
 
 pytestmark = [
     pytest.mark.browser,
