@@ -131,7 +131,7 @@ def test_healthz_stays_fast_while_dicom_header_bombs_are_refused(analyzer, png):
         assert [b.result() for b in bombs] == [413, 413, 413]  # refused from the bounded header read
         assert during >= 1, "no /healthz was answered while the uploads were in flight"
         print("HEALTHZ_MAX", max(times), len(times), during)
-        assert max(times) < 0.25, str(times)
+        assert max(times) < 1.0, str(times)  # a loop blocked by a bomb's parse stalls for seconds
         assert post(port, png) == 200
         refusals = app.state.metrics.decode_refusals.labels(reason="decode_limit")._value.get()
         assert refusals == 3
