@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from chestxray.data.images import MAX_PIXELS, read_image, stretch_to_uint8
-from chestxray.errors import ChestXrayError, ImageReadError
+from chestxray.errors import ImageReadError
 from dicom_helpers import dicom_bytes
 
 
@@ -171,7 +171,6 @@ def test_bad_input_names_file_and_reason(tmp_path, original_png, kind, reason):
     with pytest.raises(ImageReadError, match=reason) as info:
         read_image(path)
     err = info.value
-    assert isinstance(err, ChestXrayError)
     assert err.source == str(path) and str(err).startswith(f"{path}: ")
     # Bytes name the upload as the caller says.
     if path.is_file():

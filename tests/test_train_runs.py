@@ -306,8 +306,26 @@ def test_image_size_defaults_to_the_models_own(tmp_path, mini_root):
     assert Trainer(TrainConfig(model="timm/resnet10t", **base)).cfg.image_size == 176  # timm's pretrained_cfg
 
 
-def test_output_error_is_a_chestxray_error():
-    assert issubclass(OutputError, ChestXrayError)
+def test_a_failed_write_is_an_output_error_and_leaves_the_old_file(tmp_path):
+    """Callers can tell a write failure (OutputError, with the reason) from other errors,
+    which pass through unchanged; either way the previous file stays and no temp file is left."""
+    from chestxray.training.rundir import save_atomically
+
+    target = tmp_path / "best.safetensors"
+    target.write_bytes(b"old")
+
+    def fill_disk(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def bug(path: Path) -> None:
+        raise ValueError("not a write failure")
+
+    with pytest.raises(OutputError, match=f"cannot write {target}: no space left on the device"):
+        save_atomically(target, fill_disk)
+    with pytest.raises(ValueError, match="not a write failure"):
+        save_atomically(target, bug)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 # ---- checkpoints torch can read whose contents are wrong; --weights FILE; a full disk ----------
