@@ -1,4 +1,4 @@
-"""Bulk `chestxray predict` over a folder of real 1024-px radiographs (issue 15).
+"""Bulk `chestxray predict` over a folder of real 1024-px radiographs.
 
     python benchmarks/predict_folder.py [--count 300] [--rounds 3] [--big 100000 --big-seconds 240]
 

@@ -1,4 +1,4 @@
-"""Bulk predict (issue 15): the streaming pipeline, resumable outputs, shards, torchrun merge.
+"""Bulk predict: the streaming pipeline, resumable outputs, shards, torchrun merge.
 
 Runs on the packaged int8 default.onnx (128 px, onnxruntime) over real NIH images, linked
 many times into a temporary folder so that runs have several batches.

@@ -1,4 +1,4 @@
-"""Issue 13 on the shipped model: calibrator, operating point and input check are in the
+"""The shipped model's trust fields: calibrator, operating point and input check are in the
 bundle; non-radiographs are warned, real held-out radiographs are not; the int8 ONNX file
 agrees. Held-out radiographs: tests/data/nih-mini's test_list (all in the sample's official
 test part, never seen in training) and the packaged samples; more with CHESTXRAY_SAMPLE_ROOT."""

@@ -1,4 +1,4 @@
-"""Issue 13: calibration measured and fitted, operating points, bundle fields, re-tuning."""
+"""Calibration measured and fitted, operating points, bundle fields, re-tuning."""
 
 import json
 

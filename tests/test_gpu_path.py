@@ -1,4 +1,4 @@
-"""The GPU path (issue 10 item 22). On CPU: bf16 autocast and torch.compile (inductor) of the
+"""The GPU path. On CPU: bf16 autocast and torch.compile (inductor) of the
 training step. With a CUDA GPU (`make gpu-check`): the same on CUDA with channels_last, the
 on-device augmentation, a short training run, and DDP over NCCL on two GPUs."""
 

@@ -1,4 +1,4 @@
-"""Issue 13: the input check (Mahalanobis distance of pooled features), its warnings in
+"""The input check (Mahalanobis distance of pooled features), its warnings in
 predict / API, DICOM header warnings, and the calibrated ONNX graph with the score output."""
 
 import json

@@ -1,4 +1,4 @@
-"""The orientation check (issue 13): a template of the training radiographs' layout warns
+"""The orientation check: a template of the training radiographs' layout warns
 turned and inverted radiographs, spares upright ones, travels in the bundle's JSON, and
 old bundles without it work as before."""
 

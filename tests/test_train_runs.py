@@ -1,6 +1,6 @@
-"""Training runs one can watch, compare and reproduce (issue 16), and the run folder's rules
-under bad input and faults (issue 10 items 3, 4, 11, 12, 16). Tiny resnet18 runs at 32 px on
-the repository's NIH subset; one run is shared by the tests of its outputs."""
+"""Training runs one can watch, compare and reproduce, and the run folder's rules under bad
+input and faults. Tiny resnet18 runs at 32 px on the repository's NIH subset; one run is
+shared by the tests of its outputs."""
 
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def test_runs_table_csv_json_and_plot(run_dir, tmp_path, mini_root, capsys):
     assert main(["runs", str(tmp_path / "partial" / "nothing")]) == 2
 
 
-# ---- issue 10 item 3: --weights none with frozen random layers ------------------------------
+# ---- --weights none with frozen random layers ------------------------------
 def test_weights_none_with_seed_freeze_is_refused(tmp_path, mini_root, cache_dir, capsys):
     rc = main(["train", str(mini_root), "--out", str(tmp_path / "r"), *TINY, "--cache", str(cache_dir),
                "--weights", "none", "--epochs", "1"])
@@ -205,7 +205,7 @@ def test_weights_none_with_seed_freeze_is_refused(tmp_path, mini_root, cache_dir
     assert not (tmp_path / "r").exists()
 
 
-# ---- item 4: no silent overwrite; no empty folder after an early error ----------------------
+# ---- no silent overwrite; no empty folder after an early error ----------------------
 def test_finished_run_is_not_overwritten(run_dir, tmp_path, mini_root, cache_dir, capsys):
     out, _ = run_dir
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -232,7 +232,7 @@ def test_overwrite_replaces_a_run(run_dir, tmp_path, mini_root, cache_dir):
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
-# ---- item 11: a broken checkpoint.pt on --resume --------------------------------------------
+# ---- a broken checkpoint.pt on --resume --------------------------------------------
 def test_broken_checkpoint_is_one_clear_line(run_dir, tmp_path, capsys):
     out, _ = run_dir
     good = (out / "checkpoint.pt").read_bytes()
@@ -255,7 +255,7 @@ def test_broken_checkpoint_is_one_clear_line(run_dir, tmp_path, capsys):
         assert "weights_only" not in err and "Traceback" not in err, (name, err)
 
 
-# ---- item 12: unwritable --out, --out a file, a full disk -----------------------------------
+# ---- unwritable --out, --out a file, a full disk -----------------------------------
 def test_out_that_is_a_file_or_unwritable(tmp_path, mini_root, cache_dir):
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "run"):
@@ -296,7 +296,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, mini_root, cache_dir
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files left
 
 
-# ---- item 16: the model's own input size unless --image-size ---------------------------------
+# ---- the model's own input size unless --image-size ---------------------------------
 def test_image_size_defaults_to_the_models_own(tmp_path, mini_root):
     base = dict(root=str(mini_root), out=str(tmp_path), weights="none", freeze="all", device="cpu")
     assert TrainConfig(**base).image_size is None

@@ -51,7 +51,7 @@ def test_loss_falls_on_training_data(tmp_path, mini_root, cache_dir):
     assert meta.training["best_epoch"] == 1 + int(np.argmin([r["val_loss"] for r in rows]))
     assert meta.preprocessing.size == 32
     assert "validation" in meta.metrics and meta.metrics["validation"]["per_class"]["Atelectasis"]["threshold"] >= 0
-    # Issue 13: the end of training fits a calibrator, an operating point and the input check.
+    # The end of training fits a calibrator, an operating point and the input check.
     assert meta.calibration["method"] == "temperature" and meta.operating_point["policy"] == "f1"
     assert [p["layer"] for p in meta.input_check["parts"]] == ["head", "backbone.layer1"]
     # ... and the orientation template, from the training inputs (32 px here: 32 x 32 thumbnails).

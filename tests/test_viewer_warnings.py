@@ -1,4 +1,4 @@
-"""Issue 13 in real headless Chromium: the viewer shows the input check's warning next to
+"""In real headless Chromium: the viewer shows the input check's warning next to
 the findings, and the threshold policy, for the bundled model."""
 
 from __future__ import annotations

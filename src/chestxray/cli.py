@@ -34,7 +34,7 @@ COMMANDS = (
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or with `only` (a command name) just that command's: importing every
-    command's module costs about 0.1 s of each run."""
+    command's module would slow every run's start."""
     parser = argparse.ArgumentParser(
         prog="chestxray",
         description="Chest X-ray analyzer for the 14 NIH ChestX-ray14 findings. " + NOT_FOR_CLINICAL_USE,

@@ -71,7 +71,7 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str
     return ThresholdResult(np.clip(out, 0.0, 1.0), f1, fallback)
 
 
-# Operating points (issue 13): a named policy per finding, on validation.
+# Operating points: a named policy per finding, on validation.
 POLICY_HELP = "f1 | youden | sensitivity=0.90 | specificity=0.95 | ppv=0.80 (per finding, on validation)"
 
 

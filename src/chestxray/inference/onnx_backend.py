@@ -33,8 +33,8 @@ RETUNED_FORMAT_VERSION = 2  # a file re-tuned by `chestxray tune` (GRAPH_CALIBRA
 GRAPH_CALIBRATION = "graph_calibration"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-FEATURES_NAME = "features"  # optional output: the pooled feature vector (N, D) (issue 12)
-SCORE_NAME = "input_score"  # optional output: the input check's score (issue 13)
+FEATURES_NAME = "features"  # optional output: the pooled feature vector (N, D)
+SCORE_NAME = "input_score"  # optional output: the input check's score
 CAM_NAME = "cam"  # optional output: (N, C, h, w) class activation maps of the last block
 DEFAULT_ONNX_NAME = "default.onnx"
 INSTALL_HINT = "pip install 'chestxray[infer]' (onnxruntime, no torch needed)"
@@ -242,10 +242,10 @@ def _entry(data: bytes) -> tuple[str, str]:
 
 def read_onnx_props(path: Path) -> dict[str, str] | None:
     """The metadata_props of an ONNX file, read from its protobuf without parsing the graph
-    (about a millisecond, against importing onnxruntime and building a session: 0.1-0.3 s), so
-    bulk predict's decoders can start while the session loads. Hand-written because neither
-    onnxruntime nor the onnx package reads the metadata alone. None when the file does not
-    scan as expected; the session then reads it."""
+    (far quicker than importing onnxruntime and building a session), so bulk predict's
+    decoders can start while the session loads. Hand-written because neither onnxruntime nor
+    the onnx package reads the metadata alone. None when the file does not scan as expected;
+    the session then reads it."""
     props: dict[str, str] = {}
     try:
         with open(path, "rb") as f:

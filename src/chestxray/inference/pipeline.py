@@ -5,10 +5,9 @@
 
 A CPU backend that rebuilds from its file (ONNX) infers in the workers too when they have
 every core and are at least 3 (`workers_infer`): each worker decodes and infers its own
-files, so every core does both and this process only puts results in order. Measured on 16
-cores, inference in one main process capped bulk predict at one core's inference rate (149
-img/s against a 780 img/s CPU-work bound). With fewer workers than cores, or on 2 cores,
-this process infers while they decode. A GPU backend infers here, in batches, fed by the
+files, so every core does both and this process only puts results in order: inference in
+one main process capped bulk predict at one core's inference rate (BENCHMARKS.md, bulk
+predict). With fewer workers than cores, or on 2 cores, this process infers while they decode. A GPU backend infers here, in batches, fed by the
 workers' decoded inputs.
 
 Results come back in input order. Memory is bounded by the window (prefetch x batch
@@ -372,12 +371,11 @@ def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
 
 def workers_infer(workers: int, stager: Any) -> bool:
     """Whether the workers should infer (where the backend allows): when they have every core
-    and are at least 3. One process inferring caps the rate at one core's inference (16 cores:
-    149 img/s against a 780 bound). On 2 cores this process infers while 2 workers decode
-    (0.88-0.94 of the CPU-work bound against 0.86-0.89 with the workers inferring: each infers
-    batches of 4 and swaps the model and the decoder in its caches), as with fewer workers than
-    cores (--workers 1 on 2 cores: 1.5x the one-process rate, against 0.95). On CUDA this
-    process drives the GPU. Measurements: BENCHMARKS.md, bulk predict."""
+    and are at least 3: one process inferring caps the rate at one core's inference. On 2 cores
+    this process infers while 2 workers decode, which is faster there than the workers
+    inferring (each infers small batches and swaps the model and the decoder in its caches), as
+    with fewer workers than cores. On CUDA this process drives the GPU. Measurements:
+    BENCHMARKS.md, bulk predict."""
     return stager is None and workers >= max(3, default_workers())
 
 

@@ -33,7 +33,7 @@ class Finding:
     positive: bool
 
     def to_dict(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: its deep copy cost ~0.6 ms per image in bulk predict's main process.
+        # Not dataclasses.asdict: its deep copy is a cost per image in bulk predict's main process.
         return {
             "finding": self.finding,
             "probability": self.probability,
@@ -53,7 +53,7 @@ class Prediction:
     variant: str = ""  # which build of the model gave the numbers, e.g. "onnx int8" (see Analyzer.variant)
     # Grad-CAM overlays written for this image (predict --cam): finding, path, note.
     overlays: list[dict[str, Any]] | None = None
-    # Shown next to the findings, which are still returned (issue 13: input check, DICOM view/body part).
+    # Shown next to the findings, which are still returned (input check, DICOM view/body part).
     warnings: list[str] = field(default_factory=list)
     threshold_policy: str | None = None  # the bundle's operating point, e.g. "sensitivity=0.90"
 

@@ -43,7 +43,7 @@ class BundleMeta:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     notes: str = "Research and teaching use only. Not a medical device."
-    # Issue 13, optional (old bundles have none; serialised only when set): the per-finding
+    # Optional (old bundles have none; serialised only when set): the per-finding
     # calibrator, the operating point's policy and validation figures, the input check.
     calibration: dict[str, Any] | None = None
     operating_point: dict[str, Any] | None = None

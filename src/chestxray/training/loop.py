@@ -593,7 +593,7 @@ class Trainer:
             },
             metrics={"validation": val_metrics},
         )
-        from chestxray.evaluation.tune import fit_after_training  # issue 13: calibrator, operating point, input check
+        from chestxray.evaluation.tune import fit_after_training  # calibrator, operating point, input check
 
         extra = fit_after_training(
             self.model,
