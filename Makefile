@@ -47,10 +47,16 @@ test: setup browser lint
 gpu-check: setup
 	PY=$(BIN)/python bash benchmarks/gpu_check.sh
 
-# ruff (lint and format check) and mypy on src/, configured in pyproject.toml.
+# The edit loop: the suite without the tests marked slow or browser (under 90 s on 2 cores).
+# `make test` runs them all.
+.PHONY: test-fast
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
+
+# ruff (lint and format check) on src/ and tests/, mypy on src/; configured in pyproject.toml.
 lint: setup
-	$(BIN)/ruff check src
-	$(BIN)/ruff format --check src
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
 # Floor versions: a separate venv with the LOWEST versions pyproject.toml allows for the light
