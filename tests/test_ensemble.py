@@ -1,5 +1,6 @@
 """Ensembles of bundles: averaged probabilities, re-tuned thresholds, usable everywhere."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -29,13 +30,10 @@ def members(tmp_path_factory):
 
 
 def _has_timm():
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("timm") is not None
 
 
+@pytest.mark.slow
 def test_ensemble_is_the_mean_of_member_probabilities(tmp_path, members, mini_root, original_png, capsys):
     out = tmp_path / "ens.safetensors"
     rc = main(["ensemble", str(mini_root), "--models", *map(str, members), "--out", str(out), "--val-fraction", "0.3"])

@@ -358,6 +358,7 @@ def test_export_argument_errors(tiny_bundle, tmp_path):
 # --- int8 -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_int8_export(exported_int8, exported, torch_model, sample_images):
     from chestxray.inference.onnx_backend import read_onnx_info
     from chestxray.inference.predict import Analyzer
@@ -392,6 +393,7 @@ def test_calibration_sampling(mini_root, tmp_path):
         calibration_images(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_auroc_comparison_on_the_repo_test_split(exported, exported_int8, tiny_bundle, mini_root):
     """The int8 acceptance machinery, on the tiny model and the repo's 30 test images: the
     float32 ONNX file must match PyTorch's AUROC, and the numbers must be the project's
@@ -423,6 +425,7 @@ def test_auroc_comparison_on_the_repo_test_split(exported, exported_int8, tiny_b
     assert set(d["keep"]) == {"int8", "torch"} and d["reference"] == "fp32"
 
 
+@pytest.mark.slow
 def test_benchmark_compare_auroc_command(exported, exported_int8, tiny_bundle, mini_root):
     """The single documented command the lead runs on the real model."""
     proc = subprocess.run(

@@ -37,6 +37,7 @@ def _cfg(mini_root, out, cache_dir, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_training_data(tmp_path, mini_root, cache_dir):
     trainer = Trainer(_cfg(mini_root, tmp_path, cache_dir, epochs=6, augment="none"))
     trainer.run()
@@ -59,6 +60,7 @@ def test_loss_falls_on_training_data(tmp_path, mini_root, cache_dir):
     assert meta.orientation["fitted_on"].endswith(":train (template)")
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, mini_root, cache_dir):
     full = _cfg(mini_root, tmp_path / "full", cache_dir, epochs=3, augment="seed")
     train(full)
@@ -180,6 +182,7 @@ def test_no_patient_on_two_sides(mini_root):
     assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate(tmp_path, mini_root, cache_dir, capsys, caplog):
     import logging
 

@@ -166,6 +166,7 @@ def test_grad_cam_covers_the_centre_square(small_bundle, radiographs):
     assert heat[:, :112].max() == 0 and heat[:, 912:].max() == 0 and heat[:, 112:912].max() == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_imported_bundle_evaluates_and_serves(small_bundle, tmp_path, mini_root):
     import warnings
 
