@@ -54,6 +54,7 @@ def test_ensemble_is_the_mean_of_member_probabilities(tmp_path, members, mini_ro
     assert max(abs(onnx.probability(f.finding) - f.probability) for f in ens.findings) < 1e-4
 
 
+@pytest.mark.slow
 def test_ensemble_refuses_mismatched_members_and_cam(tmp_path, members, mini_root, original_png, capsys):
     from chestxray.inference.explain import explain
     from chestxray.training.ensemble import make_ensemble
@@ -73,6 +74,7 @@ def test_ensemble_refuses_mismatched_members_and_cam(tmp_path, members, mini_roo
     assert len(model.members) == 2
 
 
+@pytest.mark.slow
 def test_ensemble_tunes_on_another_dataset(tmp_path, members, capsys):
     """Any dataset the data layer reads (here the CheXpert-layout fixture, whose unknown
     labels are NaN and left out of each finding's search) can tune the thresholds."""

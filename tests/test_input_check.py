@@ -93,6 +93,7 @@ def checked_bundle(tiny_bundle, mini_root, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_predict_returns_warnings_and_policy(checked_bundle, sample_images, tmp_path, capsys):
     from chestxray.cli import main
     from chestxray.inference.features import pooled_features
@@ -130,6 +131,7 @@ def test_predict_returns_warnings_and_policy(checked_bundle, sample_images, tmp_
     assert len(turned.warnings) == 1 and turned.warnings[0].startswith("appears turned 90 degrees")
 
 
+@pytest.mark.slow
 def test_warnings_reach_csv_and_parquet_outputs(checked_bundle, sample_images, tmp_path, capsys):
     """predict --format csv, the bulk path's final CSV and Parquet: one warnings cell per
     image ('; '-joined, empty when none), the same as the JSON output's list."""
@@ -161,6 +163,7 @@ def test_warnings_reach_csv_and_parquet_outputs(checked_bundle, sample_images, t
     assert {f: "; ".join(w) for f, w in zip(table["file"], table["warnings"])} == want
 
 
+@pytest.mark.slow
 def test_lateral_dicom_is_warned_in_predict(checked_bundle, tmp_path):
     from chestxray.inference.predict import Analyzer
 
@@ -189,6 +192,7 @@ def test_onnx_export_carries_calibration_and_score(checked_bundle, tmp_path, sam
     assert torch_a.predict(noise).warnings == onnx_a.predict(noise).warnings
 
 
+@pytest.mark.slow
 def test_api_returns_warnings_policy_and_model_sections(checked_bundle, tmp_path):
     import warnings
 

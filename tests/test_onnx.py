@@ -170,6 +170,7 @@ def test_analyzer_onnx_gives_the_same_findings_as_torch(exported, tiny_bundle, s
     assert single.to_dict()["findings"][0]["finding"] == got[len(sample_images)].findings[0].finding
 
 
+@pytest.mark.slow
 def test_onnx_gradcam_is_torch_gradcam(exported, tiny_bundle, original_png, sample_images):
     """The graph's class activation maps, upsampled with numpy, give the torch backend's Grad-CAM
     overlays (every finding, original size) to 1e-4, and the same probabilities and findings;
@@ -197,6 +198,7 @@ def test_onnx_gradcam_is_torch_gradcam(exported, tiny_bundle, original_png, samp
     ]
 
 
+@pytest.mark.slow
 def test_predict_cam_on_onnx_writes_the_torch_overlays(exported, tiny_bundle, original_png, tmp_path):
     """`predict --backend onnx --cam DIR` writes the same overlay files as the torch backend."""
     from PIL import Image
@@ -217,6 +219,7 @@ def test_predict_cam_on_onnx_writes_the_torch_overlays(exported, tiny_bundle, or
         assert a.shape == b.shape and np.abs(a - b).max() <= 3 and np.mean(a == b) > 0.999
 
 
+@pytest.mark.slow
 def test_onnx_without_cam_output_says_how_to_get_one(tiny_bundle, tmp_path):
     """An ONNX file without the cam output (older exports, DenseNets): --cam fails before any
     work, in one line, naming the fix."""

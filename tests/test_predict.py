@@ -193,6 +193,7 @@ def test_dicom_gives_the_same_findings_as_the_png(capsys, tiny_bundle, mini_root
     assert max(abs(f.probability - ref[f.finding]["probability"]) for f in wrong.findings) > 1e-4
 
 
+@pytest.mark.slow
 def test_cam_overlays_at_original_size(capsys, tiny_bundle, mini_root, tmp_path):
     originals = [EXAMPLE, mini_root / "originals" / "00027426_000.png"]  # 1024 and 512 px
     cam_dir = tmp_path / "cams"

@@ -42,6 +42,7 @@ def test_unknown_timm_model_and_offline_weights_are_clear_errors(monkeypatch):
         create_model(NAME, weights="imagenet")
 
 
+@pytest.mark.slow
 def test_timm_bundle_predicts_explains_and_exports(tmp_path, original_png, capsys):
     from chestxray.inference.explain import explain
     from chestxray.inference.predict import Analyzer

@@ -54,6 +54,7 @@ def run_dir(tmp_path_factory, mini_root, cache_dir):
     return out, err
 
 
+@pytest.mark.slow
 def test_progress_lines_without_a_terminal(run_dir):
     _, err = run_dir
     lines = [line for line in err.splitlines() if line.startswith("epoch 1/2  step")]
@@ -61,6 +62,7 @@ def test_progress_lines_without_a_terminal(run_dir):
     assert "img/s" in lines[0] and "ETA" in lines[0]
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -80,6 +82,7 @@ def test_tensorboard_events_read_back(run_dir):
     assert [e.step for e in roc] == [best] and roc[0].width > 400
 
 
+@pytest.mark.slow
 def test_curves_summary_and_config_in_the_run_folder(run_dir, mini_root):
     out, _ = run_dir
     png = (out / "curves.png").read_bytes()
@@ -169,6 +172,7 @@ def _legacy_run(folder: Path, mini_root: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_runs_table_csv_json_and_plot(run_dir, tmp_path, mini_root, capsys):
     out, _ = run_dir
     legacy = _legacy_run(tmp_path / "old", mini_root)
@@ -206,6 +210,7 @@ def test_weights_none_with_seed_freeze_is_refused(tmp_path, mini_root, cache_dir
 
 
 # ---- no silent overwrite; no empty folder after an early error ----------------------
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(run_dir, tmp_path, mini_root, cache_dir, capsys):
     out, _ = run_dir
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -233,6 +238,7 @@ def test_overwrite_replaces_a_run(run_dir, tmp_path, mini_root, cache_dir):
 
 
 # ---- a broken checkpoint.pt on --resume --------------------------------------------
+@pytest.mark.slow
 def test_broken_checkpoint_is_one_clear_line(run_dir, tmp_path, capsys):
     out, _ = run_dir
     good = (out / "checkpoint.pt").read_bytes()
@@ -346,6 +352,7 @@ def _wrong_checkpoints(good: dict) -> dict[str, dict]:
     }
 
 
+@pytest.mark.slow
 def test_wrong_content_checkpoints_are_one_line(run_dir, tmp_path, capsys):
     out, _ = run_dir
     good = torch.load(out / "checkpoint.pt", weights_only=True)

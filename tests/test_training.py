@@ -93,6 +93,7 @@ def test_resume_equals_uninterrupted(tmp_path, mini_root, cache_dir):
     assert read_bundle_meta(tmp_path / "full").thresholds == read_bundle_meta(tmp_path / "part").thresholds
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_recipe(tmp_path, mini_root, cache_dir):
     train(_cfg(mini_root, tmp_path, cache_dir, epochs=1))
     with pytest.raises(ChestXrayError, match="image_size"):
