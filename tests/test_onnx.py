@@ -269,6 +269,7 @@ def test_bundled_model_gradcam_on_onnx_float32_and_int8(tmp_path):
                 zip(*np.nonzero(want[0].heatmap >= 0.75)))
 
 
+@pytest.mark.slow
 def test_export_refuses_a_graph_that_disagrees(exported, tiny_bundle, tmp_path, monkeypatch):
     """A graph whose numbers differ from PyTorch (here: the head's bias shifted, as an
     exporter bug would) fails the check; nothing is written."""
@@ -286,6 +287,7 @@ def test_export_refuses_a_graph_that_disagrees(exported, tiny_bundle, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_text_output_and_tolerance_flag(exported, tiny_bundle, tmp_path, monkeypatch):
     """The human-readable report names the difference; a tolerance below the measured
     difference makes the same graph fail."""
