@@ -203,7 +203,9 @@ class ServeRuntime:
 
     def check_finding(self, finding: str) -> str:
         if not self.has_cam:
-            raise HTTPException(501, f"this {self.backend} model gives no Grad-CAM maps (an ONNX file needs a 'cam' output)")
+            raise HTTPException(
+                501, f"this {self.backend} model gives no Grad-CAM maps (an ONNX file needs a 'cam' output)"
+            )
         from chestxray.inference.explain import resolve_findings
 
         try:  # exact, case-insensitive or NIH spelling ("Infiltrate"); unknown -> ChestXrayError
