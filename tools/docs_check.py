@@ -101,7 +101,9 @@ class Report:
     updated: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"docs check: {len(self.ran)} examples ran ({self.commands} shell commands), {len(self.problems)} problems"]
+        lines = [
+            f"docs check: {len(self.ran)} examples ran ({self.commands} shell commands), {len(self.problems)} problems"
+        ]
         n_skipped = sum(len(v) for v in self.skipped.values())
         if n_skipped:
             lines.append(f"skipped {n_skipped}:")
@@ -327,9 +329,13 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
     """Run a shell block; return its new body when updating and the output drifted."""
     env = _environment(workdir)
     for cmd in block.setup:
-        r = subprocess.run(cmd, shell=True, cwd=workdir, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        r = subprocess.run(
+            cmd, shell=True, cwd=workdir, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        )
         if r.returncode:
-            report.problems.append(Problem(block.where, f"setup {cmd!r} exited {r.returncode}: {r.stderr.strip()[-500:]}"))
+            report.problems.append(
+                Problem(block.where, f"setup {cmd!r} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+            )
             return None
     steps = _split_transcript(block.body, block.line + 1)
     new_body = list(block.body)
@@ -347,14 +353,18 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
                 timeout=COMMAND_TIMEOUT_S,
             )
         except subprocess.TimeoutExpired:
-            report.problems.append(Problem(f"{_rel(block.page)}:{first_line - 1}", f"$ {command}: no answer in {COMMAND_TIMEOUT_S} s"))
+            report.problems.append(
+                Problem(f"{_rel(block.page)}:{first_line - 1}", f"$ {command}: no answer in {COMMAND_TIMEOUT_S} s")
+            )
             return None
         actual = _normalise(r.stdout, workdir)
         want_rc = int(block.options.get("rc", "0")) if n == len(steps) - 1 else 0
         where = f"{_rel(block.page)}:{first_line - 1}"
         if r.returncode != want_rc:
             tail = "\n".join("  | " + ln for ln in actual[-15:])
-            report.problems.append(Problem(where, f"$ {command}: exit status {r.returncode}, the page expects {want_rc}\n{tail}"))
+            report.problems.append(
+                Problem(where, f"$ {command}: exit status {r.returncode}, the page expects {want_rc}\n{tail}")
+            )
             continue
         edits, _ = align(shown, actual)
         if edits:
@@ -365,7 +375,10 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
                 changed = True
             else:
                 report.problems.append(
-                    Problem(where, f"$ {command}: output differs from the page\n{describe_drift(block, first_line, shown, actual)}")
+                    Problem(
+                        where,
+                        f"$ {command}: output differs from the page\n{describe_drift(block, first_line, shown, actual)}",
+                    )
                 )
     return new_body if changed else None
 
@@ -376,10 +389,10 @@ class _Recorder(doctest.DocTestRunner):
         super().__init__(optionflags=flags, verbose=False)
         self.failed_examples: list[tuple[doctest.Example, str]] = []
 
-    def report_failure(self, out, test, example, got):  # type: ignore[no-untyped-def]
+    def report_failure(self, out, test, example, got):
         self.failed_examples.append((example, got))
 
-    def report_unexpected_exception(self, out, test, example, exc_info):  # type: ignore[no-untyped-def]
+    def report_unexpected_exception(self, out, test, example, exc_info):
         import traceback
 
         got = "".join(traceback.format_exception_only(exc_info[0], exc_info[1]))

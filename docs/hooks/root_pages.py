@@ -25,7 +25,7 @@ def _site_link(match: re.Match[str]) -> str:
     return f"{match.group(1)}{target}{anchor}"
 
 
-def on_files(files: Files, config) -> Files:  # type: ignore[no-untyped-def]
+def on_files(files: Files, config) -> Files:
     for source, page in PAGES.items():
         text = LINK.sub(_site_link, (ROOT / source).read_text(encoding="utf-8"))
         files.append(File.generated(config, page, content=text))
