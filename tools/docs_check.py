@@ -27,9 +27,13 @@ Marker options (`<!-- check key=value ... -->`, or one `key: value` per line bef
 A shell block that shows `$ command` lines and output but has no marker is an error: mark it
 `<!-- check -->` or say what it needs.
 
+Examples that need real data refer to it as `../shared/...` (the folder beside a clone, as
+`.ci/run` expects); `--with sample,dataset` runs them too, with `../shared` linked to `--shared`.
+
     python tools/docs_check.py            # check README.md and docs/*.md; exit 1 on drift
     python tools/docs_check.py --update   # rewrite the shown output from the real one
     python tools/docs_check.py docs/prediction.md -k csv   # one page, blocks containing "csv"
+    python tools/docs_check.py --with sample,dataset --shared /work/shared   # also the real-data ones
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ NEEDS = {
     "server": "a running `chestxray serve`",
     "slow": "minutes of CPU time",
 }
-COMMAND_TIMEOUT_S = 180
+_settings = {"timeout_s": 180.0}  # per command; --timeout
 LINKED = ("examples", "tests")  # what a page's temporary folder links to
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
@@ -293,6 +297,9 @@ def _environment(workdir: Path) -> dict[str, str]:
 
 
 def _normalise(text: str, workdir: Path) -> list[str]:
+    link = workdir.parent / "shared"
+    if link.is_symlink():
+        text = text.replace(str(link.resolve()), "../shared").replace(str(link), "../shared")
     for base in {str(workdir.resolve()), str(workdir)}:
         text = text.replace(base + os.sep, "").replace(base, ".")
     text = text.replace(str(REPO) + os.sep, "")
@@ -330,7 +337,7 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
     env = _environment(workdir)
     for cmd in block.setup:
         r = subprocess.run(
-            cmd, shell=True, cwd=workdir, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+            cmd, shell=True, cwd=workdir, env=env, capture_output=True, text=True, timeout=_settings["timeout_s"]
         )
         if r.returncode:
             report.problems.append(
@@ -350,11 +357,13 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-                timeout=COMMAND_TIMEOUT_S,
+                timeout=_settings["timeout_s"],
             )
         except subprocess.TimeoutExpired:
             report.problems.append(
-                Problem(f"{_rel(block.page)}:{first_line - 1}", f"$ {command}: no answer in {COMMAND_TIMEOUT_S} s")
+                Problem(
+                    f"{_rel(block.page)}:{first_line - 1}", f"$ {command}: no answer in {_settings['timeout_s']:.0f} s"
+                )
             )
             return None
         actual = _normalise(r.stdout, workdir)
@@ -459,7 +468,15 @@ def _warm_up() -> None:
         subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], capture_output=True, timeout=120)
 
 
-def check(pages: list[Path], update: bool = False, select: str | None = None) -> Report:
+def check(
+    pages: list[Path],
+    update: bool = False,
+    select: str | None = None,
+    enabled: frozenset[str] = frozenset(),
+    shared: Path | None = None,
+) -> Report:
+    """Check (or with `update`, rewrite) the marked examples of `pages`. Examples whose needs are
+    in `enabled` run too; `shared` is what `../shared` means to them."""
     report = Report()
     _warm_up()
     for page in pages:
@@ -478,7 +495,7 @@ def check(pages: list[Path], update: bool = False, select: str | None = None) ->
                 continue
             if select and not any(select in ln for ln in block.body):
                 continue
-            if "needs" in block.options:
+            if "needs" in block.options and block.options["needs"] not in enabled:
                 report.skipped.setdefault(block.options["needs"], []).append(block.where)
                 continue
             todo.append(block)
@@ -486,7 +503,10 @@ def check(pages: list[Path], update: bool = False, select: str | None = None) ->
             continue
         replacements: dict[int, list[str]] = {}
         with tempfile.TemporaryDirectory(prefix="chestxray-docs-") as tmp:
-            workdir = Path(tmp)
+            workdir = Path(tmp) / "work"
+            workdir.mkdir()
+            if shared is not None:
+                (Path(tmp) / "shared").symlink_to(shared.resolve())
             for name in LINKED:
                 (workdir / name).symlink_to(REPO / name)
             globs: dict = {"__name__": "__docs__"}
@@ -526,9 +546,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pages", nargs="*", type=Path, help="Markdown files (default: README.md and docs/**/*.md)")
     ap.add_argument("--update", action="store_true", help="rewrite each drifted output on the page from the real one")
     ap.add_argument("-k", dest="select", help="only the blocks whose text contains this string")
+    ap.add_argument("--with", dest="enabled", default="", help=f"also run examples that need these: {','.join(NEEDS)}")
+    ap.add_argument(
+        "--shared",
+        type=Path,
+        default=REPO.parent / "shared",
+        help="what ../shared means (default: beside the repository)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=_settings["timeout_s"],
+        help="seconds one command may take (default %(default)s)",
+    )
     args = ap.parse_args(argv)
+    _settings["timeout_s"] = args.timeout
+    enabled = frozenset(filter(None, args.enabled.split(",")))
+    if unknown := enabled - NEEDS.keys():
+        ap.error(f"--with: unknown {', '.join(sorted(unknown))}")
     start = time.monotonic()
-    report = check(args.pages or default_pages(), update=args.update, select=args.select)
+    shared = args.shared if args.shared.is_dir() else None
+    report = check(
+        args.pages or default_pages(), update=args.update, select=args.select, enabled=enabled, shared=shared
+    )
     for p in report.problems:
         print(f"{p.where}: {p.message}")
     print(report.summary() + f" ({time.monotonic() - start:.0f} s)")
