@@ -53,7 +53,7 @@ def test_a_changed_printed_format_fails_naming_page_and_line(tmp_path):
     assert len(report.problems) == 1
     problem = report.problems[0]
     assert problem.where.endswith("page.md:5")
-    assert "line 8: shown but not printed: '  No Finding" in problem.message
+    assert "line 8: shown   '  No Finding" in problem.message
     assert "-> -" in problem.message  # what it printed instead
 
 
@@ -67,7 +67,8 @@ def test_wildcards_exit_status_setup_and_update(tmp_path):
     page = _page(tmp_path, text)
     report = docs_check.check([page])
     assert [p.where for p in report.problems] == [f"{page}:5"]  # only the cat line differs
-    assert "line 6: shown but not printed: 'y'" in report.problems[0].message
+    assert "line 6: shown   'y'\n" in report.problems[0].message
+    assert "printed 'x'" in report.problems[0].message
 
     report = docs_check.check([page], update=True)
     assert not report.problems

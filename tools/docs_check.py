@@ -265,19 +265,34 @@ def merged_output(expected: list[str], actual: list[str]) -> list[str]:
 
 
 def describe_drift(block: Block, first_line: int, expected: list[str], actual: list[str]) -> str:
-    """Where the output differs, by page line: the first few differences."""
+    """Where the output differs, by page line: the first few differences, a line the page
+    shows paired with the line printed in its place."""
     _, ops = align(expected, actual)
     notes: list[str] = []
-    for kind, i, j in ops:
-        if kind == "missing" and i is not None:
-            notes.append(f"  line {first_line + i}: shown but not printed: {expected[i]!r}")
-        elif kind == "extra" and j is not None:
-            # the page line the printed line would go before
-            before = next((ii for k, ii, _ in ops[ops.index((kind, i, j)) :] if ii is not None), len(expected))
-            notes.append(f"  line {first_line + before}: printed but not shown: {actual[j]!r}")
-    shown = notes[:8]
-    if len(notes) > 8:
-        shown.append(f"  ... and {len(notes) - 8} more")
+    k = 0
+    while k < len(ops):
+        if ops[k][0] in ("match", "wild"):
+            k += 1
+            continue
+        hunk_end = k
+        while hunk_end < len(ops) and ops[hunk_end][0] not in ("match", "wild"):
+            hunk_end += 1
+        missing = [i for kind, i, _ in ops[k:hunk_end] if kind == "missing" and i is not None]
+        extra = [j for kind, _, j in ops[k:hunk_end] if kind == "extra" and j is not None]
+        # the page line where this hunk starts (or would be inserted)
+        at = next((i for _, i, _ in ops[k:] if i is not None), len(expected))
+        for n in range(max(len(missing), len(extra))):
+            if n < len(missing) and n < len(extra):
+                notes.append(f"  line {first_line + missing[n]}: shown   {expected[missing[n]]!r}")
+                notes.append(f"  {' ' * len(str(first_line + missing[n]))}       printed {actual[extra[n]]!r}")
+            elif n < len(missing):
+                notes.append(f"  line {first_line + missing[n]}: shown but not printed: {expected[missing[n]]!r}")
+            else:
+                notes.append(f"  line {first_line + at}: printed but not shown: {actual[extra[n]]!r}")
+        k = hunk_end
+    shown = notes[:12]
+    if len(notes) > 12:
+        shown.append(f"  ... and {len(notes) - 12} more lines")
     return "\n".join(shown)
 
 
