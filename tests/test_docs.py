@@ -77,6 +77,14 @@ def test_wildcards_exit_status_setup_and_update(tmp_path):
     assert not docs_check.check([page]).problems
 
 
+def test_absolute_paths_are_shown_as_wildcards_not_hidden(tmp_path):
+    page = _page(tmp_path, "<!-- check -->\n```console\n$ mkdir -p out && cd out && pwd\nout\n```\n")
+    assert len(docs_check.check([page]).problems) == 1  # it prints an absolute path, not "out"
+    docs_check.check([page], update=True)
+    assert "$ mkdir -p out && cd out && pwd\n.../out\n" in page.read_text()
+    assert not docs_check.check([page]).problems
+
+
 def test_unmarked_transcript_is_an_error_and_needs_are_listed(tmp_path):
     page = _page(
         tmp_path,

@@ -252,15 +252,17 @@ def align(expected: list[str], actual: list[str]) -> tuple[int, list[tuple[str, 
     return cost[0][0], ops
 
 
-def merged_output(expected: list[str], actual: list[str]) -> list[str]:
-    """The page's output updated to the actual one, keeping its `...` where they still match."""
+def merged_output(expected: list[str], actual: list[str], shown_as: list[str] | None = None) -> list[str]:
+    """The page's output updated to the actual one, keeping its `...` where they still match;
+    new lines are taken from `shown_as` (the actual lines as a page shows them) when given."""
     _, ops = align(expected, actual)
+    shown_as = actual if shown_as is None else shown_as
     out: list[str] = []
     for kind, i, j in ops:
         if kind in ("match", "wild") and i is not None:
             out.append(expected[i])
         elif kind == "extra" and j is not None:
-            out.append(actual[j])
+            out.append(shown_as[j])
     return out
 
 
@@ -311,17 +313,27 @@ def _environment(workdir: Path) -> dict[str, str]:
     return env
 
 
-def _normalise(text: str, workdir: Path) -> list[str]:
-    link = workdir.parent / "shared"
-    if link.is_symlink():
-        text = text.replace(str(link.resolve()), "../shared").replace(str(link), "../shared")
-    for base in {str(workdir.resolve()), str(workdir)}:
-        text = text.replace(base + os.sep, "").replace(base, ".")
-    text = text.replace(str(REPO) + os.sep, "")
+def _lines(text: str) -> list[str]:
     lines = [ln.rstrip() for ln in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     return lines
+
+
+def _as_shown(lines: list[str], workdir: Path) -> list[str]:
+    """Printed lines as a page shows them: the absolute paths of this run (the temporary folder,
+    the repository, the shared data) become `...`, the page's wildcard. They are compared as
+    printed, so a page never hides that a command prints an absolute path."""
+    bases = {str(workdir.resolve()), str(workdir), str(REPO)}
+    link = workdir.parent / "shared"
+    if link.is_symlink():
+        bases |= {str(link.resolve()), str(link)}
+    out = []
+    for line in lines:
+        for base in sorted(bases, key=len, reverse=True):
+            line = line.replace(base, "...")
+        out.append(line)
+    return out
 
 
 def _split_transcript(body: list[str], start: int) -> list[tuple[str, int, list[str]]]:
@@ -381,7 +393,7 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
                 )
             )
             return None
-        actual = _normalise(r.stdout, workdir)
+        actual = _lines(r.stdout)
         want_rc = int(block.options.get("rc", "0")) if n == len(steps) - 1 else 0
         where = f"{_rel(block.page)}:{first_line - 1}"
         if r.returncode != want_rc:
@@ -393,7 +405,7 @@ def _run_shell(block: Block, workdir: Path, report: Report, update: bool) -> lis
         edits, _ = align(shown, actual)
         if edits:
             if update:
-                merged = merged_output(shown, actual)
+                merged = merged_output(shown, actual, _as_shown(actual, workdir))
                 offset = first_line - block.line - 1 + (len(new_body) - len(block.body))
                 new_body[offset : offset + len(shown)] = merged
                 changed = True
