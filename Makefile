@@ -12,13 +12,13 @@ FLOORS_VENV ?= .venv-floors
 # backend and the REST API on it. All torch-free.
 FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py
 
-.PHONY: setup run test lint floors browser clean gpu-check
+.PHONY: setup run test lint floors browser clean gpu-check docs docs-serve docs-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q -e '.[all,dev,docs]'
 	touch $@
 
 # The main job: analyze a real bundled X-ray with the packaged ONNX model, with Grad-CAM overlays.
@@ -42,6 +42,18 @@ browser:
 
 test: setup browser lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/; `make test` builds it too (tests/test_docs.py).
+docs: setup
+	$(BIN)/mkdocs build --strict
+
+docs-serve: setup
+	$(BIN)/mkdocs serve
+
+# Run every example of README.md and docs/ marked runnable and compare its output with the page
+# (also part of `make test`). `$(BIN)/python tools/docs_check.py --update` rewrites drifted outputs.
+docs-check: setup
+	$(BIN)/python tools/docs_check.py
 
 # On a machine with a CUDA GPU: the cuda-marked tests, training throughput (eager, compiled) and bulk predict.
 gpu-check: setup
@@ -71,4 +83,4 @@ $(FLOORS_VENV)/.installed: pyproject.toml tools/floor_versions.py
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(RUN_VENV) $(FLOORS_VENV) out .pytest_cache
+	rm -rf $(VENV) $(RUN_VENV) $(FLOORS_VENV) out site .pytest_cache
