@@ -1,0 +1,116 @@
+"""Where results go: a DICOM node by C-STORE (`--send-to AE@HOST:PORT`) or a DICOMweb
+server by STOW-RS (`--stow URL`). Credentials come from an environment variable only."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+
+from chestxray.errors import ChestXrayError
+
+
+class SendError(Exception):
+    """A send that may succeed later (destination down, refused, timed out)."""
+
+
+class Sender(Protocol):
+    def send(self, datasets: Sequence[Dataset]) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Node:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Node":
+        m = re.fullmatch(r"([^@\s]{1,16})@([^:\s]+):(\d{1,5})", text.strip())
+        if m is None:
+            raise ChestXrayError(f"--send-to {text!r}: expected AE@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
+        return cls(m.group(1), m.group(2), int(m.group(3)))
+
+
+class CStoreSender:
+    """C-STORE SCU: one association per batch of results."""
+
+    def __init__(self, node: Node, calling_ae: str = "CHESTXRAY", tls: Any = None, timeout: float = 30) -> None:
+        self.node, self.calling_ae, self.tls, self.timeout = node, calling_ae, tls, timeout
+
+    def describe(self) -> str:
+        return f"{self.node.ae_title}@{self.node.host}:{self.node.port}"
+
+    def send(self, datasets: Sequence[Dataset]) -> None:
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
+            ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        kwargs = {"tls_args": (self.tls, None)} if self.tls is not None else {}
+        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, **kwargs)
+        if not assoc.is_established:
+            raise SendError(f"no association with {self.describe()}")
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = getattr(status, "Status", None)
+                if code is None:
+                    raise SendError(f"{self.describe()} did not answer the C-STORE")
+                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    raise SendError(f"{self.describe()} refused the C-STORE (status 0x{code:04X})")
+        finally:
+            assoc.release()
+
+
+def session_from_env(var: str | None) -> Any:
+    """A requests session with the credentials in `$var`: `user:password` for basic auth,
+    anything else as a bearer token. The value is never logged or echoed."""
+    import requests
+
+    session = requests.Session()
+    if var:
+        value = os.environ.get(var)
+        if not value:
+            raise ChestXrayError(f"--auth-env {var}: the environment variable is not set or empty")
+        if ":" in value:
+            user, _, password = value.partition(":")
+            session.auth = (user, password)
+        else:
+            session.headers["Authorization"] = f"Bearer {value}"
+    return session
+
+
+def dicomweb_client(url: str, auth_env: str | None = None) -> Any:
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=url.rstrip("/"), session=session_from_env(auth_env))
+
+
+class StowSender:
+    """STOW-RS to a DICOMweb server (into the results' own study)."""
+
+    def __init__(self, url: str, auth_env: str | None = None) -> None:
+        self.url = url
+        self.client = dicomweb_client(url, auth_env)
+
+    def describe(self) -> str:
+        return self.url.split("?")[0]
+
+    def send(self, datasets: Sequence[Dataset]) -> None:
+        import requests
+
+        try:
+            response = self.client.store_instances(list(datasets))
+        except (requests.RequestException, OSError) as exc:
+            raise SendError(f"STOW-RS to {self.describe()} failed ({type(exc).__name__})") from None
+        failed = response.get("FailedSOPSequence") if response is not None else None
+        if failed:
+            raise SendError(f"STOW-RS to {self.describe()}: {len(failed)} instance(s) refused")
