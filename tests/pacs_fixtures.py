@@ -35,6 +35,7 @@ def make_dx(
     sop_class: str = DX_PRESENTATION,
     modality: str = "DX",
     size: int | None = None,
+    patient_id: str | None = None,
 ):
     """A DX For Presentation instance (8-bit MONOCHROME2) of a real radiograph, with the
     patient and study modules filled in (test values, no real patient)."""
@@ -57,7 +58,7 @@ def make_dx(
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.PatientName = "TEST^PACS"
-    ds.PatientID = "TEST-" + png.stem
+    ds.PatientID = patient_id or "TEST-" + png.stem
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyDate, ds.StudyTime = "20250101", "120000"
@@ -148,9 +149,7 @@ class Orthanc:
 
     def instances_of_study(self, study_uid: str) -> list[dict]:
         found = self.call("POST", "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
-        if not found:
-            return []
-        return self.get(f"/studies/{found[0]}/instances?expand")
+        return [i for study in found for i in self.get(f"/studies/{study}/instances?expand")]
 
     def sop_classes_in_study(self, study_uid: str) -> list[str]:
         return [self.tag(i["ID"], "0008,0016") for i in self.instances_of_study(study_uid)]
@@ -160,15 +159,21 @@ class Orthanc:
         r.raise_for_status()
         return r.content.decode().strip("\x00 ")
 
+    def file(self, instance_id: str) -> bytes:
+        r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        r.raise_for_status()
+        return r.content
+
     def all_instances(self) -> list[str]:
         return self.get("/instances")
 
 
-def start_orthanc(tmp: Path) -> Orthanc:
+def start_orthanc(tmp: Path, dicom_port: int | None = None) -> Orthanc:
     plugin = dicomweb_plugin()
-    http, dicom = free_port(), free_port()
+    http, dicom = free_port(), dicom_port or free_port()
     storage = tmp / "orthanc-db"
-    storage.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "chestxray-test",
         "StorageDirectory": str(storage),
@@ -192,6 +197,7 @@ def start_orthanc(tmp: Path) -> Orthanc:
         "DicomScuTimeout": 20,
         "ConcurrentJobs": 2,
     }
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = tmp / "orthanc.json"
     cfg.write_text(json.dumps(config))
     log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
@@ -214,7 +220,7 @@ def stop_orthanc(orthanc: Orthanc) -> None:
     if orthanc.proc.poll() is None:
         os.kill(orthanc.proc.pid, signal.SIGTERM)
         try:
-            orthanc.proc.wait(10)
+            orthanc.proc.wait(5)
         except subprocess.TimeoutExpired:
             os.kill(orthanc.proc.pid, signal.SIGKILL)
             orthanc.proc.wait()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
 from pacs_fixtures import (
+    SC_CLASS,
     SR_CLASS,
     c_store,
     make_dx,
@@ -71,3 +75,194 @@ def test_listener_end_to_end(orthanc, tmp_path):
     assert "Research use only. Not for clinical use." in texts
     log = listener.text()
     assert dx.SOPInstanceUID not in log and dx.PatientID not in log
+
+
+def metric(port: int, name: str, label: str = "") -> float:
+    import requests
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "_total") and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_listener_skips_what_it_cannot_read_and_keeps_going(orthanc, tmp_path):
+    """A lateral view, a CT-class instance and a corrupt one get no SR and a logged reason
+    (and a counter); the listener answers the next good instance."""
+    from pacs_fixtures import CT_IMAGE, free_port
+
+    lateral = make_dx(NIH / "00000506_013.png", view="LL", size=128)
+    ct = make_dx(NIH / "00000506_013.png", sop_class=CT_IMAGE, modality="CT", size=128)
+    corrupt = make_dx(NIH / "00000506_013.png", size=128)
+    corrupt.PixelData = b"\x00" * 100  # far fewer bytes than Rows x Columns
+    good = make_dx(NIH / "00000398_000.png", size=128)
+    mport = free_port()
+    listener = start_listener(
+        tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--metrics-port", str(mport)
+    )
+    try:
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [lateral, ct, corrupt]) == [0, 0, 0]
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [good]) == [0]
+        assert wait_for(lambda: srs_in_study(orthanc, good.StudyInstanceUID), timeout=60), listener.text()
+        assert listener.proc.poll() is None
+        for ds in (lateral, ct, corrupt):
+            assert not srs_in_study(orthanc, ds.StudyInstanceUID)
+        log = listener.text()
+        assert "not a frontal view (ViewPosition LL)" in log
+        assert "not a CR/DX radiograph (SOP class CT Image Storage)" in log
+        assert log.count("skipped ") == 3, log
+        assert metric(mport, "chestxray_pacs_skipped", 'reason="view"') == 1
+        assert metric(mport, "chestxray_pacs_skipped", 'reason="sop_class"') == 1
+        assert metric(mport, "chestxray_pacs_skipped", 'reason="unreadable"') == 1
+        assert metric(mport, "chestxray_pacs_received") == 4
+        assert wait_for(lambda: metric(mport, "chestxray_pacs_sent") == 1, timeout=10)  # counted after the send
+    finally:
+        listener.stop()
+
+
+def test_listener_refuses_unknown_ae_titles(orthanc, tmp_path):
+    dx = make_dx(NIH / "00000398_000.png", size=128)
+    listener = start_listener(
+        tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--allow", "GOODSCU,ORTHANC@127.0.0.1"
+    )
+    try:
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], calling_ae="STRANGER") == []
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], calling_ae="GOODSCU") == [0]
+    finally:
+        listener.stop()
+
+
+@pytest.mark.slow
+def test_listener_delivers_after_the_destination_comes_back(tmp_path):
+    """Results wait in the spool while the destination is down, and arrive once it is up."""
+    from pacs_fixtures import free_port, orthanc_missing, start_orthanc, stop_orthanc
+
+    if orthanc_missing():
+        pytest.skip(orthanc_missing())
+    port = free_port()
+    dx = make_dx(NIH / "00000398_000.png", size=128)
+    listener = start_listener(tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{port}", "--retry-delay", "0.5")
+    server = None
+    try:
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx]) == [0]
+        assert wait_for(lambda: "retry 2" in listener.text(), timeout=30), listener.text()
+        server = start_orthanc(tmp_path / "late-orthanc", dicom_port=port)
+        assert wait_for(lambda: srs_in_study(server, dx.StudyInstanceUID), timeout=60), listener.text()
+        assert wait_for(lambda: "sent 1 result object(s)" in listener.text(), timeout=10)
+    finally:
+        listener.stop()
+        if server is not None:
+            stop_orthanc(server)
+
+
+@pytest.mark.slow
+def test_kill_9_and_restart_answers_each_instance_once(orthanc, tmp_path):
+    """kill -9 in the middle of 20 instances, a restart, and the PACS sending all 20 again:
+    each study has exactly one SR."""
+    images = sorted(NIH.glob("*.png"))[:20]
+    instances = [make_dx(p, size=128) for p in images]
+    assert c_store("127.0.0.1", orthanc.dicom_port, "ORTHANC", instances) == [0] * 20
+    ids = [orthanc.instances_of_study(ds.StudyInstanceUID)[0]["ID"] for ds in instances]
+    spool = tmp_path / "spool"
+    listener = start_listener(tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--batch-size", "4")
+    orthanc.add_modality("chestxray", "CHESTXRAY", listener.port)
+    orthanc.call("POST", "/modalities/chestxray/store", {"Resources": ids, "Synchronous": False})
+
+    def count() -> int:
+        return sum(bool(srs_in_study(orthanc, ds.StudyInstanceUID)) for ds in instances)
+
+    assert wait_for(lambda: count() >= 2 or "sent" in listener.text(), timeout=60, step=0.02)
+    listener.kill9()
+    assert count() < 20
+    listener = start_listener(
+        tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", port=listener.port, spool=spool
+    )
+    try:
+        orthanc.store_to("chestxray", ids)  # the PACS sends the study again, as after any failed job
+        assert wait_for(lambda: count() == 20, timeout=120), listener.text()
+        wait_for(lambda: "received" not in (listener.text().rsplit("sent", 1)[-1]), timeout=5)
+        for ds in instances:
+            assert len(srs_in_study(orthanc, ds.StudyInstanceUID)) == 1
+    finally:
+        listener.stop()
+    assert "already handled, not repeated" in listener.text()
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy is not installed (Debian package dicom3tools; `make services` installs it)")
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.slow
+def test_listener_with_cam_sends_secondary_captures_that_validate(orthanc, tmp_path):
+    """--cam: one RGB Secondary Capture per positive finding, burned-in caption, own series;
+    the SR and the SCs pass dciodvfy with no errors."""
+    from dicomweb_client.api import DICOMwebClient
+
+    dx = make_dx(NIH / "00000398_000.png", size=256)
+    listener = start_listener(
+        tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--cam", "--backend", "torch"
+    )
+    try:
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx]) == [0]
+        assert wait_for(lambda: srs_in_study(orthanc, dx.StudyInstanceUID), timeout=90), listener.text()
+        # The SR and the SCs go in one association: all are there once the SR is.
+        wait_for(lambda: "sent" in listener.text(), timeout=10)
+    finally:
+        listener.stop()
+    client = DICOMwebClient(orthanc.dicomweb)
+    by_class: dict[str, list] = {}
+    for attrs in client.search_for_instances(study_instance_uid=dx.StudyInstanceUID):
+        sop_class = attrs["00080016"]["Value"][0]
+        ds = client.retrieve_instance(dx.StudyInstanceUID, attrs["0020000E"]["Value"][0], attrs["00080018"]["Value"][0])
+        by_class.setdefault(sop_class, []).append(ds)
+    (sr,) = by_class[SR_CLASS]
+    positives = {name for name, (_, present) in read_sr_findings(sr).items() if present}
+    scs = by_class[SC_CLASS]
+    assert positives and {sc.ImageComments.split()[1] for sc in scs} == positives
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1
+    assert scs[0].SeriesInstanceUID not in (sr.SeriesInstanceUID, dx.SeriesInstanceUID)
+    for i, ds in enumerate([sr, *scs]):
+        assert ds.StudyInstanceUID == dx.StudyInstanceUID
+        path = tmp_path / f"out{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], path
+    for sc in scs:
+        assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == dx.SOPInstanceUID
+        band = sc.pixel_array[:12].astype(int)  # the caption band is dark with white text
+        assert band.max() > 200 and np.median(band) < 60
+
+
+def test_dicomweb_analyses_a_study_once(orthanc, tmp_path):
+    """`chestxray dicomweb URL --study UID`: QIDO, WADO, STOW into the same study, the same
+    findings as predict; a second run finds this model's SR and does nothing."""
+    from chestxray.cli import main
+
+    dx = make_dx(NIH / "00000398_000.png")
+    path = write_dx(tmp_path / "dx.dcm", dx)
+    lateral = make_dx(
+        NIH / "00000506_013.png", study_uid=dx.StudyInstanceUID, patient_id=dx.PatientID, view="LATERAL", size=128
+    )
+    assert c_store("127.0.0.1", orthanc.dicom_port, "ORTHANC", [dx, lateral]) == [0, 0]
+    args = ["dicomweb", orthanc.dicomweb, "--study", dx.StudyInstanceUID, "--backend", "onnx"]
+    assert main([*args, "--spool", str(tmp_path / "spool")]) == 0
+    srs = srs_in_study(orthanc, dx.StudyInstanceUID)
+    assert len(srs) == 1
+    sr = pydicom.dcmread(io.BytesIO(orthanc.file(srs[0]["ID"])))
+    expected = predict_json(path, tmp_path, "--backend", "onnx")
+    found = read_sr_findings(sr)
+    for f in expected["findings"]:
+        assert found[f["finding"]][0] == pytest.approx(f["probability"], abs=1e-4)
+        assert found[f["finding"]][1] == f["positive"]
+    ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [r.ReferencedSOPInstanceUID for r in ref] == [dx.SOPInstanceUID]  # not the lateral view
+    assert main([*args, "--spool", str(tmp_path / "spool2")]) == 0
+    assert len(srs_in_study(orthanc, dx.StudyInstanceUID)) == 1

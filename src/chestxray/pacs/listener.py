@@ -111,7 +111,8 @@ class Listener:
         ae = AE(ae_title=self.ae_title)
         syntaxes = supported_transfer_syntaxes()
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0
         if self.allow:
@@ -121,14 +122,14 @@ class Listener:
     def _permitted(self, event: Any) -> bool:
         if not self.allow:
             return True
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         address = str(event.assoc.requestor.address)
         return any(a.ae_title == calling and (a.host is None or a.host == address) for a in self.allow)
 
     def on_requested(self, event: Any) -> None:
         if not self._permitted(event):
             log.warning("refused an association from %s (not in --allow)", event.assoc.requestor.address)
-            event.assoc.abort()
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent; service user; calling AE not recognised
 
     def on_echo(self, event: Any) -> int:
         return 0x0000

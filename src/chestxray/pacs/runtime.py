@@ -62,6 +62,8 @@ QUIET_LOGGERS = ("highdicom", "pynetdicom", "pydicom", "dicomweb_client", "urlli
 def quiet_library_logs() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The core warns about each unreadable input; the processor logs the skip itself.
+    logging.getLogger("chestxray.inference.predict").setLevel(logging.ERROR)
 
 
 def make_processor(req: ProcessorRequest, sender: Sender | None = None) -> Processor:

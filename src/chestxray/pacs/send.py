@@ -54,8 +54,8 @@ class CStoreSender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        kwargs = {"tls_args": (self.tls, None)} if self.tls is not None else {}
-        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, **kwargs)
+        tls_args = (self.tls, self.node.host) if self.tls is not None else None
+        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             raise SendError(f"no association with {self.describe()}")
         try:

@@ -10,16 +10,22 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from chestxray.io import atomic_write
-from chestxray.pacs.engine import Engine
+from chestxray.pacs.engine import Cam, Engine
 from chestxray.pacs.metrics import PacsMetrics
 from chestxray.pacs.results import build_results
 from chestxray.pacs.send import Sender, SendError
 from chestxray.pacs.spool import Entry, Spool, short_hash
+
+if TYPE_CHECKING:
+    from chestxray.inference.predict import Prediction
 
 log = logging.getLogger("chestxray.pacs")
 
@@ -30,6 +36,10 @@ RADIOGRAPH_SOP_CLASSES = {
 }
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE", "LO"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    ds.save_as(path, enforce_file_format=True)
 
 
 def screen(ds: Dataset) -> tuple[str, str] | None:
@@ -124,27 +134,27 @@ class Processor:
         for e in entries:
             try:
                 data = self.spool.incoming(e.key).read_bytes()
-                header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                header: Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
             except Exception as exc:  # a torn or unreadable spool file: reported, the others go on
                 self.skip(e.uid, "unreadable", f"cannot read the spooled instance ({type(exc).__name__})")
                 continue
             loaded.append((e, data, header))
         if self.cam:
-            for e, data, header in loaded:
+            for e, data, head in loaded:
                 try:
                     prediction, cams = self.engine.explain(data, short_hash(e.uid))
                 except Exception as exc:  # ImageReadError and decoder failures: skip this one only
                     reason = getattr(exc, "reason", None) or f"cannot read this image ({type(exc).__name__})"
                     self.skip(e.uid, "unreadable", reason)
                     continue
-                self._finish(e, header, prediction, cams)
+                self._finish(e, head, prediction, cams)
         elif loaded:
             predictions = self.engine.analyse([d for _, d, _ in loaded], [short_hash(e.uid) for e, _, _ in loaded])
-            for (e, _, header), prediction in zip(loaded, predictions):
-                self._finish(e, header, prediction, [])
+            for (e, _, head), prediction in zip(loaded, predictions):
+                self._finish(e, head, prediction, [])
         return True
 
-    def _finish(self, e: Entry, header: Dataset, prediction, cams) -> None:  # type: ignore[no-untyped-def]
+    def _finish(self, e: Entry, header: Dataset, prediction: "Prediction", cams: Sequence[Cam]) -> None:
         if not prediction.ok:
             self.skip(e.uid, "unreadable", prediction.error or "unreadable")
             return
@@ -159,7 +169,7 @@ class Processor:
             return
         folder = self.spool.results_dir(e.key)
         for i, ds in enumerate(results):
-            atomic_write(folder / f"{i:03d}.dcm", lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+            atomic_write(folder / f"{i:03d}.dcm", partial(_save, ds))
         self.spool.mark_analysed(e.uid)
         self.metrics.analysed.inc()
         positives = ", ".join(f.finding for f in prediction.positives) or "none"

@@ -156,7 +156,7 @@ class Spool:
         )
 
     def counts(self) -> dict[str, int]:
-        return dict(self._exec("select state, count(*) from instances group by state"))  # type: ignore[arg-type]
+        return {str(state): int(n) for state, n in self._exec("select state, count(*) from instances group by state")}
 
     def purge(self, keep_days: float) -> int:
         """Delete files of instances sent more than `keep_days` ago."""
