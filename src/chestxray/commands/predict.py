@@ -76,6 +76,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="instead of findings, write each image's pooled feature vector to OUT: .npy (rows in input "
         "order; NaN rows for unreadable files), .csv or .parquet (a 'file' column, then f0, f1, ...)",
     )
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="for DICOM inputs, also write a structured report (TID 1500 SR) per image to DIR, and with --cam a "
+        "Secondary Capture per positive finding's overlay (needs the pacs extra; --format table or json)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
@@ -85,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.inference.predict import Analyzer
 
     findings = parse_findings(args.findings)
+    if args.dicom_out:
+        from chestxray.pacs.offline import check_dicom_out
+
+        check_dicom_out(args.format)
     if findings is not None and not args.cam:
         raise ChestXrayError("--findings only applies with --cam DIR")
     if not args.paths and not args.from_list and not args.dataset:
@@ -116,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, backend=backend, device=device, batch_size=args.batch_size, threads=threads, background=True
         )
         with quiet_skip_warnings():  # failures are listed once, at the end
-            return run_bulk(args, analyzer, info, render)
+            return run_bulk(args, analyzer, info, _with_dicom_out(args, analyzer, backend))
     shard = Shard.parse(args.shard) if args.shard else Shard()
     files = [Path(f.path) for f in iter_inputs(args.paths, args.from_list, shard, args.listed_datasets)]
     if not files:
@@ -125,7 +135,16 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and len(files) > 1 and sys.stderr.isatty()
     with quiet_skip_warnings():  # failures are listed once, at the end
         predictions = predict_with_cams(analyzer, files, Path(args.cam), findings, progress)
-    return emit(args, analyzer, predictions, render)
+    return emit(args, analyzer, predictions, _with_dicom_out(args, analyzer, backend))
+
+
+def _with_dicom_out(args: argparse.Namespace, analyzer: "Analyzer", backend: str) -> Any:
+    """`render`, writing the DICOM results first when --dicom-out is given (chestxray.pacs)."""
+    if not args.dicom_out:
+        return render
+    from chestxray.pacs.offline import with_dicom_out
+
+    return with_dicom_out(render, args.dicom_out, analyzer, args.model, backend)
 
 
 FEATURE_SUFFIXES = (".npy", ".csv", ".parquet")

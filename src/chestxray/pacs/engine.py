@@ -26,6 +26,7 @@ class ModelInfo:
     version: str  # chestxray's
     sha256: str  # of the model file (bundle or ONNX)
     policy: str | None
+    labels: tuple[str, ...] = ()  # the model's findings, in its order (the SR's group order)
 
 
 @dataclass
@@ -70,25 +71,7 @@ class Engine:
 
     @cached_property
     def info(self) -> ModelInfo:
-        from chestxray.io import file_sha256
-
-        return ModelInfo(
-            self.analyzer.name,
-            self.analyzer.variant,
-            __version__,
-            file_sha256(self.model_file()),
-            self.analyzer.threshold_policy,
-        )
-
-    def model_file(self) -> Path:
-        if self.backend == "onnx":
-            from chestxray.inference.onnx_backend import resolve_onnx_path
-
-            return resolve_onnx_path(self.model_arg)
-        from chestxray.inference.predict import default_bundle_path
-        from chestxray.models.bundle import resolve_bundle_path
-
-        return resolve_bundle_path(self.model_arg) if self.model_arg is not None else default_bundle_path()
+        return model_info(self.analyzer, self.model_arg, self.backend)
 
     def analyse(self, items: Sequence[bytes], names: Sequence[str]) -> list["Prediction"]:
         """Findings for encoded DICOM instances, in batches of the analyzer's batch size."""
@@ -114,3 +97,28 @@ class Engine:
         from chestxray.inference.input_check import OOD_WARNING
 
         return next((w for w in prediction.warnings if w.startswith(OOD_WARNING)), None)
+
+
+def model_file(model: str | os.PathLike | None, backend: str) -> Path:
+    """The file whose SHA-256 identifies the model: the ONNX file or the safetensors bundle."""
+    if backend == "onnx":
+        from chestxray.inference.onnx_backend import resolve_onnx_path
+
+        return resolve_onnx_path(model)
+    from chestxray.inference.predict import default_bundle_path
+    from chestxray.models.bundle import resolve_bundle_path
+
+    return resolve_bundle_path(model) if model is not None else default_bundle_path()
+
+
+def model_info(analyzer: "Analyzer", model: str | os.PathLike | None, backend: str) -> ModelInfo:
+    from chestxray.io import file_sha256
+
+    return ModelInfo(
+        analyzer.name,
+        analyzer.variant,
+        __version__,
+        file_sha256(model_file(model, backend)),
+        analyzer.threshold_policy,
+        tuple(analyzer.labels),
+    )

@@ -3,6 +3,7 @@ one RGB Secondary Capture per positive finding. Built with highdicom."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DS
 
 from chestxray.pacs import codes as cx
 from chestxray.pacs.engine import Cam, ModelInfo
@@ -31,12 +33,6 @@ def result_uid(source_uid: str, model_sha256: str, what: str) -> str:
     """UIDs derived from the source instance and the model: a re-run after a crash makes
     the same objects, so a receiver stores them once."""
     return str(generate_uid(entropy_srcs=[source_uid, model_sha256, what]))
-
-
-def _algorithm(info: ModelInfo) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(
-        name=f"chestxray {info.name}", version=info.version, parameters=[f"{info.variant}; sha256 {info.sha256}"]
-    )
 
 
 def _text(name: object, value: str) -> hd.sr.TextContentItem:
@@ -64,14 +60,15 @@ def build_sr(source: Dataset, prediction: "Prediction", info: ModelInfo) -> Data
     source_ref = hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
     policy = info.policy or prediction.threshold_policy or "per-finding thresholds of the model"
     groups = []
-    for i, f in enumerate(prediction.findings):
+    order = {name: i for i, name in enumerate(info.labels)}
+    findings = sorted(prediction.findings, key=lambda f: order.get(f.finding, len(order)))
+    for i, f in enumerate(findings):
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=result_uid(source.SOPInstanceUID, info.sha256, f"group {f.finding}"),
                 identifier=f"{f.finding} #{i + 1}",
             ),
             finding_type=cx.finding_code(f.finding),
-            algorithm_id=_algorithm(info),
             source_images=[source_ref],
             measurements=[
                 hd.sr.Measurement(name=cx.PROBABILITY, value=round(f.probability, 6), unit=cx.UNITLESS),
@@ -109,6 +106,172 @@ def build_sr(source: Dataset, prediction: "Prediction", info: ModelInfo) -> Data
     sr.CodingSchemeIdentificationSequence = [cx.coding_scheme_identification()]
     sr.SoftwareVersions = info.version
     return sr
+
+
+# Patient, Clinical Trial Subject, General Study and Patient Study modules (PS3.3 C.7.1.1,
+# C.7.1.3, C.7.2.1, C.7.2.2): what an SR copies from its source.
+PATIENT_STUDY = [
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar",
+    "PatientSex",
+    "QualityControlSubject",
+    "StrainDescription",
+    "StrainNomenclature",
+    "StrainStockSequence",
+    "StrainAdditionalInformation",
+    "StrainCodeSequence",
+    "GeneticModificationsSequence",
+    "OtherPatientNames",
+    "OtherPatientIDsSequence",
+    "ReferencedPatientPhotoSequence",
+    "EthnicGroup",
+    "EthnicGroupCodeSequence",
+    "PatientComments",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence",
+    "ReferencedPatientSequence",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "RequestingServiceCodeSequence",
+    "ReferencedStudySequence",
+    "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientSizeCodeSequence",
+    "MedicalAlerts",
+    "Allergies",
+    "SmokingStatus",
+    "PregnancyStatus",
+    "LastMenstrualDate",
+    "PatientState",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "AdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence",
+    "PatientSexNeutered",
+]
+
+
+class SrFactory:
+    """Structured reports of one model. highdicom builds the first (about a second of CPU, mostly
+    its content-tree checks, as much as analysing a batch); every later report is that one,
+    read back once and kept, with the per-image parts set: patient and study, UIDs, evidence,
+    source references, probabilities, present/absent and warnings. The tree, codes and
+    thresholds are the model's and do not change, so the copies are what highdicom would build
+    (tested). A report returned by `build` is valid until the next call: write it first."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self._template: Dataset | None = None
+
+    def build(self, source: Dataset, prediction: "Prediction") -> Dataset:
+        import copy
+        import io
+
+        import pydicom
+
+        if self._template is None or len(prediction.findings) != len(self.info.labels):
+            sr = build_sr(source, prediction, self.info)
+            if self._template is None and len(prediction.findings) == len(self.info.labels):
+                buf = io.BytesIO()
+                sr.save_as(buf, enforce_file_format=True)
+                self._template = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+            return sr
+        sr = self._template
+        for keyword in PATIENT_STUDY:
+            if keyword in sr:
+                delattr(sr, keyword)
+            if keyword in source:
+                sr[keyword] = copy.deepcopy(source[keyword])
+        sr.StudyInstanceUID = source.StudyInstanceUID
+        sr.SeriesInstanceUID = result_uid(source.StudyInstanceUID, self.info.sha256, "sr series")
+        sr.SOPInstanceUID = result_uid(source.SOPInstanceUID, self.info.sha256, "sr")
+        sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
+        now = datetime.datetime.now()
+        sr.InstanceCreationDate = sr.ContentDate = now.strftime("%Y%m%d")
+        sr.InstanceCreationTime = sr.ContentTime = now.strftime("%H%M%S.%f")
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+        evidence.StudyInstanceUID = source.StudyInstanceUID
+        series = evidence.ReferencedSeriesSequence[0]
+        series.SeriesInstanceUID = source.SeriesInstanceUID
+        series.ReferencedSOPSequence[0].ReferencedSOPClassUID = source.SOPClassUID
+        series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = source.SOPInstanceUID
+        by_name = {f.finding: f for f in prediction.findings}
+        measurements = next(c for c in sr.ContentSequence if c.ValueType == "CONTAINER")
+        for name, group in zip(self.info.labels, measurements.ContentSequence):
+            f = by_name[name]
+            for item in group.ContentSequence:
+                meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+                if item.ValueType == "UIDREF":
+                    item.UID = result_uid(source.SOPInstanceUID, self.info.sha256, f"group {name}")
+                elif item.ValueType == "IMAGE":
+                    item.ReferencedSOPSequence[0].ReferencedSOPClassUID = source.SOPClassUID
+                    item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = source.SOPInstanceUID
+                elif meaning == cx.PROBABILITY.meaning:
+                    value = item.MeasuredValueSequence[0]
+                    value.NumericValue = DS(round(f.probability, 6), auto_format=True)  # as highdicom's NUM
+                    value.FloatingPointValue = round(f.probability, 6)
+                elif meaning == cx.PRESENCE.meaning:
+                    code = cx.PRESENT if f.positive else cx.ABSENT
+                    concept = item.ConceptCodeSequence[0]
+                    concept.CodeValue, concept.CodingSchemeDesignator = code.value, code.scheme_designator
+                    concept.CodeMeaning = code.meaning
+        kept = [c for c in sr.ContentSequence if not _is_warning(c)]
+        warnings = [_text(cx.WARNING, w) for w in prediction.warnings]
+        sr.ContentSequence = kept[:-1] + warnings + kept[-1:]  # the disclaimer stays last
+        return sr
+
+
+def _is_warning(item: Dataset) -> bool:
+    return item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == cx.WARNING.value
 
 
 def caption(cam: Cam) -> str:
@@ -149,7 +312,8 @@ def build_sc(source: Dataset, cam: Cam, info: ModelInfo, number: int) -> Dataset
 
 
 def build_results(
-    source: Dataset, prediction: "Prediction", info: ModelInfo, cams: Sequence[Cam] = ()
+    source: Dataset, prediction: "Prediction", factory: SrFactory, cams: Sequence[Cam] = ()
 ) -> list[Dataset]:
     """The SR, then one SC per overlay."""
-    return [build_sr(source, prediction, info), *(build_sc(source, c, info, i + 1) for i, c in enumerate(cams))]
+    sr = factory.build(source, prediction)
+    return [sr, *(build_sc(source, c, factory.info, i + 1) for i, c in enumerate(cams))]

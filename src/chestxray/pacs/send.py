@@ -7,9 +7,8 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
-
-from pydicom.dataset import Dataset
 
 from chestxray.errors import ChestXrayError
 
@@ -19,7 +18,8 @@ class SendError(Exception):
 
 
 class Sender(Protocol):
-    def send(self, datasets: Sequence[Dataset]) -> None: ...
+    def send(self, files: Sequence[Path]) -> None:
+        """Deliver these DICOM files (Part 10) or raise SendError."""
 
     def describe(self) -> str: ...
 
@@ -47,20 +47,23 @@ class CStoreSender:
     def describe(self) -> str:
         return f"{self.node.ae_title}@{self.node.host}:{self.node.port}"
 
-    def send(self, datasets: Sequence[Dataset]) -> None:
+    def send(self, files: Sequence[Path]) -> None:
+        from pydicom.filereader import read_file_meta_info
         from pynetdicom import AE
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
-            ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        metas = [read_file_meta_info(f) for f in files]
+        # The files go as they are (no decoding): each SOP class in the syntax it is stored in.
+        for sop_class, syntax in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+            ae.add_requested_context(sop_class, [syntax])
         tls_args = (self.tls, self.node.host) if self.tls is not None else None
         assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             raise SendError(f"no association with {self.describe()}")
         try:
-            for ds in datasets:
-                status = assoc.send_c_store(ds)
+            for f in files:
+                status = assoc.send_c_store(f)
                 code = getattr(status, "Status", None)
                 if code is None:
                     raise SendError(f"{self.describe()} did not answer the C-STORE")
@@ -104,11 +107,12 @@ class StowSender:
     def describe(self) -> str:
         return self.url.split("?")[0]
 
-    def send(self, datasets: Sequence[Dataset]) -> None:
+    def send(self, files: Sequence[Path]) -> None:
+        import pydicom
         import requests
 
         try:
-            response = self.client.store_instances(list(datasets))
+            response = self.client.store_instances([pydicom.dcmread(f) for f in files])
         except (requests.RequestException, OSError) as exc:
             raise SendError(f"STOW-RS to {self.describe()} failed ({type(exc).__name__})") from None
         failed = response.get("FailedSOPSequence") if response is not None else None

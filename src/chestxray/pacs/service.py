@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from chestxray.io import atomic_write
 from chestxray.pacs.engine import Cam, Engine
 from chestxray.pacs.metrics import PacsMetrics
-from chestxray.pacs.results import build_results
+from chestxray.pacs.results import SrFactory, build_results
 from chestxray.pacs.send import Sender, SendError
 from chestxray.pacs.spool import Entry, Spool, short_hash
 
@@ -92,6 +92,7 @@ class Processor:
         self.retry = retry or RetryPolicy()
         self.batch_size, self.batch_wait, self.keep = batch_size, batch_wait, keep
         self.wake = threading.Event()
+        self.reports = SrFactory(engine.info)
 
     # ---- intake ----------------------------------------------------------------------------
 
@@ -163,7 +164,7 @@ class Processor:
             self.skip(e.uid, "input_check", f"failed the input check: {failed}")
             return
         try:
-            results = build_results(header, prediction, self.engine.info, cams)
+            results = build_results(header, prediction, self.reports, cams)
         except Exception as exc:  # a header highdicom cannot copy (e.g. missing study UID)
             self.skip(e.uid, "header", f"cannot build results from this header ({type(exc).__name__}: {exc})"[:300])
             return
@@ -179,11 +180,11 @@ class Processor:
         entries = self.spool.entries("analysed", limit=64, due=True)
         if not entries:
             return False
-        datasets: list[Dataset] = []
+        files: list[Path] = []
         for e in entries:
-            datasets += [pydicom.dcmread(f) for f in self.spool.result_files(e.key)]
+            files += self.spool.result_files(e.key)
         try:
-            self.sender.send(datasets)
+            self.sender.send(files)
         except SendError as exc:
             self._failed_send(entries, str(exc))
             return True
@@ -194,10 +195,8 @@ class Processor:
         for e in entries:
             self.spool.mark_sent(e.uid, keep=self.keep)
             self.metrics.latency.observe(max(0.0, now - e.received))
-        self.metrics.sent.inc(len(datasets))
-        log.info(
-            "sent %d result object(s) of %d instance(s) to %s", len(datasets), len(entries), self.sender.describe()
-        )
+        self.metrics.sent.inc(len(files))
+        log.info("sent %d result object(s) of %d instance(s) to %s", len(files), len(entries), self.sender.describe())
         return True
 
     def _failed_send(self, entries: Sequence[Entry], reason: str) -> None:
