@@ -7,8 +7,8 @@ BIN        := $(VENV)/bin
 PYTEST_ARGS ?=
 FLOORS_VENV ?= .venv-floors
 # The tests that touch the floor-pinned packages: image reading (PNG, JPEG, DICOM), the ONNX
-# backend and the REST API on it. All torch-free.
-FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py tests/test_pacs_results.py
+# backend and the REST API on it, the PACS front end. All torch-free (torch tests skip there).
+FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py tests/test_pacs_results.py tests/test_pacs.py
 
 .PHONY: setup run test lint floors browser services clean gpu-check
 setup: $(VENV)/.installed

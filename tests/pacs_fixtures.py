@@ -219,8 +219,8 @@ def start_orthanc(tmp: Path, dicom_port: int | None = None) -> Orthanc:
 def stop_orthanc(orthanc: Orthanc) -> None:
     if orthanc.proc.poll() is None:
         os.kill(orthanc.proc.pid, signal.SIGTERM)
-        try:
-            orthanc.proc.wait(5)
+        try:  # Orthanc takes seconds to close its HTTP threads; its storage is a temporary folder
+            orthanc.proc.wait(1)
         except subprocess.TimeoutExpired:
             os.kill(orthanc.proc.pid, signal.SIGKILL)
             orthanc.proc.wait()

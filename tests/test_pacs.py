@@ -206,6 +206,8 @@ def test_listener_with_cam_sends_secondary_captures_that_validate(orthanc, tmp_p
     the SR and the SCs pass dciodvfy with no errors."""
     from dicomweb_client.api import DICOMwebClient
 
+    pytest.importorskip("torch")  # Grad-CAM takes gradients: the torch backend
+
     dx = make_dx(NIH / "00000398_000.png", size=256)
     listener = start_listener(
         tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--cam", "--backend", "torch"

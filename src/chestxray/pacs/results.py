@@ -236,8 +236,9 @@ class SrFactory:
         sr.SOPInstanceUID = result_uid(source.SOPInstanceUID, self.info.sha256, "sr")
         sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
         now = datetime.datetime.now()
-        sr.InstanceCreationDate = sr.ContentDate = now.strftime("%Y%m%d")
-        sr.InstanceCreationTime = sr.ContentTime = now.strftime("%H%M%S.%f")
+        sr.ContentDate, sr.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+        if "InstanceCreationDate" in sr:  # set by highdicom from 0.24 on
+            sr.InstanceCreationDate, sr.InstanceCreationTime = sr.ContentDate, sr.ContentTime
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
         evidence.StudyInstanceUID = source.StudyInstanceUID
         series = evidence.ReferencedSeriesSequence[0]
