@@ -15,7 +15,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from chestxray.pacs.results import result_uid
+from chestxray.pacs.parts import result_uid
 from chestxray.pacs.service import RADIOGRAPH_SOP_CLASSES, Processor, screen
 from chestxray.pacs.spool import short_hash
 

@@ -27,6 +27,7 @@ class ModelInfo:
     sha256: str  # of the model file (bundle or ONNX)
     policy: str | None
     labels: tuple[str, ...] = ()  # the model's findings, in its order (the SR's group order)
+    thresholds: tuple[float, ...] = ()
 
 
 @dataclass
@@ -121,4 +122,5 @@ def model_info(analyzer: "Analyzer", model: str | os.PathLike | None, backend: s
         file_sha256(model_file(model, backend)),
         analyzer.threshold_policy,
         tuple(analyzer.labels),
+        tuple(float(t) for t in analyzer.thresholds),
     )

@@ -16,9 +16,11 @@ from pydicom.valuerep import DS
 
 from chestxray.pacs import codes as cx
 from chestxray.pacs.engine import Cam, ModelInfo
+from chestxray.pacs.parts import PATIENT_STUDY, result_uid, text_item
 
 if TYPE_CHECKING:
     from chestxray.inference.predict import Prediction
+    from chestxray.pacs.encode import SrEncoder
 
 SR_SERIES_DESCRIPTION = "chestxray findings"
 SC_SERIES_DESCRIPTION = "chestxray Grad-CAM overlays"
@@ -27,20 +29,6 @@ MANUFACTURER = "chestxray (open source)"
 NOT_FOR_CLINICAL_USE_CAPS = "NOT FOR CLINICAL USE"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
-
-
-def result_uid(source_uid: str, model_sha256: str, what: str) -> str:
-    """UIDs derived from the source instance and the model: a re-run after a crash makes
-    the same objects, so a receiver stores them once."""
-    return str(generate_uid(entropy_srcs=[source_uid, model_sha256, what]))
-
-
-def _text(name: object, value: str) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(
-        name=name,  # type: ignore[arg-type]
-        value=value[:1024],
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
 
 
 def build_sr(source: Dataset, prediction: "Prediction", info: ModelInfo) -> Dataset:
@@ -79,7 +67,7 @@ def build_sr(source: Dataset, prediction: "Prediction", info: ModelInfo) -> Data
             ],
         )
         # The threshold's policy: a TEXT item in the group (highdicom's template has no slot for it).
-        group[0].ContentSequence.append(_text(cx.THRESHOLD_POLICY, policy))
+        group[0].ContentSequence.append(text_item(cx.THRESHOLD_POLICY, policy))
         groups.append(group)
     report = hd.sr.MeasurementReport(
         observation_context=context,
@@ -88,8 +76,8 @@ def build_sr(source: Dataset, prediction: "Prediction", info: ModelInfo) -> Data
     )
     root = report[0]
     for warning in prediction.warnings:
-        root.ContentSequence.append(_text(cx.WARNING, warning))
-    root.ContentSequence.append(_text(cx.DISCLAIMER, RESEARCH_ONLY))
+        root.ContentSequence.append(text_item(cx.WARNING, warning))
+    root.ContentSequence.append(text_item(cx.DISCLAIMER, RESEARCH_ONLY))
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=report,
@@ -108,98 +96,6 @@ def build_sr(source: Dataset, prediction: "Prediction", info: ModelInfo) -> Data
     return sr
 
 
-# Patient, Clinical Trial Subject, General Study and Patient Study modules (PS3.3 C.7.1.1,
-# C.7.1.3, C.7.2.1, C.7.2.2): what an SR copies from its source.
-PATIENT_STUDY = [
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence",
-    "TypeOfPatientID",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientBirthDateInAlternativeCalendar",
-    "PatientDeathDateInAlternativeCalendar",
-    "PatientAlternativeCalendar",
-    "PatientSex",
-    "QualityControlSubject",
-    "StrainDescription",
-    "StrainNomenclature",
-    "StrainStockSequence",
-    "StrainAdditionalInformation",
-    "StrainCodeSequence",
-    "GeneticModificationsSequence",
-    "OtherPatientNames",
-    "OtherPatientIDsSequence",
-    "ReferencedPatientPhotoSequence",
-    "EthnicGroup",
-    "EthnicGroupCodeSequence",
-    "PatientComments",
-    "PatientSpeciesDescription",
-    "PatientSpeciesCodeSequence",
-    "PatientBreedDescription",
-    "PatientBreedCodeSequence",
-    "BreedRegistrationSequence",
-    "ResponsiblePerson",
-    "ResponsiblePersonRole",
-    "ResponsibleOrganization",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-    "SourcePatientGroupIdentificationSequence",
-    "GroupOfPatientsIdentificationSequence",
-    "ReferencedPatientSequence",
-    "ClinicalTrialSponsorName",
-    "ClinicalTrialProtocolID",
-    "ClinicalTrialProtocolName",
-    "ClinicalTrialSiteID",
-    "ClinicalTrialSiteName",
-    "ClinicalTrialSubjectID",
-    "ClinicalTrialSubjectReadingID",
-    "ClinicalTrialProtocolEthicsCommitteeName",
-    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence",
-    "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence",
-    "StudyID",
-    "AccessionNumber",
-    "IssuerOfAccessionNumberSequence",
-    "StudyDescription",
-    "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence",
-    "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence",
-    "RequestingServiceCodeSequence",
-    "ReferencedStudySequence",
-    "ProcedureCodeSequence",
-    "ReasonForPerformedProcedureCodeSequence",
-    "AdmittingDiagnosesDescription",
-    "AdmittingDiagnosesCodeSequence",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "PatientSizeCodeSequence",
-    "MedicalAlerts",
-    "Allergies",
-    "SmokingStatus",
-    "PregnancyStatus",
-    "LastMenstrualDate",
-    "PatientState",
-    "Occupation",
-    "AdditionalPatientHistory",
-    "AdmissionID",
-    "IssuerOfAdmissionIDSequence",
-    "ServiceEpisodeID",
-    "ServiceEpisodeDescription",
-    "IssuerOfServiceEpisodeIDSequence",
-    "PatientSexNeutered",
-]
-
-
 class SrFactory:
     """Structured reports of one model. highdicom builds the first (about a second of CPU, mostly
     its content-tree checks, as much as analysing a batch); every later report is that one,
@@ -211,21 +107,85 @@ class SrFactory:
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
         self._template: Dataset | None = None
+        self._encoder: SrEncoder | None = None
+
+    def warm(self) -> None:
+        """Build the template now (at start-up) from a stand-in source, not on the first image."""
+        from chestxray.inference.predict import Finding, Prediction
+
+        if self._template is not None or not self.info.thresholds:
+            return
+        stand_in = Dataset()
+        stand_in.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        stand_in.SOPInstanceUID, stand_in.StudyInstanceUID = generate_uid(), generate_uid()
+        stand_in.SeriesInstanceUID = generate_uid()
+        stand_in.PatientName, stand_in.PatientID, stand_in.PatientBirthDate, stand_in.PatientSex = "", "", "", ""
+        stand_in.StudyDate, stand_in.StudyTime, stand_in.AccessionNumber, stand_in.StudyID = "", "", "", ""
+        stand_in.ReferringPhysicianName = ""
+        findings = [Finding(n, 0.0, t, False) for n, t in zip(self.info.labels, self.info.thresholds)]
+        self.build(stand_in, Prediction("", self.info.name, findings))
+
+    def _usable(self, source: Dataset, prediction: "Prediction") -> bool:
+        return (
+            self._template is not None
+            and len(prediction.findings) == len(self.info.labels)
+            and source.get("SpecificCharacterSet") == self._template.get("SpecificCharacterSet")
+        )
 
     def build(self, source: Dataset, prediction: "Prediction") -> Dataset:
-        import copy
         import io
 
         import pydicom
 
-        if self._template is None or len(prediction.findings) != len(self.info.labels):
+        if not self._usable(source, prediction):
             sr = build_sr(source, prediction, self.info)
             if self._template is None and len(prediction.findings) == len(self.info.labels):
                 buf = io.BytesIO()
                 sr.save_as(buf, enforce_file_format=True)
                 self._template = pydicom.dcmread(io.BytesIO(buf.getvalue()))
             return sr
-        sr = self._template
+        assert self._template is not None  # for mypy: _usable checked it
+        return self.patch(self._template, source, prediction)
+
+    def encode(self, source: Dataset, prediction: "Prediction") -> bytes:
+        """The report as a Part 10 file: from the byte template (encode.py) when it applies,
+        else built and written by highdicom and pydicom."""
+        import io
+
+        from chestxray.pacs.encode import SrEncoder
+
+        if self._encoder is None and self._template is not None:
+            self._encoder = SrEncoder(self.info, self._marked(self._template))
+        if self._encoder is not None and self._usable(source, prediction):
+            data = self._encoder.encode(source, prediction)
+            if data is not None:
+                return data
+        buf = io.BytesIO()
+        self.build(source, prediction).save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    def _marked(self, template: Dataset) -> Dataset:
+        """The template with the markers of encode.py in every per-image element."""
+        from chestxray.inference.predict import Finding, Prediction
+        from chestxray.pacs import encode as enc
+
+        source = Dataset()
+        source.StudyInstanceUID, source.SeriesInstanceUID = enc.MARK_STUDY, enc.MARK_SERIES
+        source.SOPInstanceUID, source.SOPClassUID = enc.MARK_SOP, enc.MARK_CLASS
+        pairs = zip(self.info.labels, self.info.thresholds)
+        findings = [Finding(n, enc.mark(i), t, True) for i, (n, t) in enumerate(pairs)]
+        sr = self.patch(template, source, Prediction("", "", findings))
+        for i, group in enumerate(enc.groups(sr)):
+            for item in group.ContentSequence:
+                if item.ConceptNameCodeSequence[0].CodeMeaning == cx.PRESENCE.meaning:
+                    code = item.ConceptCodeSequence[0]
+                    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = enc.presence_marks(i)
+        return sr
+
+    def patch(self, sr: Dataset, source: Dataset, prediction: "Prediction") -> Dataset:
+        """`sr` (the template, changed in place) with the per-image parts of this source."""
+        import copy
+
         for keyword in PATIENT_STUDY:
             if keyword in sr:
                 delattr(sr, keyword)
@@ -266,7 +226,7 @@ class SrFactory:
                     concept.CodeValue, concept.CodingSchemeDesignator = code.value, code.scheme_designator
                     concept.CodeMeaning = code.meaning
         kept = [c for c in sr.ContentSequence if not _is_warning(c)]
-        warnings = [_text(cx.WARNING, w) for w in prediction.warnings]
+        warnings = [text_item(cx.WARNING, w) for w in prediction.warnings]
         sr.ContentSequence = kept[:-1] + warnings + kept[-1:]  # the disclaimer stays last
         return sr
 
@@ -314,7 +274,13 @@ def build_sc(source: Dataset, cam: Cam, info: ModelInfo, number: int) -> Dataset
 
 def build_results(
     source: Dataset, prediction: "Prediction", factory: SrFactory, cams: Sequence[Cam] = ()
-) -> list[Dataset]:
-    """The SR, then one SC per overlay."""
-    sr = factory.build(source, prediction)
-    return [sr, *(build_sc(source, c, factory.info, i + 1) for i, c in enumerate(cams))]
+) -> list[bytes]:
+    """The SR, then one SC per overlay, each as the bytes of a Part 10 file."""
+    import io
+
+    out = [factory.encode(source, prediction)]
+    for i, cam in enumerate(cams):
+        buf = io.BytesIO()
+        build_sc(source, cam, factory.info, i + 1).save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out

@@ -49,7 +49,11 @@ class CStoreSender:
 
     def send(self, files: Sequence[Path]) -> None:
         from pydicom.filereader import read_file_meta_info
-        from pynetdicom import AE
+        from pynetdicom import AE, _config
+
+        # pynetdicom's documented switch: stream files as stored instead of decoding and
+        # re-encoding them (it is a process-wide setting; nothing else here sends datasets).
+        _config.STORE_SEND_CHUNKED_DATASET = True
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout

@@ -8,16 +8,15 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from chestxray.io import atomic_write
+from chestxray.io import atomic_write_bytes
 from chestxray.pacs.engine import Cam, Engine
 from chestxray.pacs.metrics import PacsMetrics
 from chestxray.pacs.results import SrFactory, build_results
@@ -36,10 +35,6 @@ RADIOGRAPH_SOP_CLASSES = {
 }
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE", "LO"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
-
-
-def _save(ds: Dataset, path: Path) -> None:
-    ds.save_as(path, enforce_file_format=True)
 
 
 def screen(ds: Dataset) -> tuple[str, str] | None:
@@ -93,6 +88,7 @@ class Processor:
         self.batch_size, self.batch_wait, self.keep = batch_size, batch_wait, keep
         self.wake = threading.Event()
         self.reports = SrFactory(engine.info)
+        self.reports.warm()
 
     # ---- intake ----------------------------------------------------------------------------
 
@@ -170,7 +166,7 @@ class Processor:
             return
         folder = self.spool.results_dir(e.key)
         for i, ds in enumerate(results):
-            atomic_write(folder / f"{i:03d}.dcm", partial(_save, ds))
+            atomic_write_bytes(folder / f"{i:03d}.dcm", ds)
         self.spool.mark_analysed(e.uid)
         self.metrics.analysed.inc()
         positives = ", ".join(f.finding for f in prediction.positives) or "none"
@@ -217,13 +213,34 @@ class Processor:
         return counts.get("received", 0) + counts.get("analysed", 0)
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
-        """Work until `stop` is set; the step in progress finishes, the rest stays journaled."""
+        """Work until `stop` is set: analysis in this thread, sending in another (so a slow
+        destination does not hold up analysis); the steps in progress finish, the rest stays
+        journaled."""
+        sent = threading.Event()
+        sender = threading.Thread(target=self._loop, args=(self.send_due, stop, sent, idle), name="pacs-send")
+        sender.start()
+        try:
+            self._loop(self.analyse_batch, stop, self.wake, idle, then=sent)
+        finally:
+            sent.set()
+            sender.join()
+
+    @staticmethod
+    def _loop(
+        work: Callable[[], bool],
+        stop: threading.Event,
+        wake: threading.Event,
+        idle: float,
+        then: threading.Event | None = None,
+    ) -> None:
         while not stop.is_set():
             try:
-                busy = self.step()
-            except Exception:  # the loop must not die; the journal keeps the work for the next step
+                busy = work()
+            except Exception:  # the loop must not die; the journal keeps the work for the next try
                 log.exception("processing step failed; retrying")
                 busy = False
+            if busy and then is not None:
+                then.set()  # results are ready: wake the sender
             if not busy:
-                self.wake.wait(idle)
-                self.wake.clear()
+                wake.wait(idle)
+                wake.clear()
