@@ -191,6 +191,7 @@ def start_orthanc(tmp: Path, dicom_port: int | None = None) -> Orthanc:
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "DicomAssociationCloseDelay": 0,
         "StorageCompression": False,
+        "SyncStorageArea": False,  # a temporary folder: no fsync per stored file
         "HttpsVerifyPeers": False,
         "SaveJobs": False,
         "LimitJobs": 0,

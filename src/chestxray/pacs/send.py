@@ -39,21 +39,35 @@ class Node:
 
 
 class CStoreSender:
-    """C-STORE SCU: one association per batch of results."""
+    """C-STORE SCU: up to `parallel` associations per batch of results (a PACS indexes each
+    stored instance for a while; several associations keep it busy)."""
 
-    def __init__(self, node: Node, calling_ae: str = "CHESTXRAY", tls: Any = None, timeout: float = 30) -> None:
+    def __init__(
+        self, node: Node, calling_ae: str = "CHESTXRAY", tls: Any = None, timeout: float = 30, parallel: int = 4
+    ) -> None:
         self.node, self.calling_ae, self.tls, self.timeout = node, calling_ae, tls, timeout
+        self.parallel = max(1, parallel)
 
     def describe(self) -> str:
         return f"{self.node.ae_title}@{self.node.host}:{self.node.port}"
 
     def send(self, files: Sequence[Path]) -> None:
-        from pydicom.filereader import read_file_meta_info
-        from pynetdicom import AE, _config
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pynetdicom import _config
 
         # pynetdicom's documented switch: stream files as stored instead of decoding and
         # re-encoding them (it is a process-wide setting; nothing else here sends datasets).
         _config.STORE_SEND_CHUNKED_DATASET = True
+        n = min(self.parallel, max(1, len(files) // 4))
+        chunks = [list(files[i::n]) for i in range(n)]
+        with ThreadPoolExecutor(n) as pool:
+            for future in [pool.submit(self._send, chunk) for chunk in chunks]:
+                future.result()  # the first SendError of any association is raised
+
+    def _send(self, files: Sequence[Path]) -> None:
+        from pydicom.filereader import read_file_meta_info
+        from pynetdicom import AE
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
