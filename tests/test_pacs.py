@@ -268,3 +268,24 @@ def test_dicomweb_analyses_a_study_once(orthanc, tmp_path):
     assert [r.ReferencedSOPInstanceUID for r in ref] == [dx.SOPInstanceUID]  # not the lateral view
     assert main([*args, "--spool", str(tmp_path / "spool2")]) == 0
     assert len(srs_in_study(orthanc, dx.StudyInstanceUID)) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_journals_work_in_flight_for_the_next_start(orthanc, tmp_path):
+    """SIGTERM right after a burst: the listener exits cleanly, what it had not finished stays
+    journaled, and the next start answers each instance once."""
+    instances = [make_dx(p, size=96) for p in sorted(NIH.glob("*.png"))[20:32]]
+    spool = tmp_path / "spool"
+    dest = ("--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--batch-size", "4")
+    listener = start_listener(tmp_path, *dest)
+    assert c_store("127.0.0.1", listener.port, "CHESTXRAY", instances) == [0] * 12
+    listener.stop()  # SIGTERM
+    assert listener.proc.returncode == 0
+    assert "instance(s) journaled for the next start" in listener.text()
+    restarted = start_listener(tmp_path, *dest, port=listener.port, spool=spool)
+    try:
+        done = wait_for(lambda: all(srs_in_study(orthanc, ds.StudyInstanceUID) for ds in instances), timeout=60)
+        assert done, restarted.text()
+        assert all(len(srs_in_study(orthanc, ds.StudyInstanceUID)) == 1 for ds in instances)
+    finally:
+        restarted.stop()
