@@ -123,18 +123,25 @@ class Orthanc:
     aet: str
     proc: subprocess.Popen
     storage: Path
+    users: dict[str, str] | None = None
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        return next(iter(self.users.items())) if self.users else None
 
     @property
     def dicomweb(self) -> str:
         return self.url + "/dicom-web"
 
     def get(self, path: str):
-        r = requests.get(self.url + path, timeout=10)
+        r = requests.get(self.url + path, timeout=10, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
     def call(self, method: str, path: str, body: object = None, raw: bytes | None = None):
-        r = requests.request(method, self.url + path, data=raw, json=body if raw is None else None, timeout=60)
+        r = requests.request(
+            method, self.url + path, data=raw, json=body if raw is None else None, timeout=60, auth=self.auth
+        )
         r.raise_for_status()
         return r.json() if r.content else None
 
@@ -155,12 +162,12 @@ class Orthanc:
         return [self.tag(i["ID"], "0008,0016") for i in self.instances_of_study(study_uid)]
 
     def tag(self, instance_id: str, tag: str) -> str:
-        r = requests.get(f"{self.url}/instances/{instance_id}/content/{tag}", timeout=10)
+        r = requests.get(f"{self.url}/instances/{instance_id}/content/{tag}", timeout=10, auth=self.auth)
         r.raise_for_status()
         return r.content.decode().strip("\x00 ")
 
     def file(self, instance_id: str) -> bytes:
-        r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30, auth=self.auth)
         r.raise_for_status()
         return r.content
 
@@ -168,7 +175,7 @@ class Orthanc:
         return self.get("/instances")
 
 
-def start_orthanc(tmp: Path, dicom_port: int | None = None) -> Orthanc:
+def start_orthanc(tmp: Path, dicom_port: int | None = None, users: dict[str, str] | None = None) -> Orthanc:
     plugin = dicomweb_plugin()
     http, dicom = free_port(), dicom_port or free_port()
     storage = tmp / "orthanc-db"
@@ -182,7 +189,8 @@ def start_orthanc(tmp: Path, dicom_port: int | None = None) -> Orthanc:
         "DicomPort": dicom,
         "DicomAet": "ORTHANC",
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": True,
@@ -204,7 +212,7 @@ def start_orthanc(tmp: Path, dicom_port: int | None = None) -> Orthanc:
     log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     url = f"http://127.0.0.1:{http}"
-    orthanc = Orthanc(url, dicom, "ORTHANC", proc, storage)
+    orthanc = Orthanc(url, dicom, "ORTHANC", proc, storage, users)
     deadline = time.monotonic() + 20
     while True:
         try:

@@ -75,6 +75,7 @@ def test_listener_end_to_end(orthanc, tmp_path):
     assert "Research use only. Not for clinical use." in texts
     log = listener.text()
     assert dx.SOPInstanceUID not in log and dx.PatientID not in log
+    assert not list((listener.spool / "incoming").iterdir())  # deleted once the results were sent
 
 
 def metric(port: int, name: str, label: str = "") -> float:
@@ -289,3 +290,33 @@ def test_sigterm_journals_work_in_flight_for_the_next_start(orthanc, tmp_path):
         assert all(len(srs_in_study(orthanc, ds.StudyInstanceUID)) == 1 for ds in instances)
     finally:
         restarted.stop()
+
+
+def test_dicomweb_since_dry_run_and_credentials_from_the_environment(tmp_path, monkeypatch, capsys):
+    """Against an Orthanc that wants a password: refused without --auth-env (one line, no
+    traceback); --dry-run lists and stores nothing; --since finds the study; the password is
+    never printed."""
+    from chestxray.cli import main
+    from pacs_fixtures import orthanc_missing, start_orthanc, stop_orthanc
+
+    if orthanc_missing():
+        pytest.skip(orthanc_missing())
+    server = start_orthanc(tmp_path / "orthanc", users={"alice": "s3cret-pw"})
+    try:
+        dx = make_dx(NIH / "00000398_000.png", size=128)
+        assert c_store("127.0.0.1", server.dicom_port, "ORTHANC", [dx]) == [0]
+        base = ["dicomweb", server.dicomweb, "--since", "20240101", "--backend", "onnx"]
+        assert main([*base, "--spool", str(tmp_path / "s0")]) == 2
+        err = capsys.readouterr().err
+        assert "chestxray dicomweb: error:" in err and "Traceback" not in err
+        monkeypatch.setenv("PACS_AUTH", "alice:s3cret-pw")
+        assert main([*base, "--auth-env", "PACS_AUTH", "--dry-run"]) == 0
+        out, err = capsys.readouterr()
+        assert "1 CR/DX instance(s) would be analysed" in out
+        assert not srs_in_study(server, dx.StudyInstanceUID)
+        assert main(["-v", *base, "--auth-env", "PACS_AUTH", "--spool", str(tmp_path / "s1")]) == 0
+        out, err = capsys.readouterr()
+        assert len(srs_in_study(server, dx.StudyInstanceUID)) == 1
+        assert "s3cret-pw" not in out + err
+    finally:
+        stop_orthanc(server)
