@@ -320,3 +320,29 @@ def test_dicomweb_since_dry_run_and_credentials_from_the_environment(tmp_path, m
         assert "s3cret-pw" not in out + err
     finally:
         stop_orthanc(server)
+
+
+@pytest.mark.slow
+def test_dicomweb_watch_picks_up_new_studies_until_sigterm(orthanc, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "chestxray.cli", "dicomweb", orthanc.dicomweb, "--watch", "0.5"]
+    cmd += ["--watch-since", "20240101", "--backend", "onnx", "--spool", str(tmp_path / "spool")]
+    log = tmp_path / "watch.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        dx = make_dx(NIH / "00000398_000.png", size=128)
+        assert c_store("127.0.0.1", orthanc.dicom_port, "ORTHANC", [dx]) == [0]  # a study arrives while it watches
+        assert wait_for(lambda: srs_in_study(orthanc, dx.StudyInstanceUID), timeout=60), log.read_text()
+        # The next polls find this model's SR and leave the study alone.
+        assert wait_for(lambda: "already has this model's SR" in log.read_text(), timeout=30), log.read_text()
+        assert len(srs_in_study(orthanc, dx.StudyInstanceUID)) == 1
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
