@@ -261,14 +261,14 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 
 
-def c_store(host: str, port: int, called_ae: str, datasets, calling_ae: str = "TESTSCU") -> list[int]:
-    """C-STORE `datasets` (pydicom Datasets) to a node; the status of each."""
+def c_store(host: str, port: int, called_ae: str, datasets, calling_ae: str = "TESTSCU", tls=None) -> list[int]:
+    """C-STORE `datasets` (pydicom Datasets) to a node (over TLS with an ssl.SSLContext); the status of each."""
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
     for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(uid, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=(tls, None) if tls is not None else None)
     if not assoc.is_established:
         return []
     try:

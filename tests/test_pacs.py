@@ -346,3 +346,32 @@ def test_dicomweb_watch_picks_up_new_studies_until_sigterm(orthanc, tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_listener_over_tls(orthanc, tmp_path):
+    """With --tls-cert/--tls-key the listener speaks TLS only: a TLS caller that trusts the
+    certificate stores; a plain one gets no association."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    dx = make_dx(NIH / "00000398_000.png", size=96)
+    listener = start_listener(
+        tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        client.check_hostname = False
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx]) == []
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], tls=client) == [0]
+        assert wait_for(lambda: srs_in_study(orthanc, dx.StudyInstanceUID), timeout=60), listener.text()
+    finally:
+        listener.stop()
