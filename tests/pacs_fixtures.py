@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
@@ -134,11 +133,15 @@ class Orthanc:
         return self.url + "/dicom-web"
 
     def get(self, path: str):
+        import requests  # with dicomweb-client (the pacs extra): not needed by the other tests
+
         r = requests.get(self.url + path, timeout=10, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
     def call(self, method: str, path: str, body: object = None, raw: bytes | None = None):
+        import requests
+
         r = requests.request(
             method, self.url + path, data=raw, json=body if raw is None else None, timeout=60, auth=self.auth
         )
@@ -162,11 +165,15 @@ class Orthanc:
         return [self.tag(i["ID"], "0008,0016") for i in self.instances_of_study(study_uid)]
 
     def tag(self, instance_id: str, tag: str) -> str:
+        import requests
+
         r = requests.get(f"{self.url}/instances/{instance_id}/content/{tag}", timeout=10, auth=self.auth)
         r.raise_for_status()
         return r.content.decode().strip("\x00 ")
 
     def file(self, instance_id: str) -> bytes:
+        import requests
+
         r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30, auth=self.auth)
         r.raise_for_status()
         return r.content
@@ -218,7 +225,7 @@ def start_orthanc(tmp: Path, dicom_port: int | None = None, users: dict[str, str
         try:
             orthanc.get("/system")
             return orthanc
-        except requests.RequestException:
+        except OSError:  # requests' ConnectionError is an OSError
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_orthanc(orthanc)
                 raise RuntimeError(f"Orthanc did not start: see {tmp / 'orthanc.log'}") from None
