@@ -375,3 +375,14 @@ def test_listener_over_tls(orthanc, tmp_path):
         assert wait_for(lambda: srs_in_study(orthanc, dx.StudyInstanceUID), timeout=60), listener.text()
     finally:
         listener.stop()
+
+
+def test_listener_sends_by_stow_rs(orthanc, tmp_path):
+    dx = make_dx(NIH / "00000398_000.png", size=96)
+    listener = start_listener(tmp_path, "--stow", orthanc.dicomweb)
+    try:
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx]) == [0]
+        assert wait_for(lambda: srs_in_study(orthanc, dx.StudyInstanceUID), timeout=60), listener.text()
+    finally:
+        listener.stop()
+    assert f"to {orthanc.dicomweb}" in listener.text()
