@@ -386,3 +386,22 @@ def test_listener_sends_by_stow_rs(orthanc, tmp_path):
     finally:
         listener.stop()
     assert f"to {orthanc.dicomweb}" in listener.text()
+
+
+def test_keep_days_retains_the_spool_until_purged(orthanc, tmp_path):
+    from chestxray.pacs.engine import Engine
+    from chestxray.pacs.send import CStoreSender, Node
+    from chestxray.pacs.service import Processor
+    from chestxray.pacs.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    sender = CStoreSender(Node("ORTHANC", "127.0.0.1", orthanc.dicom_port))
+    proc = Processor(Engine(None, backend="onnx"), spool, sender, keep_days=1)
+    dx = make_dx(NIH / "00000398_000.png", size=96)
+    proc.receive(dx, write_dx(tmp_path / "dx.dcm", dx).read_bytes())
+    while proc.step():
+        pass
+    assert spool.counts() == {"sent": 1} and srs_in_study(orthanc, dx.StudyInstanceUID)
+    assert len(list((tmp_path / "spool" / "incoming").iterdir())) == 1  # kept for a day
+    assert spool.purge(1) == 0 and spool.purge(0) == 2  # older than 0 days: instance and results go
+    assert not list((tmp_path / "spool" / "incoming").iterdir())

@@ -69,8 +69,6 @@ def quiet_library_logs() -> None:
 def make_processor(req: ProcessorRequest, sender: Sender | None = None) -> Processor:
     quiet_library_logs()
     spool = Spool(req.spool or default_spool())
-    if req.keep_days > 0:
-        spool.purge(req.keep_days)
     engine = Engine(req.model, req.backend, req.device, req.batch_size, cam=req.cam)
     metrics = PacsMetrics()
     if req.metrics_port is not None:
@@ -83,7 +81,7 @@ def make_processor(req: ProcessorRequest, sender: Sender | None = None) -> Proce
         metrics=metrics,
         retry=RetryPolicy(attempts=req.retries, base=req.retry_base),
         batch_size=req.batch_size,
-        keep=req.keep_days > 0,
+        keep_days=req.keep_days,
     )
 
 

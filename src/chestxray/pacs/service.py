@@ -79,13 +79,15 @@ class Processor:
         retry: RetryPolicy | None = None,
         batch_size: int = 16,
         batch_wait: float = 0.25,
-        keep: bool = False,
+        keep_days: float = 0.0,
     ) -> None:
         self.engine, self.spool, self.sender = engine, spool, sender
         self.cam = cam
         self.metrics = metrics or PacsMetrics()
         self.retry = retry or RetryPolicy()
-        self.batch_size, self.batch_wait, self.keep = batch_size, batch_wait, keep
+        self.batch_size, self.batch_wait = batch_size, batch_wait
+        self.keep_days, self.keep = keep_days, keep_days > 0
+        self._purged = 0.0
         self.wake = threading.Event()
         self.reports = SrFactory(engine.info)
         self.reports.warm()
@@ -173,6 +175,9 @@ class Processor:
         log.info("analysed %s: positive %s; %d result object(s)", short_hash(e.uid), positives, len(results))
 
     def send_due(self) -> bool:
+        if self.keep and time.time() - self._purged > 3600:  # --keep-days: hourly, and at start
+            self._purged = time.time()
+            self.spool.purge(self.keep_days)
         entries = self.spool.entries("analysed", limit=64, due=True)
         if not entries:
             return False
