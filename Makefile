@@ -9,10 +9,10 @@ BIN        := $(VENV)/bin
 PYTEST_ARGS ?=
 FLOORS_VENV ?= .venv-floors
 # The tests that touch the floor-pinned packages: image reading (PNG, JPEG, DICOM), the ONNX
-# backend and the REST API on it. All torch-free.
-FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py
+# backend and the REST API on it, the PACS front end. All torch-free (torch tests skip there).
+FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py tests/test_pacs_results.py tests/test_pacs.py
 
-.PHONY: setup run test lint floors browser clean gpu-check docs docs-serve docs-check
+.PHONY: setup run test lint floors browser services clean gpu-check docs docs-serve docs-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -40,7 +40,15 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "could not install Debian's chromium (needs root and apt): the browser test will be skipped"
 
-test: setup browser lint
+# A real PACS for the PACS tests: Orthanc with its DICOMweb plugin, and dciodvfy (dicom3tools)
+# to validate the SR and SC objects (Debian packages; skipped if already there).
+services:
+	@{ [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1; } \
+	  || { apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools >/dev/null \
+	       && { service orthanc stop >/dev/null 2>&1 || true; }; } \
+	  || echo "could not install Debian's orthanc, orthanc-dicomweb and dicom3tools (needs root and apt): the PACS tests will be skipped"
+
+test: setup browser services lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The documentation site (docs/, mkdocs.yml) into site/; `make test` builds it too (tests/test_docs.py).
