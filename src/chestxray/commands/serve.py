@@ -46,6 +46,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="log one JSON line per request: request id, route template, status, timings (no file "
         "names, query values or analysis ids)",
     )
+    pacs = p.add_argument_group("studies on a PACS (the pacs extra)")
+    pacs.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="add a Studies page: the chest radiograph studies of this DICOMweb server (QIDO-RS), "
+        "opened (WADO-RS) and analysed in the viewer, results sent back as a DICOM SR (STOW-RS)",
+    )
+    pacs.add_argument(
+        "--auth-env",
+        metavar="VAR",
+        help="with --dicomweb: credentials in the environment variable VAR, user:password (basic) or a "
+        "bearer token; never logged",
+    )
+    pacs.add_argument(
+        "--show-patient-names",
+        action="store_true",
+        help="with --dicomweb: show patient names on the Studies page (never logged; hidden by default)",
+    )
     g = p.add_argument_group("load limits (per worker)")
     g.add_argument(
         "--workers",
@@ -216,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.model, args.backend)
     device = resolve_device_arg(args.device, backend)
     analyzer = Analyzer.load(args.model, backend=backend, device=device)  # fails here, before any worker starts
+    from chestxray.pacs.engine import model_file
+
+    path = model_file(args.model, backend)  # names the model in the viewer's DICOM SRs
+    studies = study_source(args, analyzer, path)
     if not is_loopback(args.host):
         log.warning(
             "listening on %s: anyone who can reach this address can upload images; the server has no authentication",
@@ -244,7 +266,14 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.workers == 1:
-            config = uvicorn.Config(create_app(analyzer, settings=settings), **common)
+            app = create_app(
+                analyzer,
+                settings=settings,
+                model_file=path,
+                studies=studies,
+                show_patient_names=args.show_patient_names,
+            )
+            config = uvicorn.Config(app, **common)
             access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
             if not any(isinstance(f, RedactAccessLog) for f in access.filters):
                 access.addFilter(RedactAccessLog())
@@ -274,6 +303,30 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def study_source(args: argparse.Namespace, analyzer: Any, path: Any) -> Any:
+    """The PACS behind the Studies page (`--dicomweb`), or None."""
+    if args.dicomweb is None:
+        if args.auth_env or args.show_patient_names:
+            raise ChestXrayError("--auth-env and --show-patient-names go with --dicomweb URL")
+        return None
+    if args.workers != 1:
+        raise ChestXrayError(
+            "--dicomweb needs --workers 1: a study opened in the viewer is analysed and kept by one worker"
+        )
+    if not args.dicomweb.startswith(("http://", "https://")):
+        raise ChestXrayError(f"--dicomweb {args.dicomweb.split('?')[0][:60]!r}: expected an http:// or https:// URL")
+    from chestxray.commands.listen import import_pacs
+
+    import_pacs()
+    from chestxray.pacs.engine import model_info
+    from chestxray.pacs.runtime import quiet_library_logs
+    from chestxray.pacs.studies import DicomwebStudies
+
+    quiet_library_logs()  # their records quote URLs with study UIDs and dataset contents
+    info = model_info(analyzer, path, str(analyzer.backend.name))
+    return DicomwebStudies(args.dicomweb, info, args.auth_env, patient_names=args.show_patient_names)
 
 
 def _log_config(access_log: bool, logger_name: str) -> dict[str, Any]:

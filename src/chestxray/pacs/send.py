@@ -127,10 +127,15 @@ class StowSender:
 
     def send(self, files: Sequence[Path]) -> None:
         import pydicom
+
+        self.store([pydicom.dcmread(f) for f in files])
+
+    def store(self, datasets: Sequence[Any]) -> None:
+        """STOW-RS these pydicom Datasets, or raise SendError."""
         import requests
 
         try:
-            response = self.client.store_instances([pydicom.dcmread(f) for f in files])
+            response = self.client.store_instances(list(datasets))
         except (requests.RequestException, OSError) as exc:
             raise SendError(f"STOW-RS to {self.describe()} failed ({type(exc).__name__})") from None
         failed = response.get("FailedSOPSequence") if response is not None else None

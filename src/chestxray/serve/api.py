@@ -135,8 +135,11 @@ async def create_analysis(request: Request, rt: Runtime) -> AnalysisOut:
         display = await rt.decoder.run(render.fit, gray, rt.display_max_side)
         # The viewer's copy at the upload's own depth (a DICOM's modality values).
         full = await rt.within_deadline(rt.decoder.run(viewer_routes.full_depth, data, display, rt.limits))
+        # A DICOM's patient and study modules and UIDs (not its pixels), for its SR download.
+        sr_source = await rt.decoder.run(request.app.state.sr_reports.keep, data)
         del data
-    key = rt.store.add(Analysis(gray=gray, display=display, prediction=result, viewer={viewer_routes.FULL: full}))
+    viewer = {viewer_routes.FULL: full, viewer_routes.SR_SOURCE: sr_source}
+    key = rt.store.add(Analysis(gray=gray, display=display, prediction=result, viewer=viewer))
     base = f"/api/v1/analyses/{key}"
     return AnalysisOut(
         id=key,
