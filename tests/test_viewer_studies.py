@@ -138,8 +138,6 @@ def test_studies_page_on_orthanc_opens_analyses_and_sends_the_sr(orthanc, tiny_b
             first = rows.first.inner_text()
             assert "ACC42" in first and "2025-11-05" in first and "none yet" in first and "Quuxley, Marguerite" in first
             assert page.locator("#studies th.patient").is_visible()
-            if os.environ.get("CHESTXRAY_VIEWER_DOCS"):  # the picture in docs/viewer.md
-                screenshot(page, "#studies", Path(os.environ["CHESTXRAY_VIEWER_DOCS"]) / "viewer-studies.png")
             page.get_by_role("button", name="Open the study of 2025-11-05, accession ACC42").click()
             page.wait_for_function("() => document.querySelector('#status').textContent === 'Analysis done (DICOM).'")
             assert page.locator("#dl-sr").is_visible()  # a DICOM input: its SR can be downloaded
@@ -152,6 +150,8 @@ def test_studies_page_on_orthanc_opens_analyses_and_sends_the_sr(orthanc, tiny_b
             assert len(sr_findings_in(orthanc, dx.StudyInstanceUID)) == findings == 14
             page.wait_for_function("() => document.querySelector('#study-rows tr').textContent.includes('in the PACS')")
             assert "none yet" in rows.nth(1).inner_text()
+            if os.environ.get("CHESTXRAY_VIEWER_DOCS"):  # the picture in docs/viewer.md
+                screenshot(page, "#studies", Path(os.environ["CHESTXRAY_VIEWER_DOCS"]) / "viewer-studies.png")
             assert problems == []
         finally:
             browser.close()
@@ -259,6 +259,16 @@ def test_sr_download_has_the_analysis_findings_and_only_what_it_needs_of_the_hea
         assert refused.status_code == 422 and "DICOM inputs" in refused.json()["detail"]
         assert c.get("/api/v1/analyses/nope/sr.dcm").status_code == 404
 
+    import chestxray.serve.viewer_routes as viewer_routes
+
+    with pytest.MonkeyPatch.context() as mp:  # an install without the pacs extra
+        mp.setattr(viewer_routes.importlib.util, "find_spec", lambda name: None)
+        without = create_app(analyzer, model_file=tiny_bundle)
+    with TestClient(without) as c:
+        analysis = c.post("/api/v1/analyses", files={"file": ("x", data)}).json()
+        assert c.get(f"/api/v1/analyses/{analysis['id']}/display").json()["sr_url"] is None
+        refused = c.get(f"/api/v1/analyses/{analysis['id']}/sr.dcm")
+        assert refused.status_code == 501 and "pacs extra" in refused.json()["detail"]
     bare = create_app(analyzer)
     with TestClient(bare) as c:  # no model file (or no pacs extra): no SR, no button, no header kept
         analysis = c.post("/api/v1/analyses", files={"file": ("x", data)}).json()

@@ -321,10 +321,11 @@ def study_source(args: argparse.Namespace, analyzer: Any, path: Any) -> Any:
 
     import_pacs()
     from chestxray.pacs.engine import model_info
-    from chestxray.pacs.runtime import quiet_library_logs
+    from chestxray.pacs.runtime import QUIET_LOGGERS
     from chestxray.pacs.studies import DicomwebStudies
 
-    quiet_library_logs()  # their records quote URLs with study UIDs and dataset contents
+    for name in QUIET_LOGGERS:  # their records quote URLs with study UIDs and dataset contents
+        logging.getLogger(name).setLevel(logging.WARNING)
     info = model_info(analyzer, path, str(analyzer.backend.name))
     return DicomwebStudies(args.dicomweb, info, args.auth_env, patient_names=args.show_patient_names)
 
