@@ -275,3 +275,19 @@ def test_sr_download_has_the_analysis_findings_and_only_what_it_needs_of_the_hea
         assert c.get(f"/api/v1/analyses/{analysis['id']}/display").json()["sr_url"] is None
         assert c.get(f"/api/v1/analyses/{analysis['id']}/sr.dcm").status_code == 501
         assert bare.state.store.get(analysis["id"]).viewer[SR_SOURCE] is None
+
+
+def test_serve_dicomweb_option_errors_are_one_line_and_echo_no_secret(capsys, monkeypatch):
+    from chestxray.cli import main
+
+    monkeypatch.delenv("PACS_AUTH_UNSET", raising=False)
+    cases = [
+        (["--show-patient-names"], "go with --dicomweb"),
+        (["--dicomweb", "ftp://user:hunter2@pacs/dicom-web"], "expected an http:// or https:// URL"),
+        (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--workers", "2"], "needs --workers 1"),
+        (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--auth-env", "PACS_AUTH_UNSET"], "not set or empty"),
+    ]
+    for extra, message in cases:
+        assert main(["serve", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "hunter2" not in err and "Traceback" not in err

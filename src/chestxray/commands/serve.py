@@ -227,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ChestXrayError(f"--workers must be at least 1, got {args.workers}")
     settings = settings_from_args(args)
+    check_study_args(args)
     from chestxray.inference.predict import resolve_backend
     from chestxray.serve.metrics import ACCESS_LOG
     from chestxray.serve.protocol import HEADER_TIMEOUT_ENV, HeaderTimeoutH11Protocol
@@ -305,21 +306,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def study_source(args: argparse.Namespace, analyzer: Any, path: Any) -> Any:
-    """The PACS behind the Studies page (`--dicomweb`), or None."""
+def check_study_args(args: argparse.Namespace) -> None:
+    """The --dicomweb options' errors, before the model is loaded."""
     if args.dicomweb is None:
         if args.auth_env or args.show_patient_names:
             raise ChestXrayError("--auth-env and --show-patient-names go with --dicomweb URL")
-        return None
+        return
     if args.workers != 1:
         raise ChestXrayError(
             "--dicomweb needs --workers 1: a study opened in the viewer is analysed and kept by one worker"
         )
     if not args.dicomweb.startswith(("http://", "https://")):
-        raise ChestXrayError(f"--dicomweb {args.dicomweb.split('?')[0][:60]!r}: expected an http:// or https:// URL")
+        raise ChestXrayError("--dicomweb: expected an http:// or https:// URL")  # not echoed: it may hold a password
     from chestxray.commands.listen import import_pacs
 
     import_pacs()
+    if args.auth_env and not os.environ.get(args.auth_env):
+        raise ChestXrayError(f"--auth-env {args.auth_env}: the environment variable is not set or empty")
+
+
+def study_source(args: argparse.Namespace, analyzer: Any, path: Any) -> Any:
+    """The PACS behind the Studies page (`--dicomweb`), or None."""
+    if args.dicomweb is None:
+        return None
     from chestxray.pacs.engine import model_info
     from chestxray.pacs.runtime import QUIET_LOGGERS
     from chestxray.pacs.studies import DicomwebStudies
