@@ -155,6 +155,19 @@ def test_studies_page_on_orthanc_opens_analyses_and_sends_the_sr(orthanc, tiny_b
             assert problems == []
         finally:
             browser.close()
+    # The same PACS without --show-patient-names: no Patient column, no name anywhere on the page.
+    analyzer, pacs = source(orthanc, tiny_bundle)
+    with serve_in_thread(create_app(analyzer, studies=pacs)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.locator("#study-rows tr").first.wait_for()
+            assert "ACC42" in page.locator("#study-rows").inner_text()
+            assert page.locator("#studies th.patient").is_hidden()
+            assert "Quuxley" not in page.content()
+        finally:
+            browser.close()
 
 
 @pytest.mark.slow
