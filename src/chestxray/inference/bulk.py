@@ -161,7 +161,7 @@ def run(
     info = info or DistInfo()
     workers = default_workers(info.local_world_size) if request.workers is None else request.workers
     backend = analyzer.backend
-    if workers > 0 and backend.name == "torch" and str(getattr(backend, "device", "")) == "cpu":
+    if workers > 0 and backend.name == "torch" and str(backend.device) == "cpu":
         import torch
 
         threads = torch.get_num_threads()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from chestxray.errors import BundleError
+
+if TYPE_CHECKING:
+    from chestxray.models.bundle import BundleMeta
 
 METHODS = ("none", "temperature", "platt")
 
@@ -91,10 +94,9 @@ class Calibration:
             raise BundleError(f"{source}: {exc}") from None
 
 
-def calibration_of(meta: Any) -> Calibration | None:
+def calibration_of(meta: BundleMeta) -> Calibration | None:
     """The bundle's calibrator, or None (old bundles, or `--calibrate none`)."""
-    d = getattr(meta, "calibration", None)
-    if not d:
+    if not meta.calibration:
         return None
-    cal = Calibration.from_dict(d, meta.labels, getattr(meta, "name", "bundle"))
+    cal = Calibration.from_dict(meta.calibration, meta.labels, meta.name)
     return None if cal.is_identity else cal

@@ -264,7 +264,7 @@ def explain_image(
     crop = analyzer.preprocessing.crop == "center"
     side = min(gray.shape[:2])
     size = (side, side) if crop else gray.shape[:2]
-    run = gradcam(model, x, chosen, size, getattr(analyzer.backend, "calibrator", None))
+    run = gradcam(model, x, chosen, size, analyzer.backend.calibrator)
     if crop:  # the model saw the centred square only
         run.maps = [uncrop_map(m, gray.shape[:2]) for m in run.maps]
     # The input check's score needs the model's features: one more (gradient-free) pass, only when it has one.

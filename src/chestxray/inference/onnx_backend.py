@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from chestxray.errors import BundleError, ChestXrayError
+from chestxray.inference.backend import Backend
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 ONNX_FORMAT = "chestxray-onnx"
@@ -197,20 +198,20 @@ def read_onnx_props(path: Path) -> dict[str, str] | None:
     return props
 
 
-class LoadingOnnxBackend:
+class LoadingOnnxBackend(Backend):
     """An `OnnxBackend` whose session is built later, with its metadata already read: what
-    needs the session (`run`, ...) waits for it; name, device, metadata, the workers' recipe do
-    not. `start()` builds it in a background thread (bulk predict, while the decoders start);
-    it is never built when the pipeline's workers infer and nothing fails."""
+    needs the session (`run`, `features`, `loaded().has_score`) waits for it; name, metadata,
+    the workers' recipe do not. `start()` builds it in a background thread (bulk predict, while
+    the decoders start); it is never built when the pipeline's workers infer and nothing fails."""
 
     name = "onnx"
-    device = None
     concurrent_runs = True  # as OnnxBackend
 
     def __init__(self, path: Path, info: OnnxInfo, threads: int | None = None) -> None:
         import threading
 
         self.path, self.info, self.threads = path, info, threads
+        self.quantization = info.quantization
         self.providers = ["CPUExecutionProvider"]
         self._backend: OnnxBackend | None = None
         self._error: BaseException | None = None
@@ -246,24 +247,15 @@ class LoadingOnnxBackend:
         assert self._backend is not None
         return self._backend
 
-    @property
-    def quantization(self) -> str:
-        return self.info.quantization
-
     def worker_recipe(self) -> "functools.partial[OnnxBackend]":
         """As `OnnxBackend.worker_recipe` (CPU), without building this process's session."""
         return functools.partial(OnnxBackend, str(self.path), threads=1)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.loaded().probabilities(batch)
-
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return self.loaded().run(batch)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.loaded(), name)
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        return self.loaded().features(batch)
 
 
 def loading_onnx_backend(path: str | os.PathLike | None, threads: int | None = None) -> "LoadingOnnxBackend | None":
@@ -275,7 +267,7 @@ def loading_onnx_backend(path: str | os.PathLike | None, threads: int | None = N
     return LoadingOnnxBackend(p, info_from_props(props, str(p)), threads)
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     """(N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities, on onnxruntime."""
 
     name = "onnx"
@@ -288,6 +280,7 @@ class OnnxBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self.session = ort_session(self.path, threads=threads, providers=self.providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
+        self.quantization = self.info.quantization
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = [o.name for o in outputs]
         extra = names[1:]
@@ -320,13 +313,6 @@ class OnnxBackend:
         if self.providers != ["CPUExecutionProvider"]:
             return None
         return functools.partial(OnnxBackend, str(self.path), threads=1)
-
-    @property
-    def quantization(self) -> str:
-        return self.info.quantization
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(batch)[0]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, input-check scores or None); a calibrator, if any, is in the graph."""
