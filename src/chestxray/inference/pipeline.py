@@ -87,26 +87,18 @@ def default_workers(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
-def safe_preprocess(analyzer: Predictor, f: InputFile) -> tuple["np.ndarray | None", str | None]:
-    """(model input, None) or (None, reason): one bad file must not lose its batch."""
-    try:
-        return analyzer.preprocess(f.source, f.path)[1], None
-    except ImageReadError as exc:
-        return None, exc.reason
-    except Exception as exc:
-        # Only the type: library messages can quote file contents.
-        return None, f"cannot read this input ({type(exc).__name__})"
-
-
 def decode_chunk(analyzer: Predictor, files: list[InputFile]) -> Decoded:
+    """The model inputs stacked, and a reason for each file that failed: one bad file must
+    not lose its batch."""
     xs: list[np.ndarray] = []
     errors: dict[int, str] = {}
     for i, f in enumerate(files):
-        x, err = safe_preprocess(analyzer, f)
-        if err is not None:
-            errors[i] = err
-        else:
-            xs.append(x)  # type: ignore[arg-type]
+        try:
+            xs.append(analyzer.preprocess(f.source, f.path)[1])
+        except ImageReadError as exc:
+            errors[i] = exc.reason
+        except Exception as exc:  # only the type: library messages can quote file contents
+            errors[i] = f"cannot read this input ({type(exc).__name__})"
     return (np.stack(xs) if xs else None), errors
 
 
@@ -141,15 +133,6 @@ def _worker_decode(files: list[InputFile]) -> Decoded:
     if _WORKER_INFERS and x is not None:
         return _WORKER.run(x), errors
     return x, errors
-
-
-def decoder_copy(analyzer: Predictor) -> Predictor:
-    """The Analyzer without its network, to send to worker processes: they run `preprocess`
-    (and, when they infer, a backend rebuilt from its recipe), so whatever the Analyzer does
-    there applies unchanged."""
-    clone = copy.copy(analyzer)
-    clone.backend = Backend()  # a session/model does not pickle
-    return clone
 
 
 def _join(parts: list[Any]) -> Any:
@@ -208,7 +191,11 @@ class DecodePool:
         self.analyzer = analyzer
         self.workers = workers
         self.prefetch = prefetch or max(2, 2 * workers)
-        self._decoder = decoder_copy(analyzer) if workers > 0 else analyzer
+        # Workers get the Analyzer without its network (a session/model does not pickle): they
+        # run its `preprocess` (and, when they infer, a backend rebuilt from its recipe).
+        self._decoder = copy.copy(analyzer) if workers > 0 else analyzer
+        if workers > 0:
+            self._decoder.backend = Backend()
         self._recipe = analyzer.backend.worker_recipe() if (infer and workers > 0) else None
         self.infers = self._recipe is not None
         self._pool: ProcessPoolExecutor | None = None
@@ -387,8 +374,11 @@ def iter_outputs(
     `workers`: decoder processes (None: all cores; 0: decode in this process).
     `features`: (file, pooled feature vector, None, None) instead (`Analyzer.embed`)."""
     workers = default_workers() if workers is None else workers
-    size = batch_size or analyzer.batch_size
-    stager = _cuda_stager(analyzer)
+    chunks = chunked(files, batch_size or analyzer.batch_size)
+    first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
+    if len(first) < 2:
+        workers = 0  # one batch in all: starting worker processes would cost more than it saves
+    stager = _cuda_stager(analyzer) if len(first) == 2 else None  # one batch: no copy to overlap
     infer: Callable[[Any], tuple[Any, Any]] = analyzer.run
     if features:
         infer = lambda x: (analyzer.backend.features(x), None)  # noqa: E731
@@ -413,10 +403,6 @@ def iter_outputs(
         x = stager.ready(staged) if stager is not None else staged
         yield from emit(chunk, split(x) if tail and split is not None else infer(x), errors)
 
-    chunks = chunked(files, size)
-    first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
-    if len(first) < 2:
-        workers = 0  # one batch in all: starting worker processes would cost more than it saves
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
     try:
         infers = not features and workers_infer(workers, stager)

@@ -475,19 +475,13 @@ class Analyzer:
         from chestxray.inference.pipeline import iter_outputs
 
         files = list(self._items(inputs, names))
-        rows: list[np.ndarray | None] = []
-        errors: dict[int, str] = {}
         outputs = iter_outputs(self, files, workers=0, features=True)
-        for i, (_, vec, _, error) in enumerate(tqdm(outputs, total=len(files), desc="embed", disable=not progress)):
-            rows.append(vec)
-            if error is not None:
-                errors[i] = error
-        dim = next((len(r) for r in rows if r is not None), 0)
-        out = np.full((len(files), dim), np.nan, dtype=np.float32)
-        for i, r in enumerate(rows):
-            if r is not None:
-                out[i] = r
-        return Embeddings([f.path for f in files], out, errors)
+        rows = [(v, e) for _, v, _, e in tqdm(outputs, total=len(files), desc="embed", disable=not progress)]
+        vectors = np.full((len(files), next((len(v) for v, _ in rows if v is not None), 0)), np.nan, np.float32)
+        for i, (v, _) in enumerate(rows):
+            if v is not None:
+                vectors[i] = v
+        return Embeddings([f.path for f in files], vectors, {i: e for i, (_, e) in enumerate(rows) if e is not None})
 
     @staticmethod
     def _items(inputs: Iterable[Input], names: Iterable[str] | None) -> Iterable[InputFile]:
