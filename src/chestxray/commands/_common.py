@@ -3,8 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from chestxray.errors import ChestXrayError
+
+# Library parameters that library errors name (`device='cuda:3'`, `resume=True`), and the
+# command-line flag each is: the name with dashes, unless listed here with another flag.
+PARAMETERS = {
+    "allow_missing": None,
+    "allow_outside_root": None,
+    "backend": None,
+    "by": None,
+    "calibration": None,
+    "csv_columns": None,
+    "device": None,
+    "file": None,
+    "fmt": "--format",
+    "force": None,
+    "freeze": None,
+    "init": None,
+    "int8": None,
+    "labels": None,
+    "model": None,
+    "models": None,
+    "n": None,
+    "opset": None,
+    "out": None,
+    "overwrite": None,
+    "pos_weight": None,
+    "recipe": None,
+    "resume": None,
+    "shard": None,
+    "tensorboard": None,
+    "trust_pickle": None,
+    "views": None,
+    "weights": None,
+}
+_PARAMETER = re.compile(r"\b(" + "|".join(PARAMETERS) + r")=(True\b|'([^'\s]*)'|[^\s,;:()'`]*)")
+
+
+def flag_message(exc: ChestXrayError) -> str:
+    """The error as the command line says it: each library parameter named in it
+    (`name=value`, `name=True`) shown as the flag that sets it (`--name value`, `--name`)."""
+
+    def flag(m: re.Match[str]) -> str:
+        name, value, quoted = m.group(1), m.group(2), m.group(3)
+        text = PARAMETERS[name] or "--" + name.replace("_", "-")
+        value = quoted if quoted is not None else ("" if value == "True" else value)
+        return f"{text} {value}" if value else text
+
+    return _PARAMETER.sub(flag, str(exc))
 
 
 def positive_int(text: str) -> int:
@@ -33,7 +81,7 @@ def device_name(text: str) -> str:
     try:
         return check_device_name(text)
     except ChestXrayError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(flag_message(exc)) from None
 
 
 def add_device_arg(p: argparse.ArgumentParser, default: str = "cpu") -> None:

@@ -283,7 +283,7 @@ def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> 
             first = frame.loc[~has].iloc[0]
             raise DatasetError(
                 f"{dataset}:{root}: {len(missing):,} of {len(frame):,} listed images are missing, e.g. "
-                f"expected {root / str(first['relpath'])}; allow missing images (--allow-missing) to use "
+                f"expected {root / str(first['relpath'])}; allow missing images (allow_missing=True) to use "
                 f"the {int(has.sum()):,} present"
             )
         log.warning("%d listed images are missing under %s; skipped them", len(missing), root)
@@ -317,7 +317,7 @@ def filter_views(index: DatasetIndex, views: str | None) -> DatasetIndex:
         wanted = ["LATERAL" if v in ("L", "LAT", "LL", "RL") else v for v in wanted]
         bad = [v for v in wanted if v not in VIEWS]
         if bad:
-            raise DatasetError(f"--views: unknown view {bad[0]!r}; choose from {', '.join(VIEWS)}, 'frontal' or 'all'")
+            raise DatasetError(f"views={bad[0]!r}: unknown view; choose from {', '.join(VIEWS)}, 'frontal' or 'all'")
         mask = frame["view"].isin(wanted).to_numpy()
     if mask.all():
         return index

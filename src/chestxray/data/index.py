@@ -305,7 +305,7 @@ def load_nih(
         if not allow_missing:
             raise DatasetError(
                 f"{root}: {len(missing):,} of {int(keep.sum()):,} listed images are missing, e.g. "
-                f"{', '.join(missing[:5])}; allow missing images (--allow-missing) to use the "
+                f"{', '.join(missing[:5])}; allow missing images (allow_missing=True) to use the "
                 f"{int(keep.sum()) - len(missing):,} present"
             )
         skipped = len(missing)

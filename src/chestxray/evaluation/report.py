@@ -55,7 +55,7 @@ class ReportItem:
 def choose_examples(index: "DatasetIndex", split: str, n: int, seed: int) -> np.ndarray:
     """`n` seeded random row positions of `split` that have an image file (sorted)."""
     if n < 1:
-        raise DatasetError(f"--n must be at least 1, got {n}")
+        raise DatasetError(f"n={n}: must be at least 1")
     positions = index.split_positions(split)
     positions = positions[index.frame["path"].iloc[positions].notna().to_numpy()]
     if not len(positions):

@@ -165,7 +165,7 @@ def retune_bundle(
     src = resolve_bundle_path(bundle)
     out = Path(out)
     if out.resolve() == src.resolve():
-        raise ChestXrayError(f"--out {out}: choose a new file; the source bundle is kept as it is")
+        raise ChestXrayError(f"out={str(out)!r}: choose a new file; the source bundle is kept as it is")
     if eval_split is not None:
         check_no_overlap(index, split, eval_index if eval_index is not None else index, eval_split)
     model, meta = load_bundle(src, device=device)

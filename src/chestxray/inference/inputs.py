@@ -65,9 +65,9 @@ class Shard:
         try:
             i, n = (int(t) for t in text.split("/"))
         except ValueError:
-            raise ChestXrayError(f"--shard expects I/N, e.g. 0/4, got {text!r}") from None
+            raise ChestXrayError(f"shard={text!r}: expected I/N, e.g. 0/4") from None
         if n < 1 or not 0 <= i < n:
-            raise ChestXrayError(f"--shard {text}: need 0 <= I < N (I counts from 0, like $SLURM_ARRAY_TASK_ID)")
+            raise ChestXrayError(f"shard={text!r}: need 0 <= I < N (I counts from 0, like $SLURM_ARRAY_TASK_ID)")
         return cls(i, n)
 
     def within(self, sub: "Shard") -> "Shard":

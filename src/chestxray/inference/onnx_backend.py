@@ -67,8 +67,8 @@ def default_onnx_path() -> Path:
     path = Path(str(files("chestxray.weights").joinpath(DEFAULT_ONNX_NAME)))
     if not path.is_file():
         raise BundleError(
-            "this install ships no ONNX model; pass --model MODEL.onnx. Make one from a bundle with "
-            "`chestxray export --model BUNDLE.safetensors --onnx MODEL.onnx` (needs chestxray[torch,export])"
+            "this install ships no ONNX model; pass model=MODEL.onnx. Make one from a bundle with "
+            "`chestxray export` (export.onnx.export_bundle; needs chestxray[torch,export])"
         )
     return path
 
@@ -88,7 +88,7 @@ def resolve_onnx_path(path: str | os.PathLike | None) -> Path:
     if p.suffix == ".safetensors":
         raise BundleError(
             f"{p}: this is a PyTorch bundle, the onnx backend needs an ONNX file; convert it with "
-            f"`chestxray export --model {p} --onnx {p.with_suffix('.onnx')}` or use --backend torch"
+            "`chestxray export` (export.onnx.export_bundle) or use backend='torch'"
         )
     return p
 

@@ -147,7 +147,7 @@ def default_bundle_path() -> Path:
 
     path = Path(str(files("chestxray.weights").joinpath("default.safetensors")))
     if not path.is_file():
-        raise BundleError("this install has no bundled default model; pass --model BUNDLE")
+        raise BundleError("this install has no bundled default model; pass model=BUNDLE")
     return path
 
 
@@ -205,11 +205,11 @@ def resolve_backend(model: str | os.PathLike | None, backend: str = "auto") -> s
             backend = "onnx"
     elif backend == "torch":
         if fmt == "onnx":
-            raise ChestXrayError(f"{model}: this is an ONNX file; use --backend onnx (or leave --backend out)")
+            raise ChestXrayError(f"{model}: this is an ONNX file; use backend='onnx' (or 'auto')")
         if not torch_available():
             raise ChestXrayError(
-                "--backend torch needs torch: pip install 'chestxray[torch]'; "
-                "or use --backend onnx (onnxruntime, no torch needed)"
+                "backend='torch' needs torch: pip install 'chestxray[torch]'; "
+                "or use backend='onnx' (onnxruntime, no torch needed)"
             )
     return backend
 
