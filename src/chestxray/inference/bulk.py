@@ -293,7 +293,9 @@ def _to_file(
                 "make room and rerun with resume=True"
             ) from None
         if summary.total + summary.duplicates != listed:
-            raise ChestXrayError(f"{out}: merged {summary.total} rows for {listed} listed files; rerun with resume=True")
+            raise ChestXrayError(
+                f"{out}: merged {summary.total} rows for {listed} listed files; rerun with resume=True"
+            )
         errors = summary.errors
         result.total, result.errors, result.failures = summary.total, summary.errors, summary.failures
     result.errors = all_sum(errors, info)  # every rank exits alike, after rank 0 has merged

@@ -31,7 +31,9 @@ def config_for_init(cfg: Any) -> Any:
     size unless the config gives one. The bundle's weights replace `weights`."""
     meta = read_bundle_meta(cfg.init)
     if meta.architecture == "ensemble":
-        raise ChestXrayError(f"init={str(cfg.init)!r}: an ensemble bundle cannot be fine-tuned; pass one of its members")
+        raise ChestXrayError(
+            f"init={str(cfg.init)!r}: an ensemble bundle cannot be fine-tuned; pass one of its members"
+        )
     size = cfg.image_size if cfg.image_size is not None else meta.preprocessing.size
     return dataclasses.replace(cfg, model=meta.architecture, image_size=size)
 
