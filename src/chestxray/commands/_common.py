@@ -7,39 +7,14 @@ import re
 
 from chestxray.errors import ChestXrayError
 
-# Library parameters that library errors name (`device='cuda:3'`, `resume=True`), and the
-# command-line flag each is: the name with dashes, unless listed here with another flag.
-PARAMETERS = {
-    "allow_missing": None,
-    "allow_outside_root": None,
-    "backend": None,
-    "by": None,
-    "calibration": None,
-    "csv_columns": None,
-    "device": None,
-    "file": None,
-    "fmt": "--format",
-    "force": None,
-    "freeze": None,
-    "init": None,
-    "int8": None,
-    "labels": None,
-    "model": None,
-    "models": None,
-    "n": None,
-    "opset": None,
-    "out": None,
-    "overwrite": None,
-    "pos_weight": None,
-    "recipe": None,
-    "resume": None,
-    "shard": None,
-    "tensorboard": None,
-    "trust_pickle": None,
-    "views": None,
-    "weights": None,
-}
-_PARAMETER = re.compile(r"\b(" + "|".join(PARAMETERS) + r")=(True\b|'([^'\s]*)'|[^\s,;:()'`]*)")
+# The library parameters that library errors name (`device='cuda:3'`, `resume=True`); the
+# flag of each is its name with dashes, unless FLAG_NAMES gives another.
+_PARAMETER = re.compile(
+    r"\b(allow_missing|allow_outside_root|backend|by|calibration|csv_columns|device|file|fmt|force|freeze|init|"
+    r"int8|labels|models?|n|opset|out|overwrite|pos_weight|recipe|resume|shard|tensorboard|trust_pickle|views|"
+    r"weights)=(True\b|'([^'\s]*)'|[^\s,;:()'`]*)"
+)
+FLAG_NAMES = {"fmt": "--format"}
 
 
 def flag_message(exc: ChestXrayError) -> str:
@@ -48,7 +23,7 @@ def flag_message(exc: ChestXrayError) -> str:
 
     def flag(m: re.Match[str]) -> str:
         name, value, quoted = m.group(1), m.group(2), m.group(3)
-        text = PARAMETERS[name] or "--" + name.replace("_", "-")
+        text = FLAG_NAMES.get(name) or "--" + name.replace("_", "-")
         value = quoted if quoted is not None else ("" if value == "True" else value)
         return f"{text} {value}" if value else text
 

@@ -1,6 +1,6 @@
-"""The backend contract: what the Analyzer, the bulk pipeline, Grad-CAM and the server may
-ask of whatever runs the network. `probabilities` (or `run`) is required; every other member
-has a default here that says "this backend has no such capability"."""
+"""The backend contract: all that the Analyzer, the bulk pipeline, Grad-CAM and the server ask
+of what runs the network. `probabilities` or `run` is required; every other member defaults
+to "this backend has no such capability"."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from chestxray.errors import ChestXrayError
 
 
 class Backend:
-    """Runs the network: (N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities.
-    A subclass overrides `probabilities` or `run` (or both) and the capabilities it has."""
+    """Runs the network: (N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities."""
 
     name: str = "backend"
     device: Any = None  # a torch.device where the network runs on torch (CUDA batches are staged)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from chestxray.errors import BundleError
-
-if TYPE_CHECKING:
-    from chestxray.models.bundle import BundleMeta
+from chestxray.models.bundle import BundleMeta
 
 METHODS = ("none", "temperature", "platt")
 

@@ -24,14 +24,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from chestxray.errors import BundleError
-
-if TYPE_CHECKING:
-    from chestxray.models.bundle import BundleMeta
+from chestxray.models.bundle import BundleMeta
 
 TENSOR_PREFIX = "input_check."
 OOD_WARNING = "unlike the frontal chest X-rays this model was trained on"

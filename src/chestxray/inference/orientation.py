@@ -16,14 +16,12 @@ BENCHMARKS.md measures it (rotated, upside-down and inverted radiographs; real o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from chestxray.errors import BundleError
-
-if TYPE_CHECKING:
-    from chestxray.models.bundle import BundleMeta
+from chestxray.models.bundle import BundleMeta
 
 THUMB = 32
 DEFAULT_MARGIN = 0.25  # chosen on the bundled model's validation split: MODEL_CARD.md "Input check"

@@ -419,15 +419,12 @@ class Analyzer:
             inputs = list(inputs)
             if not all(isinstance(x, (str, os.PathLike)) for x in inputs):
                 workers = 0  # in-memory images are decoded here, not sent to worker processes
-        out = []
         total = len(inputs) if isinstance(inputs, list) else None
-        bar = tqdm(total=total, unit="img", desc="predict", disable=not progress)
-        for f, p in self.predict_files(self._items(inputs, names), workers=workers, batch_size=batch_size):
+        results = self.predict_files(self._items(inputs, names), workers=workers, batch_size=batch_size)
+        out = [p for _, p in tqdm(results, total=total, unit="img", desc="predict", disable=not progress)]
+        for p in out:
             if p.error is not None:
-                log.warning("skipped %s: %s", f.path, p.error)
-            out.append(p)
-            bar.update(1)
-        bar.close()
+                log.warning("skipped %s: %s", p.file, p.error)
         return out
 
     def predict_files(
@@ -446,24 +443,15 @@ class Analyzer:
                 yield f, self.result(f.path, self.findings_from(probs), warnings=warnings)
 
     def iter_files(
-        self,
-        paths: Iterable[str | os.PathLike],
-        *,
-        workers: int | None = None,
-        batch_size: int | None = None,
-        from_list: str | None = None,
+        self, paths: Iterable[str | os.PathLike], *, from_list: str | None = None, **options: Any
     ) -> Iterator[Prediction]:
-        """Deprecated: `predict_files(iter_inputs(paths, from_list))` gives the same, with each file."""
+        """Deprecated: `predict_files(iter_inputs(paths, from_list), **options)`, with each file."""
         import warnings
 
         from chestxray.inference.inputs import iter_inputs
 
-        warnings.warn(
-            "Analyzer.iter_files is deprecated; use Analyzer.predict_files(inputs.iter_inputs(paths))",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return (p for _, p in self.predict_files(iter_inputs(paths, from_list), workers=workers, batch_size=batch_size))
+        warnings.warn("Analyzer.iter_files is deprecated: use predict_files(iter_inputs(paths))", DeprecationWarning, 2)
+        return (p for _, p in self.predict_files(iter_inputs(paths, from_list), **options))
 
     def embed(
         self, inputs: Iterable[Input], *, names: Iterable[str] | None = None, progress: bool = False
