@@ -212,7 +212,6 @@ class LoadingOnnxBackend(Backend):
 
         self.path, self.info, self.threads = path, info, threads
         self.quantization = info.quantization
-        self.providers = ["CPUExecutionProvider"]
         self._backend: OnnxBackend | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -240,8 +239,7 @@ class LoadingOnnxBackend(Backend):
 
     def loaded(self) -> "OnnxBackend":
         self.start()
-        assert self._thread is not None
-        self._thread.join()
+        self.settle()
         if self._error is not None:
             raise self._error
         assert self._backend is not None

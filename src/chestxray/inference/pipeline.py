@@ -1,6 +1,6 @@
 """Streaming batch prediction: decode in worker processes, infer in batches, yield in order.
 
-    files (lazy) -> chunks of --batch-size -> worker pool: Analyzer.preprocess per file
+    files (lazy) -> chunks of --batch-size -> worker pool: Predictor.preprocess per file
     (bounded window of chunks in flight) -> Analyzer.run per batch -> findings
 
 The only place that decodes, checks, batches and runs images: `Analyzer.predict`,
@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -45,11 +45,20 @@ from chestxray.errors import ImageReadError
 from chestxray.inference.backend import Backend
 from chestxray.inference.inputs import InputFile
 
-if TYPE_CHECKING:
-    from chestxray.inference.predict import Analyzer
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Predictor(Protocol):
+    """What the pipeline uses of an `Analyzer` (whose module builds on this one)."""
+
+    name: str
+    batch_size: int
+    backend: Backend
+
+    def preprocess(self, image: Any, name: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def run(self, batch: Any) -> tuple[np.ndarray, Any]: ...
 
 
 # (the chunk's model inputs stacked, or None when none could be read; {index in chunk: error}).
@@ -77,7 +86,7 @@ def default_workers(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
-def decode_chunk(analyzer: Analyzer, files: list[InputFile]) -> Decoded:
+def decode_chunk(analyzer: Predictor, files: list[InputFile]) -> Decoded:
     """The model inputs stacked, and a reason for each file that failed: one bad file must
     not lose its batch."""
     xs: list[np.ndarray] = []
@@ -92,11 +101,11 @@ def decode_chunk(analyzer: Analyzer, files: list[InputFile]) -> Decoded:
     return (np.stack(xs) if xs else None), errors
 
 
-_WORKER: Analyzer | None = None
+_WORKER: Predictor | None = None
 _WORKER_INFERS = False
 
 
-def _init_worker(decoder: Analyzer, recipe: Any, parent: int) -> None:
+def _init_worker(decoder: Predictor, recipe: Any, parent: int) -> None:
     global _WORKER, _WORKER_INFERS
     if recipe is not None:
         decoder.backend = recipe()
@@ -177,7 +186,7 @@ class DecodePool:
     (`workers` 0: in this process). `infer`: the workers also infer where the backend allows
     (`self.infers` says whether they do)."""
 
-    def __init__(self, analyzer: Analyzer, workers: int, prefetch: int | None = None, *, infer: bool = False) -> None:
+    def __init__(self, analyzer: Predictor, workers: int, prefetch: int | None = None, *, infer: bool = False) -> None:
         self.analyzer = analyzer
         self.workers = workers
         self.prefetch = prefetch or max(2, 2 * workers)
@@ -332,7 +341,7 @@ class CudaStager:
         return dev
 
 
-def _cuda_stager(analyzer: Analyzer) -> CudaStager | None:
+def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
     device = analyzer.backend.device
     if device is None or device.type != "cuda":
         return None
@@ -351,7 +360,7 @@ def workers_infer(workers: int, stager: Any) -> bool:
 
 
 def iter_outputs(
-    analyzer: Analyzer,
+    analyzer: Predictor,
     files: Iterable[InputFile],
     *,
     workers: int | None = None,
@@ -442,7 +451,7 @@ class _TailSplitter:
 
 
 def _tail_splitter(
-    analyzer: Analyzer, workers: int, stager: Any, infer: Callable[[Any], tuple[Any, Any]]
+    analyzer: Predictor, workers: int, stager: Any, infer: Callable[[Any], tuple[Any, Any]]
 ) -> _TailSplitter | None:
     if workers < 1 or stager is not None or not analyzer.backend.concurrent_runs:
         return None
