@@ -231,7 +231,7 @@ class Journal:
         self._new_header = False
         if path.exists() and not resume:
             raise ChestXrayError(
-                f"{path} holds an interrupted run: pass --resume to continue it, or delete it to start over"
+                f"{path} holds an interrupted run: pass resume=True to continue it, or delete it to start over"
             )
         fresh = not path.exists() or path.stat().st_size == 0
         if not fresh:
@@ -240,14 +240,14 @@ class Journal:
             if differs and not force:
                 raise ChestXrayError(
                     f"{path} is the journal of another run ({'; '.join(differs)}); resume with the same inputs "
-                    "and --shard, or add --force to drop its results of files not listed now"
+                    "and shard=, or add force=True to drop its results of files not listed now"
                 )
             self._new_header = bool(differs) or (header is None and spec is not None)
             for key, model in keys:
                 if model != model_name:
                     raise ChestXrayError(
                         f"{path}: was written by model {model!r}, this run uses {model_name!r}; "
-                        "resume with the same model or write to a new --out"
+                        "resume with the same model or write to a new out=FILE"
                     )
                 self.done[key[0]] = key
             with open(path, "r+b") as f:
@@ -327,7 +327,7 @@ def _pyarrow() -> Any:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise ChestXrayError("--format parquet needs pyarrow: pip install 'chestxray[archive]'") from None
+        raise ChestXrayError("fmt='parquet' needs pyarrow: pip install 'chestxray[archive]'") from None
     return pyarrow
 
 
@@ -453,7 +453,7 @@ def complete_output_keys(out: Path, fmt: str) -> set[tuple[str, int, int]] | set
     except Exception as exc:  # whatever the damage: json, csv, arrow, encoding or key errors
         raise ChestXrayError(
             f"{out}: cannot read this finished {fmt} output ({type(exc).__name__}); move it away or write to "
-            "a new --out"
+            "a new out=FILE"
         ) from None
 
 
@@ -462,7 +462,7 @@ class StdoutWriter:
 
     def __init__(self, fmt: str, stream: IO[str]) -> None:
         if fmt not in ("csv", "jsonl"):
-            raise ChestXrayError(f"--format {fmt} needs --out FILE")
+            raise ChestXrayError(f"fmt={fmt!r} needs out=FILE")
         self.fmt, self.stream = fmt, stream
         self._csv = CsvOut(stream) if fmt == "csv" else None
         if self._csv is not None:
