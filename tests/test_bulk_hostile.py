@@ -152,11 +152,11 @@ def test_journal_records_with_fields_of_the_wrong_type_are_refused(capsys, sampl
             out = tmp_path / f"{what.replace(' ', '-')}.{fmt}"
             journal = Path(str(out) + ".partial")
             journal.write_text(json.dumps(rec) + "\n")
-            code, _, err = run_cli(capsys, "predict", *ONNX, str(image), "--format", fmt, "--out", str(out),
-                                   "--resume")
+            code, _, err = run_cli(capsys, "predict", *ONNX, str(image), "--format", fmt, "--out", str(out), "--resume")
             assert code == 2 and err.strip() == (
                 f"chestxray predict: error: {journal}: line 1 is not a result record; move the journal away to start "
-                "over"), (fmt, what, err)
+                "over"
+            ), (fmt, what, err)
             assert journal.read_text() == json.dumps(rec) + "\n" and not out.exists(), (fmt, what)
 
 
