@@ -2,7 +2,7 @@
 its items 1-18 is built in a temporary folder and every command that met it is run as a
 subprocess with a timeout. Per case: the exit status, whether a traceback (or a crash by
 signal, e.g. exit 134) reached the user, whether it hung past its timeout, the peak RSS of
-the command's own process, and a check of the outcome: for bulk runs, that every good file
+the command's own process (VmHWM, polled), and a check of the outcome: for bulk runs, that every good file
 still has a result row; for refusals, that the refusal is one line and nothing was lost.
 
 The server's hostile clients (header bombs, slow bodies, metrics cardinality) are covered by
@@ -87,6 +87,14 @@ class Case:
         return bool(self.problem) or any(s.traceback or s.hung or s.crashed for s in self.steps)
 
 
+def _vmhwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def run(argv: list[str], *, timeout: float = 60, cwd: Path | None = None, shell: bool = False) -> Step:
     """One command in its own session (so a timeout kills its workers too), with its own peak RSS."""
     cmd = ["bash", "-c", argv[0]] if shell else [*CLI, *argv]
@@ -95,16 +103,20 @@ def run(argv: list[str], *, timeout: float = 60, cwd: Path | None = None, shell:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=ENV, cwd=cwd,
                                 start_new_session=True)
         hung = False
+        peak_kb = 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            # VmHWM, not wait4's ru_maxrss: Linux carries the forked parent's RSS (this script's)
+            # over the exec into ru_maxrss. Polled, so growth in the last 20 ms may be missed.
+            peak_kb = max(peak_kb, _vmhwm_kb(proc.pid))
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() - t0 > timeout:
                 hung = True
                 os.killpg(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
+                pid, status, _ = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         proc.returncode = rc = os.waitstatus_to_exitcode(status)
         if not hung:
             try:
@@ -114,7 +126,7 @@ def run(argv: list[str], *, timeout: float = 60, cwd: Path | None = None, shell:
         secs = time.monotonic() - t0
         out.seek(0)
         err.seek(0)
-        return Step(argv if not shell else ["bash", "-c", argv[0]], rc, secs, usage.ru_maxrss / 1024,
+        return Step(argv if not shell else ["bash", "-c", argv[0]], rc, secs, peak_kb / 1024,
                     out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"), hung)
 
 
