@@ -734,6 +734,7 @@ class Corpus:
 
         src = DATA / "padchest-mini"
         for what, cell in (("'-'*100000+'1'", "-" * 100000 + "1"), ("'['*100000", "[" * 100000),
+                           ("'-'*300000 (over csv's field limit)", "-" * 300000),
                            ("a 5 MB list", "[" + ", ".join(["'normal'"] * 500000) + "]")):
             pad = self.tmp / f"padchest-{len(cell)}"
             shutil.copytree(src, pad)
@@ -748,6 +749,70 @@ class Corpus:
             self.simple(17, f"PadChest Labels cell {what}", ["info", f"padchest:{pad}"], timeout=60,
                         check=lambda s: one_line(s, (0, 2)) or (
                             f"peak RSS {s.rss_mb:.0f} MB" if s.rss_mb > 1500 else ""))
+
+        # malformed label files of a csv: root
+        header = "file,findings\n"
+        variants: dict[str, bytes] = {
+            "empty": b"",
+            "header only": header.encode(),
+            "binary": os.urandom(2048),
+            "BOM and CRLF": b"\xef\xbb\xbf" + (header + "images/a.png,Effusion\n").replace("\n", "\r\n").encode(),
+            "NUL bytes": (header + "images/a.png,Eff\0usion\nimages/\0a.png,Mass\n").encode(),
+            "a 300000-character cell": (header + "images/a.png," + "x" * 300000 + "\n").encode(),
+            "a 300000-character path": (header + "images/" + "a" * 300000 + ".png,Mass\nimages/a.png,Mass\n").encode(),
+            "latin-1 text": (header + "images/a.png,Épanchement\n").encode("latin-1"),
+            "duplicate columns": b"file,file,findings\nimages/a.png,images/a.png,Mass\n",
+            "unbalanced quotes": (header + 'images/a.png,"Mass\nimages/a.png,Effusion\n').encode(),
+            "only a split column": b"split\ntest\n",
+        }
+        for what, data in variants.items():
+            d = self.tmp / f"csv-{what.replace(' ', '-')}"
+            copies(d / "images", ["a.png"])
+            (d / "labels.csv").write_bytes(data)
+            self.simple(17, f"csv: labels file with {what}", ["info", f"csv:{d}"], timeout=60,
+                        check=lambda s: one_line(s, (0, 2)) or (f"stderr {len(s.err)} bytes" if len(s.err) > 2000
+                                                                else ""))
+
+    # -- other commands' output places (item 14's rule: checked before the work) ----------------
+    def other_outputs(self) -> None:
+        g = str(self.good[0].parent)
+        src = sorted((DATA / "csv-mini" / "images").glob("*.png"))
+        ds = self.tmp / "out-ds"
+        copies(ds / "images", [p.name for p in src], src)
+        (ds / "labels.csv").write_text("file,findings\n" + "".join(
+            f"images/{p.name},{'Effusion' if i % 2 else 'No Finding'}\n" for i, p in enumerate(src)))
+        a_file = self.tmp / "a-file.txt"
+        a_file.write_text("keep me\n")
+        cases = {
+            "evaluate --out under /sys": ["evaluate", f"csv:{ds}", "--split", "all", "--backend", "onnx",
+                                          "--bootstrap", "0", "--out", "/sys/chestxray-eval"],
+            "evaluate --out a file": ["evaluate", f"csv:{ds}", "--split", "all", "--backend", "onnx", "--bootstrap",
+                                      "0", "--out", str(a_file)],
+            "report --out a file": ["report", f"csv:{ds}", "--split", "all", "--backend", "onnx", "--n", "2",
+                                    "--out", str(a_file)],
+            "report --out under /proc": ["report", f"csv:{ds}", "--split", "all", "--backend", "onnx", "--n", "2",
+                                         "--out", "/proc/chestxray-report"],
+            "tune --out under /sys": ["tune", f"csv:{ds}", "--split", "all", "--model", str(ONNX), "--out",
+                                      "/sys/chestxray.onnx"],
+            "tune --out a folder": ["tune", f"csv:{ds}", "--split", "all", "--model", str(ONNX), "--out",
+                                    str(self.tmp)],
+            "tune --out the model itself": ["tune", f"csv:{ds}", "--split", "all", "--model", str(ONNX), "--out",
+                                            str(ONNX)],
+            "predict --features under /sys": [*P, g, "--features", "/sys/chestxray.npy"],
+            "predict --features a folder": [*P, g, "--features", str(self.tmp)],
+            "predict --features an input": [*P, g, "--features", str(self.good[2])],
+            "predict --cam a file": [*P, g, "--cam", str(a_file)],
+            "predict --cam under /sys": [*P, g, "--cam", "/sys/chestxray-cam"],
+            "runs --out under /sys": ["runs", str(self.tmp), "--out", "/sys/runs.csv"],
+            "runs --plot under /sys": ["runs", str(self.tmp), "--plot", "/sys/runs.png"],
+            "prepare --cache a file": ["prepare", str(NIH), "--cache", str(a_file), "--size", "32", "--workers", "1"],
+            "prepare --cache under /sys": ["prepare", str(NIH), "--cache", "/sys/chestxray-cache", "--size", "32",
+                                           "--workers", "1"],
+        }
+        before = {p: p.read_bytes() for p in (a_file, ONNX, self.good[2])}
+        for what, argv in cases.items():
+            self.simple(14, what, argv, timeout=120, check=lambda s: one_line(s, (0, 2)) or "".join(
+                f"{p.name} changed; " for p, data in before.items() if p.read_bytes() != data))
 
     # -- item 18: serve flags and --from-list pipes --------------------------------------------
     def small(self) -> None:
@@ -811,12 +876,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=2, help="groups of cases run at once (default 2)")
     ap.add_argument("--only", default="", help="comma-separated groups: external,resume,names,odd_files,"
-                    "onnx_exit,outputs,training,datasets,small")
+                    "onnx_exit,outputs,other_outputs,training,datasets,small")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     ap.add_argument("--json", default=None, help="also write the per-case results here")
     args = ap.parse_args()
 
-    groups = ["training", "external", "resume", "names", "odd_files", "onnx_exit", "outputs", "datasets", "small"]
+    groups = ["training", "external", "resume", "names", "odd_files", "onnx_exit", "outputs", "other_outputs",
+              "datasets", "small"]
     if args.only:
         groups = [g for g in groups if g in args.only.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="chestxray-hostile-"))

@@ -204,10 +204,13 @@ def run(args: argparse.Namespace) -> int:
             raise ChestXrayError("--features writes feature vectors instead of findings; it does not take --cam")
         if request.out is not None:
             bulk.check_output_file(request.out)
-        if args.cam:
-            from chestxray.io import check_writable
+        from chestxray.io import check_writable
 
+        if args.cam:
             check_writable(Path(args.cam) / "overlay.png")
+        else:
+            check_features_out(Path(args.features))
+            check_writable(args.features)
         files = [Path(f.path) for f in request.files()]
         bulk.check_any(len(files), request)
         analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
@@ -305,14 +308,20 @@ def report_failures(failed: Sequence[tuple[str, str | None]], n: int, count: int
 FEATURE_SUFFIXES = (".npy", ".csv", ".parquet")
 
 
+def check_features_out(out: Path) -> None:
+    if out.suffix not in FEATURE_SUFFIXES:
+        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    if out.is_dir():
+        raise ChestXrayError(f"--features {out}: is a folder; name the output file")
+
+
 def write_features(analyzer: "Analyzer", files: Sequence[Path], out: Path, progress: bool) -> int:
     """`--features OUT`: the pooled feature vectors of `files`, written atomically."""
     import numpy as np
 
     from chestxray.io import atomic_write
 
-    if out.suffix not in FEATURE_SUFFIXES:
-        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    check_features_out(out)
     emb = analyzer.embed([str(f) for f in files], progress=progress)
     if out.suffix == ".npy":
 
