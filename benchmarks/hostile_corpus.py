@@ -174,6 +174,8 @@ def expect_good(path: Path, fmt: str, n_good: int, n_total: int | None = None) -
 def one_line(step: Step, rc: int | tuple[int, ...] = 2, needle: str = "") -> str:
     rcs = (rc,) if isinstance(rc, int) else rc
     lines = [line for line in step.err.strip().splitlines() if line.strip()]
+    if lines and (": error: argument " in lines[-1] or ": error: the following arguments" in lines[-1]):
+        lines = lines[-1:]  # argparse's usage block, then its one error line: the convention
     if step.rc not in rcs:
         return f"exit {step.rc}, expected {rcs}: {step.err.strip()[-300:]}"
     if len(lines) != 1 and 2 in rcs and step.rc == 2:
@@ -814,6 +816,53 @@ class Corpus:
             self.simple(14, what, argv, timeout=120, check=lambda s: one_line(s, (0, 2)) or "".join(
                 f"{p.name} changed; " for p, data in before.items() if p.read_bytes() != data))
 
+    # -- bad flag values and model files (beyond the list; each should be one line) -----
+    def flags(self) -> None:
+        g = str(self.good[0])
+        text = self.tmp / "model.txt"
+        text.write_text("not a model\n")
+        junk = {".onnx": b"", ".safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"}
+        models = [str(text), str(self.tmp / "missing.safetensors"), str(self.tmp)]
+        for suffix, data in junk.items():
+            f = self.tmp / f"junk{suffix}"
+            f.write_bytes(data)
+            models.append(str(f))
+        for m in models:
+            self.simple(0, f"predict --model {Path(m).name}", ["predict", g, "--model", m, "--no-progress"],
+                        check=lambda s: one_line(s, 2))
+        self.simple(0, "export --model a text file", ["export", "--model", str(text), "--onnx",
+                    str(self.tmp / "x.onnx")], timeout=120, check=lambda s: one_line(s, 2))
+        self.simple(0, "ensemble of a text file", ["ensemble", str(text), str(text), "--out",
+                    str(self.tmp / "ens.safetensors")], timeout=120, check=lambda s: one_line(s, 2))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        self.simple(0, "serve --model an empty .onnx", ["serve", "--model", str(self.tmp / "junk.onnx"), "--host",
+                    "127.0.0.1", "--port", port], timeout=25, check=lambda s: one_line(s, 2))
+        bad = {
+            "predict": [("--shard", "5/2"), ("--shard", "a/b"), ("--batch-size", "0"), ("--batch-size", "-1"),
+                        ("--workers", "-1"), ("--max-file-mb", "-1"), ("--max-file-mb", "nan"),
+                        ("--progress-every", "nan"), ("--findings", "Nope")],
+            "evaluate": [("--bootstrap", "-1"), ("--by", "nonsense"), ("--batch-size", "0"),
+                         ("--labels", "google2019:/etc/passwd")],
+            "report": [("--n", "0"), ("--n", "-1")],
+            "tune": [("--threshold-policy", "sensitivity=2"), ("--threshold-policy", "ppv=nan"),
+                     ("--threshold-policy", "x" * 5000)],
+        }
+        for cmd, pairs in bad.items():
+            for flag, value in pairs:
+                if cmd == "predict":
+                    argv = [*P, g, flag, value] + (["--cam", str(self.tmp / "c")] if flag == "--findings" else [])
+                elif cmd == "tune":
+                    argv = ["tune", str(NIH), "--model", str(ONNX), "--out", str(self.tmp / "t.onnx"), flag, value]
+                else:
+                    argv = [cmd, str(NIH), "--backend", "onnx", "--out", str(self.tmp / f"o-{cmd}"), flag, value]
+                self.simple(0, f"{cmd} {flag} {value[:30]}", argv, timeout=120,
+                            check=lambda s: one_line(s, 2) or (f"stderr {len(s.err)} bytes" if len(s.err) > 2000
+                                                               else ""))
+        for root in ("/nonexistent", "/etc/passwd", "csv:", "nope:/tmp", "csv:/etc", "padchest:/etc", "vindr:/proc"):
+            self.simple(17, f"info {root}", ["info", root], timeout=60, check=lambda s: one_line(s, 2))
+
     # -- item 18: serve flags and --from-list pipes --------------------------------------------
     def small(self) -> None:
         with socket.socket() as sock:
@@ -876,13 +925,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=2, help="groups of cases run at once (default 2)")
     ap.add_argument("--only", default="", help="comma-separated groups: external,resume,names,odd_files,"
-                    "onnx_exit,outputs,other_outputs,training,datasets,small")
+                    "onnx_exit,outputs,other_outputs,training,datasets,flags,small")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     ap.add_argument("--json", default=None, help="also write the per-case results here")
     args = ap.parse_args()
 
     groups = ["training", "external", "resume", "names", "odd_files", "onnx_exit", "outputs", "other_outputs",
-              "datasets", "small"]
+              "datasets", "flags", "small"]
     if args.only:
         groups = [g for g in groups if g in args.only.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="chestxray-hostile-"))

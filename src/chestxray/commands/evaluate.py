@@ -11,6 +11,7 @@ from chestxray.commands._common import (
     add_dataset_args,
     add_model_args,
     dataset_options,
+    non_negative_int,
     positive_int,
     require_modules,
 )
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument(
         "--bootstrap",
-        type=int,
+        type=non_negative_int,
         default=1000,
         help="bootstrap replicates, resampling patients, for the 95%% intervals (default 1000; 0: no intervals)",
     )

@@ -22,6 +22,7 @@ from chestxray.commands._common import (
     add_dataset_args,
     add_model_args,
     dataset_options,
+    non_negative_float,
     non_negative_int,
     positive_int,
     resolve_device_arg,
@@ -132,7 +133,7 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--progress-every",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         metavar="S",
         help="without a terminal: one progress line every S seconds on stderr (default 30; 0: none)",
