@@ -54,6 +54,11 @@ ENV = {
     "NO_COLOR": "1",
 }
 P = ["predict", "--backend", "onnx", "--no-progress", "--workers", "0"]
+# A 'billion laughs': 9 levels of 9 aliases, a few hundred bytes that expand to 9**9 items.
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+) + "lr: *i\n"
+
 
 
 @dataclass
@@ -613,14 +618,10 @@ class Corpus:
                     check=lambda s: one_line(s, 2))
 
     # -- items 15, 16, 17: training, configs, datasets ----------------------------------------
-    def training(self) -> None:
+    def configs(self) -> None:
         root = str(NIH)
-        laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-            f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
-            f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)
-        ) + "lr: *i\n"
         cfg = self.tmp / "laughs.yaml"
-        cfg.write_text(laughs)
+        cfg.write_text(LAUGHS)
         self.simple(15, "billion-laughs --config", ["train", "--config", str(cfg)], timeout=60,
                     check=lambda s: one_line(s, 2) or (f"stderr {len(s.err)} bytes" if len(s.err) > 2000 else "") or (
                         f"peak RSS {s.rss_mb:.0f} MB" if s.rss_mb > 1500 else ""))
@@ -639,6 +640,9 @@ class Corpus:
         self.simple(15, "--lr nan as a flag", ["train", root, "--lr", "nan"], timeout=60,
                     check=lambda s: one_line(s, 2, "lr"))
 
+
+    def training(self) -> None:
+        root = str(NIH)
         # a tiny real run, from a config whose out: and cache: are relative to it
         cfg_dir = self.tmp / "cfg"
         cfg_dir.mkdir()
@@ -707,7 +711,7 @@ class Corpus:
         shutil.copytree(run_dir, runs / "odd")
         (runs / "odd" / "log.jsonl").write_text('{"epoch": "x"}\n[1]\n\xff\n')
         shutil.copytree(run_dir, runs / "laughs")
-        (runs / "laughs" / "config.yaml").write_text(laughs)
+        (runs / "laughs" / "config.yaml").write_text(LAUGHS)
         for fmt in ("table", "json", "csv"):
             self.simple(17, f"runs DIR with broken runs ({fmt})", ["runs", str(runs), "--format", fmt],
                         check=lambda s: one_line(s, 0) or ("" if s.out.count("broken") >= 3 else
@@ -729,8 +733,7 @@ class Corpus:
         (root2 / "dataset.json").write_text(json.dumps({"file": "../../../../etc/passwd"}))
         self.simple(17, "dataset.json naming ../../../../etc/passwd", ["info", f"csv:{root2}"],
                     check=lambda s: one_line(s, 2) + ("/etc/passwd was read" if "root:x:" in s.out + s.err else ""))
-        (root2 / "dataset.json").write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)))
+        (root2 / "dataset.json").write_text(LAUGHS)
         self.simple(17, "dataset.json that is a YAML billion laughs", ["info", f"csv:{root2}"], timeout=60,
                     check=lambda s: one_line(s, 2) or (f"stderr {len(s.err)} bytes" if len(s.err) > 2000 else ""))
 
@@ -832,7 +835,7 @@ class Corpus:
                         check=lambda s: one_line(s, 2))
         self.simple(0, "export --model a text file", ["export", "--model", str(text), "--onnx",
                     str(self.tmp / "x.onnx")], timeout=120, check=lambda s: one_line(s, 2))
-        self.simple(0, "ensemble of a text file", ["ensemble", str(text), str(text), "--out",
+        self.simple(0, "ensemble of a text file", ["ensemble", "--models", str(text), str(text), "--out",
                     str(self.tmp / "ens.safetensors")], timeout=120, check=lambda s: one_line(s, 2))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -925,12 +928,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=2, help="groups of cases run at once (default 2)")
     ap.add_argument("--only", default="", help="comma-separated groups: external,resume,names,odd_files,"
-                    "onnx_exit,outputs,other_outputs,training,datasets,flags,small")
+                    "onnx_exit,outputs,other_outputs,training,configs,datasets,flags,small")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     ap.add_argument("--json", default=None, help="also write the per-case results here")
     args = ap.parse_args()
 
-    groups = ["training", "external", "resume", "names", "odd_files", "onnx_exit", "outputs", "other_outputs",
+    groups = ["training", "configs", "external", "resume", "names", "odd_files", "onnx_exit", "outputs", "other_outputs",
               "datasets", "flags", "small"]
     if args.only:
         groups = [g for g in groups if g in args.only.split(",")]
