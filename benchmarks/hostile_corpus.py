@@ -10,7 +10,8 @@ benchmarks/serve_load.py and tests/test_serve_hostile.py and are not repeated he
 serve flags of item 18 are (a serve that accepts a bad flag shows up as a hang).
 
     python benchmarks/hostile_corpus.py                 # all cases, 2 at a time
-    python benchmarks/hostile_corpus.py --only resume,fifo --keep --json out.json
+    python benchmarks/hostile_corpus.py --only resume,odd_files --keep --json out.json
+    python benchmarks/hostile_corpus.py --src /path/to/other/checkout/src   # the same corpus, older code
 
 Predictions use the packaged ONNX model (`--backend onnx`) on small NIH images from
 tests/data; training cases use resnet18 at 32 px for one step. Nothing large is written: the
@@ -404,6 +405,21 @@ class Corpus:
         self.simple(11, "--from-list with CRLF endings and non-UTF-8 names", [*P, "--from-list", str(listing2),
                     "--format", "jsonl", "--out", str(o2)],
                     check=lambda s: expect_good(o2, "jsonl", len(odd)))
+
+        camdir = self.tmp / "odd-cam"
+        oddnames = self.tmp / "odd-names"
+        copies(oddnames, [b"\xff\xfe.png", b"=x\r\n.png", b"\x1b[31m.png", b"a" * 251 + b".png"])
+
+        def overlays(s: Step) -> str:
+            try:
+                recs = json.loads(s.out)
+            except ValueError:
+                return "the JSON output does not parse"
+            shown = sum(1 for r in recs if r.get("overlays"))
+            return one_line(s, 0) or ("" if shown == 4 else f"{shown} of 4 images have overlays")
+
+        self.simple(11, "--cam over names not UTF-8, with CR/LF, ESC, 251 characters", [*P, str(oddnames), "--cam",
+                    str(camdir), "--format", "json"], timeout=120, check=overlays)
 
         shown = ["\x1b[31mred.png", "\u202egnp.exe.png", "bell\x07.png", "ok.png"]
         folder = self.tmp / "controls"
@@ -929,9 +945,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2, help="groups of cases run at once (default 2)")
     ap.add_argument("--only", default="", help="comma-separated groups: external,resume,names,odd_files,"
                     "onnx_exit,outputs,other_outputs,training,configs,datasets,flags,small")
+    ap.add_argument("--src", default=None, help="run the commands from this src folder (e.g. an older checkout's)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     ap.add_argument("--json", default=None, help="also write the per-case results here")
     args = ap.parse_args()
+    if args.src:
+        ENV["PYTHONPATH"] = os.pathsep.join([str(Path(args.src).resolve()), os.environ.get("PYTHONPATH", "")])
 
     groups = ["training", "configs", "external", "resume", "names", "odd_files", "onnx_exit", "outputs", "other_outputs",
               "datasets", "flags", "small"]
