@@ -17,7 +17,7 @@ FLOORS = {
     "inference": 4,
     "evaluation": 5,
     "export": 6, "training": 6,
-    "serve": 7,
+    "serve": 7, "pacs": 7,
     "commands": 8,
     "cli": 9, "__init__": 9, "samples": 0, "weights": 0,
 }

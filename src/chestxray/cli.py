@@ -27,6 +27,8 @@ COMMANDS = (
     "report",
     "export",
     "serve",
+    "listen",
+    "dicomweb",
     "models",
     "import_",
 )

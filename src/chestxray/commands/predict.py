@@ -79,6 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="instead of findings, write each image's pooled feature vector to OUT: .npy (rows in input "
         "order; NaN rows for unreadable files), .csv or .parquet (a 'file' column, then f0, f1, ...)",
     )
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="for DICOM inputs, also write a structured report (TID 1500 SR) per image to DIR, and with --cam a "
+        "Secondary Capture per positive finding's overlay (needs the pacs extra; --format table or json)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
@@ -192,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.inference.predict import Analyzer, resolve_backend
 
     findings = parse_findings(args.findings)
+    if args.dicom_out:
+        from chestxray.pacs.offline import check_dicom_out
+
+        check_dicom_out(args.format)
     if findings is not None and not args.cam:
         raise ChestXrayError("--findings only applies with --cam DIR")
     if not args.paths and not args.from_list and not args.dataset:
@@ -266,6 +276,10 @@ def emit(args: argparse.Namespace, analyzer: "Analyzer", predictions: list["Pred
     from chestxray.inference.bulk import model_label
 
     label = model_label(analyzer)
+    if args.dicom_out:  # the SR (and SCs) of each DICOM input, before the usual output
+        from chestxray.pacs.offline import write_dicom_results
+
+        write_dicom_results(predictions, Path(args.dicom_out), analyzer, args.model, analyzer.backend.name)
     text = render(predictions, args.format, label)
     if args.out:
         from chestxray.io import atomic_write_text
