@@ -22,6 +22,7 @@ from chestxray.commands._common import (
     add_dataset_args,
     add_model_args,
     dataset_options,
+    non_negative_float,
     non_negative_int,
     positive_int,
     resolve_device_arg,
@@ -138,7 +139,7 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--progress-every",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         metavar="S",
         help="without a terminal: one progress line every S seconds on stderr (default 30; 0: none)",
@@ -214,10 +215,13 @@ def run(args: argparse.Namespace) -> int:
             raise ChestXrayError("--features writes feature vectors instead of findings; it does not take --cam")
         if request.out is not None:
             bulk.check_output_file(request.out)
-        if args.cam:
-            from chestxray.io import check_writable
+        from chestxray.io import check_writable
 
+        if args.cam:
             check_writable(Path(args.cam) / "overlay.png")
+        else:
+            check_features_out(Path(args.features))
+            check_writable(args.features)
         files = [Path(f.path) for f in request.files()]
         bulk.check_any(len(files), request)
         analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
@@ -319,14 +323,20 @@ def report_failures(failed: Sequence[tuple[str, str | None]], n: int, count: int
 FEATURE_SUFFIXES = (".npy", ".csv", ".parquet")
 
 
+def check_features_out(out: Path) -> None:
+    if out.suffix not in FEATURE_SUFFIXES:
+        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    if out.is_dir():
+        raise ChestXrayError(f"--features {out}: is a folder; name the output file")
+
+
 def write_features(analyzer: "Analyzer", files: Sequence[Path], out: Path, progress: bool) -> int:
     """`--features OUT`: the pooled feature vectors of `files`, written atomically."""
     import numpy as np
 
     from chestxray.io import atomic_write
 
-    if out.suffix not in FEATURE_SUFFIXES:
-        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    check_features_out(out)
     emb = analyzer.embed([str(f) for f in files], progress=progress)
     if out.suffix == ".npy":
 

@@ -200,7 +200,8 @@ def read_csv(path: Path, **kwargs: Any) -> Any:
     try:
         return pd.read_csv(path, **kwargs)
     except Exception as exc:  # pandas raises many parser error types
-        raise DatasetError(f"{path}: cannot parse ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())  # pandas' C parser messages end in a newline
+        raise DatasetError(f"{path}: cannot parse ({type(exc).__name__}: {reason[:300]})") from None
 
 
 def require_columns(frame: Any, columns: Sequence[str], path: Path) -> None:

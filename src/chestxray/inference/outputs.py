@@ -120,13 +120,37 @@ def record_key(rec: Record) -> tuple[str, int, int]:
     return (rec["file"], int(rec.get("size", -1)), int(rec.get("mtime_ns", -1)))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _well_formed(rec: dict[str, Any]) -> bool:
+    """True when every field the outputs read has the type `to_record` gives it (optional
+    fields may be missing: journals of older versions lack some)."""
+    findings = rec.get("findings", [])
+    return (
+        isinstance(findings, list)
+        and all(
+            isinstance(f, dict)
+            and isinstance(f.get("finding"), str)
+            and _is_number(f.get("probability"))
+            and _is_number(f.get("threshold"))
+            and isinstance(f.get("positive"), bool)
+            for f in findings
+        )
+        and isinstance(rec.get("warnings") or [], list)
+        and all(isinstance(w, str) for w in rec.get("warnings") or [])
+        and all(isinstance(rec.get(k), (str, type(None))) for k in ("model", "variant", "error"))
+    )
+
+
 def _checked_key(rec: Any) -> tuple[str, int, int] | None:
     """The key of a well-formed record, else None."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or not _well_formed(rec):
         return None
     try:
         return record_key(rec)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # e.g. a size of 1e400 (inf) or NaN
         return None
 
 

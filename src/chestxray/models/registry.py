@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +178,11 @@ def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> Non
 
             state: Any = load_file(str(path))
         else:
-            # weights_only: a state dict of tensors, never arbitrary pickled objects.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a state dict of tensors, never arbitrary pickled objects. Its warnings
+            # (e.g. about a foreign pickle protocol) would only precede the one-line error below.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
     except Exception:

@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def read_checkpoint(path: Path, device: Any) -> dict[str, Any]:
     if size == 0:
         raise ChestXrayError(f"resume=True: {path} is empty (0 bytes); start again with overwrite=True")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign file would precede the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception:
         raise ChestXrayError(
             f"resume=True: {path} is not a readable chestxray checkpoint (truncated, corrupt or another "
