@@ -66,8 +66,8 @@ def test_pipeline_in_order_and_equal_to_the_serial_path(sample_images, tmp_path)
     listed = analyzer.predict_many([str(f) for f in files], workers=2)  # the list API, same pipeline
     assert [p.to_dict() for p in listed] == [p.to_dict() for p in bulk]
     assert bulk[0].variant == "onnx int8"
-    with pytest.warns(DeprecationWarning, match="predict_files"):  # the old name, one more release
-        assert [p.to_dict() for p in analyzer.iter_files([tmp_path / "f"], workers=0)] == [p.to_dict() for p in bulk]
+    in_process = [p for _, p in analyzer.predict_files(iter_inputs([tmp_path / "f"]), workers=0)]
+    assert [p.to_dict() for p in in_process] == [p.to_dict() for p in bulk]
     for a, b in zip(serial, bulk):
         assert [(f.finding, f.positive) for f in a.findings] == [(f.finding, f.positive) for f in b.findings]
         assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-6)

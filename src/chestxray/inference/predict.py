@@ -442,17 +442,6 @@ class Analyzer:
                 warnings = self.warnings_for(f.source, f.path, checks)
                 yield f, self.result(f.path, self.findings_from(probs), warnings=warnings)
 
-    def iter_files(
-        self, paths: Iterable[str | os.PathLike], *, from_list: str | None = None, **options: Any
-    ) -> Iterator[Prediction]:
-        """Deprecated: `predict_files(iter_inputs(paths, from_list), **options)`, with each file."""
-        import warnings
-
-        from chestxray.inference.inputs import iter_inputs
-
-        warnings.warn("Analyzer.iter_files is deprecated: use predict_files(iter_inputs(paths))", DeprecationWarning, 2)
-        return (p for _, p in self.predict_files(iter_inputs(paths, from_list), **options))
-
     def embed(
         self, inputs: Iterable[Input], *, names: Iterable[str] | None = None, progress: bool = False
     ) -> Embeddings:
