@@ -9,16 +9,16 @@ BIN        := $(VENV)/bin
 PYTEST_ARGS ?=
 FLOORS_VENV ?= .venv-floors
 # The tests that touch the floor-pinned packages: image reading (PNG, JPEG, DICOM), the ONNX
-# backend and the REST API on it. All torch-free.
-FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py
+# backend and the REST API on it, the PACS front end. All torch-free (torch tests skip there).
+FLOORS_TESTS ?= tests/test_images.py tests/test_light_install.py tests/test_pacs_results.py tests/test_pacs.py
 
-.PHONY: setup run test lint floors browser clean gpu-check
+.PHONY: setup run test lint floors browser services clean gpu-check docs docs-serve docs-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q -e '.[all,dev,docs]'
 	touch $@
 
 # The main job: analyze a real bundled X-ray with the packaged ONNX model, with Grad-CAM overlays.
@@ -40,8 +40,28 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "could not install Debian's chromium (needs root and apt): the browser test will be skipped"
 
-test: setup browser lint
+# A real PACS for the PACS tests: Orthanc with its DICOMweb plugin, and dciodvfy (dicom3tools)
+# to validate the SR and SC objects (Debian packages; skipped if already there).
+services:
+	@{ [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1; } \
+	  || { apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools >/dev/null \
+	       && { service orthanc stop >/dev/null 2>&1 || true; }; } \
+	  || echo "could not install Debian's orthanc, orthanc-dicomweb and dicom3tools (needs root and apt): the PACS tests will be skipped"
+
+test: setup browser services lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/; `make test` builds it too (tests/test_docs.py).
+docs: setup
+	$(BIN)/mkdocs build --strict
+
+docs-serve: setup
+	$(BIN)/mkdocs serve
+
+# Run every example of README.md and docs/ marked runnable and compare its output with the page
+# (also part of `make test`). `$(BIN)/python tools/docs_check.py --update` rewrites drifted outputs.
+docs-check: setup
+	$(BIN)/python tools/docs_check.py
 
 # On a machine with a CUDA GPU: the cuda-marked tests, training throughput (eager, compiled) and bulk predict.
 gpu-check: setup
@@ -77,4 +97,4 @@ $(FLOORS_VENV)/.installed: pyproject.toml tools/floor_versions.py
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(RUN_VENV) $(FLOORS_VENV) out .pytest_cache
+	rm -rf $(VENV) $(RUN_VENV) $(FLOORS_VENV) out site .pytest_cache

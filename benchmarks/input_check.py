@@ -143,6 +143,7 @@ def main() -> int:
         orientation_ms = (time.perf_counter() - t0) / (reps * len(batch)) * 1e3
     plain = Analyzer.load(path)
     plain.backend.input_score = None  # the same model without the check
+    plain.backend.has_score = False
 
     def per_image(an: Analyzer) -> float:
         an.run(batch)

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# A real Orthanc and DX instances for the PACS tests.
+pytest_plugins = ["pacs_fixtures"]
+
 DATA = Path(__file__).parent / "data"
 MINI_ROOT = DATA / "nih-mini"
 

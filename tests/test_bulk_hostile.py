@@ -131,6 +131,35 @@ def test_damaged_outputs_and_journals_on_resume_are_one_line_errors(capsys, samp
     assert journal.read_text().startswith("[1, 2]\n")
 
 
+def test_journal_records_with_fields_of_the_wrong_type_are_refused(capsys, sample_images, tmp_path):
+    """A record whose key is right but whose fields are not what the outputs read (found by
+    benchmarks/hostile_corpus.py): one line naming the journal, which stays as it was."""
+    pytest.importorskip("pyarrow")
+    image = sample_images[0]
+    ref = tmp_path / "ref.jsonl"
+    assert run_cli(capsys, "predict", *ONNX, str(image), "--format", "jsonl", "--out", str(ref))[0] == 0
+    good = json.loads(ref.read_text())
+    wrong = {
+        "size 1e400": {**good, "size": 1e400},
+        "findings a number": {**good, "findings": 5},
+        "no probability": {**good, "findings": [{"finding": "Mass"}]},
+        "probability a string": {**good, "findings": [{**good["findings"][0], "probability": "x"}]},
+        "warnings a number": {**good, "warnings": 7},
+        "error a list": {**good, "error": [1]},
+    }
+    for fmt in ("jsonl", "csv", "parquet"):
+        for what, rec in wrong.items():
+            out = tmp_path / f"{what.replace(' ', '-')}.{fmt}"
+            journal = Path(str(out) + ".partial")
+            journal.write_text(json.dumps(rec) + "\n")
+            code, _, err = run_cli(capsys, "predict", *ONNX, str(image), "--format", fmt, "--out", str(out), "--resume")
+            assert code == 2 and err.strip() == (
+                f"chestxray predict: error: {journal}: line 1 is not a result record; move the journal away to start "
+                "over"
+            ), (fmt, what, err)
+            assert journal.read_text() == json.dumps(rec) + "\n" and not out.exists(), (fmt, what)
+
+
 # ---- names: formulas, CR, not UTF-8, control characters ---------------------------------
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from chestxray.cli import main
+from chestxray.inference.backend import Backend
 
 pytest.importorskip("onnxruntime")
 
@@ -55,16 +56,19 @@ def jsonl(path: Path) -> list[dict]:
 
 def test_pipeline_in_order_and_equal_to_the_serial_path(sample_images, tmp_path):
     """Worker processes, several batches, results in input order and the same numbers."""
+    from chestxray.inference.inputs import iter_inputs
     from chestxray.inference.predict import Analyzer
 
     files = link_folder(tmp_path / "f", sample_images, 2)
     analyzer = Analyzer.load(backend="onnx", batch_size=3)
     serial = analyzer.predict([str(f) for f in files])
-    bulk = list(analyzer.iter_files([tmp_path / "f"], workers=2, batch_size=3))
+    bulk = [p for _, p in analyzer.predict_files(iter_inputs([tmp_path / "f"]), workers=2, batch_size=3)]
     assert [p.file for p in bulk] == [str(f) for f in files]
     listed = analyzer.predict_many([str(f) for f in files], workers=2)  # the list API, same pipeline
     assert [p.to_dict() for p in listed] == [p.to_dict() for p in bulk]
     assert bulk[0].variant == "onnx int8"
+    in_process = [p for _, p in analyzer.predict_files(iter_inputs([tmp_path / "f"]), workers=0)]
+    assert [p.to_dict() for p in in_process] == [p.to_dict() for p in bulk]
     for a, b in zip(serial, bulk):
         assert [(f.finding, f.positive) for f in a.findings] == [(f.finding, f.positive) for f in b.findings]
         assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-6)
@@ -214,7 +218,7 @@ def test_two_torchrun_ranks_merge_every_file_exactly_once(capsys, sample_images,
 class CrashOn:
     """A stand-in Analyzer whose decoder process dies (like a segfault) on one file name."""
 
-    name, batch_size, backend = "crash-test", 4, None
+    name, batch_size, backend = "crash-test", 4, Backend()
 
     def preprocess(self, image, name=None):
         import numpy as np
@@ -223,19 +227,19 @@ class CrashOn:
             os._exit(1)
         return None, np.full((1, 4, 4), float(len(str(image))), np.float32)
 
-    def probabilities(self, batch):
-        return batch.reshape(len(batch), -1)[:, :2]
+    def run(self, batch):
+        return batch.reshape(len(batch), -1)[:, :2], None
 
 
 def test_a_worker_that_dies_costs_one_error_row(tmp_path):
     from chestxray.inference.inputs import InputFile
-    from chestxray.inference.pipeline import CRASHED, iter_probabilities
+    from chestxray.inference.pipeline import CRASHED, iter_outputs
 
     files = [InputFile(str(tmp_path / f"{k:02d}{'crash' if k == 5 else ''}.png")) for k in range(10)]
-    got = list(iter_probabilities(CrashOn(), files, workers=2, batch_size=4))
-    assert [f.path for f, _, _ in got] == [f.path for f in files]
-    assert [e for _, _, e in got] == [CRASHED if k == 5 else None for k in range(10)]
-    assert all(p[0] == len(f.path) for f, p, e in got if e is None)
+    got = list(iter_outputs(CrashOn(), files, workers=2, batch_size=4))
+    assert [f.path for f, *_ in got] == [f.path for f in files]
+    assert [e for *_, e in got] == [CRASHED if k == 5 else None for k in range(10)]
+    assert all(p[0] == len(f.path) for f, p, _, e in got if e is None)
 
 
 def test_resume_refuses_a_journal_of_another_model(capsys, sample_images, tmp_path):
@@ -250,7 +254,7 @@ def test_resume_refuses_a_journal_of_another_model(capsys, sample_images, tmp_pa
     assert code == 2 and "--resume needs --out" in err
 
 
-class MeanModel:
+class MeanModel(Backend):
     """A stand-in network (the pipeline's memory is under test, not the model's cost): one
     probability per label from the image's mean."""
 
@@ -389,7 +393,7 @@ def test_onnx_metadata_read_without_a_session_and_a_late_load_error(capsys, samp
     assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))
 
 
-class FirstTwo:
+class FirstTwo(Backend):
     """A picklable CPU backend with a worker recipe: workers rebuild it and infer themselves."""
 
     name = "first-two"
@@ -409,14 +413,14 @@ def test_workers_that_infer_keep_order_and_a_crash_costs_one_row(tmp_path, monke
     """When the backend can be rebuilt in the workers (ONNX on CPU), they decode and infer;
     order, error rows and a dying worker behave as when this process infers."""
     from chestxray.inference.inputs import InputFile
-    from chestxray.inference.pipeline import CRASHED, DecodePool, iter_probabilities
+    from chestxray.inference.pipeline import CRASHED, DecodePool, iter_outputs
 
     assert DecodePool(CrashOnInfer(), 2, infer=True).infers
     assert not DecodePool(CrashOnInfer(), 0, infer=True).infers and not DecodePool(CrashOn(), 2, infer=True).infers
     files = [InputFile(str(tmp_path / f"{k:02d}{'crash' if k == 5 else ''}.png")) for k in range(10)]
     # 3 workers on 3 cores: they infer (with fewer than 3, or fewer than the cores, this process does)
     monkeypatch.setattr("chestxray.inference.pipeline.default_workers", lambda *a: 3)
-    got = list(iter_probabilities(CrashOnInfer(), files, workers=3, batch_size=4, with_scores=True))
+    got = list(iter_outputs(CrashOnInfer(), files, workers=3, batch_size=4))
     assert [f.path for f, *_ in got] == [f.path for f in files]
     assert [e for *_, e in got] == [CRASHED if k == 5 else None for k in range(10)]
     assert all(p[0] == len(f.path) and s is None for f, p, s, e in got if e is None)
@@ -424,15 +428,15 @@ def test_workers_that_infer_keep_order_and_a_crash_costs_one_row(tmp_path, monke
 
 def test_onnx_workers_infer_and_match_this_process(sample_images, tmp_path, monkeypatch):
     from chestxray.inference.inputs import InputFile
-    from chestxray.inference.pipeline import DecodePool, iter_probabilities
+    from chestxray.inference.pipeline import DecodePool, iter_outputs
     from chestxray.inference.predict import Analyzer
 
     analyzer = Analyzer.load(backend="onnx", batch_size=4, threads=1)
     assert DecodePool(analyzer, 2, infer=True).infers
     files = [InputFile.of(str(f)) for f in link_folder(tmp_path / "f", sample_images[:5], 2)]
-    here = list(iter_probabilities(analyzer, files, workers=0, with_scores=True))
+    here = list(iter_outputs(analyzer, files, workers=0))
     monkeypatch.setattr("chestxray.inference.pipeline.default_workers", lambda *a: 3)
-    there = list(iter_probabilities(analyzer, files, workers=3, with_scores=True))  # 3 of 3 cores: they infer
+    there = list(iter_outputs(analyzer, files, workers=3))  # 3 of 3 cores: they infer
     assert [f.path for f, *_ in there] == [f.path for f, *_ in here]
     for (_, p, s, _), (_, q, t, _) in zip(here, there):
         assert s is not None and p == pytest.approx(q, abs=1e-6) and s == pytest.approx(t, rel=1e-5)

@@ -122,7 +122,7 @@ def test_missing_images_error_names_count_and_files(tmp_path, mini_root, caplog)
     with pytest.raises(DatasetError) as info:
         load_nih(root)
     msg = str(info.value)
-    assert "4 of 93 listed images are missing" in msg and gone[0] in msg and "--allow-missing" in msg
+    assert "4 of 93 listed images are missing" in msg and gone[0] in msg and "allow_missing=True" in msg
 
     with caplog.at_level(logging.WARNING, logger="chestxray.data.index"):
         subset = load_nih(root, allow_missing=True)

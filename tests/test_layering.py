@@ -17,9 +17,10 @@ FLOORS = {
     "inference": 4,
     "evaluation": 5,
     "export": 6, "training": 6,
-    "serve": 7,
-    "commands": 8,
-    "cli": 9, "__init__": 9, "samples": 0, "weights": 0,
+    "pacs": 7,
+    "serve": 8,  # the viewer shows a PACS's studies and builds its DICOM SR with the pacs package
+    "commands": 9,
+    "cli": 10, "__init__": 10, "samples": 0, "weights": 0,
 }
 
 

@@ -344,7 +344,7 @@ def test_onnx_backend_without_model_uses_the_packaged_one_or_says_how_to_get_one
     assert packaged.backend.name == "onnx" and len(packaged.labels) == 14
     # An install without the packaged file (e.g. a trimmed wheel) explains how to make one.
     monkeypatch.setattr(onnx_backend, "DEFAULT_ONNX_NAME", "absent.onnx")
-    with pytest.raises(BundleError, match=r"ships no ONNX model.*chestxray export --model"):
+    with pytest.raises(BundleError, match=r"ships no ONNX model.*chestxray export"):
         Analyzer.load(None, backend="onnx")
 
 
@@ -590,7 +590,7 @@ def test_onnx_model_without_backend_works_in_predict_and_serve(exported, sample_
     assert analyzer.backend.name == "onnx"
     with TestClient(create_app(analyzer)) as client:
         info = client.get("/api/v1/model").json()
-        assert (info["backend"], info["variant"], info["grad_cam"]) == ("onnx", "onnx float32", False)
+        assert (info["backend"], info["variant"], info["grad_cam"]) == ("onnx", "onnx float32", True)  # the cam output
         r = client.post("/api/v1/predict", files={"file": ("u.png", sample_images[0].read_bytes(), "image/png")})
         assert r.status_code == 200 and r.json()["variant"] == "onnx float32"
     seen = {}

@@ -16,6 +16,7 @@ from PIL import Image
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.cli import main
 from chestxray.data.images import read_image
+from chestxray.errors import ChestXrayError
 from chestxray.inference.predict import Analyzer
 from chestxray.labels import FINDINGS
 
@@ -308,3 +309,27 @@ def test_command_modules_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_inputs_in_memory_take_the_pipeline_path_of_files(analyzer, sample_images, tmp_path):
+    """Bytes, gray arrays and named paths, streamed from a generator, give what the files give;
+    a broken one is an error row under its name; a names list of the wrong length is refused."""
+    paths = [str(p) for p in sample_images[:3]]
+
+    def probs(preds):  # a batch's make-up moves float32 results in the last digits
+        return [pytest.approx({f.finding: f.probability for f in p.findings}, abs=1e-5) for p in preds]
+
+    want = probs(analyzer.predict(paths))
+    mixed = (x for x in [Path(paths[0]).read_bytes(), read_image(paths[1]), paths[2], b"not an image"])
+    got = analyzer.predict_many(mixed)
+    assert [p.file for p in got] == ["<input 0>", "<input 1>", paths[2], "<input 3>"]
+    assert [{f.finding: f.probability for f in p.findings} for p in got[:3]] == want
+    assert got[3].error and not got[3].findings
+    named = analyzer.predict_many([paths[0], Path(paths[1]).read_bytes()], names=["a", "b"], workers=2)
+    assert [p.file for p in named] == ["a", "b"]
+    assert [{f.finding: f.probability for f in p.findings} for p in named] == want[:2]
+    with pytest.raises(ChestXrayError, match="2 inputs but 1 names"):
+        analyzer.predict_many(paths[:2], names=["a"])
+    emb = analyzer.embed([paths[0], b"junk"])
+    assert emb.files == [paths[0], "<input 1>"] and list(emb.errors) == [1]
+    assert np.isnan(emb.vectors[1]).all() and np.isfinite(emb.vectors[0]).all()

@@ -463,8 +463,9 @@ def test_access_log_keeps_paths_only():
 
 
 @pytest.mark.slow
-def test_onnx_backend_serves_findings_and_says_grad_cam_is_unavailable(tiny_bundle, tmp_path, png_bytes, analyzer):
+def test_onnx_backend_serves_findings_and_grad_cam_when_the_file_has_maps(tiny_bundle, tmp_path, png_bytes, analyzer):
     pytest.importorskip("onnxruntime")
+    import chestxray.export.onnx as ox
     from chestxray.export.onnx import export_bundle
     from chestxray.inference.predict import Analyzer
 
@@ -472,13 +473,27 @@ def test_onnx_backend_serves_findings_and_says_grad_cam_is_unavailable(tiny_bund
     export_bundle(tiny_bundle, onnx_path)
     with TestClient(create_app(Analyzer.load(onnx_path, backend="onnx"))) as c:
         m = c.get("/api/v1/model").json()
-        assert m["backend"] == "onnx" and m["grad_cam"] is False and m["name"] == "tiny-test-model"
+        assert m["backend"] == "onnx" and m["grad_cam"] is True and m["name"] == "tiny-test-model"
         r = c.post("/api/v1/predict", **upload(png_bytes))
         assert r.status_code == 200
         want = analyzer.predict(png_bytes, names=["upload"])
         assert r.json()["findings"][0]["finding"] == want.findings[0].finding
         cam = c.post("/api/v1/cam?finding=Effusion", **upload(png_bytes))
-        assert cam.status_code == 501 and "torch backend" in cam.json()["detail"]
+        assert cam.status_code == 200 and cam.content.startswith(b"\x89PNG")
+        a = c.post("/api/v1/analyses", **upload(png_bytes)).json()
+        assert a["cam_url"] is not None
+    # An ONNX file without the maps (older exports, DenseNets): findings, and 501 for Grad-CAM.
+    nocam = tmp_path / "nocam.onnx"
+    real = ox.cam_equivalent_layer
+    try:
+        ox.cam_equivalent_layer = lambda model, size: None
+        export_bundle(tiny_bundle, nocam)
+    finally:
+        ox.cam_equivalent_layer = real
+    with TestClient(create_app(Analyzer.load(nocam, backend="onnx"))) as c:
+        assert c.get("/api/v1/model").json()["grad_cam"] is False
+        cam = c.post("/api/v1/cam?finding=Effusion", **upload(png_bytes))
+        assert cam.status_code == 501 and "'cam' output" in cam.json()["detail"]
         a = c.post("/api/v1/analyses", **upload(png_bytes)).json()
         assert a["cam_url"] is None
         assert c.get(f"/api/v1/analyses/{a['id']}/cam.png", params={"finding": "Effusion"}).status_code == 501

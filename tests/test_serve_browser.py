@@ -1,7 +1,8 @@
 """End to end in real headless Chromium: the viewer uploads a real radiograph, shows the
 ranked findings, and lays a Grad-CAM over the image, driven by the keyboard.
 
-Set CHESTXRAY_VIEWER_SCREENSHOT=docs/screenshot-viewer.png to save the page as it ends up.
+Set CHESTXRAY_VIEWER_SCREENSHOT=FILE.png to save the page as it ends up (the docs screenshots come from
+tests/test_viewer_browser.py with CHESTXRAY_VIEWER_DOCS=docs).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def test_unknown_timm_model_and_offline_weights_are_clear_errors(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(WeightsUnavailableError, match="--weights none"):
+    with pytest.raises(WeightsUnavailableError, match="weights='none'"):
         create_model(NAME, weights="imagenet")
 
 

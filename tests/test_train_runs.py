@@ -421,3 +421,23 @@ def test_runs_lists_a_broken_run_as_broken(tmp_path, mini_root, capsys):
     rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[str(broken)]["status"] == "broken" and "not valid YAML" in rows[str(broken)]["problem"]
     assert rows[str(good)]["epochs"] == "3/3"
+
+
+def test_a_foreign_pickle_gives_no_torch_warning_before_the_one_line(tmp_path, recwarn):
+    """torch warns about a pickle protocol it did not write; the user sees only our one line."""
+    import pickle
+
+    from chestxray.models.registry import _load_backbone_file, get_spec
+    from chestxray.training.rundir import read_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    path = tmp_path / "pickle.pth"
+    path.write_bytes(pickle.dumps(Evil(), protocol=4))
+    with pytest.raises(ChestXrayError, match="not a state dict"):
+        _load_backbone_file(torch.nn.Identity(), path, get_spec("resnet18"))  # refused before it is touched
+    with pytest.raises(ChestXrayError, match="not a readable chestxray checkpoint"):
+        read_checkpoint(path, "cpu")
+    assert [str(w.message) for w in recwarn] == []

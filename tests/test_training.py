@@ -151,7 +151,7 @@ def test_bundle_load_refuses_bad_bundles(tmp_path):
 def test_unknown_model_and_offline_weights_are_clear_errors():
     with pytest.raises(ChestXrayError, match=r"known models: .*resnet50"):
         create_model("resnet51", weights="none")
-    with pytest.raises(WeightsUnavailableError, match="--weights none"):
+    with pytest.raises(WeightsUnavailableError, match="weights='none'"):
         create_model("resnet18", weights="imagenet")  # the test fixture blocks the network
     with pytest.raises(WeightsUnavailableError, match="no such file"):
         create_model("resnet18", weights="/nonexistent/weights.pth")

@@ -18,10 +18,8 @@ import pytest
 from PIL import Image
 
 from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
-from chestxray.serve.studies import StudyImage, StudyRow, studies_router
 from chestxray.serve.viewer_routes import blend, window_lut
 from dicom_helpers import dicom_bytes
-from pacs_double import MemoryPacs
 
 pytestmark = [
     pytest.mark.browser,
@@ -54,11 +52,6 @@ def page(tiny_bundle, tmp_path_factory):
     docs = bool(os.environ.get("CHESTXRAY_VIEWER_DOCS"))  # the pictures show the bundled model
     analyzer = Analyzer.load(None, backend="torch") if docs else Analyzer.load(tiny_bundle)
     app = create_app(analyzer)
-    pacs = MemoryPacs(
-        [StudyRow("1.2.840.99.1", "20261105", "ACC1", "CHEST PA", 1, False)],
-        {"1.2.840.99.1": StudyImage(dcm.read_bytes(), "1.2.840.99.1.1", "1.2.840.99.1.1.1")},
-    )
-    app.include_router(studies_router(pacs))
     with serve_in_thread(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -71,7 +64,6 @@ def page(tiny_bundle, tmp_path_factory):
             pg.wait_for_function("() => document.querySelectorAll('#findings li').length === 14", timeout=30_000)
             pg.wait_for_function("() => !!document.getElementById('view').dataset.view")
             pg.problems = problems  # type: ignore[attr-defined]
-            pg.pacs = pacs  # type: ignore[attr-defined]
             yield pg
             assert problems == []
         finally:
@@ -243,23 +235,6 @@ def test_shortcuts_and_side_by_side(page):
     assert page.locator("#view-plain").is_hidden()
 
 
-def test_studies_page_opens_analyses_and_sends_to_the_pacs(page):
-    rows = page.locator("#study-rows tr")
-    assert rows.count() == 1 and "ACC1" in rows.first.inner_text() and "none yet" in rows.first.inner_text()
-    assert page.locator("#studies th.patient").is_hidden()  # no names unless the server shows them
-    page.get_by_role("button", name="Open the study of 2026-11-05, accession ACC1").click()
-    page.wait_for_function("() => document.querySelector('#status').textContent === 'Analysis done (DICOM).'")
-    send = page.get_by_role("button", name="Send results to PACS")
-    send.click()
-    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('The results were stored')")
-    study, series, sop, prediction = page.pacs.sent[0]
-    assert (study, series, sop) == ("1.2.840.99.1", "1.2.840.99.1.1", "1.2.840.99.1.1.1")
-    assert len(prediction.findings) == 14
-    page.wait_for_function("() => document.querySelector('#study-rows').textContent.includes('in the PACS')")
-    page.locator("#view").focus()
-    page.keyboard.press("d")  # the study's DICOM window again, as the tests after this expect
-
-
 def test_every_control_is_reachable_by_keyboard_and_named(page):
     page.locator("#file").focus()
     reached = set()
@@ -289,9 +264,9 @@ def test_every_control_is_reachable_by_keyboard_and_named(page):
 
 @pytest.mark.skipif(not os.environ.get("CHESTXRAY_VIEWER_DOCS"), reason="set CHESTXRAY_VIEWER_DOCS=docs")
 def test_docs_screenshots(page):
-    """The screenshots of docs/viewer.md: the Studies list (of the in-memory PACS), then on an NIH
-    image: lung window; zoomed with a half-faded heat map; side by side. Run last: it replaces
-    the page's image."""
+    """The screenshots of docs/viewer.md on an NIH image: lung window; zoomed with a half-faded
+    heat map; side by side (the Studies list: test_viewer_studies.py). Run last: it replaces the
+    page's image."""
     folder = Path(os.environ["CHESTXRAY_VIEWER_DOCS"])
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -303,7 +278,6 @@ def test_docs_screenshots(page):
         small = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, dither=dither)
         small.save(folder / name, optimize=True)
 
-    shot("#studies", "viewer-studies.png")
     page.set_input_files("#file", str(EXAMPLE))
     page.wait_for_function("() => document.querySelector('#status').textContent === 'Analysis done (8-bit image).'")
     page.locator("#view").focus()

@@ -1,7 +1,7 @@
 """Print `name==floor` for the light dependencies declared in pyproject.toml, for the
 floor-versions check (`make floors`): the lowest versions the project claims to support.
 
-Only the torch-free install is pinned to its floors (core, `infer`, `serve`, and the test
+Only the torch-free install is pinned to its floors (core, `infer`, `serve`, `pacs`, and the test
 tools): torch, torchvision and the rest of the `torch` extra stay out, since other torch
 builds are multi-GB downloads and this workplace keeps only torch 2.14.1 on disk.
 """
@@ -17,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     sys.exit("floor_versions.py needs Python 3.11+ (tomllib) to read pyproject.toml")
 
-EXTRAS = ("infer", "serve")
+EXTRAS = ("infer", "serve", "pacs")
 TEST_TOOLS = ("pytest", "httpx")  # from the dev extra: what the floor tests need to run
 
 

@@ -27,6 +27,8 @@ COMMANDS = (
     "report",
     "export",
     "serve",
+    "listen",
+    "dicomweb",
     "models",
     "import_",
 )
@@ -105,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except ChestXrayError as exc:
-        print(f"chestxray {args.command}: error: {exc}", file=sys.stderr)
+        from chestxray.commands._common import flag_message
+
+        print(f"chestxray {args.command}: error: {flag_message(exc)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         hint = missing_extra(exc)

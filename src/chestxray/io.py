@@ -57,10 +57,23 @@ def check_writable(path: str | os.PathLike) -> None:
     """Raise ChestXrayError unless a file can be written at `path`: checked by creating and
     removing a temporary file in its folder, or in the nearest existing folder above a missing
     one (nothing is left behind), before long work whose result would otherwise be lost."""
+    _check_place(Path(path), Path(path).parent)
+
+
+def check_output_folder(path: str | os.PathLike) -> None:
+    """Raise ChestXrayError unless files can be written in the folder `path` (made later if
+    missing): not a file, and writable as `check_writable` checks it."""
     from chestxray.errors import ChestXrayError
 
     path = Path(path)
-    folder = path.parent
+    if path.exists() and not path.is_dir():
+        raise ChestXrayError(f"{path}: is a file, not a folder")
+    _check_place(path, path)
+
+
+def _check_place(path: Path, folder: Path) -> None:
+    from chestxray.errors import ChestXrayError
+
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:

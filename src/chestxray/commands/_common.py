@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from chestxray.errors import ChestXrayError
+
+# The library parameters that library errors name (`device='cuda:3'`, `resume=True`); the
+# flag of each is its name with dashes, unless FLAG_NAMES gives another.
+_PARAMETER = re.compile(
+    r"\b(allow_missing|allow_outside_root|backend|by|calibration|csv_columns|device|file|fmt|force|freeze|init|"
+    r"input_check_split|int8|labels|models?|n|opset|out|overwrite|pos_weight|recipe|resume|shard|tensorboard|trust_pickle|views|"
+    r"weights)=(True\b|'([^'\s]*)'|[^\s,;:()'`]*)"
+)
+FLAG_NAMES = {"fmt": "--format"}
+
+
+def flag_message(exc: ChestXrayError) -> str:
+    """The error as the command line says it: each library parameter named in it
+    (`name=value`, `name=True`) shown as the flag that sets it (`--name value`, `--name`)."""
+
+    def flag(m: re.Match[str]) -> str:
+        name, value, quoted = m.group(1), m.group(2), m.group(3)
+        text = FLAG_NAMES.get(name) or "--" + name.replace("_", "-")
+        value = quoted if quoted is not None else ("" if value == "True" else value)
+        return f"{text} {value}" if value else text
+
+    return _PARAMETER.sub(flag, str(exc))
 
 
 def positive_int(text: str) -> int:
@@ -46,13 +69,23 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
 def device_name(text: str) -> str:
     from chestxray.models.device import check_device_name
 
     try:
         return check_device_name(text)
     except ChestXrayError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(flag_message(exc)) from None
 
 
 def device_help(default: str) -> str:

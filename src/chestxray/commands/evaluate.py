@@ -11,6 +11,7 @@ from chestxray.commands._common import (
     add_dataset_args,
     add_model_args,
     dataset_options,
+    non_negative_int,
     positive_int,
     require_modules,
 )
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: eval-<split>)")
     p.add_argument(
         "--bootstrap",
-        type=int,
+        type=non_negative_int,
         default=1000,
         help="bootstrap replicates, resampling patients, for the 95%% intervals (default 1000; 0: no intervals)",
     )
@@ -76,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.evaluation.evaluate import mapping_lines, run_evaluation, scored_phrase, split_phrase
     from chestxray.evaluation.subgroups import parse_by
     from chestxray.inference.predict import Analyzer, resolve_backend
-    from chestxray.io import atomic_write_text
+    from chestxray.io import atomic_write_text, check_output_folder
 
     require_modules("evaluate", EVALUATE_NEEDS)
+    out = Path(args.out or f"eval-{args.split}")
+    check_output_folder(out)  # before the work, whose results would be lost
     try:
         by = parse_by(args.by, ("sex", "age", "view")) if args.by is not None else None
     except ValueError as exc:
@@ -96,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
         from chestxray.data.datasets.google2019 import with_google_labels
 
         index = with_google_labels(index, Path(file))
-    out = Path(args.out or f"eval-{args.split}")
     result = run_evaluation(
         analyzer, index, args.split, out, n_boot=args.bootstrap, seed=args.seed, progress=True, by=by
     )

@@ -22,6 +22,7 @@ from chestxray.commands._common import (
     add_dataset_args,
     add_model_args,
     dataset_options,
+    non_negative_float,
     non_negative_int,
     positive_int,
     resolve_device_arg,
@@ -78,6 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="instead of findings, write each image's pooled feature vector to OUT: .npy (rows in input "
         "order; NaN rows for unreadable files), .csv or .parquet (a 'file' column, then f0, f1, ...)",
     )
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="for DICOM inputs, also write a structured report (TID 1500 SR) per image to DIR, and with --cam a "
+        "Secondary Capture per positive finding's overlay (needs the pacs extra; --format table or json)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
@@ -132,7 +139,7 @@ def add_bulk_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--progress-every",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         metavar="S",
         help="without a terminal: one progress line every S seconds on stderr (default 30; 0: none)",
@@ -191,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.inference.predict import Analyzer, resolve_backend
 
     findings = parse_findings(args.findings)
+    if args.dicom_out:
+        from chestxray.pacs.offline import check_dicom_out
+
+        check_dicom_out(args.format)
     if findings is not None and not args.cam:
         raise ChestXrayError("--findings only applies with --cam DIR")
     if not args.paths and not args.from_list and not args.dataset:
@@ -204,10 +215,13 @@ def run(args: argparse.Namespace) -> int:
             raise ChestXrayError("--features writes feature vectors instead of findings; it does not take --cam")
         if request.out is not None:
             bulk.check_output_file(request.out)
-        if args.cam:
-            from chestxray.io import check_writable
+        from chestxray.io import check_writable
 
+        if args.cam:
             check_writable(Path(args.cam) / "overlay.png")
+        else:
+            check_features_out(Path(args.features))
+            check_writable(args.features)
         files = [Path(f.path) for f in request.files()]
         bulk.check_any(len(files), request)
         analyzer = Analyzer.load(args.model, backend=backend, device=device, batch_size=args.batch_size)
@@ -262,6 +276,10 @@ def emit(args: argparse.Namespace, analyzer: "Analyzer", predictions: list["Pred
     from chestxray.inference.bulk import model_label
 
     label = model_label(analyzer)
+    if args.dicom_out:  # the SR (and SCs) of each DICOM input, before the usual output
+        from chestxray.pacs.offline import write_dicom_results
+
+        write_dicom_results(predictions, Path(args.dicom_out), analyzer, args.model, analyzer.backend.name)
     text = render(predictions, args.format, label)
     if args.out:
         from chestxray.io import atomic_write_text
@@ -305,14 +323,20 @@ def report_failures(failed: Sequence[tuple[str, str | None]], n: int, count: int
 FEATURE_SUFFIXES = (".npy", ".csv", ".parquet")
 
 
+def check_features_out(out: Path) -> None:
+    if out.suffix not in FEATURE_SUFFIXES:
+        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    if out.is_dir():
+        raise ChestXrayError(f"--features {out}: is a folder; name the output file")
+
+
 def write_features(analyzer: "Analyzer", files: Sequence[Path], out: Path, progress: bool) -> int:
     """`--features OUT`: the pooled feature vectors of `files`, written atomically."""
     import numpy as np
 
     from chestxray.io import atomic_write
 
-    if out.suffix not in FEATURE_SUFFIXES:
-        raise ChestXrayError(f"--features {out}: the file should end in {', '.join(FEATURE_SUFFIXES)}")
+    check_features_out(out)
     emb = analyzer.embed([str(f) for f in files], progress=progress)
     if out.suffix == ".npy":
 

@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from chestxray.data.datasets import open_dataset
     from chestxray.evaluation.report import NO_CAM, has_grad_cam, write_report
     from chestxray.inference.predict import Analyzer, resolve_backend
+    from chestxray.io import check_output_folder
 
+    check_output_folder(args.out)  # before the work, whose results would be lost
     require_modules("report", {k: v for k, v in EVALUATE_NEEDS.items() if k in ("pandas", "matplotlib")})
     backend = resolve_backend(args.model, args.backend)
     analyzer = Analyzer.load(args.model, backend=backend, device=resolve_device_arg(args.device, backend))

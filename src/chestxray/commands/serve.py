@@ -46,6 +46,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="log one JSON line per request: request id, route template, status, timings (no file "
         "names, query values or analysis ids)",
     )
+    pacs = p.add_argument_group("studies on a PACS (the pacs extra)")
+    pacs.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="add a Studies page: the chest radiograph studies of this DICOMweb server (QIDO-RS), "
+        "opened (WADO-RS) and analysed in the viewer, results sent back as a DICOM SR (STOW-RS)",
+    )
+    pacs.add_argument(
+        "--auth-env",
+        metavar="VAR",
+        help="with --dicomweb: credentials in the environment variable VAR, user:password (basic) or a "
+        "bearer token; never logged",
+    )
+    pacs.add_argument(
+        "--show-patient-names",
+        action="store_true",
+        help="with --dicomweb: show patient names on the Studies page (never logged; hidden by default)",
+    )
     g = p.add_argument_group("load limits (per worker)")
     g.add_argument(
         "--workers",
@@ -209,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ChestXrayError(f"--workers must be at least 1, got {args.workers}")
     settings = settings_from_args(args)
+    check_study_args(args)
     from chestxray.inference.predict import resolve_backend
     from chestxray.serve.metrics import ACCESS_LOG
     from chestxray.serve.protocol import HEADER_TIMEOUT_ENV, HeaderTimeoutH11Protocol
@@ -216,6 +235,10 @@ def run(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.model, args.backend)
     device = resolve_device_arg(args.device, backend)
     analyzer = Analyzer.load(args.model, backend=backend, device=device)  # fails here, before any worker starts
+    from chestxray.pacs.engine import model_file
+
+    path = model_file(args.model, backend)  # names the model in the viewer's DICOM SRs
+    studies = study_source(args, analyzer, path)
     if not is_loopback(args.host):
         log.warning(
             "listening on %s: anyone who can reach this address can upload images; the server has no authentication",
@@ -244,7 +267,14 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.workers == 1:
-            config = uvicorn.Config(create_app(analyzer, settings=settings), **common)
+            app = create_app(
+                analyzer,
+                settings=settings,
+                model_file=path,
+                studies=studies,
+                show_patient_names=args.show_patient_names,
+            )
+            config = uvicorn.Config(app, **common)
             access = logging.getLogger("uvicorn.access")  # after Config has set up uvicorn's logging
             if not any(isinstance(f, RedactAccessLog) for f in access.filters):
                 access.addFilter(RedactAccessLog())
@@ -274,6 +304,39 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def check_study_args(args: argparse.Namespace) -> None:
+    """The --dicomweb options' errors, before the model is loaded."""
+    if args.dicomweb is None:
+        if args.auth_env or args.show_patient_names:
+            raise ChestXrayError("--auth-env and --show-patient-names go with --dicomweb URL")
+        return
+    if args.workers != 1:
+        raise ChestXrayError(
+            "--dicomweb needs --workers 1: a study opened in the viewer is analysed and kept by one worker"
+        )
+    if not args.dicomweb.startswith(("http://", "https://")):
+        raise ChestXrayError("--dicomweb: expected an http:// or https:// URL")  # not echoed: it may hold a password
+    from chestxray.commands.listen import import_pacs
+
+    import_pacs()
+    if args.auth_env and not os.environ.get(args.auth_env):
+        raise ChestXrayError(f"--auth-env {args.auth_env}: the environment variable is not set or empty")
+
+
+def study_source(args: argparse.Namespace, analyzer: Any, path: Any) -> Any:
+    """The PACS behind the Studies page (`--dicomweb`), or None."""
+    if args.dicomweb is None:
+        return None
+    from chestxray.pacs.engine import model_info
+    from chestxray.pacs.runtime import QUIET_LOGGERS
+    from chestxray.pacs.studies import DicomwebStudies
+
+    for name in QUIET_LOGGERS:  # their records quote URLs with study UIDs and dataset contents
+        logging.getLogger(name).setLevel(logging.WARNING)
+    info = model_info(analyzer, path, str(analyzer.backend.name))
+    return DicomwebStudies(args.dicomweb, info, args.auth_env, patient_names=args.show_patient_names)
 
 
 def _log_config(access_log: bool, logger_name: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ thresholds (and optionally the input check) on a site's own labelled data; weigh
 from __future__ import annotations
 
 import argparse
+import os
 
 from chestxray.commands._common import add_dataset_args, add_device_arg, dataset_options
 from chestxray.data.index import ALL_SPLITS
@@ -86,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
     from chestxray import NOT_FOR_CLINICAL_USE
     from chestxray.commands._common import require_modules, resolve_device_arg
     from chestxray.data.datasets import open_dataset
+    from chestxray.errors import ChestXrayError
     from chestxray.evaluation.tune import retune_bundle
     from chestxray.inference.predict import default_bundle_path, resolve_backend
+    from chestxray.io import check_writable
 
+    if os.path.isdir(args.out):
+        raise ChestXrayError(f"--out {args.out}: is a folder; name the new model file")
+    check_writable(args.out)  # before the work, whose results would be lost
     require_modules("tune", {"pandas": "pandas", "sklearn": "scikit-learn", "scipy": "scipy"})
     backend = resolve_backend(args.model)
     if args.model is not None:

@@ -200,7 +200,8 @@ def read_csv(path: Path, **kwargs: Any) -> Any:
     try:
         return pd.read_csv(path, **kwargs)
     except Exception as exc:  # pandas raises many parser error types
-        raise DatasetError(f"{path}: cannot parse ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())  # pandas' C parser messages end in a newline
+        raise DatasetError(f"{path}: cannot parse ({type(exc).__name__}: {reason[:300]})") from None
 
 
 def require_columns(frame: Any, columns: Sequence[str], path: Path) -> None:
@@ -285,10 +286,10 @@ def apply_uncertain(raw: np.ndarray, policy: str) -> np.ndarray:
 
 
 def missing_advice(present: int) -> str:
-    """The end of a missing-images error: with none present, --allow-missing cannot help."""
+    """The end of a missing-images error: with none present, allowing missing images cannot help."""
     if present == 0:
         return "none of them is there: check that the root is the dataset's folder and its images are unpacked"
-    return f"allow missing images (--allow-missing) to use the {present:,} present"
+    return f"allow missing images (allow_missing=True) to use the {present:,} present"
 
 
 def check_images(dataset: str, root: Path, frame: Any, opts: DatasetOptions) -> tuple[np.ndarray, list[str]]:
@@ -335,7 +336,7 @@ def filter_views(index: DatasetIndex, views: str | None) -> DatasetIndex:
         wanted = ["LATERAL" if v in ("L", "LAT", "LL", "RL") else v for v in wanted]
         bad = [v for v in wanted if v not in VIEWS]
         if bad:
-            raise DatasetError(f"--views: unknown view {bad[0]!r}; choose from {', '.join(VIEWS)}, 'frontal' or 'all'")
+            raise DatasetError(f"views={bad[0]!r}: unknown view; choose from {', '.join(VIEWS)}, 'frontal' or 'all'")
         mask = frame["view"].isin(wanted).to_numpy()
     if mask.all():
         return index

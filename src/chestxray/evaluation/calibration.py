@@ -72,7 +72,7 @@ def calibration_metrics(targets: np.ndarray, probs: np.ndarray, labels: Sequence
 def write_reliability(targets: np.ndarray, probs: np.ndarray, labels: list[str], out: Path, title: str) -> Path:
     """One panel per finding (like the ROC grid): observed rate against mean predicted
     probability per bin, marker area ~ images in the bin, the diagonal for reference."""
-    from chestxray.evaluation.figures import panel_figure
+    from chestxray.evaluation.figures import finish_panels, panel_figure
     from chestxray.io import atomic_write
 
     fig, axes = panel_figure(len(labels))
@@ -91,12 +91,7 @@ def write_reliability(targets: np.ndarray, probs: np.ndarray, labels: list[str],
         ax.set_title(f"{name} (ECE {ece(y, p):.3f})", fontsize=9)
         ax.set_xlabel("mean predicted probability", fontsize=7)
         ax.set_ylabel("observed rate", fontsize=7)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-    for ax in axes[len(labels) :]:
-        ax.axis("off")
-    fig.suptitle(f"Reliability ({ECE_BINS} equal-width bins) - {title}")
-    fig.tight_layout()
+    finish_panels(fig, axes, len(labels), f"Reliability ({ECE_BINS} equal-width bins) - {title}")
     path = out / "reliability.png"
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     return path

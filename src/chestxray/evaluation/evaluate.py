@@ -146,7 +146,7 @@ def curve_figure(
 
     if per_class is None:
         per_class = evaluate_predictions(targets, probs, np.full(len(labels), 0.5), labels, n_boot=0)["per_class"]
-    from chestxray.evaluation.figures import panel_figure
+    from chestxray.evaluation.figures import finish_panels, panel_figure
 
     fig, axes = panel_figure(len(labels))
     for c, name in enumerate(labels):
@@ -171,12 +171,7 @@ def curve_figure(
             ax.set_xlabel("recall", fontsize=7)
             ax.set_ylabel("precision", fontsize=7)
         ax.legend(loc="lower right" if kind == "roc" else "upper right", fontsize=6, frameon=False)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-    for ax in axes[len(labels) :]:
-        ax.axis("off")
-    fig.suptitle(f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
-    fig.tight_layout()
+    finish_panels(fig, axes, len(labels), f"{'ROC' if kind == 'roc' else 'Precision-recall'} curves - {title}")
     return fig
 
 

@@ -19,3 +19,14 @@ def panel_figure(n: int) -> tuple[Any, np.ndarray]:
     fig = Figure(figsize=(max(3.2 * cols, 5.0), 3 * rows + 0.4), dpi=80)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False).ravel()
+
+
+def finish_panels(fig: Any, axes: np.ndarray, n: int, title: str) -> None:
+    """Each panel on the unit square, spare panels off, the title, a tight layout."""
+    for ax in axes[:n]:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()

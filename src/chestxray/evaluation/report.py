@@ -55,7 +55,7 @@ class ReportItem:
 def choose_examples(index: "DatasetIndex", split: str, n: int, seed: int) -> np.ndarray:
     """`n` seeded random row positions of `split` that have an image file (sorted)."""
     if n < 1:
-        raise DatasetError(f"--n must be at least 1, got {n}")
+        raise DatasetError(f"n={n}: must be at least 1")
     positions = index.split_positions(split)
     positions = positions[index.frame["path"].iloc[positions].notna().to_numpy()]
     if not len(positions):
@@ -114,7 +114,7 @@ def build_items(
 
 def has_grad_cam(analyzer: "Analyzer") -> bool:
     """Whether the model runs in torch (Grad-CAM needs its gradients)."""
-    return getattr(analyzer.backend, "model", None) is not None
+    return analyzer.backend.model is not None
 
 
 def _item_without_cam(analyzer: "Analyzer", name: str, truth: list[str], path: str) -> ReportItem:

@@ -23,7 +23,7 @@ def parse_by(text: str | None, available: Sequence[str]) -> list[str]:
     cols = [t.strip().lower() for t in text.split(",") if t.strip()]
     bad = [c for c in cols if c not in SUBGROUP_COLUMNS and c != "none"]
     if bad:
-        raise ValueError(f"--by {text!r}: unknown subgroup {bad[0]!r}; choose from {', '.join(SUBGROUP_COLUMNS)}")
+        raise ValueError(f"by={text!r}: unknown subgroup {bad[0]!r}; choose from {', '.join(SUBGROUP_COLUMNS)}")
     return [c for c in cols if c != "none"]
 
 

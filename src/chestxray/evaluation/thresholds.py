@@ -88,7 +88,8 @@ def parse_policy(text: str) -> tuple[str, float | None]:
             v = -1.0
         if 0.0 < v < 1.0:
             return kind, v
-    raise ValueError(f"threshold policy {text!r}: expected {POLICY_HELP}, with a value strictly between 0 and 1")
+    shown = text if len(text) <= 60 else text[:60] + "..."
+    raise ValueError(f"threshold policy {shown!r}: expected {POLICY_HELP}, with a value strictly between 0 and 1")
 
 
 def _cuts(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

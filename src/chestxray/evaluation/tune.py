@@ -20,6 +20,7 @@ import numpy as np
 from chestxray.errors import ChestXrayError
 from chestxray.evaluation.calibration import calibration_metrics, fit_calibration
 from chestxray.evaluation.thresholds import tune_operating_point
+from chestxray.inference.backend import Backend
 from chestxray.io import file_sha256
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ DEFAULT_POLICY = "f1"
 THUMBNAILS = "orientation.thumbnails"
 
 
-class RecordingBackend:
+class RecordingBackend(Backend):
     """Raw (uncalibrated) probabilities, keeping each batch's pooled features on the side."""
 
     name = "torch"
@@ -39,7 +40,7 @@ class RecordingBackend:
         from chestxray.inference.features import input_check_layers
 
         self.model = model
-        self.features: list[dict[str, np.ndarray]] = []
+        self.kept: list[dict[str, np.ndarray]] = []
         self.keep = features
         self.layers = input_check_layers(model) if features else []
 
@@ -54,7 +55,7 @@ class RecordingBackend:
                 x = torch.from_numpy(np.ascontiguousarray(batch)).to(next(self.model.parameters()).device)
                 return torch.sigmoid(self.model(x).float()).cpu().numpy()
         logits, feats = pooled_features(self.model, batch, self.layers)
-        self.features.append({**feats, THUMBNAILS: thumbnails(batch)})
+        self.kept.append({**feats, THUMBNAILS: thumbnails(batch)})
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
@@ -76,8 +77,8 @@ def raw_split_outputs(
     analyzer = Analyzer(backend, meta.labels, meta.thresholds, meta.preprocessing, meta.name, None, 32)
     probs, targets, patients, _ = split_probabilities(analyzer, index, split, progress=progress)
     feats = None
-    if features and backend.features:
-        feats = {k: np.concatenate([f[k] for f in backend.features]) for k in [*backend.layers, THUMBNAILS]}
+    if features and backend.kept:
+        feats = {k: np.concatenate([f[k] for f in backend.kept]) for k in [*backend.layers, THUMBNAILS]}
     return SplitOutputs(probs, targets, patients, feats)
 
 
@@ -181,7 +182,7 @@ def retune_bundle(
     src = resolve_bundle_path(bundle)
     out = Path(out)
     if out.resolve() == src.resolve():
-        raise ChestXrayError(f"--out {out}: choose a new file; the source bundle is kept as it is")
+        raise ChestXrayError(f"out={str(out)!r}: choose a new file; the source bundle is kept as it is")
     if eval_split is not None:
         check_no_overlap(index, split, eval_index if eval_index is not None else index, eval_split)
     log.info("loading %s", src)
@@ -295,10 +296,10 @@ def retune_onnx(
     src = resolve_onnx_path(model)
     out = Path(out)
     if out.resolve() == src.resolve():
-        raise ChestXrayError(f"--out {out}: choose a new file; the source model is kept as it is")
+        raise ChestXrayError(f"out={out}: choose a new file; the source model is kept as it is")
     if input_check_split is not None:
         raise ChestXrayError(
-            "--input-check-split refits the input check on a network's pooled features, which needs the "
+            "input_check_split=... refits the input check on a network's pooled features, which needs the "
             "PyTorch bundle: tune the .safetensors bundle (pip install 'chestxray[torch]') and export it again"
         )
     if eval_split is not None:

@@ -288,7 +288,7 @@ def to_onnx_model(
         # The exporter writes opset 18 or newer and does not convert down.
         raise ExportError(
             f"the exporter wrote opset {', '.join(map(str, sorted(written)))}, not {opset}; "
-            f"choose --opset {MIN_OPSET} or newer"
+            f"choose opset={MIN_OPSET} or newer"
         )
     # The exporter names the symbolic axis after the Dim; make it read "batch" for any tool.
     for value in (*proto.graph.input, *proto.graph.output):
@@ -303,7 +303,7 @@ def session_for(model_bytes: bytes) -> Any:
     try:
         return ort_session(model_bytes)
     except BundleError as exc:
-        raise ExportError(f"{exc}; try a lower --opset") from None
+        raise ExportError(f"{exc}; try a lower opset=") from None
 
 
 def check_parity(
@@ -471,11 +471,11 @@ def export_bundle(
         raise ExportError(f"{out}: the output file should end in .onnx")
     if opset < MIN_OPSET:
         raise ExportError(
-            f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer (onnxruntime >= 1.14 runs {MIN_OPSET})"
+            f"opset={opset}: the exporter writes opset {MIN_OPSET} or newer (onnxruntime >= 1.14 runs {MIN_OPSET})"
         )
     if int8 and calibration is None:
         raise ExportError(
-            "--int8 needs --calibration DIR: real radiographs (e.g. training images) "
+            "int8=True needs calibration=DIR: real radiographs (e.g. training images) "
             "to calibrate the activation ranges on"
         )
     source = resolve_bundle_path(bundle) if bundle is not None else default_bundle_path()

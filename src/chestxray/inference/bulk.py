@@ -161,7 +161,7 @@ def run(
     info = info or DistInfo()
     workers = default_workers(info.local_world_size) if request.workers is None else request.workers
     backend = analyzer.backend
-    if workers > 0 and backend.name == "torch" and str(getattr(backend, "device", "")) == "cpu":
+    if workers > 0 and backend.name == "torch" and str(backend.device) == "cpu":
         import torch
 
         threads = torch.get_num_threads()
@@ -262,7 +262,7 @@ def _to_file(
         journal.abort()
         raise ChestXrayError(
             f"{jpath}: cannot write ({exc.strerror or type(exc).__name__}); the results written so far stay there: "
-            "make room and rerun with --resume"
+            "make room and rerun with resume=True"
         ) from None
     except BaseException:
         journal.abort()  # what is in the journal stays: --resume continues from it
@@ -290,10 +290,12 @@ def _to_file(
         except OSError as exc:
             raise ChestXrayError(
                 f"{out}: cannot write ({exc.strerror or type(exc).__name__}); the results stay in {parts[0]}: "
-                "make room and rerun with --resume"
+                "make room and rerun with resume=True"
             ) from None
         if summary.total + summary.duplicates != listed:
-            raise ChestXrayError(f"{out}: merged {summary.total} rows for {listed} listed files; rerun with --resume")
+            raise ChestXrayError(
+                f"{out}: merged {summary.total} rows for {listed} listed files; rerun with resume=True"
+            )
         errors = summary.errors
         result.total, result.errors, result.failures = summary.total, summary.errors, summary.failures
     result.errors = all_sum(errors, info)  # every rank exits alike, after rank 0 has merged
@@ -312,7 +314,7 @@ def _already_complete(out: Path, fmt: str, files: Iterator[InputFile]) -> BulkRe
     if missing:
         raise ChestXrayError(
             f"{out} is complete but {missing} listed files are not in it (new or changed since); "
-            "write them to a new --out"
+            "write them to a new out=FILE"
         )
     return BulkResult(
         len(keys), already_complete=True, notes=[f"{out} is already complete ({len(keys)} files); nothing to resume"]

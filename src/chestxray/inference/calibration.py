@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from chestxray.errors import BundleError
+from chestxray.models.bundle import BundleMeta
 
 METHODS = ("none", "temperature", "platt")
 
@@ -91,10 +92,9 @@ class Calibration:
             raise BundleError(f"{source}: {exc}") from None
 
 
-def calibration_of(meta: Any) -> Calibration | None:
+def calibration_of(meta: BundleMeta) -> Calibration | None:
     """The bundle's calibrator, or None (old bundles, or `--calibrate none`)."""
-    d = getattr(meta, "calibration", None)
-    if not d:
+    if not meta.calibration:
         return None
-    cal = Calibration.from_dict(d, meta.labels, getattr(meta, "name", "bundle"))
+    cal = Calibration.from_dict(meta.calibration, meta.labels, meta.name)
     return None if cal.is_identity else cal

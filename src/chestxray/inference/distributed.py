@@ -60,17 +60,23 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_sum(value: int, info: DistInfo) -> int:
-    """Sum an integer over all ranks (on every rank)."""
+def sum_over_ranks(value: float, info: DistInfo, integer: bool = False) -> float:
+    """Sum a number over all ranks (on every rank); exact for integers with `integer`."""
     if not info.enabled:
         return value
     import torch
     import torch.distributed as dist
 
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64 if integer else torch.float64, device=device)
     dist.all_reduce(t)
-    return int(t.item())
+    return t.item()
+
+
+def all_sum(value: int, info: DistInfo) -> int:
+    """Sum an integer over all ranks (on every rank)."""
+    return int(sum_over_ranks(value, info, integer=True))
 
 
 def shutdown(info: DistInfo) -> None:

@@ -215,7 +215,7 @@ def onnx_gradcam(
 
 def check_cam_support(analyzer: "Analyzer") -> None:
     """ChestXrayError, before any work, when the analyzer's model cannot give Grad-CAM maps."""
-    if getattr(analyzer.backend, "has_cam", False):
+    if analyzer.backend.has_cam:
         return
     if analyzer.backend.name == "onnx":
         raise ChestXrayError(
@@ -315,10 +315,10 @@ def explain_image(
     crop = analyzer.preprocessing.crop == "center"
     side = min(gray.shape[:2])
     size = (side, side) if crop else gray.shape[:2]
-    if getattr(analyzer.backend, "has_cam", False):  # ONNX: the graph's class activation maps
+    if analyzer.backend.has_cam:  # ONNX: the graph's class activation maps
         run = onnx_gradcam(analyzer.backend, x, chosen, size)
     else:
-        run = gradcam(analyzer.model, x, chosen, size, getattr(analyzer.backend, "calibrator", None))
+        run = gradcam(analyzer.model, x, chosen, size, analyzer.backend.calibrator)
     # The checks (input check, orientation) come from one more gradient-free pass, only when the model has them.
     checks = None
     if analyzer.has_checks:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from chestxray.errors import BundleError
+from chestxray.models.bundle import BundleMeta
 
 TENSOR_PREFIX = "input_check."
 OOD_WARNING = "unlike the frontal chest X-rays this model was trained on"
@@ -212,9 +213,9 @@ def _percentiles(scores: np.ndarray) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(scores, q)) for q in (50, 90, 99, 100)}
 
 
-def load_input_check(meta: Any, path: str | os.PathLike | None) -> InputCheck | None:
+def load_input_check(meta: BundleMeta, path: str | os.PathLike | None) -> InputCheck | None:
     """The bundle's input check (tensors from its safetensors file), or None if it has none."""
-    d = getattr(meta, "input_check", None)
+    d = meta.input_check
     if not d or path is None:
         return None
     from safetensors import safe_open

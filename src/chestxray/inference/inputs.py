@@ -13,8 +13,8 @@ import glob
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from chestxray.data.images import IMAGE_SUFFIXES
 from chestxray.errors import ChestXrayError
@@ -27,11 +27,18 @@ GLOB_CHARS = frozenset("*?[")
 
 @dataclass(frozen=True)
 class InputFile:
-    """A file to predict and the identity `--resume` matches on (path, size, mtime)."""
+    """A file (or an input in memory) to predict and the identity `--resume` matches on (path, size, mtime)."""
 
     path: str
     size: int = -1  # -1: could not stat (missing); the decoder then gives the error row
     mtime_ns: int = -1
+    # An input given by the caller (bytes, a gray array, a path): decoded instead of `path`,
+    # which then only names it.
+    data: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def source(self) -> Any:
+        return self.path if self.data is None else self.data
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -58,9 +65,9 @@ class Shard:
         try:
             i, n = (int(t) for t in text.split("/"))
         except ValueError:
-            raise ChestXrayError(f"--shard expects I/N, e.g. 0/4, got {text!r}") from None
+            raise ChestXrayError(f"shard={text!r}: expected I/N, e.g. 0/4") from None
         if n < 1 or not 0 <= i < n:
-            raise ChestXrayError(f"--shard {text}: need 0 <= I < N (I counts from 0, like $SLURM_ARRAY_TASK_ID)")
+            raise ChestXrayError(f"shard={text!r}: need 0 <= I < N (I counts from 0, like $SLURM_ARRAY_TASK_ID)")
         return cls(i, n)
 
     def within(self, sub: "Shard") -> "Shard":

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from chestxray.errors import BundleError, ChestXrayError
+from chestxray.inference.backend import Backend
 from chestxray.models.bundle import META_KEY, BundleMeta
 
 ONNX_FORMAT = "chestxray-onnx"
@@ -74,8 +75,8 @@ def default_onnx_path() -> Path:
     path = Path(str(files("chestxray.weights").joinpath(DEFAULT_ONNX_NAME)))
     if not path.is_file():
         raise BundleError(
-            "this install ships no ONNX model; pass --model MODEL.onnx. Make one from a bundle with "
-            "`chestxray export --model BUNDLE.safetensors --onnx MODEL.onnx` (needs chestxray[torch,export])"
+            "this install ships no ONNX model; pass model=MODEL.onnx. Make one from a bundle with "
+            "`chestxray export` (export.onnx.export_bundle; needs chestxray[torch,export])"
         )
     return path
 
@@ -95,7 +96,7 @@ def resolve_onnx_path(path: str | os.PathLike | None) -> Path:
     if p.suffix == ".safetensors":
         raise BundleError(
             f"{p}: this is a PyTorch bundle, the onnx backend needs an ONNX file; convert it with "
-            f"`chestxray export --model {p} --onnx {p.with_suffix('.onnx')}` or use --backend torch"
+            "`chestxray export` (export.onnx.export_bundle) or use backend='torch'"
         )
     return p
 
@@ -275,21 +276,20 @@ def read_onnx_props(path: Path) -> dict[str, str] | None:
     return props
 
 
-class LoadingOnnxBackend:
+class LoadingOnnxBackend(Backend):
     """An `OnnxBackend` whose session is built later, with its metadata already read: what
-    needs the session (`run`, ...) waits for it; name, device, metadata, the workers' recipe do
-    not. `start()` builds it in a background thread (bulk predict, while the decoders start);
-    it is never built when the pipeline's workers infer and nothing fails."""
+    needs the session (`run`, `features`, `loaded().has_score`) waits for it; name, metadata,
+    the workers' recipe do not. `start()` builds it in a background thread (bulk predict, while
+    the decoders start); it is never built when the pipeline's workers infer and nothing fails."""
 
     name = "onnx"
-    device = None
     concurrent_runs = True  # as OnnxBackend
 
     def __init__(self, path: Path, info: OnnxInfo, threads: int | None = None) -> None:
         import threading
 
         self.path, self.info, self.threads = path, info, threads
-        self.providers = ["CPUExecutionProvider"]
+        self.quantization = info.quantization
         self._backend: OnnxBackend | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -317,31 +317,28 @@ class LoadingOnnxBackend:
 
     def loaded(self) -> "OnnxBackend":
         self.start()
-        assert self._thread is not None
-        self._thread.join()
+        self.settle()
         if self._error is not None:
             raise self._error
         assert self._backend is not None
         return self._backend
 
-    @property
-    def quantization(self) -> str:
-        return self.info.quantization
-
     def worker_recipe(self) -> "functools.partial[OnnxBackend]":
         """As `OnnxBackend.worker_recipe` (CPU), without building this process's session."""
         return functools.partial(OnnxBackend, str(self.path), threads=1)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.loaded().probabilities(batch)
-
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return self.loaded().run(batch)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.loaded(), name)
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        return self.loaded().features(batch)
+
+    @property
+    def has_cam(self) -> bool:  # type: ignore[override]  # read from the loaded session
+        return self.loaded().has_cam
+
+    def run_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.loaded().run_cam(batch)
 
 
 def loading_onnx_backend(path: str | os.PathLike | None, threads: int | None = None) -> "LoadingOnnxBackend | None":
@@ -353,7 +350,7 @@ def loading_onnx_backend(path: str | os.PathLike | None, threads: int | None = N
     return LoadingOnnxBackend(p, info_from_props(props, str(p)), threads)
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     """(N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities, on onnxruntime."""
 
     name = "onnx"
@@ -366,6 +363,7 @@ class OnnxBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self.session = ort_session(self.path, threads=threads, providers=self.providers)
         self.info = info_from_props(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path))
+        self.quantization = self.info.quantization
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = [o.name for o in outputs]
         extra = names[1:]
@@ -401,13 +399,6 @@ class OnnxBackend:
         if self.providers != ["CPUExecutionProvider"]:
             return None
         return functools.partial(OnnxBackend, str(self.path), threads=1)
-
-    @property
-    def quantization(self) -> str:
-        return self.info.quantization
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(batch)[0]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, input-check scores or None); a calibrator, if any, is in the graph."""

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from chestxray.errors import BundleError
+from chestxray.models.bundle import BundleMeta
 
 THUMB = 32
 DEFAULT_MARGIN = 0.25  # chosen on the bundled model's validation split: MODEL_CARD.md "Input check"
@@ -135,7 +136,7 @@ def fit_orientation(
     return check
 
 
-def orientation_of(meta: Any) -> OrientationCheck | None:
+def orientation_of(meta: BundleMeta | None) -> OrientationCheck | None:
     """The bundle's orientation check, or None (bundles made before it)."""
-    d = getattr(meta, "orientation", None)
-    return OrientationCheck.from_dict(d, getattr(meta, "name", "bundle")) if d else None
+    d = meta.orientation if meta is not None else None
+    return OrientationCheck.from_dict(d, meta.name) if meta is not None and d else None

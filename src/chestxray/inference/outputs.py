@@ -120,13 +120,37 @@ def record_key(rec: Record) -> tuple[str, int, int]:
     return (rec["file"], int(rec.get("size", -1)), int(rec.get("mtime_ns", -1)))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _well_formed(rec: dict[str, Any]) -> bool:
+    """True when every field the outputs read has the type `to_record` gives it (optional
+    fields may be missing: journals of older versions lack some)."""
+    findings = rec.get("findings", [])
+    return (
+        isinstance(findings, list)
+        and all(
+            isinstance(f, dict)
+            and isinstance(f.get("finding"), str)
+            and _is_number(f.get("probability"))
+            and _is_number(f.get("threshold"))
+            and isinstance(f.get("positive"), bool)
+            for f in findings
+        )
+        and isinstance(rec.get("warnings") or [], list)
+        and all(isinstance(w, str) for w in rec.get("warnings") or [])
+        and all(isinstance(rec.get(k), (str, type(None))) for k in ("model", "variant", "error"))
+    )
+
+
 def _checked_key(rec: Any) -> tuple[str, int, int] | None:
     """The key of a well-formed record, else None."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or not _well_formed(rec):
         return None
     try:
         return record_key(rec)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # e.g. a size of 1e400 (inf) or NaN
         return None
 
 
@@ -231,7 +255,7 @@ class Journal:
         self._new_header = False
         if path.exists() and not resume:
             raise ChestXrayError(
-                f"{path} holds an interrupted run: pass --resume to continue it, or delete it to start over"
+                f"{path} holds an interrupted run: pass resume=True to continue it, or delete it to start over"
             )
         fresh = not path.exists() or path.stat().st_size == 0
         if not fresh:
@@ -240,14 +264,14 @@ class Journal:
             if differs and not force:
                 raise ChestXrayError(
                     f"{path} is the journal of another run ({'; '.join(differs)}); resume with the same inputs "
-                    "and --shard, or add --force to drop its results of files not listed now"
+                    "and shard=, or add force=True to drop its results of files not listed now"
                 )
             self._new_header = bool(differs) or (header is None and spec is not None)
             for key, model in keys:
                 if model != model_name:
                     raise ChestXrayError(
                         f"{path}: was written by model {model!r}, this run uses {model_name!r}; "
-                        "resume with the same model or write to a new --out"
+                        "resume with the same model or write to a new out=FILE"
                     )
                 self.done[key[0]] = key
             with open(path, "r+b") as f:
@@ -327,7 +351,7 @@ def _pyarrow() -> Any:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise ChestXrayError("--format parquet needs pyarrow: pip install 'chestxray[archive]'") from None
+        raise ChestXrayError("fmt='parquet' needs pyarrow: pip install 'chestxray[archive]'") from None
     return pyarrow
 
 
@@ -453,7 +477,7 @@ def complete_output_keys(out: Path, fmt: str) -> set[tuple[str, int, int]] | set
     except Exception as exc:  # whatever the damage: json, csv, arrow, encoding or key errors
         raise ChestXrayError(
             f"{out}: cannot read this finished {fmt} output ({type(exc).__name__}); move it away or write to "
-            "a new --out"
+            "a new out=FILE"
         ) from None
 
 
@@ -462,7 +486,7 @@ class StdoutWriter:
 
     def __init__(self, fmt: str, stream: IO[str]) -> None:
         if fmt not in ("csv", "jsonl"):
-            raise ChestXrayError(f"--format {fmt} needs --out FILE")
+            raise ChestXrayError(f"fmt={fmt!r} needs out=FILE")
         self.fmt, self.stream = fmt, stream
         self._csv = CsvOut(stream) if fmt == "csv" else None
         if self._csv is not None:

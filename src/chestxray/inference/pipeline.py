@@ -1,7 +1,11 @@
 """Streaming batch prediction: decode in worker processes, infer in batches, yield in order.
 
-    files (lazy) -> chunks of --batch-size -> worker pool: Analyzer.preprocess per file
-    (bounded window of chunks in flight) -> Analyzer.probabilities per batch -> findings
+    files (lazy) -> chunks of --batch-size -> worker pool: Predictor.preprocess per file
+    (bounded window of chunks in flight) -> Analyzer.run per batch -> findings
+
+The only place that decodes, checks, batches and runs images: `Analyzer.predict`,
+`predict_many`, `predict_files` and `embed`, bulk predict and the server all come here
+(inputs in memory are decoded in this process).
 
 A CPU backend that rebuilds from its file (ONNX) infers in the workers too when they have
 every core and are at least 3 (`workers_infer`): each worker decodes and infers its own
@@ -28,7 +32,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -37,6 +41,7 @@ from typing import IO, Any, Protocol, TypeVar
 import numpy as np
 
 from chestxray.errors import ImageReadError
+from chestxray.inference.backend import Backend
 from chestxray.inference.inputs import InputFile
 
 log = logging.getLogger(__name__)
@@ -44,16 +49,15 @@ T = TypeVar("T")
 
 
 class Predictor(Protocol):
-    """What the pipeline uses of an `Analyzer` (named structurally: the Analyzer's module
-    builds on this one, so this one cannot import it)."""
+    """What the pipeline uses of an `Analyzer` (whose module builds on this one)."""
 
     name: str
     batch_size: int
-    backend: Any
+    backend: Backend
 
     def preprocess(self, image: Any, name: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def probabilities(self, batch: Any) -> np.ndarray: ...
+    def run(self, batch: Any) -> tuple[np.ndarray, Any]: ...
 
 
 # (the chunk's model inputs stacked, or None when none could be read; {index in chunk: error}).
@@ -81,26 +85,18 @@ def default_workers(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
-def safe_preprocess(analyzer: Predictor, path: str) -> tuple["np.ndarray | None", str | None]:
-    """(model input, None) or (None, reason): one bad file must not lose its batch."""
-    try:
-        return analyzer.preprocess(path, path)[1], None
-    except ImageReadError as exc:
-        return None, exc.reason
-    except Exception as exc:
-        # Only the type: library messages can quote file contents.
-        return None, f"cannot read this input ({type(exc).__name__})"
-
-
-def decode_chunk(analyzer: Predictor, paths: list[str]) -> Decoded:
+def decode_chunk(analyzer: Predictor, files: list[InputFile]) -> Decoded:
+    """The model inputs stacked, and a reason for each file that failed: one bad file must
+    not lose its batch."""
     xs: list[np.ndarray] = []
     errors: dict[int, str] = {}
-    for i, path in enumerate(paths):
-        x, err = safe_preprocess(analyzer, path)
-        if err is not None:
-            errors[i] = err
-        else:
-            xs.append(x)  # type: ignore[arg-type]
+    for i, f in enumerate(files):
+        try:
+            xs.append(analyzer.preprocess(f.source, f.path)[1])
+        except ImageReadError as exc:
+            errors[i] = exc.reason
+        except Exception as exc:  # only the type: library messages can quote file contents
+            errors[i] = f"cannot read this input ({type(exc).__name__})"
     return (np.stack(xs) if xs else None), errors
 
 
@@ -129,33 +125,12 @@ def _exit_with_parent(pid: int) -> None:
             pass
 
 
-def run_batch(analyzer: Predictor, x: Any) -> tuple[Any, Any]:
-    """(probabilities, input-check scores or None) of one batch."""
-    run = getattr(analyzer, "run", None)
-    return run(x) if run is not None else (analyzer.probabilities(x), None)
-
-
-def _worker_decode(paths: list[str]) -> Decoded:
+def _worker_decode(files: list[InputFile]) -> Decoded:
     assert _WORKER is not None  # set by the pool initializer
-    x, errors = decode_chunk(_WORKER, paths)
+    x, errors = decode_chunk(_WORKER, files)
     if _WORKER_INFERS and x is not None:
-        return run_batch(_WORKER, x), errors
+        return _WORKER.run(x), errors
     return x, errors
-
-
-def worker_recipe(analyzer: Predictor) -> Any:
-    """How a worker rebuilds the analyzer's backend to infer itself, or None (see the top)."""
-    recipe = getattr(analyzer.backend, "worker_recipe", None)
-    return recipe() if recipe is not None else None
-
-
-def decoder_copy(analyzer: Predictor) -> Predictor:
-    """The Analyzer without its network, to send to worker processes: they run `preprocess`
-    (and, when they infer, a backend rebuilt from its recipe), so whatever the Analyzer does
-    there applies unchanged."""
-    clone = copy.copy(analyzer)
-    clone.backend = None  # a session/model does not pickle
-    return clone
 
 
 def _join(parts: list[Any]) -> Any:
@@ -214,8 +189,12 @@ class DecodePool:
         self.analyzer = analyzer
         self.workers = workers
         self.prefetch = prefetch or max(2, 2 * workers)
-        self._decoder = decoder_copy(analyzer) if workers > 0 else analyzer
-        self._recipe = worker_recipe(analyzer) if (infer and workers > 0) else None
+        # Workers get the Analyzer without its network (a session/model does not pickle): they
+        # run its `preprocess` (and, when they infer, a backend rebuilt from its recipe).
+        self._decoder = copy.copy(analyzer) if workers > 0 else analyzer
+        if workers > 0:
+            self._decoder.backend = Backend()
+        self._recipe = analyzer.backend.worker_recipe() if (infer and workers > 0) else None
         self.infers = self._recipe is not None
         self._pool: ProcessPoolExecutor | None = None
         self.draining = False  # every chunk submitted: the workers run out of work
@@ -249,13 +228,13 @@ class DecodePool:
         # Small tasks: both workers start at once and the run's tail (one task) stays short.
         with main_script_hidden():  # the pool starts (or replaces) its workers in submit()
             return [
-                (k, self._pool.submit(_worker_decode, [f.path for f in chunk[k : k + TASK_FILES]]))
+                (k, self._pool.submit(_worker_decode, chunk[k : k + TASK_FILES]))
                 for k in range(0, len(chunk), TASK_FILES)
             ]
 
     def _collect(self, chunk: list[InputFile], tasks: list[tuple[int, "Future[Decoded]"]] | None) -> Decoded:
         if tasks is None:
-            return decode_chunk(self._decoder, [f.path for f in chunk])
+            return decode_chunk(self._decoder, chunk)
         parts: list[Any] = []
         errors: dict[int, str] = {}
         try:
@@ -272,9 +251,8 @@ class DecodePool:
     def _model_loads(self) -> None:
         """A model not built yet in this process (`Analyzer.load(background=True)`) is built now
         and raises its error, if any: the workers that rebuild it died of that, not of a file."""
-        loaded = getattr(self.analyzer.backend, "loaded", None)
-        if self.infers and loaded is not None:
-            loaded()
+        if self.infers:
+            self.analyzer.backend.loaded()
 
     def _one_by_one(self, chunk: list[InputFile]) -> Decoded:
         """A worker died (a decoder crash, the OOM killer): redo this chunk file by file in a
@@ -287,7 +265,7 @@ class DecodePool:
             assert self._pool is not None
             try:
                 with main_script_hidden():
-                    task = self._pool.submit(_worker_decode, [f.path])
+                    task = self._pool.submit(_worker_decode, [f])
                 x, err = task.result()
             except BrokenProcessPool:
                 errors[i] = CRASHED
@@ -363,8 +341,8 @@ class CudaStager:
 
 
 def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
-    device = getattr(analyzer.backend, "device", None)
-    if device is None or getattr(device, "type", None) != "cuda":
+    device = analyzer.backend.device
+    if device is None or device.type != "cuda":
         return None
     return CudaStager(device)
 
@@ -379,62 +357,58 @@ def workers_infer(workers: int, stager: Any) -> bool:
     return stager is None and workers >= max(3, default_workers())
 
 
-def iter_probabilities(
+def iter_outputs(
     analyzer: Predictor,
     files: Iterable[InputFile],
     *,
     workers: int | None = None,
     batch_size: int | None = None,
     prefetch: int | None = None,
-    with_scores: bool = False,
-) -> Iterator[Any]:
-    """(file, probabilities, None) or (file, None, error) for every file, in input order.
+    features: bool = False,
+) -> Iterator[tuple[InputFile, Any, Any, str | None]]:
+    """(file, probabilities, checks or None, None) or (file, None, None, error) for every
+    file, in input order; the checks are the record `Analyzer.run` gives each image.
     `workers`: decoder processes (None: all cores; 0: decode in this process).
-    `with_scores`: (file, probabilities, input-check score or None, error) instead, from the
-    same forward pass (`Analyzer.run`; issue 13's input check).
-    `Analyzer.predict_files` turns these into Predictions."""
+    `features`: (file, pooled feature vector, None, None) instead (`Analyzer.embed`)."""
     workers = default_workers() if workers is None else workers
-    size = batch_size or analyzer.batch_size
-    stager = _cuda_stager(analyzer)
-
-    def emit(chunk: list[InputFile], probs: Any, scores: Any, errors: dict[int, str]) -> Iterator[Any]:
-        it = iter(probs if probs is not None else ())
-        k = 0
-        for i, f in enumerate(chunk):
-            if i in errors:
-                yield (f, None, None, errors[i]) if with_scores else (f, None, errors[i])
-            else:
-                score = None if scores is None else scores[k]  # a record of the checks (Analyzer.run)
-                k += 1
-                yield (f, next(it), score, None) if with_scores else (f, next(it), None)
-
-    split = _tail_splitter(analyzer, workers, stager)
-
-    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str], tail: bool = False) -> Iterator[Any]:
-        if staged is None:
-            yield from emit(chunk, None, None, errors)
-            return
-        x = stager.ready(staged) if stager is not None else staged
-        if tail and split is not None:
-            probs, scores = split(x, with_scores)
-        else:
-            probs, scores = run_batch(analyzer, x) if with_scores else (analyzer.probabilities(x), None)
-        yield from emit(chunk, probs, scores, errors)
-
-    chunks = chunked(files, size)
+    chunks = chunked(files, batch_size or analyzer.batch_size)
     first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
     if len(first) < 2:
         workers = 0  # one batch in all: starting worker processes would cost more than it saves
+    stager = _cuda_stager(analyzer) if len(first) == 2 else None  # one batch: no copy to overlap
+    infer: Callable[[Any], tuple[Any, Any]] = analyzer.run
+    if features:
+        infer = lambda x: (analyzer.backend.features(x), None)  # noqa: E731
+
+    def emit(chunk: list[InputFile], out: Any, errors: dict[int, str]) -> Iterator[tuple[InputFile, Any, Any, Any]]:
+        probs, scores = out if out is not None else ((), None)
+        it = iter(probs)
+        k = 0
+        for i, f in enumerate(chunk):
+            if i in errors:
+                yield f, None, None, errors[i]
+            else:
+                yield f, next(it), (None if scores is None else scores[k]), None
+                k += 1
+
+    split = _tail_splitter(analyzer, workers, stager, infer)
+
+    def finish(chunk: list[InputFile], staged: Any, errors: dict[int, str], tail: bool = False) -> Iterator[Any]:
+        if staged is None:
+            yield from emit(chunk, None, errors)
+            return
+        x = stager.ready(staged) if stager is not None else staged
+        yield from emit(chunk, split(x) if tail and split is not None else infer(x), errors)
+
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
     try:
-        with DecodePool(analyzer, workers, prefetch, infer=workers_infer(workers, stager)) as pool:
-            start = getattr(analyzer.backend, "start", None)
-            if start is not None and not pool.infers:
-                start()  # this process infers: its session loads while the first files decode
+        infers = not features and workers_infer(workers, stager)
+        with DecodePool(analyzer, workers, prefetch, infer=infers) as pool:
+            if not pool.infers:
+                analyzer.backend.start()  # this process infers: its session loads while the first files decode
             for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
                 if pool.infers:  # the workers ran the model: x is (probabilities, scores)
-                    probs, scores = x if x is not None else (None, None)
-                    yield from emit(chunk, probs, scores, errors)
+                    yield from emit(chunk, x, errors)
                     continue
                 if stager is None:  # CPU inference in this process: each chunk as soon as it is decoded
                     yield from finish(chunk, x, errors, tail=pool.draining and pool.workers > 0)
@@ -448,9 +422,7 @@ def iter_probabilities(
     finally:
         if split is not None:
             split.close()
-        settle = getattr(analyzer.backend, "settle", None)
-        if settle is not None:
-            settle()  # a session build started above ends before this process may exit
+        analyzer.backend.settle()  # a session build started above ends before this process may exit
 
 
 class _TailSplitter:
@@ -458,18 +430,16 @@ class _TailSplitter:
     the last batches on one core: split each batch over threads to use those cores (one
     onnxruntime session runs concurrent calls; each call releases the GIL)."""
 
-    def __init__(self, analyzer: Predictor, threads: int) -> None:
+    def __init__(self, infer: Callable[[Any], tuple[Any, Any]], threads: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.analyzer = analyzer
+        self.infer = infer
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="chestxray-infer")
 
-    def __call__(self, x: np.ndarray, with_scores: bool) -> tuple[np.ndarray, Any]:
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         parts = [p for p in np.array_split(x, min(self.threads, len(x))) if len(p)]
-        if not with_scores:
-            return np.concatenate(list(self.pool.map(self.analyzer.probabilities, parts))), None
-        outs = list(self.pool.map(lambda part: run_batch(self.analyzer, part), parts))
+        outs = list(self.pool.map(self.infer, parts))
         scores = [s for _, s in outs]
         joined = None if any(s is None for s in scores) else np.concatenate(scores)
         return np.concatenate([p for p, _ in outs]), joined
@@ -478,10 +448,12 @@ class _TailSplitter:
         self.pool.shutdown(wait=True)
 
 
-def _tail_splitter(analyzer: Predictor, workers: int, stager: Any) -> _TailSplitter | None:
-    if workers < 1 or stager is not None or not getattr(analyzer.backend, "concurrent_runs", False):
+def _tail_splitter(
+    analyzer: Predictor, workers: int, stager: Any, infer: Callable[[Any], tuple[Any, Any]]
+) -> _TailSplitter | None:
+    if workers < 1 or stager is not None or not analyzer.backend.concurrent_runs:
         return None
-    return _TailSplitter(analyzer, max(2, min(workers + 1, default_workers())))
+    return _TailSplitter(infer, max(2, min(workers + 1, default_workers())))
 
 
 class Progress:

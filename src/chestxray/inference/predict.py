@@ -11,14 +11,16 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from chestxray.data.images import DecodeLimits, to_gray
 from chestxray.data.transforms import EvalPreset, Preprocessing
-from chestxray.errors import BundleError, ChestXrayError, ImageReadError
+from chestxray.errors import BundleError, ChestXrayError
+from chestxray.inference.backend import Backend
 from chestxray.inference.inputs import InputFile
+from chestxray.models.bundle import BundleMeta
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,7 @@ class Embeddings:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-class Backend(Protocol):
-    """Runs the network: (N, 1, S, S) float32 in [0, 1] -> (N, C) probabilities."""
-
-    name: str
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: Any, device: str = "cpu", calibration: Any = None, input_check: Any = None) -> None:
@@ -116,10 +110,8 @@ class TorchBackend:
         self.calibrator = calibration  # the Calibration itself, for Grad-CAM's probabilities
         self.calibration = calibration.torch_params(self.device) if calibration is not None else None
         self.input_score = input_check.torch_module().to(self.device) if input_check is not None else None
+        self.has_score = self.input_score is not None
         self.check_layers = input_check.layers if input_check is not None else []
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(batch)[0]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, input-check scores or None) from one forward pass."""
@@ -155,7 +147,7 @@ def default_bundle_path() -> Path:
 
     path = Path(str(files("chestxray.weights").joinpath("default.safetensors")))
     if not path.is_file():
-        raise BundleError("this install has no bundled default model; pass --model BUNDLE")
+        raise BundleError("this install has no bundled default model; pass model=BUNDLE")
     return path
 
 
@@ -213,11 +205,11 @@ def resolve_backend(model: str | os.PathLike | None, backend: str = "auto") -> s
             backend = "onnx"
     elif backend == "torch":
         if fmt == "onnx":
-            raise ChestXrayError(f"{model}: this is an ONNX file; use --backend onnx (or leave --backend out)")
+            raise ChestXrayError(f"{model}: this is an ONNX file; use backend='onnx' (or 'auto')")
         if not torch_available():
             raise ChestXrayError(
-                "--backend torch needs torch: pip install 'chestxray[torch]'; "
-                "or use --backend onnx (onnxruntime, no torch needed)"
+                "backend='torch' needs torch: pip install 'chestxray[torch]'; "
+                "or use backend='onnx' (onnxruntime, no torch needed)"
             )
     return backend
 
@@ -247,7 +239,7 @@ class Analyzer:
         thresholds: Sequence[float],
         preprocessing: Preprocessing,
         name: str,
-        meta: Any = None,
+        meta: BundleMeta | None = None,
         batch_size: int = 16,
     ) -> None:
         if len(labels) != len(thresholds):
@@ -308,8 +300,7 @@ class Analyzer:
         model's by up to about 0.03, so outputs name the variant beside the model name."""
         if self.backend.name != "onnx":
             return f"{self.backend.name if self.backend.name != 'torch' else 'pytorch'} float32"
-        quantization = str(getattr(self.backend, "quantization", "none"))
-        return "onnx int8" if quantization.startswith("int8") else "onnx float32"
+        return "onnx int8" if self.backend.quantization.startswith("int8") else "onnx float32"
 
     def result(
         self,
@@ -332,12 +323,11 @@ class Analyzer:
     @property
     def model(self) -> Any:
         """The torch module (torch backend only), e.g. for Grad-CAM."""
-        model = getattr(self.backend, "model", None)
-        if model is None:
+        if self.backend.model is None:
             raise ChestXrayError(
                 f"the {self.backend.name} backend has no torch model; Grad-CAM needs the torch backend"
             )
-        return model
+        return self.backend.model
 
     def preprocess(self, image: Input, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(gray uint8 original, model input (1, S, S) float32) for one input."""
@@ -353,18 +343,13 @@ class Analyzer:
 
     @property
     def has_checks(self) -> bool:
-        return (
-            getattr(self.backend, "input_score", None) is not None
-            or getattr(self.backend, "has_score", False)
-            or (self.orientation is not None)
-        )
+        return self.backend.loaded().has_score or self.orientation is not None
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(calibrated probabilities, per-image checks or None) from one pass. The checks are
         a record per image (CHECKS): the input check's score (NaN without one) and the
         orientation check's outcome (code 0 without one); `warnings_for` reads them."""
-        run = getattr(self.backend, "run", None)
-        probs, scores = run(batch) if run is not None else (self.backend.probabilities(batch), None)
+        probs, scores = self.backend.run(batch)
         if scores is None and self.orientation is None:
             return probs, None
         checks = np.zeros(len(probs), CHECKS)
@@ -375,7 +360,7 @@ class Analyzer:
 
     @property
     def threshold_policy(self) -> str | None:
-        op = getattr(self.meta, "operating_point", None) or {}
+        op = (self.meta.operating_point if self.meta is not None else None) or {}
         return op.get("policy")
 
     def warnings_for(self, item: Input, label: str, checks: Any) -> list[str]:
@@ -388,8 +373,9 @@ class Analyzer:
         out = []
         record = checks is not None and getattr(checks, "dtype", None) == CHECKS
         score = float(checks["score"]) if record else (None if checks is None else float(checks))
-        if score is not None and not np.isnan(score) and getattr(self.meta, "input_check", None):
-            text = warning_text(score, float(self.meta.input_check["cutoff"]))
+        check = self.meta.input_check if self.meta is not None else None
+        if score is not None and not np.isnan(score) and check:
+            text = warning_text(score, float(check["cutoff"]))
             out += [text] if text else []
         if record and not out:
             text = orientation_warning(int(checks["turn"]), float(checks["fit"]), float(checks["upright"]))
@@ -412,127 +398,78 @@ class Analyzer:
         """
         if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)):
             return self.predict_many([inputs], names=names, progress=progress)[0]
-        return self.predict_many(list(inputs), names=names, progress=progress)
+        return self.predict_many(inputs, names=names, progress=progress)
 
     def predict_many(
         self,
-        inputs: Sequence[Input],
+        inputs: Iterable[Input],
         *,
-        names: Sequence[str] | None = None,
+        names: Iterable[str] | None = None,
         progress: bool = False,
         workers: int | None = 0,
-    ) -> list[Prediction]:
-        """As `predict` for a sequence, typed as a list. With `workers` (None: all cores, or
-        N) and file paths as inputs, files are decoded by the bulk pipeline's worker
-        processes (inference/pipeline.py); 0 (the default): in this process."""
-        if workers != 0 and names is None and all(isinstance(x, (str, os.PathLike)) for x in inputs):
-            files = (InputFile.of(os.fspath(x)) for x in inputs)  # type: ignore[arg-type]
-            return [p for _, p in self.predict_files(files, workers=workers)]
-        if names is None:
-            names = [self._label(x, i) for i, x in enumerate(inputs)]
-        return list(self.iter_predict(inputs, names, progress=progress))
-
-    def iter_files(
-        self,
-        paths: Iterable[str | os.PathLike],
-        *,
-        workers: int | None = None,
         batch_size: int | None = None,
-        from_list: str | None = None,
-    ) -> Iterator[Prediction]:
-        """Findings for files, folders and globs, lazily and in input order, decoded by
-        `workers` processes (None: all cores; 0: this process). For archives of any size:
-        memory stays bounded; an unreadable file gives a Prediction with `error`."""
-        from chestxray.inference.inputs import iter_inputs
+    ) -> list[Prediction]:
+        """As `predict` for an iterable (read as it goes), typed as a list. With `workers`
+        (None: all cores, or N), the bulk pipeline's worker processes decode (and may infer)
+        file paths; 0 (the default): this process. `names`: what each result calls its input
+        (default: the path, or "<input K>")."""
+        from tqdm.auto import tqdm
 
-        for _, p in self.predict_files(iter_inputs(paths, from_list), workers=workers, batch_size=batch_size):
-            yield p
+        if workers != 0 or names is not None:
+            inputs = list(inputs)
+            if not all(isinstance(x, (str, os.PathLike)) for x in inputs):
+                workers = 0  # in-memory images are decoded here, not sent to worker processes
+        total = len(inputs) if isinstance(inputs, list) else None
+        results = self.predict_files(self._items(inputs, names), workers=workers, batch_size=batch_size)
+        out = [p for _, p in tqdm(results, total=total, unit="img", desc="predict", disable=not progress)]
+        for p in out:
+            if p.error is not None:
+                log.warning("skipped %s: %s", p.file, p.error)
+        return out
 
     def predict_files(
         self, files: Iterable[InputFile], *, workers: int | None = None, batch_size: int | None = None
     ) -> Iterator[tuple[InputFile, Prediction]]:
-        """(file, Prediction) through the streaming pipeline (inference/pipeline.py)."""
-        from chestxray.inference.pipeline import iter_probabilities
+        """(file, Prediction), lazily and in input order, through the streaming pipeline
+        (inference/pipeline.py): `workers` processes decode (None: all cores; 0: this process).
+        For archives of any size: memory stays bounded."""
+        from chestxray.inference.pipeline import iter_outputs
 
-        items = iter_probabilities(self, files, workers=workers, batch_size=batch_size, with_scores=True)
-        for f, probs, score, error in items:
+        for f, probs, checks, error in iter_outputs(self, files, workers=workers, batch_size=batch_size):
             if probs is None:
                 yield f, self.result(f.path, error=error)
             else:
-                warnings = self.warnings_for(f.path, f.path, score)
+                warnings = self.warnings_for(f.source, f.path, checks)
                 yield f, self.result(f.path, self.findings_from(probs), warnings=warnings)
 
-    def iter_predict(
-        self, items: Sequence[Input], names: Sequence[str], progress: bool = False
-    ) -> Iterator[Prediction]:
-        """Predictions of `items` in order, in batches; `names` are what each result (and
-        each error) calls its input, e.g. the file names."""
-        if len(names) != len(items):
-            raise ChestXrayError(f"iter_predict: {len(items)} inputs but {len(names)} names")
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
-        for start in range(0, len(items), self.batch_size):
-            chunk = range(start, min(start + self.batch_size, len(items)))
-            ready: list[tuple[int, np.ndarray]] = []
-            errors: dict[int, str] = {}
-            for i in chunk:
-                try:
-                    ready.append((i, self.preprocess(items[i], names[i])[1]))
-                except ImageReadError as exc:
-                    errors[i] = exc.reason
-                    log.warning("skipped %s: %s", names[i], exc.reason)
-                except Exception as exc:  # one odd input must not lose the others' results
-                    # Only the type: library messages can quote file contents.
-                    errors[i] = f"cannot read this input ({type(exc).__name__})"
-                    log.warning("skipped %s: %s", names[i], errors[i])
-            probs, scores = self.run(np.stack([x for _, x in ready])) if ready else (None, None)
-            by_index = {i: k for k, (i, _) in enumerate(ready)}
-            for i in chunk:
-                if i in errors:
-                    yield self.result(names[i], error=errors[i])
-                else:
-                    k = by_index[i]
-                    warn = self.warnings_for(items[i], names[i], scores[k] if scores is not None else None)
-                    yield self.result(names[i], self.findings_from(probs[k]), warnings=warn)  # type: ignore[index]
-            bar.update(len(chunk))
-        bar.close()
-
     def embed(
-        self, inputs: Sequence[Input], *, names: Sequence[str] | None = None, progress: bool = False
+        self, inputs: Iterable[Input], *, names: Iterable[str] | None = None, progress: bool = False
     ) -> Embeddings:
         """Pooled feature vectors (the input of the final layer) for retrieval, clustering or
         linear probes. Torch backend, or an ONNX file exported with a "features" output."""
         from tqdm.auto import tqdm
 
-        features = getattr(self.backend, "features", None)
-        if features is None:
-            raise ChestXrayError(f"the {self.backend.name} backend gives no feature vectors")
-        items = list(inputs)
-        labels = list(names) if names is not None else [self._label(x, i) for i, x in enumerate(items)]
-        rows: list[np.ndarray | None] = [None] * len(items)
-        errors: dict[int, str] = {}
-        for start in tqdm(range(0, len(items), self.batch_size), desc="embed", disable=not progress):
-            ready: list[tuple[int, np.ndarray]] = []
-            for i in range(start, min(start + self.batch_size, len(items))):
-                try:
-                    ready.append((i, self.preprocess(items[i], labels[i])[1]))
-                except ImageReadError as exc:
-                    errors[i] = exc.reason
-                except Exception as exc:  # one odd input must not lose the others (type only, as predict)
-                    errors[i] = f"cannot read this input ({type(exc).__name__})"
-            if ready:
-                for (i, _), vec in zip(ready, features(np.stack([x for _, x in ready]))):
-                    rows[i] = vec
-        dim = next((len(r) for r in rows if r is not None), 0)
-        out = np.full((len(items), dim), np.nan, dtype=np.float32)
-        for i, r in enumerate(rows):
-            if r is not None:
-                out[i] = r
-        return Embeddings(labels, out, errors)
+        from chestxray.inference.pipeline import iter_outputs
+
+        files = list(self._items(inputs, names))
+        outputs = iter_outputs(self, files, workers=0, features=True)
+        rows = [(v, e) for _, v, _, e in tqdm(outputs, total=len(files), desc="embed", disable=not progress)]
+        vectors = np.full((len(files), next((len(v) for v, _ in rows if v is not None), 0)), np.nan, np.float32)
+        for i, (v, _) in enumerate(rows):
+            if v is not None:
+                vectors[i] = v
+        return Embeddings([f.path for f in files], vectors, {i: e for i, (_, e) in enumerate(rows) if e is not None})
 
     @staticmethod
-    def _label(item: Input, i: int) -> str:
-        if isinstance(item, (str, os.PathLike)):
-            return str(item)
-        return f"<input {i}>"
+    def _items(inputs: Iterable[Input], names: Iterable[str] | None) -> Iterable[InputFile]:
+        """The pipeline's items: a path as itself, else named "<input K>" (bytes, arrays), or
+        each input under its given name."""
+        if names is None:
+            return (
+                InputFile(os.fspath(x)) if isinstance(x, (str, os.PathLike)) else InputFile(f"<input {i}>", data=x)
+                for i, x in enumerate(inputs)
+            )
+        items, labels = list(inputs), list(names)
+        if len(items) != len(labels):
+            raise ChestXrayError(f"predict: {len(items)} inputs but {len(labels)} names")
+        return [InputFile(name, data=x) for x, name in zip(items, labels)]

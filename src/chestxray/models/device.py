@@ -13,7 +13,7 @@ _PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 def check_device_name(name: str) -> str:
     """Syntax only (no torch import): for argparse and torch-free paths."""
     if not _PATTERN.match(name):
-        raise ChestXrayError(f"--device {name!r}: expected {DEVICE_HELP}")
+        raise ChestXrayError(f"device={name!r}: expected {DEVICE_HELP}")
     return name
 
 
@@ -27,8 +27,8 @@ def resolve_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
-        raise ChestXrayError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        raise ChestXrayError(f"device={name!r}: no CUDA device is available here; use device='cpu' or 'auto'")
     index = int(name.split(":")[1]) if ":" in name else 0
     if index >= torch.cuda.device_count():
-        raise ChestXrayError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ChestXrayError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name

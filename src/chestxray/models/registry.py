@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,8 @@ def _with_imagenet(spec: ModelSpec, num_classes: int) -> nn.Module:
         url = getattr(enum, "url", "?")
         raise WeightsUnavailableError(
             f"cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {exc}). "
-            f"They download from {url} into $TORCH_HOME. Offline, pass --weights none "
-            "(random initialisation) or --weights FILE (a local .pth or .safetensors state dict)."
+            f"They download from {url} into $TORCH_HOME. Offline, pass weights='none' "
+            "(random initialisation) or weights=FILE (a local .pth or .safetensors state dict)."
         ) from None
     _set_module(backbone, spec.head, nn.Linear(_head(backbone, spec).in_features, num_classes))
     return backbone
@@ -169,7 +170,7 @@ def _with_imagenet(spec: ModelSpec, num_classes: int) -> nn.Module:
 def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> None:
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"--weights {path}: no such file; use 'imagenet', 'none' or a path to a state dict"
+            f"weights={str(path)!r}: no such file; use 'imagenet', 'none' or a path to a state dict"
         )
     try:
         if path.suffix == ".safetensors":
@@ -177,17 +178,20 @@ def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> Non
 
             state: Any = load_file(str(path))
         else:
-            # weights_only: a state dict of tensors, never arbitrary pickled objects.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a state dict of tensors, never arbitrary pickled objects. Its warnings
+            # (e.g. about a foreign pickle protocol) would only precede the one-line error below.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
     except Exception:
         # torch's own message advises weights_only=False, which would run code from the file.
         raise WeightsUnavailableError(
-            f"--weights {path}: not a state dict (.pth of tensors or .safetensors) that can be read safely"
+            f"weights={str(path)!r}: not a state dict (.pth of tensors or .safetensors) that can be read safely"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise WeightsUnavailableError(f"--weights {path}: not a state dict (a mapping of names to tensors)")
+        raise WeightsUnavailableError(f"weights={str(path)!r}: not a state dict (a mapping of names to tensors)")
     head_prefix = spec.head + "."
     head_shape = _head(backbone, spec).weight.shape
     state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and v.shape[0] != head_shape[0])}
@@ -195,12 +199,12 @@ def _load_backbone_file(backbone: nn.Module, path: Path, spec: ModelSpec) -> Non
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatches; torch lists every one
         raise WeightsUnavailableError(
-            f"--weights {path}: not a {spec.name} state dict ({str(exc).splitlines()[-1].strip()[:200]})"
+            f"weights={str(path)!r}: not a {spec.name} state dict ({str(exc).splitlines()[-1].strip()[:200]})"
         ) from None
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     if missing or result.unexpected_keys:
         raise WeightsUnavailableError(
-            f"--weights {path}: not a {spec.name} state dict (missing {missing[:3]}, "
+            f"weights={str(path)!r}: not a {spec.name} state dict (missing {missing[:3]}, "
             f"unexpected {list(result.unexpected_keys)[:3]})"
         )
 

@@ -60,8 +60,8 @@ def timm_spec(name: str) -> ModelSpec:
         except Exception as exc:  # hub errors come in many types (OSError, HTTP, offline mode)
             raise WeightsUnavailableError(
                 f"cannot get pretrained weights for timm model {arch} ({type(exc).__name__}: {exc}). "
-                "timm downloads them from its hub. Offline, pass --weights none (random "
-                "initialisation) or --weights FILE (a local state dict of this model)."
+                "timm downloads them from its hub. Offline, pass weights='none' (random "
+                "initialisation) or weights=FILE (a local state dict of this model)."
             ) from None
 
     return ModelSpec(

@@ -40,7 +40,7 @@ def _no_imagenet(name: str):
     def refuse(num_classes: int) -> nn.Module:
         raise WeightsUnavailableError(
             f"{name} has no ImageNet weights; make a bundle from torchxrayvision's weights with "
-            f"`chestxray import xrv NAME --out BUNDLE` and train from it with --init BUNDLE, or pass --weights none"
+            "`chestxray import xrv` (models.xrv_import) and train from it with init=BUNDLE, or pass weights='none'"
         )
 
     return refuse

@@ -85,7 +85,7 @@ def download(url: str, dest: Path, *, connect_timeout: float = CONNECT_TIMEOUT) 
         exc = outcome["error"]
         raise WeightsUnavailableError(
             f"cannot download {url} ({type(exc).__name__}: {exc}). Without a network, download that file "
-            "elsewhere and pass it with --file PATH"
+            "elsewhere and pass it with file=PATH"
         )
 
 
@@ -196,7 +196,7 @@ def read_weights_file(path: Path, weights: XrvWeights, trust_pickle: bool, warn:
             raise XrvImportError(
                 f"{path}: a pickled whole model (torchxrayvision saves its DenseNet weights this way), "
                 "which torch.load(weights_only=True) refuses. To read it through a restricted unpickler that "
-                "allows only torchxrayvision's module classes and tensors, pass --trust-pickle"
+                "allows only torchxrayvision's module classes and tensors, pass trust_pickle=True"
             ) from None
         log.debug("weights_only load refused (%s); restricted unpickler", str(exc)[:200])
         warn(PICKLE_WARNING)
@@ -281,7 +281,7 @@ def import_xrv(
         if file is not None:
             path = Path(file)
             if not path.is_file():
-                raise WeightsUnavailableError(f"--file {path}: no such file")
+                raise WeightsUnavailableError(f"file={str(path)!r}: no such file")
             origin = f"file {path.name} given with --file"
         else:
             path = Path(tmp) / weights.filename

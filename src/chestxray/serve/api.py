@@ -69,17 +69,17 @@ def model_info(rt: Runtime) -> ModelOut:
     return ModelOut(
         name=analyzer.name,
         backend=rt.backend,
-        variant=str(getattr(analyzer, "variant", rt.backend)),
+        variant=analyzer.variant,
         labels=rt.labels,
         thresholds={lab: float(t) for lab, t in zip(rt.labels, analyzer.thresholds)},
-        threshold_method=str(getattr(meta, "threshold_method", "") or ""),
+        threshold_method=meta.threshold_method if meta else "",
         preprocessing=analyzer.preprocessing.to_dict(),
-        metrics=dict(getattr(meta, "metrics", {}) or {}),
-        training=dict(getattr(meta, "training", {}) or {}),
+        metrics=dict(meta.metrics) if meta else {},
+        training=dict(meta.training) if meta else {},
         grad_cam=rt.has_cam,
-        calibration=getattr(meta, "calibration", None),
-        operating_point=getattr(meta, "operating_point", None),
-        input_check=getattr(meta, "input_check", None),
+        calibration=meta.calibration if meta else None,
+        operating_point=meta.operating_point if meta else None,
+        input_check=meta.input_check if meta else None,
         max_upload_bytes=rt.settings.max_upload_bytes,
         note=NOT_FOR_CLINICAL_USE,
     )
@@ -135,8 +135,11 @@ async def create_analysis(request: Request, rt: Runtime) -> AnalysisOut:
         display = await rt.decoder.run(render.fit, gray, rt.display_max_side)
         # The viewer's copy at the upload's own depth (a DICOM's modality values).
         full = await rt.within_deadline(rt.decoder.run(viewer_routes.full_depth, data, display, rt.limits))
+        # A DICOM's patient and study modules and UIDs (not its pixels), for its SR download.
+        sr_source = await rt.decoder.run(request.app.state.sr_reports.keep, data)
         del data
-    key = rt.store.add(Analysis(gray=gray, display=display, prediction=result, viewer={viewer_routes.FULL: full}))
+    viewer = {viewer_routes.FULL: full, viewer_routes.SR_SOURCE: sr_source}
+    key = rt.store.add(Analysis(gray=gray, display=display, prediction=result, viewer=viewer))
     base = f"/api/v1/analyses/{key}"
     return AnalysisOut(
         id=key,

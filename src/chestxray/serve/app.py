@@ -35,6 +35,7 @@ from chestxray.serve.metrics import ACCESS_LOG, access_line, quiet_third_party_l
 from chestxray.serve.runtime import Busy, ServeSettings
 from chestxray.serve.schemas import HealthOut
 from chestxray.serve.state import CAM_NOTE_HEADER, UPLOAD_NAME, ServeRuntime, decode_upload, shorten
+from chestxray.serve.studies import StudySource, studies_router
 from chestxray.serve.uploads import UploadError, check_upload_headers
 
 __all__ = ["CAM_NOTE_HEADER", "CONFIG_ENV", "UPLOAD_NAME", "app_from_env", "create_app", "decode_upload", "shorten"]
@@ -165,9 +166,13 @@ def create_app(
     result_ttl_s: float = 600.0,
     store_max_bytes: int = 256 * 2**20,
     display_max_side: int = render.DISPLAY_MAX_SIDE,
+    model_file: str | os.PathLike | None = None,
+    studies: StudySource | None = None,
+    show_patient_names: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving `analyzer` (a `chestxray.inference.predict.Analyzer`) within
-    the limits of `settings`."""
+    the limits of `settings`. `model_file`, the analyzer's file, lets the viewer offer DICOM
+    SRs (with the pacs extra); `studies` adds the Studies page over that PACS."""
     settings = settings or ServeSettings()
     quiet_third_party_loggers()
     runtime = ServeRuntime(
@@ -205,7 +210,10 @@ def create_app(
     app.add_middleware(ObserveRequests, runtime=runtime)
     for error, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(error, handler)
+    app.state.sr_reports = viewer_routes.SrReports(analyzer, model_file)
     for router in ROUTERS:
+        if router is page.router and studies is not None:
+            app.include_router(studies_router(studies, show_patient_names=show_patient_names))
         app.include_router(router)
     return app
 
@@ -252,5 +260,8 @@ def app_from_env() -> FastAPI:
         config = json.loads(os.environ[CONFIG_ENV])
     except (KeyError, ValueError):
         raise ChestXrayError(f"{CONFIG_ENV} is not set: start workers with `chestxray serve --workers N`") from None
+    from chestxray.pacs.engine import model_file
+
     analyzer = Analyzer.load(config["model"], backend=config["backend"], device=config["device"])
-    return create_app(analyzer, settings=ServeSettings(**config["settings"]))
+    path = model_file(config["model"], config["backend"])
+    return create_app(analyzer, settings=ServeSettings(**config["settings"]), model_file=path)

@@ -92,8 +92,10 @@ class ServeRuntime:
         self.settings = settings
         self.labels = list(analyzer.labels)
         self.backend = str(analyzer.backend.name)
-        try:
-            analyzer.model  # noqa: B018 - raises for backends without a torch model
+        from chestxray.inference.explain import check_cam_support
+
+        try:  # torch models, and ONNX files exported with the class activation maps
+            check_cam_support(analyzer)
             self.has_cam = True
         except ChestXrayError:
             self.has_cam = False
@@ -201,7 +203,9 @@ class ServeRuntime:
 
     def check_finding(self, finding: str) -> str:
         if not self.has_cam:
-            raise HTTPException(501, f"Grad-CAM needs the torch backend; this server runs {self.backend}")
+            raise HTTPException(
+                501, f"this {self.backend} model gives no Grad-CAM maps (an ONNX file needs a 'cam' output)"
+            )
         from chestxray.inference.explain import resolve_findings
 
         try:  # exact, case-insensitive or NIH spelling ("Infiltrate"); unknown -> ChestXrayError

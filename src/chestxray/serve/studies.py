@@ -6,14 +6,15 @@
 
 The page analyses a study by posting the fetched image to /api/v1/analyses like any upload, so the
 upload path's limits and queue apply unchanged. The DICOMweb implementation of `StudySource` (QIDO,
-WADO, the SR and STOW) belongs to the PACS package; this module defines only what the viewer needs.
+WADO, the SR and STOW) and the records it returns belong to the PACS package
+(`chestxray.pacs.studies`); this module defines only what the viewer needs.
 Patient names reach the page only when the server was started to show them, and are never logged.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter, HTTPException, Query
@@ -21,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from chestxray.errors import ChestXrayError
+from chestxray.pacs.studies import StudyImage, StudyQuery, StudyRow
 from chestxray.serve.state import Runtime
 from chestxray.serve.viewer_routes import STUDIES_ROUTE
 
@@ -29,34 +31,8 @@ if TYPE_CHECKING:
 
 DATE = re.compile(r"^\d{8}$")
 ACCESSION = re.compile(r"^[A-Za-z0-9 ._\-]{1,16}$")  # DICOM SH, with no QIDO wildcard (* ?)
+__all__ = ["StudyImage", "StudyQuery", "StudyRow", "StudySource", "studies_router"]
 UID = re.compile(r"^[0-9.]{1,64}$")
-
-
-@dataclass(frozen=True)
-class StudyQuery:
-    date_from: str | None = None  # YYYYMMDD, inclusive
-    date_to: str | None = None
-    accession: str | None = None  # exact
-    offset: int = 0
-    limit: int = 20
-
-
-@dataclass(frozen=True)
-class StudyRow:
-    study_uid: str
-    date: str
-    accession: str
-    description: str
-    images: int | None  # CR/DX instances, when the PACS says
-    has_result: bool  # this model's SR is already in the study
-    patient_name: str | None = None  # only shown with --show-patient-names
-
-
-@dataclass(frozen=True)
-class StudyImage:
-    data: bytes  # DICOM Part 10 of the study's first CR/DX instance
-    series_uid: str
-    sop_uid: str
 
 
 class StudySource(Protocol):

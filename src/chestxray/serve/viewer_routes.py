@@ -5,6 +5,7 @@
   GET /api/v1/analyses/{id}/heat.png      a finding's Grad-CAM in colour (no image under it)
   GET /api/v1/analyses/{id}/result.json   the findings as a download
   GET /api/v1/analyses/{id}/report.png    a one-page PNG report
+  GET /api/v1/analyses/{id}/sr.dcm        the findings as this model's DICOM SR (DICOM inputs)
 
 The page windows the 16-bit values itself (through a lookup table), so window/level needs no
 request; the heat map comes without the image so that the page can fade it.
@@ -12,28 +13,38 @@ request; the heat map comes without the image so that the page can fade it.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
+import os
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from chestxray import NOT_FOR_CLINICAL_USE
 from chestxray.data.images import DecodeLimits, read_dicom_values, sniff_image_format
-from chestxray.errors import ImageReadError
+from chestxray.errors import ChestXrayError, ImageReadError
 from chestxray.serve import render
 from chestxray.serve.state import Runtime, ServeRuntime
 from chestxray.serve.store import Analysis
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from chestxray.inference.predict import Prediction
+    from chestxray.pacs.studies import SrMaker
 
 router = APIRouter(tags=["viewer"])
 PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 MISSING: dict[int | str, dict[str, Any]] = {404: {"description": "unknown or expired analysis id"}}
 FULL = "full"
 STUDIES_ROUTE = "chestxray_studies"  # the name of the study list route, when a PACS is configured
+SR_SOURCE = "sr_source"  # a DICOM input's patient and study modules and UIDs (no pixels), for its SR
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,35 @@ class HeatLayer:
     @property
     def nbytes(self) -> int:
         return int(self.rgb.nbytes + len(self.png))
+
+
+class SrReports:
+    """This model's DICOM SR of stored analyses, built by the pacs package (its extra) for the
+    model file `model_file`, whose SHA-256 names the model in the SR and derives its UIDs."""
+
+    def __init__(self, analyzer: Any, model_file: str | os.PathLike | None) -> None:
+        self.analyzer, self.model_file = analyzer, model_file
+        self.available = model_file is not None and importlib.util.find_spec("highdicom") is not None
+        self._maker: SrMaker | None = None
+        self._lock = threading.Lock()
+
+    def keep(self, data: bytes) -> Dataset | None:
+        """What an SR needs of an input, when it is DICOM and an SR can be built here; else None."""
+        if not self.available or sniff_image_format(data[:132]) not in (None, "dicom"):
+            return None
+        from chestxray.pacs.studies import sr_source_of_bytes
+
+        return sr_source_of_bytes(data)
+
+    def encode(self, source: Dataset, prediction: Prediction) -> bytes:
+        from chestxray.pacs.studies import SrMaker
+
+        with self._lock:
+            if self._maker is None:
+                from chestxray.pacs.engine import model_info
+
+                self._maker = SrMaker(model_info(self.analyzer, self.model_file, str(self.analyzer.backend.name)))
+        return self._maker.encode(source, prediction)
 
 
 def full_depth(data: bytes, display: np.ndarray, limits: DecodeLimits | None = None) -> FullDepth:
@@ -176,6 +216,7 @@ class DisplayOut(BaseModel):
     heat_url: str | None
     result_url: str
     report_url: str
+    sr_url: str | None = Field(None, description="this model's DICOM SR of the findings (DICOM inputs only)")
 
 
 def _full(item: Analysis) -> FullDepth:
@@ -239,6 +280,7 @@ def display_info(analysis_id: str, rt: Runtime) -> DisplayOut:
         heat_url=f"{base}/heat.png" if rt.has_cam else None,
         result_url=f"{base}/result.json",
         report_url=f"{base}/report.png",
+        sr_url=f"{base}/sr.dcm" if item.viewer.get(SR_SOURCE) is not None else None,
     )
 
 
@@ -265,6 +307,37 @@ def result_json(analysis_id: str, rt: Runtime) -> JSONResponse:
     item = rt.analysis(analysis_id)
     body = {**item.prediction.to_dict(), "note": NOT_FOR_CLINICAL_USE}
     return JSONResponse(body, headers={"Content-Disposition": 'attachment; filename="chestxray-result.json"'})
+
+
+@router.get(
+    "/api/v1/analyses/{analysis_id}/sr.dcm",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/dicom": {}}, "description": "DICOM Comprehensive SR (Part 10)"},
+        **MISSING,
+        422: {"description": "not a DICOM input, or its header cannot make an SR"},
+        501: {"description": "this server cannot build SRs (the pacs extra, or its model file, missing)"},
+    },
+)
+async def result_sr(request: Request, rt: Runtime, analysis_id: str) -> Response:
+    """The findings as this model's DICOM SR (TID 1500), for the study of the DICOM input:
+    the same report `chestxray listen` and `dicomweb` store in a PACS."""
+    reports: SrReports = request.app.state.sr_reports
+    if not reports.available:
+        raise HTTPException(501, "DICOM SRs need the pacs extra (pip install 'chestxray[pacs]') and the model file")
+    item = rt.analysis(analysis_id)
+    source = item.viewer.get(SR_SOURCE)
+    if source is None:
+        raise HTTPException(422, "a DICOM SR is made for DICOM inputs with study and instance UIDs only")
+    try:
+        data = await rt.decoder.run(reports.encode, source, item.prediction)
+    except ChestXrayError as exc:
+        raise HTTPException(422, f"cannot build the SR: {exc}") from None
+    except Exception as exc:  # a header highdicom cannot copy (e.g. malformed patient module)
+        raise HTTPException(422, f"cannot build the SR from this DICOM header ({type(exc).__name__})") from None
+    return Response(
+        data, media_type="application/dicom", headers={"Content-Disposition": 'attachment; filename="chestxray-sr.dcm"'}
+    )
 
 
 @router.get("/api/v1/analyses/{analysis_id}/report.png", response_class=Response, responses={**PNG, **MISSING})

@@ -278,9 +278,9 @@ def check_config(weights: str, freeze: str) -> None:
     if weights == "none" and freeze in ("seed", "head"):
         frozen = "the stem and layer1" if freeze == "seed" else "everything but the head"
         raise ChestXrayError(
-            f"--weights none with --freeze {freeze} keeps {frozen} at random values (it trains to "
-            "chance level); use --recipe scratch (all layers, AdamW, one-cycle to 1e-3, strong "
-            "augmentation) or at least --freeze all"
+            f"weights='none' with freeze={freeze!r} keeps {frozen} at random values (it trains to "
+            "chance level); use recipe='scratch' (all layers, AdamW, one-cycle to 1e-3, strong "
+            "augmentation) or at least freeze='all'"
         )
 
 

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 # The process-group helpers live on the inference floor so that sharded predict shares them.
-from chestxray.inference.distributed import DistInfo, barrier, init_distributed, shutdown
+from chestxray.inference.distributed import DistInfo, barrier, init_distributed, shutdown, sum_over_ranks
 
 __all__ = ["DistInfo", "all_mean", "barrier", "gather_rows", "init_distributed", "shutdown"]
 
 
 def all_mean(value: float, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item() / info.world_size)
+    return float(sum_over_ranks(value, info)) / info.world_size
 
 
 def gather_rows(rows: np.ndarray, values: np.ndarray, n_total: int, info: DistInfo) -> np.ndarray:

@@ -55,7 +55,7 @@ def make_ensemble(
     from chestxray.models.bundle import BundleMeta, load_bundle, save_bundle
 
     if len(bundles) < 2:
-        raise ChestXrayError("an ensemble needs at least two --models")
+        raise ChestXrayError("an ensemble needs at least two bundles (models=)")
     loaded = [load_bundle(b) for b in bundles]
     labels, size = loaded[0][1].labels, loaded[0][1].preprocessing.size
     for path, (_, meta) in zip(bundles, loaded):

@@ -31,7 +31,9 @@ def config_for_init(cfg: Any) -> Any:
     size unless the config gives one. The bundle's weights replace `weights`."""
     meta = read_bundle_meta(cfg.init)
     if meta.architecture == "ensemble":
-        raise ChestXrayError(f"--init {cfg.init}: an ensemble bundle cannot be fine-tuned; pass one of its members")
+        raise ChestXrayError(
+            f"init={str(cfg.init)!r}: an ensemble bundle cannot be fine-tuned; pass one of its members"
+        )
     size = cfg.image_size if cfg.image_size is not None else meta.preprocessing.size
     return dataclasses.replace(cfg, model=meta.architecture, image_size=size)
 
@@ -57,18 +59,18 @@ def init_from_bundle(
     Fresh rows come from the caller's RNG state (seed it for a reproducible run)."""
     source, meta = load_bundle(path)
     if meta.architecture == "ensemble" or not isinstance(source, ChestClassifier):
-        raise ChestXrayError(f"--init {path}: an ensemble bundle cannot be fine-tuned; pass one of its members")
+        raise ChestXrayError(f"init={str(path)!r}: an ensemble bundle cannot be fine-tuned; pass one of its members")
     pre = meta.preprocessing if image_size is None else dataclasses.replace(meta.preprocessing, size=image_size)
     model = build_from_meta(meta.architecture, len(labels), pre)
     assert isinstance(model, ChestClassifier)  # build_from_meta gives one for a non-ensemble
     head_name = get_spec(meta.architecture).head
     old_head, new_head = _get_module(source.backbone, head_name), _get_module(model.backbone, head_name)
     if not isinstance(old_head, nn.Linear) or not isinstance(new_head, nn.Linear):
-        raise ChestXrayError(f"--init {path}: the output layer of {meta.architecture} is not a linear layer")
+        raise ChestXrayError(f"init={str(path)!r}: the output layer of {meta.architecture} is not a linear layer")
     body = {k: v for k, v in source.backbone.state_dict().items() if not k.startswith(head_name + ".")}
     result = model.backbone.load_state_dict(body, strict=False)
     if result.unexpected_keys or any(not k.startswith(head_name + ".") for k in result.missing_keys):
-        raise ChestXrayError(f"--init {path}: weights do not fit {meta.architecture}")  # pragma: no cover
+        raise ChestXrayError(f"init={str(path)!r}: weights do not fit {meta.architecture}")  # pragma: no cover
     old_index = {lab: i for i, lab in enumerate(meta.labels)}
     remap = HeadRemap(
         kept=[lab for lab in labels if lab in old_index],

@@ -127,7 +127,7 @@ def _pos_weight(cfg: TrainConfig, labels: np.ndarray) -> torch.Tensor | None:
     if cfg.pos_weight == "none":
         return None
     if cfg.pos_weight != "balanced":
-        raise ChestXrayError(f"unknown --pos-weight {cfg.pos_weight!r}; choose none or balanced")
+        raise ChestXrayError(f"unknown pos_weight={cfg.pos_weight!r}; choose none or balanced")
     pos = np.nansum(labels, 0)
     known = np.isfinite(labels).sum(0)  # unknown labels count as neither
     # negatives / positives per class, capped so a class with 1-2 positives cannot dominate.
@@ -294,7 +294,7 @@ class Trainer:
 
         def bad(what: str, exc: BaseException | None = None) -> ChestXrayError:
             reason = f" ({type(exc).__name__}: {short(str(exc).splitlines()[0] if str(exc) else '')})" if exc else ""
-            return ChestXrayError(f"--resume: {path}: {what}{reason}; start again with --overwrite")
+            return ChestXrayError(f"resume=True: {path}: {what}{reason}; start again with overwrite=True")
 
         try:
             saved = json.loads(state["args"])
@@ -306,7 +306,7 @@ class Trainer:
         for key in ("model", "image_size", "freeze", "epochs", "batch_size", "seed", "augment", "schedule"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise ChestXrayError(
-                    f"--resume: checkpoint {path} was made with {key}={short(saved.get(key))}, "
+                    f"resume=True: checkpoint {path} was made with {key}={short(saved.get(key))}, "
                     f"this run has {key}={getattr(self.cfg, key)!r}"
                 )
         numbers: dict[str, Any] = {}

@@ -74,7 +74,9 @@ def choose_labels(indexes: list[DatasetIndex], wanted: str | None) -> list[str]:
         names = [w.strip() for w in wanted.split(",") if w.strip()]
         unknown = [n for n in names if n not in VOCABULARY]
         if unknown:
-            raise ChestXrayError(f"--labels: unknown finding {unknown[0]!r}; see `chestxray datasets` for the names")
+            raise ChestXrayError(
+                f"labels={wanted!r}: unknown finding {unknown[0]!r}; see `chestxray datasets` for the names"
+            )
         return names
     present: set[str] = set()
     for index in indexes:

@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,21 +96,21 @@ def run_files(out: Path) -> list[str]:
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an --out that cannot hold a run, or that holds one that would be overwritten."""
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a folder")
+        raise OutputError(f"out={str(out)!r} is a file, not a folder")
     found = run_files(out) if out.is_dir() else []
     if resume:
         if not (out / CHECKPOINT).is_file():
-            raise ChestXrayError(f"--resume: no checkpoint at {out / CHECKPOINT}")
+            raise ChestXrayError(f"resume=True: no checkpoint at {out / CHECKPOINT}")
         return
     if found and not overwrite:
         raise OutputError(
-            f"--out {out} already holds a training run ({', '.join(found)}); "
-            "pass --resume to continue it or --overwrite to replace it"
+            f"out={str(out)!r} already holds a training run ({', '.join(found)}); "
+            "pass resume=True to continue it or overwrite=True to replace it"
         )
     # Find an unwritable parent now rather than after the data is loaded.
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise OutputError(f"--out {out}: {parent} is a file, not a folder")
+        raise OutputError(f"out={str(out)!r}: {parent} is a file, not a folder")
 
 
 def clear_run(out: Path) -> None:
@@ -143,19 +144,21 @@ def read_checkpoint(path: Path, device: Any) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
-        raise ChestXrayError(f"--resume: no checkpoint at {path}")
+        raise ChestXrayError(f"resume=True: no checkpoint at {path}")
     size = path.stat().st_size
     if size == 0:
-        raise ChestXrayError(f"--resume: {path} is empty (0 bytes); start again with --overwrite")
+        raise ChestXrayError(f"resume=True: {path} is empty (0 bytes); start again with overwrite=True")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign file would precede the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception:
         raise ChestXrayError(
-            f"--resume: {path} is not a readable chestxray checkpoint (truncated, corrupt or another "
-            f"format; {size} bytes); start again with --overwrite"
+            f"resume=True: {path} is not a readable chestxray checkpoint (truncated, corrupt or another "
+            f"format; {size} bytes); start again with overwrite=True"
         ) from None
     needed = ("model", "optimizer", "epoch", "best_loss", "best_epoch", "history", "args")
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ChestXrayError(f"--resume: {path} is not a chestxray checkpoint (no {', '.join(missing)})")
+        raise ChestXrayError(f"resume=True: {path} is not a chestxray checkpoint (no {', '.join(missing)})")
     return state

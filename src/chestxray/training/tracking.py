@@ -73,7 +73,7 @@ class Tracker:
     ) -> None:
         self.out, self.options, self.labels = out, options, labels
         if tensorboard and not tensorboard_available():
-            raise ChestXrayError("--tensorboard needs the tensorboard package: pip install 'chestxray[track]'")
+            raise ChestXrayError("tensorboard=True needs the tensorboard package: pip install 'chestxray[track]'")
         self.writer: Any = None
         if tensorboard or (tensorboard is None and tensorboard_available()):
             from torch.utils.tensorboard import SummaryWriter

@@ -22,7 +22,7 @@ STATES = {"YES": 1.0, "NO": 0.0, "": np.nan}
 
 def with_google_labels(nih: DatasetIndex, path: Path) -> TableIndex:
     if not path.is_file():
-        raise DatasetError(f"--labels google2019:{path}: file not found")
+        raise DatasetError(f"labels=google2019:{path}: file not found")
     table = read_csv(path, dtype=str, keep_default_na=False)
     require_columns(table, ["Image Index", "Set Id", *FINDINGS], path)
     raw = np.full((len(table), len(FINDINGS)), np.nan, dtype=np.float32)

@@ -88,9 +88,9 @@ def parse_columns(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not value.strip():
-            raise DatasetError(f"--csv-columns: {item!r} is not KEY=COLUMN")
+            raise DatasetError(f"csv_columns={item!r}: not KEY=COLUMN")
         if key not in SPEC_KEYS:
-            raise DatasetError(f"--csv-columns: unknown key {key!r}; known: {sorted(SPEC_KEYS)}")
+            raise DatasetError(f"csv_columns={item!r}: unknown key {key!r}; known: {sorted(SPEC_KEYS)}")
         spec[key] = [v.strip() for v in value.split(";")] if key == "findings" else value.strip()
     return spec
 
@@ -117,7 +117,7 @@ def _locate(root: Path, opts: DatasetOptions) -> tuple[Path, dict[str, Any]]:
         if not opts.allow_outside_root and not _inside(folder, str(labels)):
             raise DatasetError(
                 f"csv:{root}: labels file {short_text(spec['file'])} is outside the dataset folder "
-                "(allow with --allow-outside-root)"
+                "(allow with allow_outside_root=True)"
             )
         return labels, spec
     found = sorted(p for p in root.iterdir() if p.name.lower().endswith((".csv", ".csv.gz")))
@@ -182,7 +182,7 @@ def read_table(root: Path, opts: DatasetOptions) -> TableIndex:
         if outside is not None:
             raise DatasetError(
                 f"{csv_path} line {outside + 2}, column {path_col!r}: {short_text(rel[outside])} is outside the "
-                f"dataset folder {top} (allow with --allow-outside-root)"
+                f"dataset folder {top} (allow with allow_outside_root=True)"
             )
     if len(set(rel)) != len(rel):
         dup = pd.Series(rel).duplicated().to_numpy()

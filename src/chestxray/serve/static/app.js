@@ -15,7 +15,7 @@
     wc: $("wc"), ww: $("ww"), invert: $("invert"), opacity: $("opacity"), opacityValue: $("opacity-value"),
     side: $("side"), zoomLevel: $("zoom-level"), modeWl: $("mode-wl"), modePan: $("mode-pan"),
     help: $("help"), helpToggle: $("help-toggle"), helpKeys: $("help-keys"),
-    dlJson: $("dl-json"), dlReport: $("dl-report"),
+    dlJson: $("dl-json"), dlReport: $("dl-report"), dlSr: $("dl-sr"),
   };
   const pct = (p) => `${(100 * p).toFixed(1)}%`;
 
@@ -131,6 +131,9 @@
     initialWindow = dw ? [dw.center, dw.width] : display.source === "8-bit image" ? [128, 256] : presetWindow("full");
     document.querySelector('[data-preset="dicom"]').disabled = !dw;
     els.dlJson.href = display.result_url;
+    // DICOM inputs only, and only where the server can build SRs (the pacs extra).
+    if (display.sr_url) els.dlSr.href = display.sr_url; else els.dlSr.removeAttribute("href");
+    els.dlSr.hidden = !display.sr_url;
     setWindow(...initialWindow);
   }
 

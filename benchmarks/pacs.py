@@ -1,0 +1,134 @@
+"""PACS round trip: N chest radiographs Orthanc -> `chestxray listen` -> Orthanc (SRs), on the
+ONNX backend, next to `chestxray predict` on the same instances in the same run.
+
+    python benchmarks/pacs.py [--count 100] [--images DIR] [--size 1024]
+
+Starts a private Orthanc (Debian `orthanc` + `orthanc-dicomweb`, as the tests do), makes --count
+DX instances from real NIH radiographs (each its own study), C-STOREs them into Orthanc, starts
+the listener, then asks Orthanc to send them all to it (one REST call, `/modalities/.../store`)
+and times until every study holds its SR. Reports instances/s (first instance sent by Orthanc to
+last SR stored) and latency p50/p95 from receipt to results stored (the listener's journal);
+then `chestxray predict DIR --backend onnx` on the same files (process wall time, and the rate
+without its start-up: the time of a 1-file run subtracted); and, for scale, how many instances
+per second Orthanc stores when the 100 are C-STOREd into it (20 per association).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the Orthanc and DX helpers of the PACS tests
+
+from pacs_fixtures import (  # noqa: E402
+    SR_CLASS,
+    c_store,
+    make_dx,
+    orthanc_missing,
+    start_listener,
+    start_orthanc,
+    stop_orthanc,
+)
+
+IMAGES = [Path("/work/shared/nih-sample/images"), REPO / "tests" / "data" / "nih-mini" / "images"]
+
+
+def predict_seconds(paths: list[Path], out: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "chestxray.cli", "predict", *map(str, paths), "--backend", "onnx"]
+    t = time.perf_counter()
+    subprocess.run(
+        [*cmd, "--format", "json", "--out", str(out), "--no-progress"], check=True, env=env, stderr=subprocess.DEVNULL
+    )
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=100)
+    ap.add_argument("--images", type=Path, default=next((p for p in IMAGES if p.is_dir()), IMAGES[-1]))
+    ap.add_argument("--size", type=int, default=0, help="resize to SIZE px (0: as is)")
+    args = ap.parse_args()
+    if orthanc_missing():
+        sys.exit(orthanc_missing())
+    pngs = sorted(args.images.glob("*.png"))
+    pngs = [pngs[i % len(pngs)] for i in range(args.count)]
+    tmp = Path(tempfile.mkdtemp(prefix="chestxray-pacs-bench-"))
+    orthanc = start_orthanc(tmp / "orthanc")
+    listener = None
+    try:
+        instances = [make_dx(p, size=args.size or None) for p in pngs]
+        folder = tmp / "dcm"
+        folder.mkdir()
+        for i, ds in enumerate(instances):
+            ds.save_as(folder / f"{i:04d}.dcm", enforce_file_format=True)
+        t_in = time.perf_counter()
+        for start in range(0, len(instances), 20):
+            assert c_store("127.0.0.1", orthanc.dicom_port, "ORTHANC", instances[start : start + 20]) == [0] * len(
+                instances[start : start + 20]
+            )
+        ingest = len(instances) / (time.perf_counter() - t_in)  # what Orthanc stores per second, alone
+        ids = orthanc.get("/instances")
+        listener = start_listener(tmp, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+        orthanc.add_modality("chestxray", "CHESTXRAY", listener.port)
+        t0 = time.perf_counter()
+        orthanc.call("POST", "/modalities/chestxray/store", {"Resources": ids, "Synchronous": False})
+
+        def srs() -> int:
+            found = orthanc.call("POST", "/tools/find", {"Level": "Instance", "Query": {"SOPClassUID": SR_CLASS}})
+            return len(found)
+
+        while srs() < len(instances):
+            if time.perf_counter() - t0 > 1800:
+                raise RuntimeError("timed out waiting for the SRs:\n" + listener.text()[-2000:])
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        listener.stop()
+        rows = (
+            sqlite3.connect(listener.spool / "journal.sqlite")
+            .execute("select received, done from instances where state='sent'")
+            .fetchall()
+        )
+        lat = sorted(d - r for r, d in rows)
+        p50 = statistics.median(lat)
+        p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
+        files = sorted(folder.glob("*.dcm"))
+        startup = predict_seconds(files[:1], tmp / "one.json")
+        full = predict_seconds(files, tmp / "all.json")
+        listen_rate = len(instances) / wall
+        result = {
+            "machine": f"{platform.node()} {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+            "instances": len(instances),
+            "image_px": f"{instances[0].Rows}x{instances[0].Columns}",
+            "orthanc_c_store_ingest_instances_per_s": round(ingest, 2),
+            "listener_instances_per_s": round(listen_rate, 2),
+            "listener_latency_p50_s": round(p50, 2),
+            "listener_latency_p95_s": round(p95, 2),
+            "predict_wall_s": round(full, 2),
+            "predict_instances_per_s": round(len(files) / full, 2),
+            "predict_instances_per_s_without_startup": round((len(files) - 1) / max(1e-6, full - startup), 2),
+            "listener_over_predict": round(listen_rate / (len(files) / full), 2),
+            "listener_over_predict_without_startup": round(
+                listen_rate / ((len(files) - 1) / max(1e-6, full - startup)), 2
+            ),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        if listener is not None:
+            listener.stop()
+        stop_orthanc(orthanc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

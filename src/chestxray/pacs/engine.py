@@ -1,0 +1,126 @@
+"""The one bridge from the PACS front end to the inference core: load a model once, analyse
+decoded DICOM bytes in batches, explain one image with Grad-CAM, and say which model ran.
+Everything else in this package calls the core only through `Engine`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chestxray import __version__
+
+if TYPE_CHECKING:
+    from chestxray.inference.predict import Analyzer, Prediction
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an SR says about the algorithm that made it."""
+
+    name: str
+    variant: str
+    version: str  # chestxray's
+    sha256: str  # of the model file (bundle or ONNX)
+    policy: str | None
+    labels: tuple[str, ...] = ()  # the model's findings, in its order (the SR's group order)
+    thresholds: tuple[float, ...] = ()
+
+
+@dataclass
+class Cam:
+    """One Grad-CAM overlay to burn into a Secondary Capture."""
+
+    finding: str
+    probability: float
+    threshold: float
+    rgb: Any  # H x W x 3 uint8, the overlay without caption
+
+
+class Engine:
+    """An Analyzer loaded once; `analyse` is the batch path (`Analyzer.predict_many`)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        backend: str = "auto",
+        device: str = "cpu",
+        batch_size: int = 16,
+        cam: bool = False,
+    ) -> None:
+        from chestxray.errors import ChestXrayError
+        from chestxray.inference.predict import Analyzer, resolve_backend
+
+        self.backend = resolve_backend(model, backend)
+        if cam and self.backend != "torch":
+            raise ChestXrayError("Grad-CAM overlays (cam) need the torch backend: it takes gradients of the network")
+        self.model_arg = model
+        if self.backend == "torch":
+            from chestxray.models.device import resolve_device
+
+            device = resolve_device(device)
+        else:
+            device = "cpu"
+        self.analyzer: Analyzer = Analyzer.load(model, backend=self.backend, device=device, batch_size=batch_size)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.analyzer.labels)
+
+    @cached_property
+    def info(self) -> ModelInfo:
+        return model_info(self.analyzer, self.model_arg, self.backend)
+
+    def analyse(self, items: Sequence[bytes], names: Sequence[str]) -> list["Prediction"]:
+        """Findings for encoded DICOM instances, in batches of the analyzer's batch size."""
+        return self.analyzer.predict_many(list(items), names=list(names))
+
+    def explain(self, data: bytes, name: str) -> tuple["Prediction", list[Cam]]:
+        """The prediction and an overlay per positive finding (torch backend only); the
+        findings come from the same forward pass as the maps."""
+        from chestxray.inference.explain import explain_image, overlay
+
+        gray, prediction, cams = explain_image(self.analyzer, data, None, name)
+        positive = {f.finding: f.threshold for f in prediction.positives}
+        out = [
+            Cam(c.finding, c.probability, positive[c.finding], overlay(gray, c.heatmap))
+            for c in cams
+            if c.finding in positive
+        ]
+        return prediction, out
+
+    @staticmethod
+    def failed_input_check(prediction: "Prediction") -> str | None:
+        """The input check's warning when it judged the image not a chest X-ray, else None."""
+        from chestxray.inference.input_check import OOD_WARNING
+
+        return next((w for w in prediction.warnings if w.startswith(OOD_WARNING)), None)
+
+
+def model_file(model: str | os.PathLike | None, backend: str) -> Path:
+    """The file whose SHA-256 identifies the model: the ONNX file or the safetensors bundle."""
+    if backend == "onnx":
+        from chestxray.inference.onnx_backend import resolve_onnx_path
+
+        return resolve_onnx_path(model)
+    from chestxray.inference.predict import default_bundle_path
+    from chestxray.models.bundle import resolve_bundle_path
+
+    return resolve_bundle_path(model) if model is not None else default_bundle_path()
+
+
+def model_info(analyzer: "Analyzer", model: str | os.PathLike | None, backend: str) -> ModelInfo:
+    from chestxray.io import file_sha256
+
+    return ModelInfo(
+        analyzer.name,
+        analyzer.variant,
+        __version__,
+        file_sha256(model_file(model, backend)),
+        analyzer.threshold_policy,
+        tuple(analyzer.labels),
+        tuple(float(t) for t in analyzer.thresholds),
+    )
