@@ -59,8 +59,9 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def make_root(root: Path, images: Mapping[str, np.ndarray | os.PathLike],
-              labels: Mapping[str, str], test: Iterable[str]) -> Path:
+def make_root(
+    root: Path, images: Mapping[str, np.ndarray | os.PathLike], labels: Mapping[str, str], test: Iterable[str]
+) -> Path:
     """A small dataset root in the NIH layout: images/, Data_Entry_2017.csv, split lists.
     `images` maps a file name to an array or to a file to copy; names not in `test` go
     to train_val."""

@@ -63,8 +63,11 @@ def tiny_bundle(tmp_path_factory) -> Path:
     model = create_model("resnet18", weights="none", freeze="all", image_size=64).eval()
     thresholds = list(np.linspace(0.3, 0.7, len(FINDINGS)))
     meta = BundleMeta(
-        architecture="resnet18", labels=list(FINDINGS), preprocessing=model.preprocessing,
-        thresholds=thresholds, name="tiny-test-model",
+        architecture="resnet18",
+        labels=list(FINDINGS),
+        preprocessing=model.preprocessing,
+        thresholds=thresholds,
+        name="tiny-test-model",
         training={"data": "none (random weights, for tests)"},
     )
     return save_bundle(model, meta, tmp_path_factory.mktemp("bundle") / "tiny.safetensors")

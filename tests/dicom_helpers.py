@@ -7,10 +7,18 @@ import io
 import numpy as np
 
 
-def dicom_bytes(stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits: int = 12,
-                slope: float | None = None, intercept: float | None = None,
-                window: tuple[float, float] | None = None, lut: np.ndarray | None = None,
-                pixels: bool = True, preamble: bool = True) -> bytes:
+def dicom_bytes(
+    stored: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits: int = 12,
+    slope: float | None = None,
+    intercept: float | None = None,
+    window: tuple[float, float] | None = None,
+    lut: np.ndarray | None = None,
+    pixels: bool = True,
+    preamble: bool = True,
+) -> bytes:
     """A DX DICOM of `stored` values with the given value transforms and a patient name."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.sequence import Sequence

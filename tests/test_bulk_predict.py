@@ -81,8 +81,20 @@ def test_broken_files_among_good_ones_give_error_rows_and_exit_1(capsys, sample_
     (folder / "b_text.png").write_text("not an image\n")
     (folder / "c_truncated.png").write_bytes(sample_images[0].read_bytes()[:500])
     out = tmp_path / "res.csv"
-    code, stdout, err = run_cli(capsys, "predict", *ONNX, str(folder), "--workers", "2", "--batch-size", "2",
-                                "--format", "csv", "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        "predict",
+        *ONNX,
+        str(folder),
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+        "--format",
+        "csv",
+        "--out",
+        str(out),
+    )
     assert code == 1 and stdout == ""
     rows = list(csv.DictReader(out.open()))
     errors = {Path(r["file"]).name: r["error"] for r in rows if r["error"]}
@@ -99,14 +111,17 @@ def test_kill_9_halfway_then_resume_equals_an_uninterrupted_run(capsys, original
     originals = sorted(original_png.parent.glob("*.png"))  # 1024 px: slow enough to stop halfway
     folder = tmp_path / "archive"
     files = link_folder(folder, originals, 16)
-    args = ["predict", *ONNX, str(folder), "--format", "jsonl", "--workers", "1", "--batch-size", "4",
-            "--no-progress"]
+    args = ["predict", *ONNX, str(folder), "--format", "jsonl", "--workers", "1", "--batch-size", "4", "--no-progress"]
     ref = tmp_path / "ref.jsonl"
     assert run_cli(capsys, *args, "--out", str(ref))[0] == 0
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.partial"
-    proc = subprocess.Popen([sys.executable, "-m", "chestxray.cli", *args, "--out", str(out)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chestxray.cli", *args, "--out", str(out)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.exists() and journal.read_bytes().count(b"\n") >= 8:
@@ -143,8 +158,18 @@ def test_resume_skips_by_path_size_and_mtime(capsys, sample_images, tmp_path, fm
     ref, out = tmp_path / f"ref.{fmt}", tmp_path / f"out.{fmt}"
     assert run_cli(capsys, *base, "--out", str(ref))[0] == 0
     # An interrupted run: the journal of the first 5 files (made by a run over those only).
-    run_cli(capsys, "predict", *ONNX, *[str(f) for f in files[:5]], "--format", "jsonl", "--workers", "0",
-            "--out", str(tmp_path / "first.jsonl"))
+    run_cli(
+        capsys,
+        "predict",
+        *ONNX,
+        *[str(f) for f in files[:5]],
+        "--format",
+        "jsonl",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "first.jsonl"),
+    )
     lines = (tmp_path / "first.jsonl").read_text().splitlines(keepends=True)
     # The 3rd file changed since (another mtime): it must be predicted again, once.
     stale = json.loads(lines[2])
@@ -171,8 +196,9 @@ def test_shards_split_the_listing(capsys, sample_images, tmp_path):
     files = link_folder(tmp_path / "f", sample_images[:5], 1)
     got = []
     for i in range(3):
-        code, out, _ = run_cli(capsys, "predict", *ONNX, str(tmp_path / "f"), "--shard", f"{i}/3",
-                               "--format", "jsonl", "--workers", "0")
+        code, out, _ = run_cli(
+            capsys, "predict", *ONNX, str(tmp_path / "f"), "--shard", f"{i}/3", "--format", "jsonl", "--workers", "0"
+        )
         assert code == 0
         got.append([r["file"] for r in map(json.loads, out.splitlines())])
     assert got[0] == [str(files[0]), str(files[3])]
@@ -185,8 +211,9 @@ def test_from_list_and_globs(capsys, sample_images, tmp_path):
     files = link_folder(tmp_path / "f", sample_images[:2], 2)  # c000_* then c001_*
     listing = tmp_path / "list.txt"
     listing.write_text(f"# one file\n{files[0]}\n")
-    code, out, _ = run_cli(capsys, "predict", *ONNX, str(tmp_path / "f" / "c001_*.png"), "--from-list",
-                           str(listing), "--format", "jsonl")
+    code, out, _ = run_cli(
+        capsys, "predict", *ONNX, str(tmp_path / "f" / "c001_*.png"), "--from-list", str(listing), "--format", "jsonl"
+    )
     assert code == 0
     assert [r["file"] for r in map(json.loads, out.splitlines())] == [str(f) for f in (files[2], files[3], files[0])]
 
@@ -202,9 +229,23 @@ def test_two_torchrun_ranks_merge_every_file_exactly_once(capsys, sample_images,
     assert run_cli(capsys, *base, "--out", str(ref))[0] == 1
     out = tmp_path / "merged.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "chestxray.cli", *base, "--out", str(out)],
-        env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "chestxray.cli",
+            *base,
+            "--out",
+            str(out),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]  # the broken file: exit 1 from every rank
     rows = jsonl(out)
@@ -244,11 +285,18 @@ def test_a_worker_that_dies_costs_one_error_row(tmp_path):
 
 def test_resume_refuses_a_journal_of_another_model(capsys, sample_images, tmp_path):
     out = tmp_path / "out.jsonl"
-    rec = {"file": str(sample_images[0]), "size": 1, "mtime_ns": 1, "model": "some-other-model", "findings": [],
-           "error": None}
+    rec = {
+        "file": str(sample_images[0]),
+        "size": 1,
+        "mtime_ns": 1,
+        "model": "some-other-model",
+        "findings": [],
+        "error": None,
+    }
     Path(str(out) + ".partial").write_text(json.dumps(rec) + "\n")
-    code, _, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--format", "jsonl", "--out", str(out),
-                           "--resume")
+    code, _, err = run_cli(
+        capsys, "predict", *ONNX, str(sample_images[0]), "--format", "jsonl", "--out", str(out), "--resume"
+    )
     assert code == 2 and "some-other-model" in err and not out.exists()
     code, _, err = run_cli(capsys, "predict", *ONNX, str(sample_images[0]), "--resume")
     assert code == 2 and "--resume needs --out" in err
@@ -327,8 +375,9 @@ print("decoders", len(decoders), "listed ok", sum(p.ok for p in listed))
 def test_worker_pool_from_a_script_piped_to_python_stdin(sample_images):
     """`python - < script.py`: __main__ has no file for the decoder processes to re-run."""
     files = [str(f) for f in sample_images[:6]]
-    proc = subprocess.run([sys.executable, "-", *files], input=STDIN_SCRIPT, env=env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-", *files], input=STDIN_SCRIPT, env=env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[:-1] == [f"{f} True None" for f in files]
@@ -340,8 +389,21 @@ def test_dataset_roots_are_inputs(capsys, mini_root, tmp_path):
     listed from the index in its order, each row naming the file."""
     test_names = set(mini_root.joinpath("test_list.txt").read_text().split())
     out = tmp_path / "nih.jsonl"
-    code, _, err = run_cli(capsys, "predict", *ONNX, "--dataset", str(mini_root), "--split", "test", "--workers", "2",
-                           "--format", "jsonl", "--out", str(out))
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        *ONNX,
+        "--dataset",
+        str(mini_root),
+        "--split",
+        "test",
+        "--workers",
+        "2",
+        "--format",
+        "jsonl",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     rows = jsonl(out)
     assert {Path(r["file"]).name for r in rows} == test_names and len(rows) == len(test_names)
@@ -350,8 +412,18 @@ def test_dataset_roots_are_inputs(capsys, mini_root, tmp_path):
     chexpert = mini_root.parent / "chexpert-mini"
     with open(chexpert / "CheXpert-v1.0-small" / "valid.csv", newline="") as f:
         frontal = [str(chexpert / r["Path"]) for r in csv.DictReader(f) if r["Frontal/Lateral"] == "Frontal"]
-    code, stdout, _ = run_cli(capsys, "predict", *ONNX, "--dataset", f"chexpert:{chexpert}", "--split", "val",
-                              "--format", "jsonl", "--no-progress")
+    code, stdout, _ = run_cli(
+        capsys,
+        "predict",
+        *ONNX,
+        "--dataset",
+        f"chexpert:{chexpert}",
+        "--split",
+        "val",
+        "--format",
+        "jsonl",
+        "--no-progress",
+    )
     assert code == 0
     assert [json.loads(line)["file"] for line in stdout.splitlines()] == frontal  # valid.csv's order
 
@@ -382,13 +454,26 @@ def test_onnx_metadata_read_without_a_session_and_a_late_load_error(capsys, samp
     assert read_onnx_props(sample_images[0]) is None  # not protobuf: the session path decides
 
     broken = tmp_path / "nograph.onnx"  # chestxray's metadata, no graph
-    broken.write_bytes(bytes([8, 7]) + b"".join(_pb(14, _pb(1, k.encode()) + _pb(2, v.encode()))
-                                               for k, v in props.items()))
+    broken.write_bytes(
+        bytes([8, 7]) + b"".join(_pb(14, _pb(1, k.encode()) + _pb(2, v.encode())) for k, v in props.items())
+    )
     assert read_onnx_props(broken) == props
     link_folder(tmp_path / "f", sample_images, 6)
     out = tmp_path / "out.jsonl"
-    code, _, err = run_cli(capsys, "predict", *ONNX, "--model", str(broken), str(tmp_path / "f"), "--workers", "2",
-                           "--format", "jsonl", "--out", str(out))
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        *ONNX,
+        "--model",
+        str(broken),
+        str(tmp_path / "f"),
+        "--workers",
+        "2",
+        "--format",
+        "jsonl",
+        "--out",
+        str(out),
+    )
     assert code == 2 and "onnxruntime cannot load this file" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))
 

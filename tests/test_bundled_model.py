@@ -48,8 +48,10 @@ def test_readme_example_output_is_what_the_model_prints(capsys):
     argv = [str(REPO / a) if a.startswith("examples/") else a for a in command.group(1).split()]
     assert main(["predict", *argv, "--format", "json"]) == 0
     pred = json.loads(capsys.readouterr().out)[0]
-    got = [(f["finding"], f"{f['probability']:.3f}", f"{f['threshold']:.3f}", "YES" if f["positive"] else "-")
-           for f in pred["findings"]]
+    got = [
+        (f["finding"], f"{f['probability']:.3f}", f"{f['threshold']:.3f}", "YES" if f["positive"] else "-")
+        for f in pred["findings"]
+    ]
     assert got == rows
 
 

@@ -82,8 +82,12 @@ def test_info_metadata_only_root_as_a_subprocess(tmp_path, mini_root):
     root.mkdir()
     for name in ("Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt"):
         shutil.copy(mini_root / name, root / name)
-    run = subprocess.run([sys.executable, "-m", "chestxray.cli", "info", str(root), "--json"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "chestxray.cli", "info", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     s = json.loads(run.stdout)
     assert s["images_found"] == 0 and s["images_missing"] == 93 and s["official"]["test"] == 30
@@ -166,7 +170,6 @@ def test_atomic_write_gives_normal_file_mode(tmp_path):
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     assert not list(tmp_path.glob(".x.json.*"))  # no temp file left behind
-
 
 
 def test_cli_choices_come_from_the_source_tuples():

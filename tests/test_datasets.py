@@ -189,8 +189,16 @@ def test_vindr_boxes_for_localization():
     with gzip.open(DATA / "vindr-mini" / "train.csv.gz", "rt") as fh:
         rows = [r for r in csv.DictReader(fh) if r["class_name"] != "No finding"]
     assert len(entries) == len(rows)  # every fixture class maps to a vocabulary finding
-    assert {e.finding for e in entries} <= {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration",
-                                            "Consolidation", "Pleural_Thickening", "Fibrosis", "Nodule or mass"}
+    assert {e.finding for e in entries} <= {
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Consolidation",
+        "Pleural_Thickening",
+        "Fibrosis",
+        "Nodule or mass",
+    }
     first = rows[0]
     e = entries[0]
     assert e.image == first["image_id"] and e.box.x == float(first["x_min"])
@@ -230,8 +238,21 @@ def test_csv_reader_and_its_errors(tmp_path):
 
 
 def test_prepare_a_chexpert_root(tmp_path, capsys):
-    assert main(["prepare", f"chexpert:{DATA / 'chexpert-mini'}", "--cache", str(tmp_path), "--size", "32",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                f"chexpert:{DATA / 'chexpert-mini'}",
+                "--cache",
+                str(tmp_path),
+                "--size",
+                "32",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "54 of 54 images ready" in capsys.readouterr().out  # frontal views by default
     names = (tmp_path / "32" / "names.txt").read_text().splitlines()
     assert names[0].startswith("CheXpert-v1.0-small/train/patient") and not any("lateral" in n for n in names)

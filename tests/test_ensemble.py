@@ -18,8 +18,14 @@ from chestxray.models.registry import create_model
 def _member(tmp_path, name, seed, arch="resnet18", size=32):
     torch.manual_seed(seed)
     model = create_model(arch, weights="none", freeze="all", image_size=size).eval()
-    meta = BundleMeta(arch, list(FINDINGS), model.preprocessing, [0.5] * 14, name=name,
-                      training={"split": {"validation": {"fraction": 0.3, "seed": 0, "by": "patient"}}})
+    meta = BundleMeta(
+        arch,
+        list(FINDINGS),
+        model.preprocessing,
+        [0.5] * 14,
+        name=name,
+        training={"split": {"validation": {"fraction": 0.3, "seed": 0, "by": "patient"}}},
+    )
     return save_bundle(model, meta, tmp_path / f"{name}.safetensors")
 
 
@@ -47,7 +53,9 @@ def test_ensemble_is_the_mean_of_member_probabilities(tmp_path, members, mini_ro
         expected = np.mean([p.probability(f.finding) for p in parts])
         assert f.probability == pytest.approx(expected, abs=1e-5)
     # The ensemble bundle works where any bundle does: evaluate and ONNX export.
-    assert main(["evaluate", "--model", str(out), str(mini_root), "--bootstrap", "0", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["evaluate", "--model", str(out), str(mini_root), "--bootstrap", "0", "--out", str(tmp_path / "ev")]) == 0
+    )
     assert set(json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_class"]) == set(FINDINGS)
     assert main(["export", "--model", str(out), "--onnx", str(tmp_path / "ens.onnx")]) == 0
     onnx = Analyzer.load(tmp_path / "ens.onnx", backend="onnx").predict(original_png)
@@ -62,8 +70,20 @@ def test_ensemble_refuses_mismatched_members_and_cam(tmp_path, members, mini_roo
     other = _member(tmp_path, "big", 2, size=48)
     with pytest.raises(BundleError, match="input size"):
         make_ensemble([members[0], other], mini_root, tmp_path / "x.safetensors")
-    assert main(["ensemble", str(mini_root), "--models", str(members[0]), str(other),
-                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "ensemble",
+                str(mini_root),
+                "--models",
+                str(members[0]),
+                str(other),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "input size" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ChestXrayError, match="at least two"):
         make_ensemble([members[0]], mini_root, tmp_path / "y.safetensors")
@@ -82,12 +102,26 @@ def test_ensemble_tunes_on_another_dataset(tmp_path, members, capsys):
 
     root = Path(__file__).parent / "data" / "chexpert-mini"
     out = tmp_path / "ens.safetensors"
-    rc = main(["ensemble", f"chexpert:{root}", "--models", *map(str, members), "--out", str(out),
-               "--val-fraction", "0.3", "--views", "all"])
+    rc = main(
+        [
+            "ensemble",
+            f"chexpert:{root}",
+            "--models",
+            *map(str, members),
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0.3",
+            "--views",
+            "all",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     meta = read_bundle_meta(out)
     tuned = meta.training["thresholds_tuned_on"]
     assert tuned["dataset"] == "chexpert" and tuned["fraction"] == 0.3
     assert "chexpert:" in meta.threshold_method and len(meta.thresholds) == 14
-    assert main(["ensemble", "nosuch:/x", "--models", *map(str, members), "--out", str(tmp_path / "e2.safetensors")]) == 2
+    assert (
+        main(["ensemble", "nosuch:/x", "--models", *map(str, members), "--out", str(tmp_path / "e2.safetensors")]) == 2
+    )
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err

@@ -42,8 +42,15 @@ def csv_copy(mini_root: Path, dst: Path) -> Path:
                 continue
             shutil.copy(mini_root / "images" / r["Image Index"], dst / "pngs" / r["Image Index"])
             on = r["Finding Labels"].split("|")
-            w.writerow([f"pngs/{r['Image Index']}", r["Patient ID"], r["View Position"], "test",
-                        *[int(f in on) for f in FINDINGS]])
+            w.writerow(
+                [
+                    f"pngs/{r['Image Index']}",
+                    r["Patient ID"],
+                    r["View Position"],
+                    "test",
+                    *[int(f in on) for f in FINDINGS],
+                ]
+            )
     return dst
 
 
@@ -80,8 +87,18 @@ def test_chexpert_jpeg_copy_within_jpeg_noise(tmp_path, nih_result, capsys):
 
 
 def test_report_on_chexpert_fixture_uses_model_vocabulary(tmp_path, tiny_bundle):
-    args = ["report", f"chexpert:{DATA / 'chexpert-mini'}", "--model", str(tiny_bundle), "--split", "val",
-            "--n", "3", "--out", str(tmp_path)]
+    args = [
+        "report",
+        f"chexpert:{DATA / 'chexpert-mini'}",
+        "--model",
+        str(tiny_bundle),
+        "--split",
+        "val",
+        "--n",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     items = json.loads((tmp_path / "predictions.json").read_text())["images"]
     assert len(items) == 3
@@ -100,13 +117,22 @@ def google_file(mini_root: Path, path: Path) -> Path:
     test = set((mini_root / "test_list.txt").read_text().split())
     with open(path, "w", newline="") as out:
         w = csv.writer(out)
-        w.writerow(["Image Index", "Patient ID", "Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass",
-                    "Set Id"])
+        w.writerow(
+            ["Image Index", "Patient ID", "Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass", "Set Id"]
+        )
         for r in rows:
             on = r["Finding Labels"].split("|")
-            w.writerow([r["Image Index"], r["Patient ID"], "NO", yn("Pneumothorax" in on),
-                        yn(bool({"Consolidation", "Pneumonia"} & set(on))), yn(bool({"Nodule", "Mass"} & set(on))),
-                        "test" if r["Image Index"] in test else "val"])
+            w.writerow(
+                [
+                    r["Image Index"],
+                    r["Patient ID"],
+                    "NO",
+                    yn("Pneumothorax" in on),
+                    yn(bool({"Consolidation", "Pneumonia"} & set(on))),
+                    yn(bool({"Nodule", "Mass"} & set(on))),
+                    "test" if r["Image Index"] in test else "val",
+                ]
+            )
     return path
 
 
@@ -116,8 +142,9 @@ def test_google2019_labels_on_nih(tmp_path, mini_root, tiny_bundle, capsys):
     from chestxray.inference.predict import Analyzer
 
     labels = google_file(mini_root, tmp_path / "google.csv")
-    got = evaluate(str(mini_root), "test", tmp_path / "eval", "--model", str(tiny_bundle),
-                   "--labels", f"google2019:{labels}")
+    got = evaluate(
+        str(mini_root), "test", tmp_path / "eval", "--model", str(tiny_bundle), "--labels", f"google2019:{labels}"
+    )
     printed = capsys.readouterr().out
     assert "Nodule or mass" in printed and "model: max of Nodule, Mass" in printed
     assert list(got["per_class"]) == ["Pneumothorax", "Nodule or mass", "Airspace opacity"]

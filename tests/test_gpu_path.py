@@ -155,9 +155,23 @@ def test_cuda_batch_augment_is_seeded_and_in_range():
 def test_cuda_training_run_with_compile(tmp_path, mini_root):
     from chestxray.training.loop import TrainConfig, train
 
-    cfg = TrainConfig(root=str(mini_root), out=str(tmp_path / "run"), model="resnet18", weights="none",
-                      freeze="all", epochs=2, batch_size=16, lr=1e-3, image_size=64, cache=str(tmp_path / "cache"),
-                      device="cuda", val_fraction=0.3, compile=True, augment="strong", workers=1)
+    cfg = TrainConfig(
+        root=str(mini_root),
+        out=str(tmp_path / "run"),
+        model="resnet18",
+        weights="none",
+        freeze="all",
+        epochs=2,
+        batch_size=16,
+        lr=1e-3,
+        image_size=64,
+        cache=str(tmp_path / "cache"),
+        device="cuda",
+        val_fraction=0.3,
+        compile=True,
+        augment="strong",
+        workers=1,
+    )
     bundle = train(cfg)
     assert bundle is not None and bundle.is_file() and (tmp_path / "run" / "curves.png").is_file()
 
@@ -178,9 +192,22 @@ def test_ddp_nccl_two_gpus(tmp_path, mini_root):
 
     prepare_cache(list(load_nih(mini_root).iter_paths()), tmp_path / "cache", 32, workers=1, progress=False)
     env = dict(os.environ, CHESTXRAY_DDP_DEVICE="cuda", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port, str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path / "run"),
-           str(tmp_path / "cache"), str(mini_root), str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        str(Path(__file__).parent / "ddp_worker.py"),
+        str(tmp_path / "run"),
+        str(tmp_path / "cache"),
+        str(mini_root),
+        str(report),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -115,8 +115,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def huge_png(width: int, height: int) -> bytes:
     """A PNG header claiming width x height 8-bit gray pixels, with no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b""))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b""))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def bad_file(kind: str, tmp_path: Path, original_png: Path) -> Path:

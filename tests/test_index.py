@@ -24,8 +24,15 @@ def mini_images(mini_root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted((mini_root / "images").glob("*.png"))}
 
 
-def make_root(tmp: Path, mini_root: Path, *, csv_name: str = "Data_Entry_2017_v2020.csv",
-              csv_lines: list[str] | None = None, layout: str = "flat", skip: int = 0) -> Path:
+def make_root(
+    tmp: Path,
+    mini_root: Path,
+    *,
+    csv_name: str = "Data_Entry_2017_v2020.csv",
+    csv_lines: list[str] | None = None,
+    layout: str = "flat",
+    skip: int = 0,
+) -> Path:
     """A dataset root in tmp: the mini labels (optionally edited), the split lists and
     symlinks to the real images, `flat` under images/ or Kaggle-style `nested`."""
     root = tmp / "root"
@@ -161,8 +168,10 @@ def test_validation_carved_by_patient(mini_root):
     val_patients = frame.loc[frame["split"] == "val", "patient_id"].nunique()
     assert val_patients == round(0.25 * tv_patients)
     # Official test rows never move.
-    assert frame.loc[frame["split"] == "test", "image"].tolist() == load_nih(mini_root).frame.loc[
-        lambda f: f["split"] == "test", "image"].tolist()
+    assert (
+        frame.loc[frame["split"] == "test", "image"].tolist()
+        == load_nih(mini_root).frame.loc[lambda f: f["split"] == "test", "image"].tolist()
+    )
 
 
 def test_validation_carve_is_seeded():

@@ -11,16 +11,22 @@ import chestxray
 PACKAGE = Path(chestxray.__file__).parent
 # floor of each top-level module or folder; equal floors may not import each other
 FLOORS = {
-    "errors": 0, "labels": 1, "io": 1,
+    "errors": 0,
+    "labels": 1,
+    "io": 1,
     "data": 2,
     "models": 3,
     "inference": 4,
     "evaluation": 5,
-    "export": 6, "training": 6,
+    "export": 6,
+    "training": 6,
     "pacs": 7,
     "serve": 8,  # the viewer shows a PACS's studies and builds its DICOM SR with the pacs package
     "commands": 9,
-    "cli": 10, "__init__": 10, "samples": 0, "weights": 0,
+    "cli": 10,
+    "__init__": 10,
+    "samples": 0,
+    "weights": 0,
 }
 
 
@@ -80,7 +86,7 @@ def test_no_module_cycles_inside_folders():
         seen[node] = 1
         for nxt in graph.get(node, ()):
             if seen.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if nxt not in seen:
                 visit(nxt, stack + [nxt])
         seen[node] = 2

@@ -44,12 +44,15 @@ def test_reads_the_nih_box_file_as_shipped(mini_root):
     assert findings <= {"Cardiomegaly", "Infiltration", "Nodule", "Pneumonia"}
 
 
-@pytest.mark.parametrize("row, message", [
-    ("a.png,Cardiomegaly,1,2,three,4", "not numbers"),
-    ("a.png,Heartache,1,2,3,4", "Heartache"),
-    ("a.png,Mass,1,2,0,4", "positive size"),
-    ("a.png,Mass,1,2", "expected image, finding"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("a.png,Cardiomegaly,1,2,three,4", "not numbers"),
+        ("a.png,Heartache,1,2,3,4", "Heartache"),
+        ("a.png,Mass,1,2,0,4", "positive size"),
+        ("a.png,Mass,1,2", "expected image, finding"),
+    ],
+)
 def test_bad_box_rows_name_the_line(tmp_path, row, message):
     path = tmp_path / "boxes.csv"
     path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\nb.png,Mass,1,2,3,4\n" + row + "\n")
@@ -143,8 +146,12 @@ def square_root(tmp_path):
     b = np.zeros((256, 256), np.uint8)
     b[160:224, 32:96] = 255
     c = a.copy()
-    root = make_root(tmp_path / "root", {"a.png": a, "b.png": b, "c.png": c},
-                     {"a.png": "Cardiomegaly", "b.png": "Mass", "c.png": "Cardiomegaly"}, test=["a.png", "b.png"])
+    root = make_root(
+        tmp_path / "root",
+        {"a.png": a, "b.png": b, "c.png": c},
+        {"a.png": "Cardiomegaly", "b.png": "Mass", "c.png": "Cardiomegaly"},
+        test=["a.png", "b.png"],
+    )
     (root / "BBox_List_2017.csv").write_text(
         "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
         "a.png,Cardiomegaly,512,256,256,256\n"

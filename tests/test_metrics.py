@@ -53,8 +53,9 @@ def test_bootstrap_resamples_patients_not_images():
     targets, probs, groups = _data(n_patients=80, per=1, seed=3)
     rep = 10
     ci_one = bootstrap_ci(targets, probs, groups, n_boot=300, seed=0)["auroc"][:, 0]
-    ci_rep = bootstrap_ci(np.repeat(targets, rep, 0), np.repeat(probs, rep, 0), np.repeat(groups, rep),
-                          n_boot=300, seed=0)["auroc"][:, 0]
+    ci_rep = bootstrap_ci(
+        np.repeat(targets, rep, 0), np.repeat(probs, rep, 0), np.repeat(groups, rep), n_boot=300, seed=0
+    )["auroc"][:, 0]
     assert ci_rep == pytest.approx(ci_one, abs=1e-9)
     assert ci_one[1] - ci_one[0] > 0.05
 

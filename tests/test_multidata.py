@@ -83,10 +83,39 @@ def test_memmap_batches_equal_ram_batches(tmp_path):
 @pytest.mark.slow
 def test_train_on_nih_and_chexpert_fixture(tmp_path, mini_root, capsys):
     out = tmp_path / "run"
-    args = ["train", str(mini_root), f"chexpert:{DATA / 'chexpert-mini'}", "--out", str(out), "--model", "resnet18",
-            "--weights", "none", "--freeze", "all", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
-            "--image-size", "32", "--device", "cpu", "--max-steps", "3", "--cache", str(tmp_path / "cache"),
-            "--val-fraction", "0.3", "--workers", "1", "--loader", "memmap"]
+    args = [
+        "train",
+        str(mini_root),
+        f"chexpert:{DATA / 'chexpert-mini'}",
+        "--out",
+        str(out),
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--freeze",
+        "all",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "3",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--val-fraction",
+        "0.3",
+        "--workers",
+        "1",
+        "--loader",
+        "memmap",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "chexpert:" in printed and "bundle written" in printed
@@ -102,8 +131,21 @@ def test_train_on_nih_and_chexpert_fixture(tmp_path, mini_root, capsys):
     bundle = read_bundle_meta(out / "model.safetensors")
     # NIH's 14 and the CheXpert findings it does not have, in vocabulary order.
     assert bundle.labels[:14] == [
-        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-        "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+        "Consolidation",
+        "Edema",
+        "Emphysema",
+        "Fibrosis",
+        "Pleural_Thickening",
+        "Hernia",
+    ]
     assert "Lung Opacity" in bundle.labels and "Pleural Effusion" not in bundle.labels
     ds = bundle.training["datasets"]
     assert ds["chexpert:chexpert-mini"]["images"] == {"train": 24, "val": 30}  # the lateral is left out

@@ -47,10 +47,21 @@ def exported(tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def exported_int8(tiny_bundle, mini_root, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("onnx8") / "tiny.int8.onnx"
-    rc, stdout, stderr = run_cli([
-        "export", "--model", str(tiny_bundle), "--onnx", str(out), "--json", "--int8",
-        "--calibration", str(mini_root / "images"), "--calibration-count", "24",
-    ])
+    rc, stdout, stderr = run_cli(
+        [
+            "export",
+            "--model",
+            str(tiny_bundle),
+            "--onnx",
+            str(out),
+            "--json",
+            "--int8",
+            "--calibration",
+            str(mini_root / "images"),
+            "--calibration-count",
+            "24",
+        ]
+    )
     assert rc == 0, stderr
     return out, json.loads(stdout)
 
@@ -139,7 +150,7 @@ def test_parity_on_repo_images(exported, torch_model, sample_images, original_pn
     paths = [original_png, rgba_png, *sample_images]
     batch = preset_batch(paths, meta.preprocessing)
     for start in range(0, len(batch) - n + 1, n):
-        x = batch[start:start + n]
+        x = batch[start : start + n]
         got = session.run(None, {"image": x})[0]
         assert got.shape == (n, 14)
         np.testing.assert_allclose(got, torch_probs(model, x), atol=TOL, rtol=0)
@@ -206,8 +217,20 @@ def test_predict_cam_on_onnx_writes_the_torch_overlays(exported, tiny_bundle, or
     outs = {}
     for backend, model in (("onnx", exported[0]), ("torch", tiny_bundle)):
         cams = tmp_path / backend
-        rc, stdout, stderr = run_cli(["predict", "--backend", backend, "--model", str(model), str(original_png),
-                                      "--cam", str(cams), "--format", "json"])
+        rc, stdout, stderr = run_cli(
+            [
+                "predict",
+                "--backend",
+                backend,
+                "--model",
+                str(model),
+                str(original_png),
+                "--cam",
+                str(cams),
+                "--format",
+                "json",
+            ]
+        )
         assert rc == 0, stderr
         outs[backend] = {o["finding"]: o["path"] for o in json.loads(stdout)[0]["overlays"]}
     assert outs["onnx"].keys() == outs["torch"].keys() and outs["onnx"]
@@ -235,8 +258,9 @@ def test_onnx_without_cam_output_says_how_to_get_one(tiny_bundle, tmp_path):
     finally:
         ox.cam_equivalent_layer = real
     assert not Analyzer.load(out, backend="onnx").backend.has_cam
-    rc, _, stderr = run_cli(["predict", "--model", str(out), str(REPO / "examples" / "00013125_000.png"),
-                             "--cam", str(tmp_path / "cams")])
+    rc, _, stderr = run_cli(
+        ["predict", "--model", str(out), str(REPO / "examples" / "00013125_000.png"), "--cam", str(tmp_path / "cams")]
+    )
     assert rc == 2 and "cam' output" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "cams").exists()
 
@@ -266,7 +290,8 @@ def test_bundled_model_gradcam_on_onnx_float32_and_int8(tmp_path):
             assert diff <= TOL
         else:
             assert diff < 0.25 and np.unravel_index(np.argmax(got[0].heatmap), want[0].heatmap.shape) in set(
-                zip(*np.nonzero(want[0].heatmap >= 0.75)))
+                zip(*np.nonzero(want[0].heatmap >= 0.75))
+            )
 
 
 @pytest.mark.slow
@@ -304,8 +329,9 @@ def test_export_text_output_and_tolerance_flag(exported, tiny_bundle, tmp_path, 
     if diff == 0:
         pytest.skip("onnxruntime matched PyTorch bit for bit; no smaller tolerance to fail on")
     out.unlink()
-    rc, _, stderr = run_cli(["export", "--model", str(tiny_bundle), "--onnx", str(out),
-                             "--tolerance", f"{diff / 2:.3e}"])
+    rc, _, stderr = run_cli(
+        ["export", "--model", str(tiny_bundle), "--onnx", str(out), "--tolerance", f"{diff / 2:.3e}"]
+    )
     assert rc == 2 and "disagree" in stderr and not out.exists()
 
 
@@ -434,10 +460,22 @@ def test_auroc_comparison_on_the_repo_test_split(exported, exported_int8, tiny_b
 def test_benchmark_compare_auroc_command(exported, exported_int8, tiny_bundle, mini_root):
     """The single documented command the lead runs on the real model."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "inference.py"), "--model", str(tiny_bundle),
-         "--onnx", str(exported[0]), "--int8-onnx", str(exported_int8[0]), "--compare-auroc", str(mini_root),
-         "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "inference.py"),
+            "--model",
+            str(tiny_bundle),
+            "--onnx",
+            str(exported[0]),
+            "--int8-onnx",
+            str(exported_int8[0]),
+            "--compare-auroc",
+            str(mini_root),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
@@ -470,16 +508,30 @@ def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sam
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "export" in proc.stdout
     proc = subprocess.run(
-        [sys.executable, str(script), "predict", "--backend", "onnx", "--model", str(exported[0]),
-         str(sample_images[0]), "--format", "json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(script),
+            "predict",
+            "--backend",
+            "onnx",
+            "--model",
+            str(exported[0]),
+            str(sample_images[0]),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-test-model" in proc.stdout and "Atelectasis" in proc.stdout
     # No --backend, no --model: the packaged int8 default.onnx, said once, in one line.
     proc = subprocess.run(
         [sys.executable, str(script), "predict", str(sample_images[0]), "--format", "json"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "torch is not installed" in line]
@@ -487,19 +539,28 @@ def test_cli_imports_no_torch_and_predicts_onnx_with_torch_blocked(exported, sam
     record = json.loads(proc.stdout)[0]
     assert len(record["findings"]) == 14 and record["variant"] == "onnx int8"
     # A dataset command without pandas names the extra in one line.
-    proc = subprocess.run([sys.executable, str(script), "info", str(mini_root)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), "info", str(mini_root)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "chestxray[data]" in proc.stderr
     proc = subprocess.run(
         [sys.executable, str(script), "export", "--onnx", str(tmp_path / "x.onnx")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "pip install 'chestxray[torch,export]'" in proc.stderr
 
 
-PIP_OFFLINE_SIGNS = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-                     "No matching distribution found", "ConnectTimeout", "ProxyError")
+PIP_OFFLINE_SIGNS = (
+    "NewConnectionError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "No matching distribution found",
+    "ConnectTimeout",
+    "ProxyError",
+)
 
 
 @pytest.mark.slow
@@ -512,20 +573,29 @@ def test_infer_extra_installs_and_predicts_without_torch(exported, sample_images
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py, exe = venv / "bin" / "python", venv / "bin" / "chestxray"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{REPO}[infer]"],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", f"{REPO}[infer]"], capture_output=True, text=True, timeout=900, env=env
+    )
     if proc.returncode != 0 and any(s in proc.stderr for s in PIP_OFFLINE_SIGNS):
         pytest.skip(f"package index unreachable, cannot build the torch-less venv: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([str(py), "-c", "import torch"], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
-    proc = subprocess.run([str(py), "-c", "import onnxruntime, chestxray, sys; print(chestxray.__file__)"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [str(py), "-c", "import onnxruntime, chestxray, sys; print(chestxray.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0 and str(venv) in proc.stdout, "chestxray must come from the venv, not the repo"
     image = sample_images[1]
     proc = subprocess.run(
         [str(exe), "predict", "--backend", "onnx", "--model", str(exported[0]), str(image), "--format", "json"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
@@ -542,17 +612,33 @@ def test_infer_extra_installs_and_predicts_without_torch(exported, sample_images
         assert probs[f.finding] == pytest.approx(f.probability, abs=1e-6)
     # Grad-CAM from the graph's cam output: overlays without torch or matplotlib.
     proc = subprocess.run(
-        [str(exe), "predict", "--backend", "onnx", "--model", str(exported[0]), str(image), "--cam",
-         str(tmp_path / "cams")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [
+            str(exe),
+            "predict",
+            "--backend",
+            "onnx",
+            "--model",
+            str(exported[0]),
+            str(image),
+            "--cam",
+            str(tmp_path / "cams"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert list((tmp_path / "cams").glob("*.png"))
     proc = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, env=env)
-    assert not [line for line in proc.stdout.splitlines() if line.lower().startswith(("nvidia-", "torch=", "matplotlib="))]
+    assert not [
+        line for line in proc.stdout.splitlines() if line.lower().startswith(("nvidia-", "torch=", "matplotlib="))
+    ]
     # A plain `chestxray predict IMG` (no --backend, no --model) runs the packaged ONNX model.
-    proc = subprocess.run([str(exe), "predict", str(image)], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(exe), "predict", str(image)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert proc.returncode == 0 and "torch is not installed" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Atelectasis" in proc.stdout
 
@@ -585,7 +671,8 @@ def test_onnx_model_without_backend_works_in_predict_and_serve(exported, sample_
         record = json.loads(stdout)[0]
         assert record["variant"] == "onnx float32" and "safetensors" not in stderr
         assert {f["finding"]: f["probability"] for f in record["findings"]} == pytest.approx(
-            {f.finding: f.probability for f in want.findings}, abs=1e-6)
+            {f.finding: f.probability for f in want.findings}, abs=1e-6
+        )
     analyzer = Analyzer.load(renamed)
     assert analyzer.backend.name == "onnx"
     with TestClient(create_app(analyzer)) as client:

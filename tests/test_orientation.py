@@ -86,4 +86,3 @@ def test_round_trip_through_the_bundle_json(mini_inputs, tiny_bundle, sample_ima
     assert old.orientation is None
     probs, checks = old.run(np.stack([old.preprocess(np.rot90(read_image(p)))[1] for p in sample_images[:2]]))
     assert checks is None and probs.shape == (2, 14)
-

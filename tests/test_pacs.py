@@ -39,6 +39,7 @@ def srs_in_study(orthanc, study_uid: str) -> list[dict]:
     return [i for i in orthanc.instances_of_study(study_uid) if orthanc.tag(i["ID"], "0008,0016") == SR_CLASS]
 
 
+@pytest.mark.slow  # a real Orthanc and listener: `make test`, not the edit loop
 def test_listener_end_to_end(orthanc, tmp_path):
     """A DX C-STOREd into Orthanc and forwarded to the listener comes back as an SR in the
     same study, with the same findings as `chestxray predict` on the instance."""
@@ -89,6 +90,7 @@ def metric(port: int, name: str, label: str = "") -> float:
     return total
 
 
+@pytest.mark.slow  # a real Orthanc and listener: `make test`, not the edit loop
 def test_listener_skips_what_it_cannot_read_and_keeps_going(orthanc, tmp_path):
     """A lateral view, a CT-class instance and a corrupt one get no SR and a logged reason
     (and a counter); the listener answers the next good instance."""
@@ -123,6 +125,7 @@ def test_listener_skips_what_it_cannot_read_and_keeps_going(orthanc, tmp_path):
         listener.stop()
 
 
+@pytest.mark.slow  # a real Orthanc and listener: `make test`, not the edit loop
 def test_listener_refuses_unknown_ae_titles(orthanc, tmp_path):
     dx = make_dx(NIH / "00000398_000.png", size=128)
     listener = start_listener(
@@ -292,6 +295,7 @@ def test_sigterm_journals_work_in_flight_for_the_next_start(orthanc, tmp_path):
         restarted.stop()
 
 
+@pytest.mark.slow  # a real Orthanc and listener: `make test`, not the edit loop
 def test_dicomweb_since_dry_run_and_credentials_from_the_environment(tmp_path, monkeypatch, capsys):
     """Against an Orthanc that wants a password: refused without --auth-env (one line, no
     traceback); --dry-run lists and stores nothing; --since finds the study; the password is
@@ -348,6 +352,7 @@ def test_dicomweb_watch_picks_up_new_studies_until_sigterm(orthanc, tmp_path):
         assert proc.wait(30) == 0
 
 
+@pytest.mark.slow  # a real Orthanc and listener: `make test`, not the edit loop
 def test_listener_over_tls(orthanc, tmp_path):
     """With --tls-cert/--tls-key the listener speaks TLS only: a TLS caller that trusts the
     certificate stores; a plain one gets no association."""
@@ -377,6 +382,7 @@ def test_listener_over_tls(orthanc, tmp_path):
         listener.stop()
 
 
+@pytest.mark.slow  # a real Orthanc and listener: `make test`, not the edit loop
 def test_listener_sends_by_stow_rs(orthanc, tmp_path):
     dx = make_dx(NIH / "00000398_000.png", size=96)
     listener = start_listener(tmp_path, "--stow", orthanc.dicomweb)

@@ -62,12 +62,24 @@ def test_json_for_files_and_folders(capsys, tiny_bundle, sample_images, tmp_path
     for p in sample_images[:2]:
         (nested / p.name).write_bytes(p.read_bytes())
     (tmp_path / "a" / "notes.txt").write_text("not an image, not collected")
-    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "json",
-                             str(EXAMPLE), str(tmp_path / "a"), str(sample_images[2]))
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        str(tiny_bundle),
+        "--format",
+        "json",
+        str(EXAMPLE),
+        str(tmp_path / "a"),
+        str(sample_images[2]),
+    )
     assert code == 0, err
     data = json.loads(out)
-    assert [r["file"] for r in data] == [str(EXAMPLE), *(str(nested / p.name) for p in sample_images[:2]),
-                                         str(sample_images[2])]
+    assert [r["file"] for r in data] == [
+        str(EXAMPLE),
+        *(str(nested / p.name) for p in sample_images[:2]),
+        str(sample_images[2]),
+    ]
     for rec in data:
         check_record(rec)
     want = analyzer.predict(sample_images[2])
@@ -101,8 +113,9 @@ def test_csv_and_table_match_json(capsys, tiny_bundle, sample_images, tmp_path):
     assert table.count(" YES") == sum(f["positive"] for rec in data for f in rec["findings"])
     # --out writes the file and nothing to stdout
     target = tmp_path / "out" / "pred.csv"
-    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "csv",
-                             "--out", str(target), *files)
+    code, out, err = run_cli(
+        capsys, "predict", "--model", str(tiny_bundle), "--format", "csv", "--out", str(target), *files
+    )
     assert code == 0 and out == "" and str(target) in err
     assert target.read_text() == csv_text
 
@@ -120,15 +133,17 @@ def test_broken_files_are_reported_and_the_rest_finish(capsys, tiny_bundle, samp
     (folder / "text.jpg").write_text("this is not a radiograph\n")
     (folder / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 50)
     missing = tmp_path / "does-not-exist.png"
-    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "json",
-                             str(folder), str(missing))
+    code, out, err = run_cli(
+        capsys, "predict", "--model", str(tiny_bundle), "--format", "json", str(folder), str(missing)
+    )
     assert code == 1
     records = {Path(r["file"]).name: r for r in json.loads(out)}
     assert len(records) == 3 + 4 + 1
     for p in good:
         check_record(records[p.name])
-    reasons = {n: records[n]["error"] for n in ("empty.png", "truncated.png", "text.jpg", "junk.dcm",
-                                                 "does-not-exist.png")}
+    reasons = {
+        n: records[n]["error"] for n in ("empty.png", "truncated.png", "text.jpg", "junk.dcm", "does-not-exist.png")
+    }
     assert reasons["empty.png"] == "empty file"
     assert "truncated" in reasons["truncated.png"]
     assert "not a PNG, JPEG or DICOM" in reasons["text.jpg"]
@@ -198,8 +213,19 @@ def test_dicom_gives_the_same_findings_as_the_png(capsys, tiny_bundle, mini_root
 def test_cam_overlays_at_original_size(capsys, tiny_bundle, mini_root, tmp_path):
     originals = [EXAMPLE, mini_root / "originals" / "00027426_000.png"]  # 1024 and 512 px
     cam_dir = tmp_path / "cams"
-    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "json",
-                             "--cam", str(cam_dir), "--findings", "Cardiomegaly,infiltrate", *map(str, originals))
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        str(tiny_bundle),
+        "--format",
+        "json",
+        "--cam",
+        str(cam_dir),
+        "--findings",
+        "Cardiomegaly,infiltrate",
+        *map(str, originals),
+    )
     assert code == 0, err
     data = json.loads(out)
     files = sorted(p.name for p in cam_dir.iterdir())
@@ -221,12 +247,14 @@ def test_cam_overlays_at_original_size(capsys, tiny_bundle, mini_root, tmp_path)
     assert f"wrote 4 Grad-CAM overlays to {cam_dir.resolve()}" in err
     # Without --findings: the positives, or the most probable finding when none is positive.
     cam_dir2 = tmp_path / "cams2"
-    code, out, _ = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "json",
-                           "--cam", str(cam_dir2), str(EXAMPLE))
+    code, out, _ = run_cli(
+        capsys, "predict", "--model", str(tiny_bundle), "--format", "json", "--cam", str(cam_dir2), str(EXAMPLE)
+    )
     rec = json.loads(out)[0]
     expected = [f for f in rec["findings"] if f["positive"]] or rec["findings"][:1]
     assert sorted(p.name for p in cam_dir2.iterdir()) == sorted(
-        f"{EXAMPLE.stem}_png_{f['finding']}_{f['probability']:.2f}.png" for f in expected)
+        f"{EXAMPLE.stem}_png_{f['finding']}_{f['probability']:.2f}.png" for f in expected
+    )
 
 
 def test_cam_names_stay_unique_visibly_and_broken_files_are_skipped(capsys, tiny_bundle, sample_images, tmp_path):
@@ -239,8 +267,19 @@ def test_cam_names_stay_unique_visibly_and_broken_files_are_skipped(capsys, tiny
         (tmp_path / "in" / sub / "scan.png").write_bytes(sample_images[0].read_bytes())
     (tmp_path / "in" / "scan.jpg").write_bytes(_jpeg(sample_images[1]))
     (tmp_path / "in" / "bad.png").write_bytes(b"")
-    code, out, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--cam", str(tmp_path / "cams"),
-                             "--findings", "Mass", "--format", "json", str(tmp_path / "in"))
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        str(tiny_bundle),
+        "--cam",
+        str(tmp_path / "cams"),
+        "--findings",
+        "Mass",
+        "--format",
+        "json",
+        str(tmp_path / "in"),
+    )
     assert code == 1 and "bad.png" in err
     names = sorted(p.name for p in (tmp_path / "cams").iterdir())
     assert [n.rsplit("_Mass_", 1)[0] for n in names] == ["scan_jpg", "x_scan_png", "y_scan_png"]
@@ -248,7 +287,10 @@ def test_cam_names_stay_unique_visibly_and_broken_files_are_skipped(capsys, tiny
     assert listed["bad.png"] is None
     assert Path(listed["x/scan.png"][0]["path"]).name.startswith("x_scan_png_Mass_")
     assert overlay_names([Path("a/x.png"), Path("b/x.png"), Path("x.dcm")]) == {
-        "a/x.png": "a_x_png", "b/x.png": "b_x_png", "x.dcm": "x_dcm"}
+        "a/x.png": "a_x_png",
+        "b/x.png": "b_x_png",
+        "x.dcm": "x_dcm",
+    }
 
 
 def _jpeg(png: Path) -> bytes:
@@ -260,8 +302,9 @@ def _jpeg(png: Path) -> bytes:
 
 def test_argument_errors_exit_2_with_a_message(capsys, tiny_bundle, sample_images, tmp_path):
     img = str(sample_images[0])
-    code, _, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--cam", str(tmp_path / "c"),
-                           "--findings", "Heartache", img)
+    code, _, err = run_cli(
+        capsys, "predict", "--model", str(tiny_bundle), "--cam", str(tmp_path / "c"), "--findings", "Heartache", img
+    )
     assert code == 2 and "Heartache" in err and "Cardiomegaly" in err
     code, _, err = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--findings", "Mass", img)
     assert code == 2 and "--cam" in err
@@ -299,13 +342,16 @@ def test_batch_size_does_not_change_results(capsys, tiny_bundle, sample_images):
     _, b, _ = run_cli(capsys, "predict", "--model", str(tiny_bundle), "--format", "json", "--batch-size", "16", *files)
     for ra, rb in zip(json.loads(a), json.loads(b)):
         assert [f["finding"] for f in ra["findings"]] == [f["finding"] for f in rb["findings"]]
-        assert np.allclose([f["probability"] for f in ra["findings"]], [f["probability"] for f in rb["findings"]],
-                           atol=1e-5)
+        assert np.allclose(
+            [f["probability"] for f in ra["findings"]], [f["probability"] for f in rb["findings"]], atol=1e-5
+        )
 
 
 def test_command_modules_import_without_torch():
-    code = ("import sys; import chestxray.commands.predict, chestxray.commands.report; "
-            "bad = [m for m in ('torch', 'matplotlib', 'pandas') if m in sys.modules]; print(bad)")
+    code = (
+        "import sys; import chestxray.commands.predict, chestxray.commands.report; "
+        "bad = [m for m in ('torch', 'matplotlib', 'pandas') if m in sys.modules]; print(bad)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

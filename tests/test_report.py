@@ -64,9 +64,12 @@ def test_report_files(tiny_bundle, mini_root, tmp_path):
 
 def test_cli_and_an_unreadable_image(capsys, tiny_bundle, mini_root, tmp_path):
     images = sorted((mini_root / "images").glob("*.png"))[:2]
-    root = make_root(tmp_path / "root", {p.name: p for p in images} | {"broken.png": images[0]},
-                     {images[0].name: "Cardiomegaly", images[1].name: "No Finding", "broken.png": "Mass"},
-                     test=[images[0].name, images[1].name, "broken.png"])
+    root = make_root(
+        tmp_path / "root",
+        {p.name: p for p in images} | {"broken.png": images[0]},
+        {images[0].name: "Cardiomegaly", images[1].name: "No Finding", "broken.png": "Mass"},
+        test=[images[0].name, images[1].name, "broken.png"],
+    )
     (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     code = main(["report", str(root), "--model", str(tiny_bundle), "--n", "5", "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()

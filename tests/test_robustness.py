@@ -62,8 +62,9 @@ def test_mutated_dicom_headers_never_escape_as_other_errors():
 
 def test_batch_with_a_broken_dicom_still_finishes(tiny_bundle, tmp_path, original_png, capsys):
     (tmp_path / "bad.dcm").write_bytes(_dicom_bytes("1.2.840.10008.9.9.9"))
-    rc = main(["predict", "--model", str(tiny_bundle), str(tmp_path / "bad.dcm"), str(original_png),
-               "--format", "json"])
+    rc = main(
+        ["predict", "--model", str(tiny_bundle), str(tmp_path / "bad.dcm"), str(original_png), "--format", "json"]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 1
     assert out[0]["error"] and out[0]["findings"] == []
@@ -109,8 +110,24 @@ def test_evaluate_with_no_defined_auroc_says_undefined(tmp_path, tiny_bundle, mi
             break
     else:
         pytest.skip("no all-negative validation carve found")
-    rc = main(["evaluate", "--model", str(tiny_bundle), str(mini_root), "--split", "val", "--val-fraction", "0.02",
-               "--split-seed", str(seed), "--bootstrap", "10", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_bundle),
+            str(mini_root),
+            "--split",
+            "val",
+            "--val-fraction",
+            "0.02",
+            "--split-seed",
+            str(seed),
+            "--bootstrap",
+            "10",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert "macro AUROC undefined" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.json").read_text())["macro"]["auroc"] is None
@@ -157,7 +174,22 @@ def test_cuda_requested_without_cuda_is_a_clean_error(mini_root, capsys, tmp_pat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["evaluate", str(mini_root), "--device", "cuda", "--out", str(tmp_path)]) == 2
-    assert main(["train", str(mini_root), "--out", str(tmp_path / "run"), "--device", "cuda", "--weights", "none",
-                 "--freeze", "all"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(mini_root),
+                "--out",
+                str(tmp_path / "run"),
+                "--device",
+                "cuda",
+                "--weights",
+                "none",
+                "--freeze",
+                "all",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("CUDA") >= 2 and "Traceback" not in err

@@ -156,8 +156,9 @@ def _truncated_png(original_png: Path) -> bytes:
         ("cut_multipart", 400, "ends before the file does"),
     ],
 )
-def test_bad_input_is_a_4xx_json_message_and_server_keeps_serving(client, png_bytes, original_png, caplog,
-                                                                  case, status, message):
+def test_bad_input_is_a_4xx_json_message_and_server_keeps_serving(
+    client, png_bytes, original_png, caplog, case, status, message
+):
     post = "/api/v1/predict"
     with caplog.at_level(logging.DEBUG):
         if case == "empty":
@@ -171,15 +172,18 @@ def test_bad_input_is_a_4xx_json_message_and_server_keeps_serving(client, png_by
         elif case == "wrong_field":
             r = client.post(post, **upload(png_bytes, field="image"))
         elif case == "two_files":
-            r = client.post(post, files=[("file", ("a.png", png_bytes, "image/png")),
-                                         ("file", ("b.png", png_bytes, "image/png"))])
+            r = client.post(
+                post, files=[("file", ("a.png", png_bytes, "image/png")), ("file", ("b.png", png_bytes, "image/png"))]
+            )
         elif case == "not_multipart":
             r = client.post(post, content=png_bytes, headers={"content-type": "image/png"})
         elif case == "no_boundary":
             r = client.post(post, content=png_bytes, headers={"content-type": "multipart/form-data"})
         else:  # a multipart body that stops in the middle of the file
-            body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-                    b"Content-Type: image/png\r\n\r\n" + png_bytes[:500])
+            body = (
+                b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + png_bytes[:500]
+            )
             r = client.post(post, content=body, headers={"content-type": "multipart/form-data; boundary=XyZ"})
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -195,16 +199,18 @@ def test_oversized_upload_is_413(analyzer, png_bytes):
         r = small.post("/api/v1/predict", **upload(too_big))
         assert r.status_code == 413 and "limit" in r.json()["detail"]
         # Announced by Content-Length far past the limit: refused without reading the body.
-        r = small.post("/api/v1/predict", content=bytes(limit + FORM_OVERHEAD + 1),
-                       headers={"content-type": "multipart/form-data; boundary=XyZ"})
+        r = small.post(
+            "/api/v1/predict",
+            content=bytes(limit + FORM_OVERHEAD + 1),
+            headers={"content-type": "multipart/form-data; boundary=XyZ"},
+        )
         assert r.status_code == 413
         assert len(png_bytes) <= limit  # a real 256 px NIH image fits and still gets its answer
         assert_still_serving(small, png_bytes)
 
 
 async def _chunks(consumed: list[int], n: int, size: int):
-    yield (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-           b"Content-Type: image/png\r\n\r\n")
+    yield (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n')
     for _ in range(n):
         consumed.append(size)
         yield bytes(size)
@@ -213,27 +219,39 @@ async def _chunks(consumed: list[int], n: int, size: int):
 def test_upload_limit_is_enforced_while_reading_not_after():
     consumed: list[int] = []
     with pytest.raises(UploadError) as err:  # no Content-Length (chunked): stop at the limit
-        asyncio.run(read_file_field("multipart/form-data; boundary=XyZ", None,
-                                    _chunks(consumed, n=1000, size=64 * 1024), max_bytes=200_000))
+        asyncio.run(
+            read_file_field(
+                "multipart/form-data; boundary=XyZ", None, _chunks(consumed, n=1000, size=64 * 1024), max_bytes=200_000
+            )
+        )
     assert err.value.status == 413
     assert sum(consumed) <= 200_000 + 64 * 1024  # stopped within one chunk of the limit, not at 64 MB
     consumed.clear()
     with pytest.raises(UploadError) as err:  # Content-Length past the limit: nothing read at all
-        asyncio.run(read_file_field("multipart/form-data; boundary=XyZ", str(10**9),
-                                    _chunks(consumed, n=1000, size=64 * 1024), max_bytes=200_000))
+        asyncio.run(
+            read_file_field(
+                "multipart/form-data; boundary=XyZ",
+                str(10**9),
+                _chunks(consumed, n=1000, size=64 * 1024),
+                max_bytes=200_000,
+            )
+        )
     assert err.value.status == 413 and consumed == []
 
 
 def test_read_file_field_keeps_only_the_file_part():
-    body = (b"--B\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-            b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
-            b"\x89PNG-bytes\r\n--B--\r\n")
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        b"\x89PNG-bytes\r\n--B--\r\n"
+    )
 
     async def one():
         yield body
 
-    assert asyncio.run(read_file_field("multipart/form-data; boundary=B", str(len(body)), one(), 100)) \
-        == b"\x89PNG-bytes"
+    assert (
+        asyncio.run(read_file_field("multipart/form-data; boundary=B", str(len(body)), one(), 100)) == b"\x89PNG-bytes"
+    )
 
 
 def test_concurrent_requests_give_the_sequential_answers(client, sample_images):
@@ -252,8 +270,9 @@ def test_concurrent_requests_give_the_sequential_answers(client, sample_images):
         assert [c.result() for c in cams] == [200] * 3
     for got, want in zip(parallel, sequential):
         assert [f["finding"] for f in got["findings"]] == [f["finding"] for f in want["findings"]]
-        np.testing.assert_allclose([f["probability"] for f in got["findings"]],
-                                   [f["probability"] for f in want["findings"]], atol=1e-6)
+        np.testing.assert_allclose(
+            [f["probability"] for f in got["findings"]], [f["probability"] for f in want["findings"]], atol=1e-6
+        )
 
 
 # -- Grad-CAM and analyses --------------------------------------------------------------
@@ -367,7 +386,15 @@ def test_openapi_lists_the_endpoints_with_their_models(client):
     assert form["required"] == ["file"] and form["properties"]["file"]["format"] == "binary"
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     schema = spec["components"]["schemas"][ok.rsplit("/", 1)[1]]
-    assert set(schema["properties"]) == {"file", "model", "variant", "findings", "error", "warnings", "threshold_policy"}
+    assert set(schema["properties"]) == {
+        "file",
+        "model",
+        "variant",
+        "findings",
+        "error",
+        "warnings",
+        "threshold_policy",
+    }
     assert {"413", "415", "422"} <= set(predict["responses"])
     assert "image/png" in paths["/api/v1/cam"]["post"]["responses"]["200"]["content"]
     assert "/" not in paths and "tiny-test-model" in spec["info"]["description"]
@@ -427,7 +454,9 @@ def test_serve_port_0_prints_the_port_the_system_chose(tiny_bundle, monkeypatch,
     from chestxray.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: seen.update(port=sockets[0].getsockname()[1]))
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda server, sockets=None: seen.update(port=sockets[0].getsockname()[1])
+    )
     assert main(["serve", "--model", str(tiny_bundle), "--port", "0"]) == 0
     shown = re.search(r"at http://127\.0\.0\.1:(\d+)/", capsys.readouterr().err)
     assert shown and int(shown.group(1)) == seen["port"] > 0
@@ -454,8 +483,15 @@ def test_access_log_keeps_paths_only():
 
     assert redact_path("/api/v1/cam?finding=Effusion") == "/api/v1/cam"
     assert redact_path("/api/v1/analyses/AbC123/cam.png?finding=Mass") == "/api/v1/analyses/<id>/cam.png"
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:5", "GET", "/api/v1/analyses/AbC123/image.png?x=1", "1.1", 200), None)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/api/v1/analyses/AbC123/image.png?x=1", "1.1", 200),
+        None,
+    )
     assert RedactAccessLog().filter(record)
     assert "AbC123" not in record.getMessage() and "/api/v1/analyses/<id>/image.png" in record.getMessage()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

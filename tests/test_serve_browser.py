@@ -18,8 +18,10 @@ from chestxray import NOT_FOR_CLINICAL_USE
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                                                     "(`make browser` installs it; `make test` does that first)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's chromium at /usr/bin/chromium (`make browser` installs it; `make test` does that first)",
+    ),
 ]
 
 
@@ -70,11 +72,13 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             page.wait_for_function("() => !!document.getElementById('view').dataset.view")
             # An 8-bit image starts as it is: the window 0..255.
             assert page.evaluate("() => JSON.parse(document.getElementById('view').dataset.window)") == {
-                "centre": 128, "width": 256, "invert": False}
+                "centre": 128,
+                "width": 256,
+                "invert": False,
+            }
             # Ranked: positives first, then by probability; each row has a threshold tick.
             probs = [float(t.rstrip("%")) for t in rows.locator(".prob").all_inner_texts()]
-            positive = [("positive" in (c or "")) for c in
-                        [rows.nth(i).get_attribute("class") for i in range(14)]]
+            positive = [("positive" in (c or "")) for c in [rows.nth(i).get_attribute("class") for i in range(14)]]
             assert positive == sorted(positive, reverse=True)
             n_pos = sum(positive)
             assert probs[:n_pos] == sorted(probs[:n_pos], reverse=True)
@@ -119,9 +123,11 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
             expect(page.get_by_role("alert")).to_contain_text("not a PNG, JPEG or DICOM image")
             expect(page.locator("#result")).to_be_hidden()
             expect(page.locator("#findings li")).to_have_count(0)
-            assert page.evaluate("() => { const c = document.getElementById('view');"  # no stale pixels
-                                 " return c.getContext('2d').getImageData(0, 0, c.width, c.height)"
-                                 ".data.every((v) => v === 0); }")
+            assert page.evaluate(
+                "() => { const c = document.getElementById('view');"  # no stale pixels
+                " return c.getContext('2d').getImageData(0, 0, c.width, c.height)"
+                ".data.every((v) => v === 0); }"
+            )
             problems[:] = [m for m in problems if "415" not in m]
 
             assert problems == []

@@ -20,6 +20,7 @@ import pytest
 
 from chestxray.serve.app import create_app
 from chestxray.serve.runtime import ServeSettings
+from polling import wait_for
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -72,16 +73,6 @@ def get(port: int, path: str) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from chestxray.data.images import DecodeLimitError, DecodeLimits, read_image
 from chestxray.serve.app import create_app
 from chestxray.serve.runtime import ServeSettings
 from chestxray.serve.uploads import UploadError, read_file_field
+from polling import wait_for
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -46,16 +47,6 @@ def flat_png(width: int, height: int, color_type: int = 6, bits: int = 16) -> by
 
     ihdr = struct.pack(">IIBBBBB", width, height, bits, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def upload(data: bytes, name: str = SECRET_NAME) -> dict:
@@ -149,8 +140,11 @@ def test_full_queue_is_503_at_once_while_healthz_answers(analyzer, pngs):
         assert busy.status_code == 503 and busy.headers["retry-after"] == "2" and "busy" in busy.json()["detail"]
         # 413 and 415 are still answered first, from the headers
         assert c.post("/api/v1/predict", content=b"x", headers={"content-type": "image/png"}).status_code == 415
-        too_big = c.post("/api/v1/predict", content=bytes(10), headers={
-            "content-type": "multipart/form-data; boundary=B", "content-length": str(4 * 2**20)})
+        too_big = c.post(
+            "/api/v1/predict",
+            content=bytes(10),
+            headers={"content-type": "multipart/form-data; boundary=B", "content-length": str(4 * 2**20)},
+        )
         assert too_big.status_code == 413
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["queue"] == 3
@@ -210,8 +204,7 @@ def test_batched_requests_equal_one_at_a_time(analyzer, pngs, backend):
 
 
 def test_slow_body_is_408_and_the_partial_upload_is_dropped():
-    head = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n")
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
 
     async def trickle():
         yield head
@@ -243,8 +236,9 @@ def test_slow_request_head_is_cut_with_408():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=Fast, log_level="error",
-                                           lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, http=Fast, log_level="error", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -276,8 +270,11 @@ def test_metrics_and_access_log_hold_no_request_content(analyzer, pngs, caplog, 
         long_name = c.post("/api/v1/predict", **upload(pngs[0], name="x" * 5000 + ".png"))
         bad = c.post(f"/api/v1/cam?finding={secret_query}", **upload(pngs[0]))
         # a malformed body that makes python-multipart log (it would quote the byte)
-        junk = c.post("/api/v1/predict", content=b"--B\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n"
-                      + b"SECRETBYTES" * 10 + b"\r\n--Bq", headers={"content-type": "multipart/form-data; boundary=B"})
+        junk = c.post(
+            "/api/v1/predict",
+            content=b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"SECRETBYTES" * 10 + b"\r\n--Bq",
+            headers={"content-type": "multipart/form-data; boundary=B"},
+        )
         a = c.post("/api/v1/analyses", **upload(pngs[1])).json()
         c.get(f"/api/v1/analyses/{a['id']}/image.png")
         text = c.get("/metrics").text
@@ -292,7 +289,9 @@ def test_metrics_and_access_log_hold_no_request_content(analyzer, pngs, caplog, 
     access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "chestxray.serve.access"]
     assert len(access) >= 6 and all(len(x["request_id"]) == 16 and x["ms"] >= 0 for x in access)
     first = next(x for x in access if x["request_id"] == ok.headers["x-request-id"])
-    assert first["route"] == "/api/v1/predict" and first["status"] == 200 and {"decode_ms", "inference_ms"} <= set(first)
+    assert (
+        first["route"] == "/api/v1/predict" and first["status"] == 200 and {"decode_ms", "inference_ms"} <= set(first)
+    )
     # everything the server logged (the test client's own httpx log line has the URL it sent)
     logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
     for secret in ("Doe", "Jane", "4711", "SECRETBYTES", "xxxxxxxxxx", a["id"]):
@@ -321,8 +320,26 @@ def test_serve_workers_get_the_model_settings_and_shared_metrics(tiny_bundle, mo
     for name in (CONFIG_ENV, "PROMETHEUS_MULTIPROC_DIR", "CHESTXRAY_HEADER_TIMEOUT_S"):
         monkeypatch.setenv(name, "")  # recorded as unset: what the command sets is removed afterwards
         monkeypatch.delenv(name)
-    assert main(["serve", "--model", str(tiny_bundle), "--workers", "2", "--queue-length", "7", "--port", "0",
-                 "--max-batch", "4", "--header-timeout-s", "3"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(tiny_bundle),
+                "--workers",
+                "2",
+                "--queue-length",
+                "7",
+                "--port",
+                "0",
+                "--max-batch",
+                "4",
+                "--header-timeout-s",
+                "3",
+            ]
+        )
+        == 0
+    )
     config = seen["config"]
     assert config.app == "chestxray.serve.app:app_from_env" and config.factory is True and config.workers == 2
     assert config.http is HeaderTimeoutH11Protocol and HeaderTimeoutH11Protocol.header_timeout_s == 3.0

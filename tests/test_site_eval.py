@@ -37,8 +37,9 @@ def blanks_root(dst: Path, demographics: bool = True, copies: int = 2) -> Path:
                 shutil.copy(src / r["file"], dst / "images" / name)
                 on = r["findings"].split("|")
                 cells = ["" if f == "Pneumonia" and i % 4 == 0 else int(f in on) for f in SCORED]
-                w.writerow([f"images/{name}", f"{r['patient']}{k}", *([r["sex"], r["age"]] if demographics else []),
-                            *cells])
+                w.writerow(
+                    [f"images/{name}", f"{r['patient']}{k}", *([r["sex"], r["age"]] if demographics else []), *cells]
+                )
     return dst
 
 
@@ -58,9 +59,14 @@ def bundle_with_thresholds(tmp_path: Path, value: float) -> Path:
 
     torch.manual_seed(0)
     model = create_model("resnet18", weights="none", freeze="all", image_size=64).eval()
-    meta = BundleMeta(architecture="resnet18", labels=list(FINDINGS), preprocessing=model.preprocessing,
-                      thresholds=[value] * len(FINDINGS), name="flat-threshold-model",
-                      training={"data": "none (random weights, for tests)"})
+    meta = BundleMeta(
+        architecture="resnet18",
+        labels=list(FINDINGS),
+        preprocessing=model.preprocessing,
+        thresholds=[value] * len(FINDINGS),
+        name="flat-threshold-model",
+        training={"data": "none (random weights, for tests)"},
+    )
     return save_bundle(model, meta, tmp_path / "flat.safetensors")
 
 
@@ -71,8 +77,20 @@ def test_evaluate_on_a_csv_with_blank_labels(tmp_path, tiny_bundle, capsys):
     want = expected_counts(root)
     assert want["Pneumonia"][1] == 18  # 6 blanks among 24 rows
     out = tmp_path / "eval"
-    rc = main(["evaluate", f"csv:{root}", "--model", str(tiny_bundle), "--split", "all", "--bootstrap", "20",
-               "--out", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            f"csv:{root}",
+            "--model",
+            str(tiny_bundle),
+            "--split",
+            "all",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_images"] == 24 and m["dataset_labelled_images"] == 24
@@ -114,14 +132,44 @@ def test_report_and_tune_on_a_csv_with_blank_labels(tmp_path, tiny_bundle):
     """The rest of the site's path on the same data: report, tune, then evaluate the re-tuned bundle."""
     root = blanks_root(tmp_path / "site")
     want = expected_counts(root)
-    assert main(["report", f"csv:{root}", "--model", str(tiny_bundle), "--split", "all", "--n", "3",
-                 "--out", str(tmp_path / "rep")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                f"csv:{root}",
+                "--model",
+                str(tiny_bundle),
+                "--split",
+                "all",
+                "--n",
+                "3",
+                "--out",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "rep" / "predictions.json").read_text())
     assert doc["split"] == "all" and len(doc["images"]) == 3
     tuned = tmp_path / "site.safetensors"
     assert main(["tune", f"csv:{root}", "--model", str(tiny_bundle), "--split", "all", "--out", str(tuned)]) == 0
-    assert main(["evaluate", f"csv:{root}", "--model", str(tuned), "--split", "all", "--bootstrap", "0",
-                 "--out", str(tmp_path / "eval2")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                f"csv:{root}",
+                "--model",
+                str(tuned),
+                "--split",
+                "all",
+                "--bootstrap",
+                "0",
+                "--out",
+                str(tmp_path / "eval2"),
+            ]
+        )
+        == 0
+    )
     m2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert m2["per_class"]["Pneumonia"]["support"] == want["Pneumonia"][0]
 
@@ -133,7 +181,7 @@ def test_absent_subgroup_columns_give_one_line_and_no_table(tmp_path, tiny_bundl
     stdout = capsys.readouterr().out
     md = (out / "report.md").read_text()
     assert "### By" not in md and "NONE" not in md and "(n=" not in md
-    section = [line for line in md[md.index("## Subgroups"):].splitlines() if line.strip()]
+    section = [line for line in md[md.index("## Subgroups") :].splitlines() if line.strip()]
     assert len(section) == 2 and section[1].startswith("Not evaluated by sex") and "by age" in section[1]
     said = [line for line in stdout.splitlines() if line.startswith("subgroups")]
     assert len(said) == 1 and said[0].startswith("subgroups not evaluated: sex")
@@ -148,12 +196,29 @@ def test_split_all_scores_every_labelled_image_and_info_and_header_say_so(tmp_pa
     test_n = int(next(line for line in info.splitlines() if line.startswith("test")).split()[1])
     assert 0 < test_n < 24
     assert f"scores {test_n} of 24 labelled images (the test split); --split all scores all 24" in info
-    assert main(["evaluate", f"csv:{root}", "--model", str(tiny_bundle), "--bootstrap", "0",
-                 "--out", str(tmp_path / "t")]) == 0
+    assert (
+        main(["evaluate", f"csv:{root}", "--model", str(tiny_bundle), "--bootstrap", "0", "--out", str(tmp_path / "t")])
+        == 0
+    )
     header = capsys.readouterr().out
     assert f"on the test split: {test_n} of 24 labelled images scored" in header
-    assert main(["evaluate", f"csv:{root}", "--model", str(tiny_bundle), "--split", "all", "--bootstrap", "0",
-                 "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                f"csv:{root}",
+                "--model",
+                str(tiny_bundle),
+                "--split",
+                "all",
+                "--bootstrap",
+                "0",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     assert "whole dataset (every split): 24 images scored (every labelled image)" in capsys.readouterr().out
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["n_images"] == 24
 
@@ -162,8 +227,14 @@ def test_threshold_transfer_rule():
     from chestxray.evaluation.evaluate import threshold_transfer_warning
 
     def entry(tp, fp, fn, tn):
-        return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "specificity": tn / (tn + fp) if tn + fp else None,
-                "recall": tp / (tp + fn) if tp + fn else None}
+        return {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "tn": tn,
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+        }
 
     per_class = {
         "Fits": entry(10, 5, 5, 80),  # rate 0.15, prevalence 0.15
@@ -185,8 +256,12 @@ def test_evaluate_warns_when_thresholds_do_not_transfer(tmp_path, capsys):
     root = blanks_root(tmp_path / "site", demographics=False)
     model = bundle_with_thresholds(tmp_path, 0.0)
     out = tmp_path / "eval"
-    assert main(["evaluate", f"csv:{root}", "--model", str(model), "--split", "all", "--bootstrap", "0",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["evaluate", f"csv:{root}", "--model", str(model), "--split", "all", "--bootstrap", "0", "--out", str(out)]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["threshold_warning"]["findings"]) == ["Mass"]
@@ -312,9 +387,11 @@ def test_evaluate_tune_report_on_onnx_without_torch(tmp_path):
         ["report", site, "--model", tuned, "--split", "all", "--n", "2", "--out", "rep"],
         ["evaluate", site, "--model", tuned, "--backend", "onnx", "--bootstrap", "0", "--out", "e3"],
     ]
-    body = (f"import json, pathlib, sys\nrcs = [main(argv) for argv in {json.dumps(runs)}]\n"
-            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors'))\n"
-            "pathlib.Path('result.json').write_text(json.dumps([rcs, loaded]))\n")
+    body = (
+        f"import json, pathlib, sys\nrcs = [main(argv) for argv in {json.dumps(runs)}]\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors'))\n"
+        "pathlib.Path('result.json').write_text(json.dumps([rcs, loaded]))\n"
+    )
     proc = _no_torch(tmp_path, body)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == [[0] * len(runs), []], proc.stderr[-3000:]
@@ -335,8 +412,21 @@ def test_tune_says_what_it_is_doing(tmp_path, tiny_bundle, capsys, caplog, monke
     monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 1e-9)  # a line per chunk instead of every 10 s
     root = blanks_root(tmp_path / "site", demographics=False)
     with caplog.at_level(logging.INFO, logger="chestxray"):
-        assert main(["tune", f"csv:{root}", "--model", str(tiny_bundle), "--split", "all",
-                     "--out", str(tmp_path / "t.safetensors")]) == 0
+        assert (
+            main(
+                [
+                    "tune",
+                    f"csv:{root}",
+                    "--model",
+                    str(tiny_bundle),
+                    "--split",
+                    "all",
+                    "--out",
+                    str(tmp_path / "t.safetensors"),
+                ]
+            )
+            == 0
+        )
     err = capsys.readouterr().err
     assert "all split: 24/24 images" in err
     said = [r.getMessage() for r in caplog.records if r.name.startswith("chestxray.evaluation")]

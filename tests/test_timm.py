@@ -1,6 +1,5 @@
 """timm backbones through the registry (`--model timm/<name>`), end to end on a tiny one."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -62,4 +61,6 @@ def test_timm_bundle_predicts_explains_and_exports(tmp_path, original_png, capsy
     assert "max |p_onnx - p_torch|" in capsys.readouterr().out
     onnx = Analyzer.load(tmp_path / "t.onnx", backend="onnx")
     a, b = analyzer.predict(original_png), onnx.predict(original_png)
-    np.testing.assert_allclose([f.probability for f in a.findings], [b.probability(f.finding) for f in a.findings], atol=1e-4)
+    np.testing.assert_allclose(
+        [f.probability for f in a.findings], [b.probability(f.finding) for f in a.findings], atol=1e-4
+    )

@@ -48,8 +48,9 @@ def _train(mini_root, cache_dir, out, *extra: str) -> tuple[int, str]:
 def run_dir(tmp_path_factory, mini_root, cache_dir):
     """The from-scratch recipe, shortened by flags that override it: 2 epochs of 2 steps."""
     out = tmp_path_factory.mktemp("runs") / "a"
-    rc, err = _train(mini_root, cache_dir, out, "--recipe", "scratch", "--epochs", "2", "--max-steps", "2",
-                     "--log-every", "1")
+    rc, err = _train(
+        mini_root, cache_dir, out, "--recipe", "scratch", "--epochs", "2", "--max-steps", "2", "--log-every", "1"
+    )
     assert rc == 0, err
     return out, err
 
@@ -94,7 +95,13 @@ def test_curves_summary_and_config_in_the_run_folder(run_dir, mini_root):
     opts = record["options"]
     # --recipe scratch, with --epochs 2 overriding its 30 and the rest kept.
     assert (opts["recipe"], opts["optimizer"], opts["schedule"], opts["weights"], opts["freeze"], opts["epochs"]) == (
-        "scratch", "adamw", "onecycle", "none", "all", 2)
+        "scratch",
+        "adamw",
+        "onecycle",
+        "none",
+        "all",
+        2,
+    )
     assert opts["image_size"] == 32 and Path(opts["root"]).is_absolute()
     assert record["environment"]["torch"] == str(torch.__version__) and record["environment"]["chestxray"]
     import hashlib
@@ -114,7 +121,8 @@ def test_rerun_from_config_yaml_gives_identical_weights(run_dir, tmp_path):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "b" / "config.yaml").read_text().split("environment:")[0] == (
-        (out / "config.yaml").read_text().split("environment:")[0])
+        (out / "config.yaml").read_text().split("environment:")[0]
+    )
 
 
 SAMPLE_ROOT = os.environ.get("CHESTXRAY_SAMPLE_ROOT")
@@ -128,9 +136,32 @@ def test_sample_run_writes_events_curves_summary_config(tmp_path):
     out = tmp_path / "run"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = main(["train", str(SAMPLE_ROOT), "--out", str(out), "--model", "resnet18", "--image-size", "32",
-                   "--recipe", "scratch", "--epochs", "2", "--max-steps", "3", "--log-every", "1", "--device", "cpu",
-                   "--cache", str(tmp_path / "cache"), "--workers", "2"])
+        rc = main(
+            [
+                "train",
+                str(SAMPLE_ROOT),
+                "--out",
+                str(out),
+                "--model",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--recipe",
+                "scratch",
+                "--epochs",
+                "2",
+                "--max-steps",
+                "3",
+                "--log-every",
+                "1",
+                "--device",
+                "cpu",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--workers",
+                "2",
+            ]
+        )
     assert rc == 0, err.getvalue()[-2000:]
     assert "epoch 2/2  step 3/3" in err.getvalue()
     acc = EventAccumulator(str(out / "tensorboard"))
@@ -142,8 +173,10 @@ def test_sample_run_writes_events_curves_summary_config(tmp_path):
 
 def test_flags_override_a_config_file(tmp_path, mini_root):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(f"root: {mini_root}\nout: {tmp_path / 'x'}\nmodel: resnet18\nepochs: 3\nlr: 1e-3\n"
-                        "image-size: 48\nrecipe: scratch\n")
+    cfg_file.write_text(
+        f"root: {mini_root}\nout: {tmp_path / 'x'}\nmodel: resnet18\nepochs: 3\nlr: 1e-3\n"
+        "image-size: 48\nrecipe: scratch\n"
+    )
     args = build_parser().parse_args(["train", "--config", str(cfg_file), "--epochs", "1"])
     cfg, resume, overwrite = config_from_args(args)
     assert (cfg.epochs, cfg.lr, cfg.image_size, cfg.model, cfg.optimizer) == (1, 0.001, 48, "resnet18", "adamw")
@@ -163,11 +196,22 @@ def test_flags_override_a_config_file(tmp_path, mini_root):
 def _legacy_run(folder: Path, mini_root: Path) -> Path:
     """A run folder as runs made before config.yaml left it: a flat config.json."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"root": str(mini_root), "out": str(folder), "model": "resnet50",
-                                                    "image_size": 224, "epochs": 3}))
-    rows = [{"epoch": e, "train_loss": 0.5 - e / 10, "val_loss": v, "val_mean_auroc": a,
-             "val_elementwise_accuracy": 0.9, "lr": 1e-5, "seconds": 10.0, "images_per_second": 5.0}
-            for e, v, a in ((1, 0.4, 0.6), (2, 0.3, 0.65), (3, 0.35, 0.7))]
+    (folder / "config.json").write_text(
+        json.dumps({"root": str(mini_root), "out": str(folder), "model": "resnet50", "image_size": 224, "epochs": 3})
+    )
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 0.5 - e / 10,
+            "val_loss": v,
+            "val_mean_auroc": a,
+            "val_elementwise_accuracy": 0.9,
+            "lr": 1e-5,
+            "seconds": 10.0,
+            "images_per_second": 5.0,
+        }
+        for e, v, a in ((1, 0.4, 0.6), (2, 0.3, 0.65), (3, 0.35, 0.7))
+    ]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -202,8 +246,21 @@ def test_runs_table_csv_json_and_plot(run_dir, tmp_path, mini_root, capsys):
 
 # ---- --weights none with frozen random layers ------------------------------
 def test_weights_none_with_seed_freeze_is_refused(tmp_path, mini_root, cache_dir, capsys):
-    rc = main(["train", str(mini_root), "--out", str(tmp_path / "r"), *TINY, "--cache", str(cache_dir),
-               "--weights", "none", "--epochs", "1"])
+    rc = main(
+        [
+            "train",
+            str(mini_root),
+            "--out",
+            str(tmp_path / "r"),
+            *TINY,
+            "--cache",
+            str(cache_dir),
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--recipe scratch" in err and "--freeze seed" in err
     assert not (tmp_path / "r").exists()
@@ -218,8 +275,20 @@ def test_finished_run_is_not_overwritten(run_dir, tmp_path, mini_root, cache_dir
     assert rc == 2 and "already holds a training run" in err and "--overwrite" in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # An early error (unknown model) leaves no folder behind.
-    rc = main(["train", str(mini_root), "--out", str(tmp_path / "new"), "--model", "resnet51", "--weights", "none",
-               "--freeze", "all"])
+    rc = main(
+        [
+            "train",
+            str(mini_root),
+            "--out",
+            str(tmp_path / "new"),
+            "--model",
+            "resnet51",
+            "--weights",
+            "none",
+            "--freeze",
+            "all",
+        ]
+    )
     assert rc == 2 and not (tmp_path / "new").exists()
 
 
@@ -249,8 +318,12 @@ def test_broken_checkpoint_is_one_clear_line(run_dir, tmp_path, capsys):
 
     import pickle
 
-    for name, data in (("empty", b""), ("truncated", good[: len(good) // 3]),
-                       ("random", np.random.default_rng(0).bytes(4096)), ("pickle", pickle.dumps(Evil()))):
+    for name, data in (
+        ("empty", b""),
+        ("truncated", good[: len(good) // 3]),
+        ("random", np.random.default_rng(0).bytes(4096)),
+        ("pickle", pickle.dumps(Evil())),
+    ):
         run = tmp_path / name
         run.mkdir()
         shutil.copy(out / "config.yaml", run / "config.yaml")
@@ -293,10 +366,12 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, mini_root, cache_dir
 
     monkeypatch.setattr(torch, "save", save_then_fill_disk)
     out = tmp_path / "r"
-    rc, err = _train(mini_root, cache_dir, out, "--weights", "none", "--freeze", "all", "--epochs", "2",
-                     "--max-steps", "1")
+    rc, err = _train(
+        mini_root, cache_dir, out, "--weights", "none", "--freeze", "all", "--epochs", "2", "--max-steps", "1"
+    )
     assert rc == 2 and err.strip().splitlines()[-1] == (
-        f"chestxray train: error: cannot write {out / 'checkpoint.pt'}: no space left on the device")
+        f"chestxray train: error: cannot write {out / 'checkpoint.pt'}: no space left on the device"
+    )
     state = torch.load(out / "checkpoint.pt", weights_only=True)  # epoch 1's, whole
     assert state["epoch"] == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files left
@@ -337,8 +412,10 @@ def test_a_failed_write_is_an_output_error_and_leaves_the_old_file(tmp_path):
 # ---- checkpoints torch can read whose contents are wrong; --weights FILE; a full disk ----------
 def _wrong_checkpoints(good: dict) -> dict[str, dict]:
     first = next(iter(good["model"]))
-    moments = {k: {**v, **{m: torch.zeros(3, 3, 3) for m in v if torch.is_tensor(v[m]) and v[m].ndim}}
-               for k, v in good["optimizer"]["state"].items()}
+    moments = {
+        k: {**v, **{m: torch.zeros(3, 3, 3) for m in v if torch.is_tensor(v[m]) and v[m].ndim}}
+        for k, v in good["optimizer"]["state"].items()
+    }
     return {
         "tensor shape": {**good, "model": {**good["model"], first: torch.zeros(3)}},
         "epoch": {**good, "epoch": "x"},
@@ -374,15 +451,20 @@ def test_weights_file_that_is_not_weights(tmp_path, mini_root, cache_dir):
 
     import pickle
 
-    for name, data in (("text.pth", b"hello"), ("pickle.pth", pickle.dumps(Evil())), ("bad.safetensors", b"x" * 64),
-                       ("list.pth", None)):
+    for name, data in (
+        ("text.pth", b"hello"),
+        ("pickle.pth", pickle.dumps(Evil())),
+        ("bad.safetensors", b"x" * 64),
+        ("list.pth", None),
+    ):
         path = tmp_path / name
         if data is None:
             torch.save([torch.zeros(2)], path)
         else:
             path.write_bytes(data)
-        rc, err = _train(mini_root, cache_dir, tmp_path / f"run-{name}", "--weights", str(path), "--freeze", "all",
-                         "--epochs", "1")
+        rc, err = _train(
+            mini_root, cache_dir, tmp_path / f"run-{name}", "--weights", str(path), "--freeze", "all", "--epochs", "1"
+        )
         last = err.strip().splitlines()[-1]
         assert rc == 2 and f"--weights {path}: not a state dict" in last, (name, err)
         assert "weights_only" not in err and "Traceback" not in err, (name, err)
@@ -393,15 +475,16 @@ def test_full_disk_writing_best_weights_is_one_line(tmp_path, mini_root, cache_d
     import safetensors.torch
 
     def full(*a, **kw):
-        raise safetensors.SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)")
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     out = tmp_path / "r"
-    rc, err = _train(mini_root, cache_dir, out, "--weights", "none", "--freeze", "all", "--epochs", "1",
-                     "--max-steps", "1")
+    rc, err = _train(
+        mini_root, cache_dir, out, "--weights", "none", "--freeze", "all", "--epochs", "1", "--max-steps", "1"
+    )
     assert rc == 2 and err.strip().splitlines()[-1] == (
-        f"chestxray train: error: cannot write {out / 'best.safetensors'}: no space left on the device"), err
+        f"chestxray train: error: cannot write {out / 'best.safetensors'}: no space left on the device"
+    ), err
 
 
 def test_runs_lists_a_broken_run_as_broken(tmp_path, mini_root, capsys):
@@ -414,8 +497,11 @@ def test_runs_lists_a_broken_run_as_broken(tmp_path, mini_root, capsys):
     assert main(["runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:4]}
-    assert rows == {str(good): "finished" if (good / "model.safetensors").is_file() else "partial",
-                    str(broken): "broken", str(odd): "broken"}, out
+    assert rows == {
+        str(good): "finished" if (good / "model.safetensors").is_file() else "partial",
+        str(broken): "broken",
+        str(odd): "broken",
+    }, out
     assert f"{broken}: broken: {broken / 'config.yaml'}: not valid YAML (line 2)" in out, out
     assert main(["runs", str(tmp_path), "--format", "json"]) == 0
     rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}

@@ -30,9 +30,20 @@ def cache_dir(tmp_path_factory, mini_root):
 
 
 def _cfg(mini_root, out, cache_dir, **kw):
-    base = dict(root=str(mini_root), out=str(out), model="resnet18", weights="none", freeze="all",
-                epochs=2, batch_size=16, lr=1e-3, image_size=32, cache=str(cache_dir), device="cpu",
-                val_fraction=0.3)
+    base = dict(
+        root=str(mini_root),
+        out=str(out),
+        model="resnet18",
+        weights="none",
+        freeze="all",
+        epochs=2,
+        batch_size=16,
+        lr=1e-3,
+        image_size=32,
+        cache=str(cache_dir),
+        device="cpu",
+        val_fraction=0.3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -65,6 +76,7 @@ def test_resume_equals_uninterrupted(tmp_path, mini_root, cache_dir):
     full = _cfg(mini_root, tmp_path / "full", cache_dir, epochs=3, augment="seed")
     train(full)
     part = _cfg(mini_root, tmp_path / "part", cache_dir, epochs=3, augment="seed")
+
     # Crash right after the first epoch's checkpoint, then --resume continues the run.
     class Crash(Exception):
         pass
@@ -180,7 +192,11 @@ def test_no_patient_on_two_sides(mini_root):
     index = load_nih(mini_root, val_fraction=0.3, seed=5)
     sides = {s: set(index.frame.loc[index.frame["split"] == s, "patient_id"]) for s in ("train", "val", "test")}
     assert sides["val"] and sides["train"] and sides["test"]
-    assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
+    assert (
+        not (sides["train"] & sides["val"])
+        and not (sides["train"] & sides["test"])
+        and not (sides["val"] & sides["test"])
+    )
 
 
 @pytest.mark.slow
@@ -189,21 +205,60 @@ def test_cli_train_then_evaluate(tmp_path, mini_root, cache_dir, capsys, caplog)
 
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="chestxray"):
-        rc = main(["train", str(mini_root), "--out", str(run), "--weights", "none", "--freeze", "all", "--model",
-                   "resnet18", "--epochs", "1", "--image-size", "32", "--cache", str(cache_dir), "--val-fraction", "0.3"])
+        rc = main(
+            [
+                "train",
+                str(mini_root),
+                "--out",
+                str(run),
+                "--weights",
+                "none",
+                "--freeze",
+                "all",
+                "--model",
+                "resnet18",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--cache",
+                str(cache_dir),
+                "--val-fraction",
+                "0.3",
+            ]
+        )
     assert rc == 0 and (run / "model.safetensors").is_file()
     # After the last epoch, each phase says what it is doing.
     said = [r.getMessage() for r in caplog.records]
-    for phase in ("validation pass with the best weights", "tuning the thresholds", "input check: pooled features",
-                  "fitting the calibrator", f"writing {run / 'model.safetensors'}"):
+    for phase in (
+        "validation pass with the best weights",
+        "tuning the thresholds",
+        "input check: pooled features",
+        "fitting the calibrator",
+        f"writing {run / 'model.safetensors'}",
+    ):
         assert any(m.startswith(phase) for m in said), phase
-    rc = main(["evaluate", "--model", str(run), str(mini_root), "--split", "test", "--out", str(tmp_path / "ev"),
-               "--bootstrap", "100"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            str(mini_root),
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "ev"),
+            "--bootstrap",
+            "100",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == set(FINDINGS)
     defined = [v for v in metrics["per_class"].values() if v["auroc"] is not None]
-    assert defined and all(v["auroc_ci"][0] <= v["auroc"] <= v["auroc_ci"][1] for v in defined if v["auroc_ci"][0] is not None)
+    assert defined and all(
+        v["auroc_ci"][0] <= v["auroc"] <= v["auroc_ci"][1] for v in defined if v["auroc_ci"][0] is not None
+    )
     assert all(v["auroc"] is None for v in metrics["per_class"].values() if v["support"] == 0)
     assert (tmp_path / "ev" / "roc_curves.png").stat().st_size > 1000
     assert "all negative" in (tmp_path / "ev" / "report.md").read_text()
@@ -219,17 +274,32 @@ def test_ddp_two_processes_agree(tmp_path, mini_root, cache_dir):
     with socket.socket() as sock:  # a free loopback port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port,
-           str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path / "run"), str(cache_dir), str(mini_root),
-           str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        str(Path(__file__).parent / "ddp_worker.py"),
+        str(tmp_path / "run"),
+        str(cache_dir),
+        str(mini_root),
+        str(report),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((report / "rank0.json").read_text())
     r1 = json.loads((report / "rank1.json").read_text())
     assert r0["weights"] == r1["weights"]  # DDP keeps replicas identical
     assert r0["val_loss"] == pytest.approx(r1["val_loss"]) and r0["probs_sum"] == pytest.approx(r1["probs_sum"])
-    assert r0["history"] == [{**h, "seconds": r0["history"][i]["seconds"], "images_per_second": r0["history"][i]["images_per_second"]} for i, h in enumerate(r1["history"])]
+    assert r0["history"] == [
+        {**h, "seconds": r0["history"][i]["seconds"], "images_per_second": r0["history"][i]["images_per_second"]}
+        for i, h in enumerate(r1["history"])
+    ]
     n_val = int((load_nih(mini_root, val_fraction=0.3).frame["split"] == "val").sum())
     assert r0["n_val_rows"] == n_val  # validation rows gathered from both ranks
     assert (tmp_path / "run" / "model.safetensors").is_file()

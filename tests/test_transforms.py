@@ -165,7 +165,10 @@ def test_contrast_alone_scales_around_the_mean(batch):
 def test_on_a_cuda_device(batch):
     x = batch.cuda()
     config = AugmentConfig.preset("seed")
-    a, b = BatchAugment(config, seed=7, device="cuda")(x.clone()), BatchAugment(config, seed=7, device="cuda")(x.clone())
+    a, b = (
+        BatchAugment(config, seed=7, device="cuda")(x.clone()),
+        BatchAugment(config, seed=7, device="cuda")(x.clone()),
+    )
     assert a.device.type == "cuda" and torch.equal(a, b) and a.min() >= 0.0 and a.max() <= 1.0
     torch.testing.assert_close(BatchAugment(AugmentConfig(**OFF), device="cuda")(x.clone()), x, rtol=0, atol=0)
     with pytest.raises(ChestXrayError, match="batch is on cpu but the augmenter on cuda"):

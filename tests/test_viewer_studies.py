@@ -59,6 +59,7 @@ def sr_findings_in(orthanc, study_uid: str) -> dict[str, tuple[float, bool]]:
     return read_sr_findings(pydicom.dcmread(io.BytesIO(orthanc.file(srs[0]["ID"]))))
 
 
+@pytest.mark.slow
 def test_dicomweb_source_lists_pages_fetches_and_sends(orthanc, tiny_bundle, tmp_path):
     from fastapi.testclient import TestClient
 

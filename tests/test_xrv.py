@@ -492,4 +492,6 @@ def test_predict_features_writes_one_vector_per_image(small_bundle, tmp_path, ca
     pytest.importorskip("pyarrow")
     assert write_features(analyzer, [ORIGINALS[0]], tmp_path / "f.parquet", progress=False) == 0
     table = pd.read_parquet(tmp_path / "f.parquet")
-    assert table["file"].tolist() == [str(ORIGINALS[0])] and np.allclose(table.iloc[0, 1:].to_numpy(np.float32), expected)
+    assert table["file"].tolist() == [str(ORIGINALS[0])] and np.allclose(
+        table.iloc[0, 1:].to_numpy(np.float32), expected
+    )
