@@ -100,6 +100,7 @@ def main() -> int:
             .fetchall()
         )
         lat = sorted(d - r for r, d in rows)
+        received = sorted(r for r, _ in rows)
         p50 = statistics.median(lat)
         p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
         files = sorted(folder.glob("*.dcm"))
@@ -114,6 +115,9 @@ def main() -> int:
             "listener_instances_per_s": round(listen_rate, 2),
             "listener_latency_p50_s": round(p50, 2),
             "listener_latency_p95_s": round(p95, 2),
+            # How fast Orthanc handed the instances over (first to last receipt): the rate the
+            # listener can at most reach in this round trip.
+            "receipt_instances_per_s": round((len(received) - 1) / max(1e-6, received[-1] - received[0]), 2),
             "predict_wall_s": round(full, 2),
             "predict_instances_per_s": round(len(files) / full, 2),
             "predict_instances_per_s_without_startup": round((len(files) - 1) / max(1e-6, full - startup), 2),
