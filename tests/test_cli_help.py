@@ -92,7 +92,13 @@ def test_make_run_installs_only_the_light_extra():
     """`make run` builds its own venv from the [infer] extra (no torch, no CUDA wheels), refuses
     one that got nvidia-* or torch, and runs the packaged ONNX model with --cam."""
     proc = subprocess.run(
-        ["make", "-n", "run", "RUN_VENV=/nonexistent-venv"], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["make", "-n", "--no-print-directory", "run", "RUN_VENV=/nonexistent-venv"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        # Inside `make test` the parent's MAKEFLAGS would still print the directory lines.
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )
     if proc.returncode != 0 and "No such file" in proc.stderr:
         pytest.skip("make is not installed")
