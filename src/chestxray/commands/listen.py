@@ -21,7 +21,7 @@ def add_pacs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cam",
         action="store_true",
-        help="also send a Secondary Capture with the Grad-CAM overlay of each positive finding (torch backend)",
+        help="also send a Secondary Capture with the Grad-CAM overlay of each positive finding (torch, or an ONNX file with a cam output)",
     )
     p.add_argument(
         "--spool",

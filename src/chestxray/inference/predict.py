@@ -325,7 +325,8 @@ class Analyzer:
         """The torch module (torch backend only), e.g. for Grad-CAM."""
         if self.backend.model is None:
             raise ChestXrayError(
-                f"the {self.backend.name} backend has no torch model; Grad-CAM needs the torch backend"
+                f"the {self.backend.name} backend has no torch model (on ONNX, Grad-CAM comes from the file's "
+                "cam output: inference.explain)"
             )
         return self.backend.model
 

@@ -51,12 +51,10 @@ class Engine:
         batch_size: int = 16,
         cam: bool = False,
     ) -> None:
-        from chestxray.errors import ChestXrayError
+        from chestxray.inference.explain import check_cam_support
         from chestxray.inference.predict import Analyzer, resolve_backend
 
         self.backend = resolve_backend(model, backend)
-        if cam and self.backend != "torch":
-            raise ChestXrayError("Grad-CAM overlays (cam) need the torch backend: it takes gradients of the network")
         self.model_arg = model
         if self.backend == "torch":
             from chestxray.models.device import resolve_device
@@ -65,6 +63,8 @@ class Engine:
         else:
             device = "cpu"
         self.analyzer: Analyzer = Analyzer.load(model, backend=self.backend, device=device, batch_size=batch_size)
+        if cam:  # torch models, and ONNX files that carry the class activation maps
+            check_cam_support(self.analyzer)
 
     @property
     def labels(self) -> list[str]:
@@ -79,7 +79,7 @@ class Engine:
         return self.analyzer.predict_many(list(items), names=list(names))
 
     def explain(self, data: bytes, name: str) -> tuple["Prediction", list[Cam]]:
-        """The prediction and an overlay per positive finding (torch backend only); the
+        """The prediction and an overlay per positive finding (torch, or ONNX with a cam output); the
         findings come from the same forward pass as the maps."""
         from chestxray.inference.explain import explain_image, overlay
 
