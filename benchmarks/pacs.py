@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the Orthanc and DX helpers of the PACS tests
 
 from pacs_fixtures import (  # noqa: E402
-    SR_CLASS,
     c_store,
     make_dx,
     orthanc_missing,
