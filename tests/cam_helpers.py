@@ -79,3 +79,17 @@ def make_root(
     (root / "test_list.txt").write_text("".join(f"{n}\n" for n in images if n in test))
     (root / "train_val_list.txt").write_text("".join(f"{n}\n" for n in images if n not in test))
     return root
+
+
+def export_without_cam(bundle: Path, out: Path) -> Path:
+    """Export `bundle` to ONNX as older versions did (and DenseNets do): no class activation
+    map output."""
+    import chestxray.export.onnx as ox
+
+    real = ox.cam_equivalent_layer
+    try:
+        ox.cam_equivalent_layer = lambda model, size: None
+        ox.export_bundle(bundle, out)
+    finally:
+        ox.cam_equivalent_layer = real
+    return out

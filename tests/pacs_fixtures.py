@@ -5,6 +5,7 @@ plain process on free loopback ports with a temporary configuration."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import polling
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
@@ -331,13 +334,8 @@ def start_listener(tmp: Path, *args: str, port: int | None = None, spool: Path |
     return lp
 
 
-def wait_for(predicate, timeout: float = 60, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
+# Orthanc and the listener are polled over the network: every 0.1 s, not the default 5 ms.
+wait_for = functools.partial(polling.wait_for, step=0.1)
 
 
 def read_sr_findings(sr) -> dict[str, tuple[float, bool]]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
+def wait_for(condition: Callable[[], T], timeout: float = 60.0, step: float = 0.005) -> T:
+    """Poll `condition` every `step` s until its value is truthy, or `timeout` passes; its last value."""
     end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-    return True
+    while True:
+        value = condition()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(step)

@@ -246,17 +246,10 @@ def test_predict_cam_on_onnx_writes_the_torch_overlays(exported, tiny_bundle, or
 def test_onnx_without_cam_output_says_how_to_get_one(tiny_bundle, tmp_path):
     """An ONNX file without the cam output (older exports, DenseNets): --cam fails before any
     work, in one line, naming the fix."""
-    import chestxray.export.onnx as ox
-    from chestxray.export.onnx import export_bundle
+    from cam_helpers import export_without_cam
     from chestxray.inference.predict import Analyzer
 
-    out = tmp_path / "nocam.onnx"
-    real = ox.cam_equivalent_layer
-    try:
-        ox.cam_equivalent_layer = lambda model, size: None
-        export_bundle(tiny_bundle, out)
-    finally:
-        ox.cam_equivalent_layer = real
+    out = export_without_cam(tiny_bundle, tmp_path / "nocam.onnx")
     assert not Analyzer.load(out, backend="onnx").backend.has_cam
     rc, _, stderr = run_cli(
         ["predict", "--model", str(out), str(REPO / "examples" / "00013125_000.png"), "--cam", str(tmp_path / "cams")]

@@ -501,7 +501,7 @@ def test_access_log_keeps_paths_only():
 @pytest.mark.slow
 def test_onnx_backend_serves_findings_and_grad_cam_when_the_file_has_maps(tiny_bundle, tmp_path, png_bytes, analyzer):
     pytest.importorskip("onnxruntime")
-    import chestxray.export.onnx as ox
+    from cam_helpers import export_without_cam
     from chestxray.export.onnx import export_bundle
     from chestxray.inference.predict import Analyzer
 
@@ -519,13 +519,7 @@ def test_onnx_backend_serves_findings_and_grad_cam_when_the_file_has_maps(tiny_b
         a = c.post("/api/v1/analyses", **upload(png_bytes)).json()
         assert a["cam_url"] is not None
     # An ONNX file without the maps (older exports, DenseNets): findings, and 501 for Grad-CAM.
-    nocam = tmp_path / "nocam.onnx"
-    real = ox.cam_equivalent_layer
-    try:
-        ox.cam_equivalent_layer = lambda model, size: None
-        export_bundle(tiny_bundle, nocam)
-    finally:
-        ox.cam_equivalent_layer = real
+    nocam = export_without_cam(tiny_bundle, tmp_path / "nocam.onnx")
     with TestClient(create_app(Analyzer.load(nocam, backend="onnx"))) as c:
         assert c.get("/api/v1/model").json()["grad_cam"] is False
         cam = c.post("/api/v1/cam?finding=Effusion", **upload(png_bytes))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, page_with_errors, serve_in_thread
 from chestxray import NOT_FOR_CLINICAL_USE
 
 pytestmark = [
@@ -41,12 +41,9 @@ def test_upload_shows_findings_and_keyboard_toggles_gradcam(server_url, tmp_path
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page, problems = page_with_errors(browser, viewport={"width": 1280, "height": 900})
             requests: list[str] = []
-            problems: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(server_url + "/")
 
             expect(page.locator("#model-name")).to_have_text("tiny-test-model")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, serve_in_thread
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, page_with_errors, serve_in_thread
 from chestxray.serve.viewer_routes import blend, window_lut
 from dicom_helpers import dicom_bytes
 
@@ -55,10 +55,7 @@ def page(tiny_bundle, tmp_path_factory):
     with serve_in_thread(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-            problems: list[str] = []
-            pg.on("pageerror", lambda e: problems.append(str(e)))
-            pg.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            pg, problems = page_with_errors(browser, viewport={"width": 1400, "height": 1000})
             pg.goto(url + "/")
             pg.set_input_files("#file", str(dcm))
             pg.wait_for_function("() => document.querySelectorAll('#findings li').length === 14", timeout=30_000)

@@ -116,8 +116,8 @@ def test_dicomweb_source_lists_pages_fetches_and_sends(orthanc, tiny_bundle, tmp
 def test_studies_page_on_orthanc_opens_analyses_and_sends_the_sr(orthanc, tiny_bundle, tmp_path):
     from playwright.sync_api import sync_playwright
 
+    from browser_helpers import CHROMIUM, CHROMIUM_ARGS, page_with_errors, serve_in_thread
     from chestxray.serve.app import create_app
-    from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, serve_in_thread
 
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium")
@@ -128,10 +128,7 @@ def test_studies_page_on_orthanc_opens_analyses_and_sends_the_sr(orthanc, tiny_b
     with serve_in_thread(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            problems: list[str] = []
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page, problems = page_with_errors(browser, viewport={"width": 1400, "height": 1000})
             page.goto(url + "/")
             rows = page.locator("#study-rows tr")
             rows.first.wait_for()
