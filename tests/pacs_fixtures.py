@@ -220,7 +220,11 @@ def start_orthanc(tmp: Path, dicom_port: int | None = None, users: dict[str, str
     cfg = tmp / "orthanc.json"
     cfg.write_text(json.dumps(config))
     log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    # Debian's Orthanc links the system DCMTK, built with Nagle's algorithm on (Orthanc's own
+    # builds turn it off): every DIMSE message then waits ~40 ms for a delayed ACK. TCP_NODELAY
+    # is DCMTK's run-time switch for it, as docs/pacs.md tells users of that package.
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
     url = f"http://127.0.0.1:{http}"
     orthanc = Orthanc(url, dicom, "ORTHANC", proc, storage, users)
     deadline = time.monotonic() + 20

@@ -224,6 +224,46 @@ def test_dicom_voi_lut_sequence(gray, lut_max):
     np.testing.assert_array_equal(out, gray)
 
 
+@pytest.mark.parametrize(
+    "stored",
+    [
+        np.arange(256, dtype=np.uint8).reshape(16, 16).repeat(4, 0),
+        (np.arange(4096, dtype=np.uint16) * 7 % 4096).reshape(64, 64),
+        np.linspace(-2000, 3000, 128 * 128).astype(np.int16).reshape(128, 128),
+        np.array([[0, 65535], [1000, 1200]], dtype=np.uint16),  # wider range than pixels: computed per pixel
+        np.linspace(-1000, 3000, 16).astype(np.float32).reshape(4, 4),  # not integers: per pixel
+    ],
+    ids=["uint8", "uint16", "int16", "sparse", "float"],
+)
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_value_transforms_by_table_equal_per_pixel(stored, function):
+    # The table path must give exactly what the per-pixel transform gives, for every stored type.
+    from chestxray.data.images import _apply_window, _per_stored_value
+
+    def transform(v: np.ndarray) -> np.ndarray:
+        return _apply_window(v.astype(np.float64) * 0.5 - 100, 300.0, 1500.0, function)
+
+    want = transform(stored)
+    got = _per_stored_value(stored, transform)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(want)) > 2  # the window spreads these values: a wrong index would show
+
+
+def test_dicom_reads_equal_with_and_without_the_table(gray, monkeypatch):
+    from chestxray.data import images
+
+    cases = [
+        dicom_bytes(gray.astype(np.uint16) * 16 + 10, slope=0.5, intercept=-1024, window=(1.5, 2041)),
+        dicom_bytes(gray.astype(np.uint16) * 16, photometric="MONOCHROME1", window=(125 * 16, 150 * 16)),
+        dicom_bytes(gray.astype(np.uint16) * 16 + 100, lut=(np.arange(4096) % 256).astype(np.uint16)),
+    ]
+    fast = [read_image(c) for c in cases]
+    monkeypatch.setattr(images, "_per_stored_value", lambda arr, transform: transform(arr))
+    for c, f in zip(cases, fast, strict=True):
+        np.testing.assert_array_equal(read_image(c), f)
+
+
 def test_dicom_without_window_is_stretched_and_8_bit_is_kept(gray):
     out = read_image(dicom_bytes(gray.astype(np.uint16) * 16 + 100))
     np.testing.assert_array_equal(out, stretch_to_uint8(gray))  # 12-bit: min..max to 0..255

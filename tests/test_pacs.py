@@ -129,11 +129,18 @@ def test_listener_skips_what_it_cannot_read_and_keeps_going(orthanc, tmp_path):
 def test_listener_refuses_unknown_ae_titles(orthanc, tmp_path):
     dx = make_dx(NIH / "00000398_000.png", size=128)
     listener = start_listener(
-        tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--allow", "GOODSCU,ORTHANC@127.0.0.1"
+        tmp_path,
+        "--send-to",
+        f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+        "--allow",
+        "GOODSCU,ORTHANC@127.0.0.1,REMOTE@10.9.9.9",
     )
     try:
         assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], calling_ae="STRANGER") == []
+        # A known title from another host than its entry names is refused too.
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], calling_ae="REMOTE") == []
         assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], calling_ae="GOODSCU") == [0]
+        assert c_store("127.0.0.1", listener.port, "CHESTXRAY", [dx], calling_ae="ORTHANC") == [0]
     finally:
         listener.stop()
 
@@ -170,7 +177,9 @@ def test_kill_9_and_restart_answers_each_instance_once(orthanc, tmp_path):
     assert c_store("127.0.0.1", orthanc.dicom_port, "ORTHANC", instances) == [0] * 20
     ids = [orthanc.instances_of_study(ds.StudyInstanceUID)[0]["ID"] for ds in instances]
     spool = tmp_path / "spool"
-    listener = start_listener(tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--batch-size", "4")
+    # With a decoder process (started once, beside the listener): it must not outlive a kill -9.
+    dest = ("--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+    listener = start_listener(tmp_path, *dest, "--batch-size", "4", "--workers", "1")
     orthanc.add_modality("chestxray", "CHESTXRAY", listener.port)
     orthanc.call("POST", "/modalities/chestxray/store", {"Resources": ids, "Synchronous": False})
 
@@ -178,8 +187,11 @@ def test_kill_9_and_restart_answers_each_instance_once(orthanc, tmp_path):
         return sum(bool(srs_in_study(orthanc, ds.StudyInstanceUID)) for ds in instances)
 
     assert wait_for(lambda: count() >= 2 or "sent" in listener.text(), timeout=60, step=0.02)
+    helpers = descendants(listener.proc.pid)
     listener.kill9()
     assert count() < 20
+    assert helpers, "no decoder process ran beside the listener"
+    assert wait_for(lambda: not any(alive(pid) for pid in helpers), timeout=20), "a decoder outlived the listener"
     listener = start_listener(
         tmp_path, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", port=listener.port, spool=spool
     )
@@ -192,6 +204,25 @@ def test_kill_9_and_restart_answers_each_instance_once(orthanc, tmp_path):
     finally:
         listener.stop()
     assert "already handled, not repeated" in listener.text()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if not children.exists():
+        pytest.skip("needs Linux /proc to follow child processes")
+    out = []
+    for child in (int(c) for c in children.read_text().split()):
+        out += [child, *descendants(child)]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not reaped it
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -67,7 +67,7 @@ def test_sr_content_tree_codes_and_device(tmp_path):
     engine = Engine(None, backend="onnx")
     dx = make_dx(NIH / "00000398_000.png", size=128)
     path = write_dx(tmp_path / "dx.dcm", dx)
-    prediction = engine.analyse([path.read_bytes()], ["x"])[0]
+    prediction = next(engine.analyse([path], ["x"]))
     sr = build_sr(dx, prediction, engine.info)
     schemes = {sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator, "SCT", "DCM", "UCUM"}
     groups = [g for item in sr.ContentSequence if item.ValueType == "CONTAINER" for g in item.ContentSequence]
@@ -127,8 +127,8 @@ def test_sr_copies_match_what_highdicom_builds(tmp_path):
     first = make_dx(NIH / "00000398_000.png", size=128)
     second = make_dx(NIH / "00000506_013.png", size=128)
     second.PatientAge, second.StudyDescription = "061Y", "CHEST PA"  # attributes the first lacks
-    preds = engine.analyse(
-        [write_dx(tmp_path / f"{i}.dcm", ds).read_bytes() for i, ds in enumerate((first, second))], ["a", "b"]
+    preds = list(
+        engine.analyse([write_dx(tmp_path / f"{i}.dcm", ds) for i, ds in enumerate((first, second))], ["a", "b"])
     )
     preds[1].warnings = ["a test warning"]
     factory = SrFactory(engine.info)
@@ -162,7 +162,7 @@ def test_sr_bytes_from_the_template_equal_pydicoms(tmp_path):
     dss = [make_dx(p, size=96) for p in sorted(NIH.glob("*.png"))[:4]]
     dss[2].PatientAge, dss[3].StudyDescription = "061Y", "CHEST PA"
     dss[1].PatientName, dss[1].PatientBirthDate = "OTHER^NAME^X", "19991231"
-    preds = engine.analyse([write_dx(tmp_path / f"{i}.dcm", d).read_bytes() for i, d in enumerate(dss)], list("abcd"))
+    preds = list(engine.analyse([write_dx(tmp_path / f"{i}.dcm", d) for i, d in enumerate(dss)], list("abcd")))
     preds[3].warnings = ["a test warning", "another one"]
     factory = SrFactory(engine.info)
     factory.warm()  # the template, from a stand-in source (as the listener does at start-up)
@@ -186,3 +186,47 @@ def test_sr_bytes_from_the_template_equal_pydicoms(tmp_path):
         assert read_sr_findings(fast) == read_sr_findings(fresh)
     (tmp_path / "sr.dcm").write_bytes(data)
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+
+
+def test_both_ends_of_an_association_turn_nagles_algorithm_off(tmp_path, monkeypatch):
+    """The listener's accepted socket and the sender's socket carry TCP_NODELAY: with Nagle's
+    algorithm on, each DIMSE message waits ~40 ms for a delayed ACK from a DCMTK peer."""
+    import socket
+    from typing import Any, cast
+
+    from chestxray.pacs import listener as listener_module
+    from chestxray.pacs import send
+    from chestxray.pacs.listener import Listener
+    from chestxray.pacs.metrics import PacsMetrics
+    from chestxray.pacs.send import CStoreSender, Node
+
+    seen: list[tuple[bool, int]] = []
+    turn_off = send.no_delay
+
+    def spy(event: Any) -> None:
+        turn_off(event)
+        sock = event.assoc.dul.socket.socket
+        seen.append((bool(event.assoc.is_requestor), sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+
+    class Inbox:
+        metrics = PacsMetrics()
+
+        def __init__(self) -> None:
+            self.received: list[str] = []
+
+        def receive(self, ds: Any, encoded: bytes) -> None:
+            self.received.append(str(ds.SOPInstanceUID))
+
+    monkeypatch.setattr(send, "no_delay", spy)
+    monkeypatch.setattr(listener_module, "no_delay", spy)
+    inbox = Inbox()
+    scp = Listener(cast(Any, inbox), port=0)
+    scp.start()
+    dx = make_dx(NIH / "00000398_000.png", size=64)
+    try:
+        CStoreSender(Node("CHESTXRAY", "127.0.0.1", scp.port)).send([write_dx(tmp_path / "dx.dcm", dx)])
+    finally:
+        scp.stop()
+    assert inbox.received == [str(dx.SOPInstanceUID)]
+    assert sorted({requestor for requestor, _ in seen}) == [False, True]  # the listener's end and the sender's
+    assert all(flag != 0 for _, flag in seen), seen

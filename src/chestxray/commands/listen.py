@@ -7,7 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from chestxray import NOT_FOR_CLINICAL_USE
-from chestxray.commands._common import add_model_args, positive_int
+from chestxray.commands._common import add_model_args, non_negative_int, positive_int
 from chestxray.errors import ChestXrayError
 
 if TYPE_CHECKING:
@@ -18,6 +18,14 @@ def add_pacs_args(p: argparse.ArgumentParser) -> None:
     """Options shared with `chestxray dicomweb`."""
     add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="decoder processes, started once (default: all cores where there are more than 2; "
+        "0, the default on 2 cores: decode in the main process)",
+    )
     p.add_argument(
         "--cam",
         action="store_true",
@@ -84,6 +92,7 @@ def processor_request(args: argparse.Namespace) -> "ProcessorRequest":
         backend=args.backend,
         device=args.device,
         batch_size=args.batch_size,
+        workers=args.workers,
         cam=args.cam,
         spool=args.spool,
         keep_days=args.keep_days,

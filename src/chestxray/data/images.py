@@ -15,7 +15,7 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -443,19 +443,38 @@ def _dicom_gray_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     has_modality = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
-    values = apply_modality_lut(arr, ds) if has_modality else arr
+
+    def modality(stored: np.ndarray) -> np.ndarray:
+        return apply_modality_lut(stored, ds) if has_modality else stored
+
     if ds.get("VOILUTSequence"):
-        gray = _apply_voi_lut(values, ds)
+        gray = _per_stored_value(arr, lambda v: _apply_voi_lut(modality(v), ds))
     elif (window := _window(ds)) is not None:
-        gray = _apply_window(values, *window)
+        gray = _per_stored_value(arr, lambda v: _apply_window(modality(v), *window))
     elif not has_modality and arr.dtype == np.uint8:
         gray = np.asarray(arr, dtype=np.uint8)  # 8-bit data with no transform: as stored
     else:
-        gray = stretch_to_uint8(values)
+        gray = stretch_to_uint8(modality(arr))
     inverse = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE":
         inverse = not inverse
     return (255 - gray) if inverse else np.ascontiguousarray(gray)
+
+
+def _per_stored_value(arr: np.ndarray, transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`transform(arr)` for a transform that maps each stored value on its own (modality,
+    VOI LUT, window): on integer pixels, computed once per value in the image's range and
+    looked up. The same result, without floating point over every pixel of a radiograph
+    (several times faster on 8 and 16 bit images)."""
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or arr.size == 0:
+        return transform(arr)
+    low = 0 if arr.dtype.kind == "u" else int(arr.min())
+    high = int(arr.max())
+    if high - low + 1 > arr.size:
+        return transform(arr)
+    table = transform(np.arange(low, high + 1, dtype=arr.dtype))
+    index = arr if low == 0 else np.subtract(arr, low, dtype=np.int32)
+    return np.take(table, index)
 
 
 def _apply_voi_lut(values: np.ndarray, ds: Any) -> np.ndarray:

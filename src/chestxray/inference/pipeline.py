@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
@@ -347,6 +347,14 @@ def _cuda_stager(analyzer: Predictor) -> CudaStager | None:
     return CudaStager(device)
 
 
+def open_pool(analyzer: Predictor, workers: int | None = None, prefetch: int | None = None) -> DecodePool:
+    """A decoder pool to keep across `iter_outputs(pool=...)` calls (a service's lifetime:
+    its worker processes start once, not per batch). Use it as a context manager."""
+    workers = default_workers() if workers is None else workers
+    on_cuda = analyzer.backend.device is not None and analyzer.backend.device.type == "cuda"
+    return DecodePool(analyzer, workers, prefetch, infer=workers_infer(workers, True if on_cuda else None))
+
+
 def workers_infer(workers: int, stager: Any) -> bool:
     """Whether the workers should infer (where the backend allows): when they have every core
     and are at least 3: one process inferring caps the rate at one core's inference. On 2 cores
@@ -365,15 +373,19 @@ def iter_outputs(
     batch_size: int | None = None,
     prefetch: int | None = None,
     features: bool = False,
+    pool: DecodePool | None = None,
 ) -> Iterator[tuple[InputFile, Any, Any, str | None]]:
     """(file, probabilities, checks or None, None) or (file, None, None, error) for every
     file, in input order; the checks are the record `Analyzer.run` gives each image.
     `workers`: decoder processes (None: all cores; 0: decode in this process).
-    `features`: (file, pooled feature vector, None, None) instead (`Analyzer.embed`)."""
-    workers = default_workers() if workers is None else workers
+    `features`: (file, pooled feature vector, None, None) instead (`Analyzer.embed`).
+    `pool`: an open pool from `open_pool` (then `workers` and `prefetch` are the pool's)."""
+    if pool is not None and features and pool.infers:
+        raise ValueError("features=True needs a pool whose workers decode only")
+    workers = pool.workers if pool is not None else default_workers() if workers is None else workers
     chunks = chunked(files, batch_size or analyzer.batch_size)
     first = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
-    if len(first) < 2:
+    if len(first) < 2 and pool is None:
         workers = 0  # one batch in all: starting worker processes would cost more than it saves
     stager = _cuda_stager(analyzer) if len(first) == 2 else None  # one batch: no copy to overlap
     infer: Callable[[Any], tuple[Any, Any]] = analyzer.run
@@ -403,15 +415,16 @@ def iter_outputs(
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
     try:
         infers = not features and workers_infer(workers, stager)
-        with DecodePool(analyzer, workers, prefetch, infer=infers) as pool:
-            if not pool.infers:
+        decoders = pool or DecodePool(analyzer, workers, prefetch, infer=infers)
+        with nullcontext() if pool is not None else decoders:  # a given pool stays open
+            if not decoders.infers:
                 analyzer.backend.start()  # this process infers: its session loads while the first files decode
-            for chunk, (x, errors) in pool.map(itertools.chain(first, chunks)):
-                if pool.infers:  # the workers ran the model: x is (probabilities, scores)
+            for chunk, (x, errors) in decoders.map(itertools.chain(first, chunks)):
+                if decoders.infers:  # the workers ran the model: x is (probabilities, scores)
                     yield from emit(chunk, x, errors)
                     continue
                 if stager is None:  # CPU inference in this process: each chunk as soon as it is decoded
-                    yield from finish(chunk, x, errors, tail=pool.draining and pool.workers > 0)
+                    yield from finish(chunk, x, errors, tail=decoders.draining and decoders.workers > 0)
                     continue
                 staged = stager(x) if x is not None else x
                 if pending is not None:

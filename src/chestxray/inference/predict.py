@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from chestxray.errors import BundleError, ChestXrayError
 from chestxray.inference.backend import Backend
 from chestxray.inference.inputs import InputFile
 from chestxray.models.bundle import BundleMeta
+
+if TYPE_CHECKING:
+    from chestxray.inference.pipeline import DecodePool
 
 log = logging.getLogger(__name__)
 
@@ -429,19 +432,32 @@ class Analyzer:
         return out
 
     def predict_files(
-        self, files: Iterable[InputFile], *, workers: int | None = None, batch_size: int | None = None
+        self,
+        files: Iterable[InputFile],
+        *,
+        workers: int | None = None,
+        batch_size: int | None = None,
+        pool: DecodePool | None = None,
     ) -> Iterator[tuple[InputFile, Prediction]]:
         """(file, Prediction), lazily and in input order, through the streaming pipeline
-        (inference/pipeline.py): `workers` processes decode (None: all cores; 0: this process).
-        For archives of any size: memory stays bounded."""
+        (inference/pipeline.py): `workers` processes decode (None: all cores; 0: this process),
+        or the processes of `pool` (`open_pool`). For archives of any size: memory stays bounded."""
         from chestxray.inference.pipeline import iter_outputs
 
-        for f, probs, checks, error in iter_outputs(self, files, workers=workers, batch_size=batch_size):
+        outputs = iter_outputs(self, files, workers=workers, batch_size=batch_size, pool=pool)
+        for f, probs, checks, error in outputs:
             if probs is None:
                 yield f, self.result(f.path, error=error)
             else:
                 warnings = self.warnings_for(f.source, f.path, checks)
                 yield f, self.result(f.path, self.findings_from(probs), warnings=warnings)
+
+    def open_pool(self, workers: int | None = None) -> DecodePool:
+        """Decoder processes kept for many `predict_files(pool=...)` calls (a service: they
+        start once, not per batch); a context manager. `workers`: None for all cores."""
+        from chestxray.inference.pipeline import open_pool
+
+        return open_pool(self, workers)
 
     def embed(
         self, inputs: Iterable[Input], *, names: Iterable[str] | None = None, progress: bool = False

@@ -92,15 +92,16 @@ class DicomwebRun:
         """Step the processor until nothing is left that can be done now."""
         assert self.processor is not None
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            busy = self.processor.step()
-            if not busy:
-                if self.processor.spool.entries("received", limit=1):
-                    continue
-                due_later = self.processor.spool.entries("analysed", limit=1)
-                if not due_later or (deadline is not None and time.monotonic() > deadline):
-                    return
-                time.sleep(0.5)  # a failed send waits for its retry
+        with self.processor.working():
+            while True:
+                busy = self.processor.step()
+                if not busy:
+                    if self.processor.spool.entries("received", limit=1):
+                        continue
+                    due_later = self.processor.spool.entries("analysed", limit=1)
+                    if not due_later or (deadline is not None and time.monotonic() > deadline):
+                        return
+                    time.sleep(0.5)  # a failed send waits for its retry
 
 
 def watch(run: DicomwebRun, since: str, every: float, stop: threading.Event) -> None:

@@ -5,7 +5,8 @@ Everything else in this package calls the core only through `Engine`."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from chestxray import __version__
 
 if TYPE_CHECKING:
+    from chestxray.inference.pipeline import DecodePool
     from chestxray.inference.predict import Analyzer, Prediction
 
 
@@ -41,7 +43,8 @@ class Cam:
 
 
 class Engine:
-    """An Analyzer loaded once; `analyse` is the batch path (`Analyzer.predict_many`)."""
+    """An Analyzer loaded once; `analyse` is the batch path (`Analyzer.predict_files`), in
+    decoder processes kept for the service's lifetime while `decoders()` is open."""
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class Engine:
         else:
             device = "cpu"
         self.analyzer: Analyzer = Analyzer.load(model, backend=self.backend, device=device, batch_size=batch_size)
+        self._pool: DecodePool | None = None
         if cam:  # torch models, and ONNX files that carry the class activation maps
             check_cam_support(self.analyzer)
 
@@ -74,9 +78,36 @@ class Engine:
     def info(self) -> ModelInfo:
         return model_info(self.analyzer, self.model_arg, self.backend)
 
-    def analyse(self, items: Sequence[bytes], names: Sequence[str]) -> list["Prediction"]:
-        """Findings for encoded DICOM instances, in batches of the analyzer's batch size."""
-        return self.analyzer.predict_many(list(items), names=list(names))
+    @contextmanager
+    def decoders(self, workers: int | None = None) -> Iterator[None]:
+        """Decoder processes for `analyse` while open (0: none, decode here; None: all cores
+        on a machine with more than two, else none). They start once: a listener analyses
+        many small batches. On two cores the receiving and sending threads need the other
+        core; decoder processes there cost CPU without a faster round trip (BENCHMARKS.md)."""
+        if workers is None:
+            from chestxray.inference.pipeline import default_workers
+
+            workers = default_workers() if default_workers() > 2 else 0
+        if workers == 0:
+            yield
+            return
+        with self.analyzer.open_pool(workers) as pool:
+            self._pool = pool
+            try:
+                yield
+            finally:
+                self._pool = None
+
+    def analyse(self, files: Sequence[Path], names: Sequence[str]) -> Iterator["Prediction"]:
+        """Findings for DICOM files, lazily and in order (each as soon as its batch has run),
+        in batches of the analyzer's batch size; decoded in the `decoders()` processes when
+        open."""
+        from chestxray.inference.inputs import InputFile
+
+        items = [InputFile(name, data=Path(f)) for f, name in zip(files, names, strict=True)]
+        workers = None if self._pool is not None else 0
+        for _, prediction in self.analyzer.predict_files(items, workers=workers, pool=self._pool):
+            yield prediction
 
     def explain(self, data: bytes, name: str) -> tuple["Prediction", list[Cam]]:
         """The prediction and an overlay per positive finding (torch, or ONNX with a cam output); the

@@ -12,6 +12,7 @@ from typing import Any
 from pydicom import uid as uids
 
 from chestxray.errors import ChestXrayError
+from chestxray.pacs.send import no_delay
 from chestxray.pacs.service import Processor
 from chestxray.pacs.spool import short_hash
 
@@ -158,6 +159,7 @@ class Listener:
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_CONN_OPEN, no_delay),
         ]
         try:
             self.server = self._ae().start_server(

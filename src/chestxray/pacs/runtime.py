@@ -28,6 +28,7 @@ class ProcessorRequest:
     backend: str = "auto"
     device: str = "cpu"
     batch_size: int = 16
+    workers: int | None = None
     cam: bool = False
     spool: str | None = None
     keep_days: float = 0.0
@@ -82,6 +83,7 @@ def make_processor(req: ProcessorRequest, sender: Sender | None = None) -> Proce
         retry=RetryPolicy(attempts=req.retries, base=req.retry_base),
         batch_size=req.batch_size,
         keep_days=req.keep_days,
+        workers=req.workers,
     )
 
 

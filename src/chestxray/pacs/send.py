@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from chestxray.errors import ChestXrayError
+
+
+def no_delay(event: Any) -> None:
+    """pynetdicom's EVT_CONN_OPEN handler: turn Nagle's algorithm off on the association's
+    socket. A DIMSE message goes out as several writes (command, then data); with Nagle on,
+    each waits for the peer's delayed ACK, about 40 ms a message (measured: 10 C-STOREs/s on
+    one association with it on, 80 with it off)."""
+    transport = event.assoc.dul.socket  # pynetdicom's AssociationSocket; `.socket` is the TCP one
+    if transport is not None and transport.socket is not None:
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class SendError(Exception):
@@ -67,7 +78,7 @@ class CStoreSender:
 
     def _send(self, files: Sequence[Path]) -> None:
         from pydicom.filereader import read_file_meta_info
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
@@ -76,7 +87,13 @@ class CStoreSender:
         for sop_class, syntax in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
             ae.add_requested_context(sop_class, [syntax])
         tls_args = (self.tls, self.node.host) if self.tls is not None else None
-        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, tls_args=tls_args)
+        assoc = ae.associate(
+            self.node.host,
+            self.node.port,
+            ae_title=self.node.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+        )
         if not assoc.is_established:
             raise SendError(f"no association with {self.describe()}")
         try:

@@ -4,11 +4,11 @@ them with retries, and journal every step (see spool.py)."""
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,8 +80,10 @@ class Processor:
         batch_size: int = 16,
         batch_wait: float = 0.25,
         keep_days: float = 0.0,
+        workers: int | None = None,
     ) -> None:
         self.engine, self.spool, self.sender = engine, spool, sender
+        self.workers = workers  # decoder processes while `working()` (None: all cores)
         self.cam = cam
         self.metrics = metrics or PacsMetrics()
         self.retry = retry or RetryPolicy()
@@ -129,27 +131,27 @@ class Processor:
         if len(entries) < self.batch_size and time.time() - entries[-1].received < self.batch_wait:
             time.sleep(self.batch_wait)  # a burst is arriving: fill the batch
             entries = self.spool.entries("received", limit=self.batch_size)
-        loaded: list[tuple[Entry, bytes, Dataset]] = []
+        loaded: list[tuple[Entry, Path, Dataset]] = []
         for e in entries:
+            path = self.spool.incoming(e.key)
             try:
-                data = self.spool.incoming(e.key).read_bytes()
-                header: Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                header: Dataset = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception as exc:  # a torn or unreadable spool file: reported, the others go on
                 self.skip(e.uid, "unreadable", f"cannot read the spooled instance ({type(exc).__name__})")
                 continue
-            loaded.append((e, data, header))
+            loaded.append((e, path, header))
         if self.cam:
-            for e, data, head in loaded:
+            for e, path, head in loaded:
                 try:
-                    prediction, cams = self.engine.explain(data, short_hash(e.uid))
+                    prediction, cams = self.engine.explain(path.read_bytes(), short_hash(e.uid))
                 except Exception as exc:  # ImageReadError and decoder failures: skip this one only
                     reason = getattr(exc, "reason", None) or f"cannot read this image ({type(exc).__name__})"
                     self.skip(e.uid, "unreadable", reason)
                     continue
                 self._finish(e, head, prediction, cams)
         elif loaded:
-            predictions = self.engine.analyse([d for _, d, _ in loaded], [short_hash(e.uid) for e, _, _ in loaded])
-            for (e, _, head), prediction in zip(loaded, predictions):
+            predictions = self.engine.analyse([f for _, f, _ in loaded], [short_hash(e.uid) for e, _, _ in loaded])
+            for (e, _, head), prediction in zip(loaded, predictions, strict=True):
                 self._finish(e, head, prediction, [])
         return True
 
@@ -217,6 +219,11 @@ class Processor:
         counts = self.spool.counts()
         return counts.get("received", 0) + counts.get("analysed", 0)
 
+    def working(self) -> AbstractContextManager[None]:
+        """While open, instances are decoded in worker processes started once (see `workers`);
+        outside, in this process."""
+        return self.engine.decoders(self.workers)
+
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         """Work until `stop` is set: analysis in this thread, sending in another (so a slow
         destination does not hold up analysis); the steps in progress finish, the rest stays
@@ -225,7 +232,8 @@ class Processor:
         sender = threading.Thread(target=self._loop, args=(self.send_due, stop, sent, idle), name="pacs-send")
         sender.start()
         try:
-            self._loop(self.analyse_batch, stop, self.wake, idle, then=sent)
+            with self.working():
+                self._loop(self.analyse_batch, stop, self.wake, idle, then=sent)
         finally:
             sent.set()
             sender.join()
