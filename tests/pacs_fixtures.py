@@ -314,8 +314,15 @@ class ListenerProc:
                 self.kill9()
 
 
-def start_listener(tmp: Path, *args: str, port: int | None = None, spool: Path | None = None) -> ListenerProc:
-    """`chestxray listen` as a process (ONNX backend unless told), ready when it logs that it listens."""
+def start_listener(
+    tmp: Path,
+    *args: str,
+    port: int | None = None,
+    spool: Path | None = None,
+    entry: tuple[str, ...] = ("-m", "chestxray.cli"),
+) -> ListenerProc:
+    """`chestxray listen` as a process (ONNX backend unless told), ready when it logs that it
+    listens. `entry`: how Python starts the CLI (a benchmark passes `-c` code)."""
     import sys
 
     port = port or free_port()
@@ -323,7 +330,7 @@ def start_listener(tmp: Path, *args: str, port: int | None = None, spool: Path |
     log = tmp / f"listener-{time.monotonic_ns()}.log"
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "chestxray.cli", "listen", "--port", str(port), "--spool", str(spool), *args]
+    cmd = [sys.executable, *entry, "listen", "--port", str(port), "--spool", str(spool), *args]
     if "--backend" not in args:
         cmd += ["--backend", "onnx"]
     with open(log, "wb") as fh:
