@@ -221,8 +221,8 @@ class Processor:
 
     def working(self) -> AbstractContextManager[None]:
         """While open, instances are decoded in worker processes started once (see `workers`);
-        outside, in this process."""
-        return self.engine.decoders(self.workers)
+        outside, in this process. With `cam`, each image is explained here, one at a time."""
+        return self.engine.decoders(0 if self.cam else self.workers)
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         """Work until `stop` is set: analysis in this thread, sending in another (so a slow
