@@ -536,3 +536,32 @@ def test_who_infers_depends_on_the_workers_and_cores(monkeypatch):
         monkeypatch.setattr(pipeline, "default_workers", lambda *a, c=cores: c)
         assert pipeline.workers_infer(workers, stager=None) is expect, (cores, workers)
     assert not pipeline.workers_infer(16, stager=object())  # CUDA: this process drives the GPU
+
+
+def test_a_kept_pool_serves_many_calls_with_the_same_processes(sample_images, tmp_path):
+    """`open_pool`: decoder processes start once and serve every `predict_files(pool=...)`
+    call (a listener's small batches), with the same findings as decoding in this process."""
+    from chestxray.inference.inputs import InputFile
+    from chestxray.inference.predict import Analyzer
+
+    def children(pid: int) -> set[int]:
+        path = Path(f"/proc/{pid}/task/{pid}/children")
+        if not path.exists():
+            pytest.skip("needs Linux /proc to see the worker processes")
+        return {int(c) for c in path.read_text().split()}
+
+    def decoders() -> set[int]:  # the fork server's children: the pool's worker processes
+        return set().union(*(children(c) for c in children(os.getpid())))
+
+    analyzer = Analyzer.load(backend="onnx", batch_size=4)
+    files = [InputFile.of(str(f)) for f in link_folder(tmp_path / "f", sample_images[:3], 2)]
+    before = decoders()  # grandchildren already there (another test's browser, say)
+    with analyzer.open_pool(workers=1) as pool:
+        first = [p for _, p in analyzer.predict_files(files[:3], pool=pool)]
+        kept = decoders() - before
+        second = [p for _, p in analyzer.predict_files(files[3:], pool=pool)]
+        assert kept and decoders() - before == kept  # alive between calls; none started or replaced
+    here = [p for _, p in analyzer.predict_files(files, workers=0)]
+    assert [p.file for p in first + second] == [p.file for p in here]
+    for a, b in zip(first + second, here, strict=True):
+        assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-6)
