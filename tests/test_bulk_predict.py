@@ -534,8 +534,8 @@ def test_who_infers_depends_on_the_workers_and_cores(monkeypatch):
 
     for cores, workers, expect in ((2, 2, False), (2, 1, False), (16, 16, True), (16, 8, False), (3, 3, True)):
         monkeypatch.setattr(pipeline, "default_workers", lambda *a, c=cores: c)
-        assert pipeline.workers_infer(workers, stager=None) is expect, (cores, workers)
-    assert not pipeline.workers_infer(16, stager=object())  # CUDA: this process drives the GPU
+        assert pipeline.workers_infer(workers, gpu=False) is expect, (cores, workers)
+    assert not pipeline.workers_infer(16, gpu=True)  # CUDA: this process drives the GPU
 
 
 def test_a_kept_pool_serves_many_calls_with_the_same_processes(sample_images, tmp_path):

@@ -352,17 +352,17 @@ def open_pool(analyzer: Predictor, workers: int | None = None, prefetch: int | N
     its worker processes start once, not per batch). Use it as a context manager."""
     workers = default_workers() if workers is None else workers
     on_cuda = analyzer.backend.device is not None and analyzer.backend.device.type == "cuda"
-    return DecodePool(analyzer, workers, prefetch, infer=workers_infer(workers, True if on_cuda else None))
+    return DecodePool(analyzer, workers, prefetch, infer=workers_infer(workers, gpu=on_cuda))
 
 
-def workers_infer(workers: int, stager: Any) -> bool:
+def workers_infer(workers: int, gpu: bool) -> bool:
     """Whether the workers should infer (where the backend allows): when they have every core
     and are at least 3: one process inferring caps the rate at one core's inference. On 2 cores
     this process infers while 2 workers decode, which is faster there than the workers
     inferring (each infers small batches and swaps the model and the decoder in its caches), as
     with fewer workers than cores. On CUDA this process drives the GPU. Measurements:
     BENCHMARKS.md, bulk predict."""
-    return stager is None and workers >= max(3, default_workers())
+    return not gpu and workers >= max(3, default_workers())
 
 
 def iter_outputs(
@@ -414,7 +414,7 @@ def iter_outputs(
 
     pending: tuple[list[InputFile], Any, dict[int, str]] | None = None
     try:
-        infers = not features and workers_infer(workers, stager)
+        infers = not features and workers_infer(workers, gpu=stager is not None)
         decoders = pool or DecodePool(analyzer, workers, prefetch, infer=infers)
         with nullcontext() if pool is not None else decoders:  # a given pool stays open
             if not decoders.infers:

@@ -83,7 +83,7 @@ class Processor:
         workers: int | None = None,
     ) -> None:
         self.engine, self.spool, self.sender = engine, spool, sender
-        self.workers = workers  # decoder processes while `working()` (None: all cores)
+        self.workers = workers  # decoder processes while `working()` (None: `Engine.decoders` decides)
         self.cam = cam
         self.metrics = metrics or PacsMetrics()
         self.retry = retry or RetryPolicy()
