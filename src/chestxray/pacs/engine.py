@@ -87,7 +87,8 @@ class Engine:
         if workers is None:
             from chestxray.inference.pipeline import default_workers
 
-            workers = default_workers() if default_workers() > 2 else 0
+            cores = default_workers()
+            workers = cores if cores > 2 else 0
         if workers == 0:
             yield
             return
@@ -101,12 +102,11 @@ class Engine:
     def analyse(self, files: Sequence[Path], names: Sequence[str]) -> Iterator["Prediction"]:
         """Findings for DICOM files, lazily and in order (each as soon as its batch has run),
         in batches of the analyzer's batch size; decoded in the `decoders()` processes when
-        open."""
+        open, else here."""
         from chestxray.inference.inputs import InputFile
 
         items = [InputFile(name, data=Path(f)) for f, name in zip(files, names, strict=True)]
-        workers = None if self._pool is not None else 0
-        for _, prediction in self.analyzer.predict_files(items, workers=workers, pool=self._pool):
+        for _, prediction in self.analyzer.predict_files(items, workers=0, pool=self._pool):
             yield prediction
 
     def explain(self, data: bytes, name: str) -> tuple["Prediction", list[Cam]]:
